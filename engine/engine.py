@@ -1,0 +1,312 @@
+"""The engine: a loaded model, its KV cache, and `step()`, which runs one batched forward pass.
+
+Callers (the CLI's generate loop, the server's scheduler) own the policy: which sequences run,
+how many tokens each contributes. The engine owns correctness: it validates a batch completely
+before touching any state, flattens it into arrays and runs forward_step once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numba
+import numpy as np
+
+from engine.config import GROUP_SIZE, ModelConfig
+from engine.forward import CAPTURE_POINTS, Workspace, forward_step
+from engine.kvcache import CacheFull, KVCache, blocks_for
+from engine.weights import Weights, build_weights, padded
+
+__all__ = ["CAPTURE_POINTS", "BatchError", "CacheFull", "Engine", "EngineError", "SeqRequest",
+           "SeqResult", "Sequence", "SteeringTerm"]
+
+
+class EngineError(ValueError):
+    """A request the engine cannot run as given (the message says which part is wrong)."""
+
+
+class BatchError(EngineError):
+    """A batch that is malformed or too large for one step."""
+
+
+@dataclass(frozen=True)
+class SteeringTerm:
+    """A vector added to the residual stream entering `layer`, times `scale`.
+
+    `vectors` is (P, dim): row p is added at position p for p < P, nothing beyond (ActAdd).
+    With `every_position`, it is (dim,) or (1, dim) and added at every position (control vector).
+    """
+
+    layer: int
+    vectors: np.ndarray
+    scale: float = 1.0
+    every_position: bool = False
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One sequence's place in the KV cache: its length so far and the blocks holding it."""
+
+    id: int
+    length: int = 0
+    blocks: list[int] = field(default_factory=list)
+
+
+@dataclass
+class SeqRequest:
+    """What one sequence contributes to a step: new tokens continuing it, and its hooks."""
+
+    seq: Sequence
+    tokens: list[int] | np.ndarray
+    logits: Literal["last", "all", "none"] = "last"
+    steering: tuple[SteeringTerm, ...] | list[SteeringTerm] = ()
+    capture_layers: tuple[int, ...] | list[int] = ()
+
+
+@dataclass
+class SeqResult:
+    logits: np.ndarray | None  # (vocab,) for "last", (n_tokens, vocab) for "all"
+    captures: np.ndarray | None  # (len(CAPTURE_POINTS), n_capture_layers, n_tokens, dim)
+
+
+def default_threads() -> int:
+    return numba.config.NUMBA_NUM_THREADS
+
+
+class Engine:
+    def __init__(self, config: ModelConfig, weights: Weights, *, max_tokens: int = 256,
+                 kv_tokens: int | None = None, threads: int | None = None) -> None:
+        if max_tokens <= 0:
+            raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+        if threads is not None and not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
+            raise ValueError(
+                f"threads must be in 1..{numba.config.NUMBA_NUM_THREADS}, got {threads}")
+        self.config = config
+        self.weights = weights
+        self.dtype = "f32" if weights.wqkv.dtype == np.float32 else "q8_0"
+        self.max_tokens = max_tokens
+        self.threads = threads or default_threads()
+        kv_tokens = kv_tokens or 4 * config.max_seq_len
+        self.cache = KVCache(config, blocks_for(kv_tokens))
+        self.max_blocks_per_seq = blocks_for(config.max_seq_len)
+        self._ids = itertools.count()
+        self._workspace = self._make_workspace(max_tokens)
+        c = config
+        self._dims = (c.n_layers, c.dim, c.hidden_dim, c.n_heads, c.n_kv_heads, c.head_dim)
+        self._no_steer = np.zeros((1, c.dim), np.float32)
+        self._no_capture = np.zeros((len(CAPTURE_POINTS), 1, 1, c.dim), np.float32)
+
+    def _make_workspace(self, T: int) -> Workspace:
+        c = self.config
+        max_pad = max(padded(c.dim, self.dtype), padded(c.hidden_dim, self.dtype))
+        act_dtype = np.int8 if self.dtype == "q8_0" else np.float32
+        n_scales = max_pad // GROUP_SIZE if self.dtype == "q8_0" else 0
+        f = np.float32
+        return Workspace(
+            x=np.zeros((T, c.dim), f), xb=np.zeros((T, c.dim), f),
+            xa=np.zeros((T, max_pad), act_dtype), xs=np.zeros((T, n_scales), f),
+            qkv=np.zeros((T, c.dim + 2 * c.kv_dim), f), att=np.zeros((T, c.dim), f),
+            proj=np.zeros((T, c.dim), f), h13=np.zeros((T, 2 * c.hidden_dim), f),
+            hact=np.zeros((T, c.hidden_dim), f),
+            scores=np.zeros((numba.config.NUMBA_NUM_THREADS, c.max_seq_len), f),
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], dtype: str = "q8_0", **kwargs) -> Engine:
+        from engine.llama2c import load_llama2c
+
+        checkpoint = load_llama2c(path)
+        return cls(checkpoint.config, build_weights(checkpoint.config, checkpoint.tensors, dtype),
+                   **kwargs)
+
+    # sequences -------------------------------------------------------------------------------
+
+    def new_sequence(self) -> Sequence:
+        return Sequence(id=next(self._ids))
+
+    def release(self, seq: Sequence) -> None:
+        """Give the sequence's KV blocks back to the pool; the sequence is empty afterwards."""
+        self.cache.release(seq.blocks)
+        seq.blocks = []
+        seq.length = 0
+
+    # the step --------------------------------------------------------------------------------
+
+    def _validate(self, requests: list[SeqRequest]) -> None:
+        c = self.config
+        if not requests:
+            raise BatchError("a step needs at least one sequence")
+        seen: set[int] = set()
+        total = 0
+        new_blocks = 0
+        for i, r in enumerate(requests):
+            if r.seq.id in seen:
+                raise BatchError(f"sequence {r.seq.id} appears twice in one step")
+            seen.add(r.seq.id)
+            n = len(r.tokens)
+            if n == 0:
+                raise BatchError(f"request {i}: no tokens")
+            tokens = np.asarray(r.tokens)
+            if tokens.dtype.kind not in "iu" or tokens.min() < 0 or tokens.max() >= c.vocab_size:
+                raise EngineError(f"request {i}: token ids must be integers in [0, {c.vocab_size})")
+            if r.seq.length + n > c.max_seq_len:
+                raise EngineError(
+                    f"request {i}: {r.seq.length} + {n} tokens exceed the context of "
+                    f"{c.max_seq_len}")
+            if r.logits not in ("last", "all", "none"):
+                raise EngineError(f"request {i}: logits must be 'last', 'all' or 'none'")
+            for layer in r.capture_layers:
+                if not 0 <= layer < c.n_layers:
+                    raise EngineError(
+                        f"request {i}: capture layer {layer} outside 0..{c.n_layers - 1}")
+            for term in r.steering:
+                self._validate_term(i, term)
+            total += n
+            new_blocks += blocks_for(r.seq.length + n) - len(r.seq.blocks)
+        if total > self.max_tokens:
+            raise BatchError(f"{total} tokens in one step exceed max_tokens={self.max_tokens}")
+        if new_blocks > self.cache.free_blocks:
+            raise CacheFull(f"step needs {new_blocks} more KV blocks, "
+                            f"{self.cache.free_blocks} free of {self.cache.n_blocks}")
+
+    def _validate_term(self, i: int, term: SteeringTerm) -> None:
+        c = self.config
+        if not 0 <= term.layer < c.n_layers:
+            raise EngineError(
+                f"request {i}: steering layer {term.layer} outside 0..{c.n_layers - 1}")
+        v = term.vectors
+        if not isinstance(v, np.ndarray) or v.shape[-1] != c.dim or v.ndim not in (1, 2) \
+                or (term.every_position and v.ndim == 2 and v.shape[0] != 1):
+            raise EngineError(f"request {i}: steering vectors must have shape (P, {c.dim})"
+                              f"{' or (dim,)' if term.every_position else ''}")
+        if not math.isfinite(term.scale) or not np.isfinite(v).all():
+            raise EngineError(f"request {i}: steering values must be finite")
+
+    def step(self, requests: list[SeqRequest]) -> list[SeqResult]:
+        """Run one forward pass over every request's new tokens; append them to the sequences."""
+        self._validate(requests)
+        c = self.config
+        for r in requests:  # validated above: cannot run out midway
+            need = blocks_for(r.seq.length + len(r.tokens)) - len(r.seq.blocks)
+            if need > 0:
+                r.seq.blocks.extend(self.cache.allocate(need))
+        T = sum(len(r.tokens) for r in requests)
+        S = len(requests)
+        tokens = np.concatenate([np.asarray(r.tokens, np.int32) for r in requests])
+        positions = np.concatenate(
+            [np.arange(r.seq.length, r.seq.length + len(r.tokens), dtype=np.int32)
+             for r in requests])
+        seq_index = np.repeat(np.arange(S, dtype=np.int32), [len(r.tokens) for r in requests])
+        block_tables = np.zeros((S, self.max_blocks_per_seq), np.int32)
+        for s, r in enumerate(requests):
+            block_tables[s, :len(r.seq.blocks)] = r.seq.blocks
+        want = np.zeros(T, np.bool_)
+        starts = np.cumsum([0] + [len(r.tokens) for r in requests])
+        for s, r in enumerate(requests):
+            if r.logits == "all":
+                want[starts[s]:starts[s + 1]] = True
+            elif r.logits == "last":
+                want[starts[s + 1] - 1] = True
+        logits = np.empty((max(int(want.sum()), 1), c.vocab_size), np.float32)
+        steer_index, steer_vecs = self._steering_arrays(requests, positions, starts)
+        cap_slot, cap_rows, cap_out, layer_slots = self._capture_arrays(requests, starts, T)
+
+        numba.set_num_threads(self.threads)  # thread-local in numba: set on the calling thread
+        forward_step(self.weights, self._workspace, self._dims, np.float32(c.norm_eps), tokens,
+                     positions, seq_index, block_tables, self.cache.k, self.cache.v, steer_index,
+                     steer_vecs, cap_slot, cap_rows, cap_out, want, logits)
+
+        results = []
+        row = 0
+        for s, r in enumerate(requests):
+            r.seq.length += len(r.tokens)
+            n_rows = int(want[starts[s]:starts[s + 1]].sum())
+            out_logits = None
+            if r.logits == "last":
+                out_logits = logits[row]
+            elif r.logits == "all":
+                out_logits = logits[row:row + n_rows]
+            row += n_rows
+            captures = None
+            if r.capture_layers:
+                slots = [layer_slots[layer] for layer in r.capture_layers]
+                rows = cap_rows[starts[s]:starts[s + 1]]
+                captures = cap_out[:, slots][:, :, rows]
+            results.append(SeqResult(logits=out_logits, captures=captures))
+        return results
+
+    def _steering_arrays(self, requests, positions, starts):
+        """Sum each token's steering terms per layer into rows of steer_vecs, indexed (T, L)."""
+        c = self.config
+        T = len(positions)
+        if not any(r.steering for r in requests):
+            return np.full((T, c.n_layers), -1, np.int32), self._no_steer
+        index = np.full((T, c.n_layers), -1, np.int32)
+        rows: list[np.ndarray] = []
+        for s, r in enumerate(requests):
+            if not r.steering:
+                continue
+            pos = positions[starts[s]:starts[s + 1]]
+            for layer in sorted({term.layer for term in r.steering}):
+                acc = np.zeros((len(pos), c.dim), np.float32)
+                for term in r.steering:
+                    if term.layer != layer:
+                        continue
+                    v = np.asarray(term.vectors, np.float32)
+                    if term.every_position:
+                        acc += np.float32(term.scale) * v.reshape(c.dim)
+                    else:
+                        hit = pos < v.shape[0]
+                        acc[hit] += np.float32(term.scale) * v[pos[hit]]
+                touched = np.flatnonzero(np.any(acc != 0, axis=1))
+                index[starts[s] + touched, layer] = len(rows) + np.arange(len(touched))
+                rows.extend(acc[touched])
+        vecs = np.stack(rows) if rows else self._no_steer
+        return index, vecs
+
+    def _capture_arrays(self, requests, starts, T):
+        c = self.config
+        layers = sorted({layer for r in requests for layer in r.capture_layers})
+        cap_slot = np.full(c.n_layers, -1, np.int32)
+        cap_rows = np.full(T, -1, np.int32)
+        if not layers:
+            return cap_slot, cap_rows, self._no_capture, {}
+        layer_slots = {layer: i for i, layer in enumerate(layers)}
+        cap_slot[layers] = np.arange(len(layers), dtype=np.int32)
+        n = 0
+        for s, r in enumerate(requests):
+            if r.capture_layers:
+                k = starts[s + 1] - starts[s]
+                cap_rows[starts[s]:starts[s + 1]] = np.arange(n, n + k)
+                n += k
+        cap_out = np.zeros((len(CAPTURE_POINTS), len(layers), n, c.dim), np.float32)
+        return cap_slot, cap_rows, cap_out, layer_slots
+
+    # conveniences ----------------------------------------------------------------------------
+
+    def forward_all(self, tokens: list[int], **hooks) -> SeqResult:
+        """Teacher-forced logits for every position of one new sequence (for tests and tools)."""
+        seq = self.new_sequence()
+        try:
+            parts = []
+            caps = []
+            for i in range(0, len(tokens), self.max_tokens):
+                res = self.step([SeqRequest(seq, tokens[i:i + self.max_tokens], logits="all",
+                                            **hooks)])[0]
+                parts.append(res.logits)
+                if res.captures is not None:
+                    caps.append(res.captures)
+            return SeqResult(np.concatenate(parts), np.concatenate(caps, axis=2) if caps else None)
+        finally:
+            self.release(seq)
+
+
+def tokenizer_path_for(model_path: str | os.PathLike[str]) -> Path:
+    """llama2.c's convention: tokenizer.bin beside the model file."""
+    return Path(model_path).with_name("tokenizer.bin")
+

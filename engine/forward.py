@@ -1,0 +1,126 @@
+"""One batched forward step: many sequences, each at its own position, in one jitted call.
+
+The batch is flat (as in vLLM): T tokens, token t belonging to sequence seq_index[t] at
+position positions[t]. A sequence may contribute many tokens (prefill, processed as a matrix)
+or one (decode). Its keys and values go to the KV-cache blocks listed in its block-table row.
+
+Hooks are plain arguments:
+- steering: before layer l, token t's residual stream gets `steer_vecs[steer_index[t, l]]`
+  added (index -1: nothing);
+- capture: for layers with cap_slot[l] >= 0 and tokens with cap_rows[t] >= 0,
+  cap_out[point, cap_slot[l], cap_rows[t]] receives the point's (dim,) vector, points in
+  CAPTURE_POINTS order;
+- logits: tokens with want_logits[t] get the final norm and classifier, their rows of `logits`
+  in token order; other tokens (the inside of a prefill) skip them.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit, prange
+
+from engine import kernels as K
+
+CAPTURE_POINTS = ("resid_pre", "attn_out", "mlp_out", "resid_post")
+
+
+class Workspace(NamedTuple):
+    """Preallocated activations for up to max_tokens tokens per step."""
+
+    x: np.ndarray  # (T, dim) residual stream
+    xb: np.ndarray  # (T, dim) normalized
+    xa: np.ndarray  # (T, max_pad) int8 | f32 matmul input
+    xs: np.ndarray  # (T, max_pad/32) f32 activation scales
+    qkv: np.ndarray  # (T, dim + 2 kv_dim)
+    att: np.ndarray  # (T, dim)
+    proj: np.ndarray  # (T, dim)
+    h13: np.ndarray  # (T, 2 hidden)
+    hact: np.ndarray  # (T, hidden)
+    scores: np.ndarray  # (n_threads, max_seq_len)
+
+
+@njit(**K._opts)
+def _capture(cap_out, point, slot, cap_rows, v):
+    for t in range(v.shape[0]):
+        r = cap_rows[t]
+        if r >= 0:
+            cap_out[point, slot, r, :] = v[t]
+
+
+@njit(parallel=True, **K._opts)
+def _steer(x, steer_index, steer_vecs, layer):
+    for t in prange(x.shape[0]):
+        i = steer_index[t, layer]
+        if i >= 0:
+            for j in range(x.shape[1]):
+                x[t, j] += steer_vecs[i, j]
+
+
+@njit(**K._opts)
+def _linear(out, ws, x, w, w_scales):
+    """out = x @ w.T through the workspace's activation buffers (quantized when w is Q8_0)."""
+    n = w.shape[1]
+    T = x.shape[0]
+    ngroups = n // 32
+    xa = ws.xa[:T, :n]
+    xs = ws.xs[:T, :ngroups]  # (T, 0) in f32 mode
+    K.load_activations(x, xa, xs)
+    K.linear(out, xa, xs, w, w_scales)
+
+
+@njit(**K._opts)
+def forward_step(w, ws, dims, eps, tokens, positions, seq_index, block_tables, k_cache, v_cache,
+                 steer_index, steer_vecs, cap_slot, cap_rows, cap_out, want_logits, logits):
+    """Run every layer for T tokens; see the module docstring for the hook arguments.
+
+    dims = (n_layers, dim, hidden_dim, n_heads, n_kv_heads, head_dim)
+    """
+    n_layers, dim, hidden, n_heads, n_kv_heads, head_dim = dims
+    kv_dim = n_kv_heads * head_dim
+    T = tokens.shape[0]
+    x = ws.x[:T]
+    xb = ws.xb[:T]
+    qkv = ws.qkv[:T]
+    att = ws.att[:T]
+    proj = ws.proj[:T]
+    h13 = ws.h13[:T]
+    hact = ws.hact[:T]
+    K.embed(x, tokens, w.embedding, w.embedding_scales)
+    for layer in range(n_layers):
+        _steer(x, steer_index, steer_vecs, layer)
+        slot = cap_slot[layer]
+        if slot >= 0:
+            _capture(cap_out, 0, slot, cap_rows, x)
+        # attention
+        K.rmsnorm(xb, x, w.attn_norm[layer], eps)
+        _linear(qkv, ws, xb, w.wqkv[layer], w.wqkv_scales[layer])
+        K.rope(qkv, positions, w.rope_cos, w.rope_sin, n_heads, n_kv_heads, head_dim)
+        K.store_kv(k_cache, v_cache, layer, qkv, positions, seq_index, block_tables, dim, kv_dim)
+        K.attention(att, qkv, k_cache, v_cache, layer, positions, seq_index, block_tables,
+                    n_heads, n_kv_heads, head_dim, ws.scores)
+        _linear(proj, ws, att, w.wo[layer], w.wo_scales[layer])
+        if slot >= 0:
+            _capture(cap_out, 1, slot, cap_rows, proj)
+        K.add_into(x, proj)
+        # feed-forward
+        K.rmsnorm(xb, x, w.ffn_norm[layer], eps)
+        _linear(h13, ws, xb, w.w13[layer], w.w13_scales[layer])
+        K.swiglu(hact, h13)
+        _linear(proj, ws, hact, w.w2[layer], w.w2_scales[layer])
+        if slot >= 0:
+            _capture(cap_out, 2, slot, cap_rows, proj)
+        K.add_into(x, proj)
+        if slot >= 0:
+            _capture(cap_out, 3, slot, cap_rows, x)
+    # classifier, only for the tokens whose logits are wanted, in token order
+    n_out = 0
+    for t in range(T):
+        if want_logits[t]:
+            xb[n_out, :] = x[t]
+            n_out += 1
+    if n_out > 0:
+        normed = att[:n_out]
+        K.rmsnorm(normed, xb[:n_out], w.final_norm, eps)
+        _linear(logits[:n_out], ws, normed, w.classifier, w.classifier_scales)

@@ -1,0 +1,224 @@
+"""Numba kernels of the forward step: small functions over arrays with output arguments.
+
+Each parallel loop (`prange`) writes disjoint outputs and every output element is computed by
+one thread in a fixed order, so results do not depend on the thread count or the batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+from engine.config import GROUP_SIZE
+from engine.simd import make_tile
+
+TILE_ROWS = 4
+TILE_COLS = 4
+KV_BLOCK = 16  # positions per KV-cache block
+
+_tile = make_tile(TILE_ROWS, TILE_COLS)
+_tile_col = make_tile(TILE_ROWS, 1)
+_tile_one = make_tile(1, 1)
+
+_opts = dict(nogil=True, cache=True)
+
+
+def is_q8(a) -> bool:
+    """True for the int8/uint8 arrays of the Q8_0 path; a compile-time constant inside kernels."""
+    return a.dtype in (np.int8, np.uint8)
+
+
+@overload(is_q8)
+def _is_q8(a):
+    answer = isinstance(a, types.Array) and a.dtype in (types.int8, types.uint8)
+    return lambda a: answer
+
+
+@njit(parallel=True, **_opts)
+def linear(out, x, xs, w, ws):
+    """out (T, d) = x (T, n) @ w (d, n).T  -- Q8_0 (x int8, w uint8+128, scales xs, ws) or f32.
+
+    Weight rows are read once per call: a tile keeps TILE_ROWS rows in registers for TILE_COLS
+    activation rows at a time.
+    """
+    T = x.shape[0]
+    d = w.shape[0]
+    n_blocks = (d + TILE_ROWS - 1) // TILE_ROWS
+    for blk in prange(n_blocks):
+        r0 = blk * TILE_ROWS
+        if r0 + TILE_ROWS <= d:
+            b0 = 0
+            while b0 + TILE_COLS <= T:
+                _tile(out, x, xs, w, ws, r0, b0)
+                b0 += TILE_COLS
+            while b0 < T:
+                _tile_col(out, x, xs, w, ws, r0, b0)
+                b0 += 1
+        else:
+            for r in range(r0, d):
+                for b in range(T):
+                    _tile_one(out, x, xs, w, ws, r, b)
+
+
+@njit(**_opts)
+def _quantize_row(x, q, s):
+    """x f32 (n,) -> q int8 (n_pad,), s f32 (n_pad/32,), zero beyond n (engine.quant's rule)."""
+    n = x.shape[0]
+    for g in range(s.shape[0]):
+        lo = g * GROUP_SIZE
+        hi = min(lo + GROUP_SIZE, n)
+        amax = np.float32(0.0)
+        for j in range(lo, hi):
+            a = abs(x[j])
+            if a > amax:
+                amax = a
+        if amax > 0:
+            inv = np.float32(127.0) / amax
+            for j in range(lo, hi):
+                q[j] = np.int8(np.rint(x[j] * inv))
+            s[g] = amax / np.float32(127.0)
+        else:
+            for j in range(lo, hi):
+                q[j] = 0
+            s[g] = 0
+        for j in range(max(lo, hi), lo + GROUP_SIZE):
+            q[j] = 0
+
+
+@njit(parallel=True, **_opts)
+def load_activations(x, xa, xs):
+    """Prepare the matmul input: quantize x (T, n) into xa int8 / xs, or copy into xa f32 padded."""
+    T, n = x.shape
+    for t in prange(T):
+        if is_q8(xa):
+            _quantize_row(x[t], xa[t], xs[t])
+        else:
+            for j in range(n):
+                xa[t, j] = x[t, j]
+            for j in range(n, xa.shape[1]):
+                xa[t, j] = 0
+
+
+@njit(parallel=True, **_opts)
+def rmsnorm(out, x, w, eps):
+    """out (T, n) = x / sqrt(mean(x^2) + eps) * w"""
+    T, n = x.shape
+    for t in prange(T):
+        ss = np.float32(0.0)
+        for j in range(n):
+            ss += x[t, j] * x[t, j]
+        inv = np.float32(1.0) / np.float32(math.sqrt(ss / np.float32(n) + eps))
+        for j in range(n):
+            out[t, j] = w[j] * (inv * x[t, j])
+
+
+@njit(parallel=True, **_opts)
+def embed(x, tokens, emb, emb_scales):
+    """x (T, dim) = rows of the embedding (Q8_0 rows are dequantized: (u8 - 128) * scale)."""
+    T, dim = x.shape
+    for t in prange(T):
+        tok = tokens[t]
+        for j in range(dim):
+            if is_q8(emb):
+                x[t, j] = np.float32(np.int32(emb[tok, j]) - 128) * emb_scales[tok, j // GROUP_SIZE]
+            else:
+                x[t, j] = emb[tok, j]
+
+
+@njit(parallel=True, **_opts)
+def rope(qkv, positions, cos, sin, n_heads, n_kv_heads, head_dim):
+    """Rotate q and k heads in qkv (T, dim + 2 kv_dim) in place, llama2.c's pairwise convention."""
+    T = qkv.shape[0]
+    n_rot = n_heads + n_kv_heads  # q heads, then k heads, are contiguous at the start of a row
+    for t in prange(T):
+        p = positions[t]
+        for h in range(n_rot):
+            base = h * head_dim
+            for i in range(head_dim // 2):
+                c = cos[p, i]
+                s = sin[p, i]
+                v0 = qkv[t, base + 2 * i]
+                v1 = qkv[t, base + 2 * i + 1]
+                qkv[t, base + 2 * i] = v0 * c - v1 * s
+                qkv[t, base + 2 * i + 1] = v0 * s + v1 * c
+
+
+@njit(parallel=True, **_opts)
+def store_kv(k_cache, v_cache, layer, qkv, positions, seq_index, block_tables, dim, kv_dim):
+    """Write each token's k and v (from qkv) into its sequence's cache block."""
+    T = qkv.shape[0]
+    for t in prange(T):
+        p = positions[t]
+        blk = block_tables[seq_index[t], p // KV_BLOCK]
+        off = p % KV_BLOCK
+        for j in range(kv_dim):
+            k_cache[layer, blk, off, j] = qkv[t, dim + j]
+            v_cache[layer, blk, off, j] = qkv[t, dim + kv_dim + j]
+
+
+@njit(parallel=True, **_opts)
+def attention(out, qkv, k_cache, v_cache, layer, positions, seq_index, block_tables,
+              n_heads, n_kv_heads, head_dim, scratch):
+    """out (T, dim): causal grouped-query attention of each token over its sequence's cache.
+
+    scratch (n_threads, max_seq_len) f32 holds one thread's attention scores.
+    """
+    T = qkv.shape[0]
+    kv_mul = n_heads // n_kv_heads
+    scale = np.float32(1.0 / math.sqrt(head_dim))
+    for th in prange(T * n_heads):
+        t = th // n_heads
+        h = th % n_heads
+        att = scratch[numba.get_thread_id()]
+        n_pos = positions[t] + 1
+        s = seq_index[t]
+        q0 = h * head_dim
+        k0 = (h // kv_mul) * head_dim
+        top = -np.inf
+        for p in range(n_pos):
+            blk = block_tables[s, p // KV_BLOCK]
+            off = p % KV_BLOCK
+            score = np.float32(0.0)
+            for i in range(head_dim):
+                score += qkv[t, q0 + i] * k_cache[layer, blk, off, k0 + i]
+            score *= scale
+            att[p] = score
+            if score > top:
+                top = score
+        total = np.float32(0.0)
+        for p in range(n_pos):
+            e = np.float32(math.exp(att[p] - top))
+            att[p] = e
+            total += e
+        for i in range(head_dim):
+            out[t, q0 + i] = 0
+        for p in range(n_pos):
+            blk = block_tables[s, p // KV_BLOCK]
+            off = p % KV_BLOCK
+            a = att[p] / total
+            for i in range(head_dim):
+                out[t, q0 + i] += a * v_cache[layer, blk, off, k0 + i]
+
+
+@njit(parallel=True, **_opts)
+def swiglu(out, h13):
+    """out (T, hidden) = silu(h1) * h3 where h13 (T, 2 hidden) holds [h1 | h3]."""
+    T, hidden = out.shape
+    for t in prange(T):
+        for j in range(hidden):
+            a = h13[t, j]
+            out[t, j] = a * (np.float32(1.0) / (np.float32(1.0) + np.float32(math.exp(-a)))) \
+                * h13[t, hidden + j]
+
+
+@njit(parallel=True, **_opts)
+def add_into(x, y):
+    """x (T, n) += y (T, n)"""
+    T, n = x.shape
+    for t in prange(T):
+        for j in range(n):
+            x[t, j] += y[t, j]

@@ -1,0 +1,151 @@
+"""The engine's weight layout, built once at load from a checkpoint's named tensors.
+
+Layout (see engine/simd.py for why):
+- Matrices are row-major [out, in] with rows zero-padded to a multiple of the tile chunk (64
+  values in Q8_0, 16 in f32). Q8_0 values are stored as uint8 `q + 128` with float32 scales per
+  group of 32 (pad groups have scale 0); f32 matrices have scales of shape (..., rows, 0).
+- q, k and v projections are fused into one `wqkv` matrix (rows: q, then k, then v), and w1/w3
+  into `w13` (rows: w1, then w3), so a layer makes three weight passes instead of five.
+- The embedding is the classifier matrix when the model shares them; rows are dequantized on
+  lookup, so Q8_0 embeddings see the same rounding as llama.cpp's Q8_0 token_embd.
+Nothing here is ever written after load: steering and caches belong to requests.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from engine.config import GROUP_SIZE, ModelConfig
+from engine.quant import QTensor, dequantize_q8_0, n_groups, quantize_q8_0
+from engine.simd import F32_CHUNK, Q8_CHUNK
+
+DTYPES = ("q8_0", "f32")
+
+
+class Weights(NamedTuple):
+    embedding: np.ndarray  # (vocab, dim_pad) uint8 | float32
+    embedding_scales: np.ndarray  # (vocab, dim_pad/32) float32 | (vocab, 0)
+    attn_norm: np.ndarray  # (L, dim)
+    wqkv: np.ndarray  # (L, dim + 2 kv_dim, dim_pad)
+    wqkv_scales: np.ndarray
+    wo: np.ndarray  # (L, dim, dim_pad)
+    wo_scales: np.ndarray
+    ffn_norm: np.ndarray  # (L, dim)
+    w13: np.ndarray  # (L, 2 hidden, dim_pad)
+    w13_scales: np.ndarray
+    w2: np.ndarray  # (L, dim, hidden_pad)
+    w2_scales: np.ndarray
+    final_norm: np.ndarray  # (dim,)
+    classifier: np.ndarray  # (vocab, dim_pad)
+    classifier_scales: np.ndarray
+    rope_cos: np.ndarray  # (max_seq_len, head_dim / 2)
+    rope_sin: np.ndarray
+
+
+def padded(n: int, dtype: str) -> int:
+    chunk = Q8_CHUNK if dtype == "q8_0" else F32_CHUNK
+    return -(-n // chunk) * chunk
+
+
+def _as_float(t: np.ndarray | QTensor) -> np.ndarray:
+    return t.dequantize() if isinstance(t, QTensor) else np.asarray(t, dtype=np.float32)
+
+
+def _matrix(parts: list[np.ndarray | QTensor], dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate [.., rows_i, n] tensors along rows into the engine's padded layout."""
+    n = parts[0].shape[-1]
+    n_pad = padded(n, dtype)
+    lead = parts[0].shape[:-2]
+    rows = sum(p.shape[-2] for p in parts)
+    if dtype == "f32":
+        out = np.zeros((*lead, rows, n_pad), np.float32)
+        r = 0
+        for p in parts:
+            out[..., r:r + p.shape[-2], :n] = _as_float(p)
+            r += p.shape[-2]
+        return out, np.zeros((*lead, rows, 0), np.float32)  # no scales, but indexable
+    values = np.full((*lead, rows, n_pad), 128, np.uint8)
+    scales = np.zeros((*lead, rows, n_pad // GROUP_SIZE), np.float32)
+    r = 0
+    for p in parts:
+        q = p if isinstance(p, QTensor) else quantize_q8_0(p)
+        k = p.shape[-2]
+        values[..., r:r + k, :n] = (q.values.astype(np.int16) + 128).astype(np.uint8)
+        scales[..., r:r + k, :n_groups(n)] = q.scales
+        r += k
+    return values, scales
+
+
+def rope_tables(config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin (max_seq_len, head_dim/2) for llama2.c's pairwise RoPE, computed in float64."""
+    hd = config.head_dim
+    freqs = 1.0 / config.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
+    angles = np.arange(config.max_seq_len, dtype=np.float64)[:, None] * freqs[None, :]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def build_weights(config: ModelConfig, tensors: dict[str, np.ndarray | QTensor],
+                  dtype: str) -> Weights:
+    """Named checkpoint tensors (engine/llama2c.py names) -> Weights in the engine layout."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    t = tensors
+    classifier, classifier_scales = _matrix([t.get("classifier", t["token_embedding"])], dtype)
+    if "classifier" in t:
+        embedding, embedding_scales = _matrix([t["token_embedding"]], dtype)
+    else:
+        embedding, embedding_scales = classifier, classifier_scales
+    wqkv, wqkv_s = _matrix([t["wq"], t["wk"], t["wv"]], dtype)
+    wo, wo_s = _matrix([t["wo"]], dtype)
+    w13, w13_s = _matrix([t["w1"], t["w3"]], dtype)
+    w2, w2_s = _matrix([t["w2"]], dtype)
+    cos, sin = rope_tables(config)
+    return Weights(
+        embedding=embedding, embedding_scales=embedding_scales,
+        attn_norm=np.ascontiguousarray(_as_float(t["attn_norm"])),
+        wqkv=wqkv, wqkv_scales=wqkv_s, wo=wo, wo_scales=wo_s,
+        ffn_norm=np.ascontiguousarray(_as_float(t["ffn_norm"])),
+        w13=w13, w13_scales=w13_s, w2=w2, w2_scales=w2_s,
+        final_norm=np.ascontiguousarray(_as_float(t["final_norm"])),
+        classifier=classifier, classifier_scales=classifier_scales,
+        rope_cos=cos, rope_sin=sin,
+    )
+
+
+def matrix_bytes(weights: Weights) -> int:
+    """Bytes of weight matrices streamed by one forward step (embedding lookups excluded)."""
+    names = ("wqkv", "wo", "w13", "w2", "classifier")
+    total = 0
+    for name in names:
+        total += getattr(weights, name).nbytes + getattr(weights, name + "_scales").nbytes
+    return total + weights.attn_norm.nbytes + weights.ffn_norm.nbytes
+
+
+def dequantized(weights: Weights, config: ModelConfig) -> dict[str, np.ndarray]:
+    """The float32 tensors the engine actually computes with, in checkpoint names (for tests)."""
+    dim, kv, hidden = config.dim, config.kv_dim, config.hidden_dim
+
+    def unpack(values: np.ndarray, scales: np.ndarray, n: int) -> np.ndarray:
+        if values.dtype == np.float32:
+            return values[..., :n].copy()
+        q = (values.astype(np.int16) - 128).astype(np.int8)
+        return dequantize_q8_0(q, scales)[..., :n]
+
+    wqkv = unpack(weights.wqkv, weights.wqkv_scales, dim)
+    w13 = unpack(weights.w13, weights.w13_scales, dim)
+    out = {
+        "token_embedding": unpack(weights.embedding, weights.embedding_scales, dim),
+        "attn_norm": weights.attn_norm, "ffn_norm": weights.ffn_norm,
+        "final_norm": weights.final_norm,
+        "wq": wqkv[:, :dim], "wk": wqkv[:, dim:dim + kv], "wv": wqkv[:, dim + kv:],
+        "wo": unpack(weights.wo, weights.wo_scales, dim),
+        "w1": w13[:, :hidden], "w3": w13[:, hidden:],
+        "w2": unpack(weights.w2, weights.w2_scales, hidden),
+    }
+    if not config.shared_classifier:
+        out["classifier"] = unpack(weights.classifier, weights.classifier_scales, dim)
+    assert math.isfinite(float(out["final_norm"].sum()))
+    return out

@@ -1,0 +1,1 @@
+"""tiller's HTTP server (aiohttp) over the engine's batched step."""

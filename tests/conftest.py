@@ -1,0 +1,18 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# Real model and tokenizer files live beside the project, never inside it (../shared/models).
+SHARED_MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
+
+
+@pytest.fixture(scope="session")
+def shared_models() -> Path:
+    """Directory of the shared test models; skips the test when it is absent."""
+    if not SHARED_MODELS.is_dir():
+        pytest.skip(f"shared models not found at {SHARED_MODELS}")
+    return SHARED_MODELS
