@@ -103,16 +103,21 @@ def build_weights(config: ModelConfig, tensors: dict[str, np.ndarray | QTensor],
     w13, w13_s = _matrix([t["w1"], t["w3"]], dtype)
     w2, w2_s = _matrix([t["w2"]], dtype)
     cos, sin = rope_tables(config)
-    return Weights(
+    weights = Weights(
         embedding=embedding, embedding_scales=embedding_scales,
-        attn_norm=np.ascontiguousarray(_as_float(t["attn_norm"])),
+        attn_norm=np.array(_as_float(t["attn_norm"])),
         wqkv=wqkv, wqkv_scales=wqkv_s, wo=wo, wo_scales=wo_s,
-        ffn_norm=np.ascontiguousarray(_as_float(t["ffn_norm"])),
+        ffn_norm=np.array(_as_float(t["ffn_norm"])),
         w13=w13, w13_scales=w13_s, w2=w2, w2_scales=w2_s,
-        final_norm=np.ascontiguousarray(_as_float(t["final_norm"])),
+        final_norm=np.array(_as_float(t["final_norm"])),
         classifier=classifier, classifier_scales=classifier_scales,
         rope_cos=cos, rope_sin=sin,
     )
+    # Read-only for good, whatever the source file: a kernel that tried to write a weight would
+    # not compile, and numba compiles one specialization of the step for every model.
+    for array in weights:
+        array.setflags(write=False)
+    return weights
 
 
 def matrix_bytes(weights: Weights) -> int:

@@ -1,0 +1,137 @@
+"""Kernels against plain numpy: matmul tiles, activation quantization, norms, RoPE."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from numba import njit
+
+from engine import kernels as K
+from engine.config import GROUP_SIZE
+from engine.quant import quantize_q8_0
+from engine.simd import HAS_VNNI, make_tile
+
+RNG = np.random.default_rng(1234)
+
+
+def q8_operands(d: int, n: int, T: int):
+    """Random Q8_0 operands in the engine layout (n a multiple of 64), plus int8 weights."""
+    w = RNG.integers(-127, 128, (d, n), dtype=np.int8)
+    ws = RNG.random((d, n // GROUP_SIZE), dtype=np.float32)
+    x = RNG.integers(-127, 128, (T, n), dtype=np.int8)
+    xs = RNG.random((T, n // GROUP_SIZE), dtype=np.float32)
+    w_u8 = (w.astype(np.int16) + 128).astype(np.uint8)
+    return w, ws, x, xs, w_u8
+
+
+def q8_matmul_numpy(w, ws, x, xs):
+    """Exact group dot products (int64) scaled and summed in float64."""
+    d, n = w.shape
+    T = x.shape[0]
+    g = n // GROUP_SIZE
+    dots = np.einsum("dgk,tgk->tdg", w.reshape(d, g, GROUP_SIZE).astype(np.int64),
+                     x.reshape(T, g, GROUP_SIZE).astype(np.int64))
+    return (dots * ws[None].astype(np.float64) * xs[:, None].astype(np.float64)).sum(-1)
+
+
+@pytest.mark.parametrize("d,n,T", [(4, 64, 1), (13, 192, 7), (64, 128, 16), (6, 64, 5)])
+def test_q8_linear_matches_exact_integer_matmul(d, n, T):
+    w, ws, x, xs, w_u8 = q8_operands(d, n, T)
+    out = np.zeros((T, d), np.float32)
+    K.linear(out, x, xs, w_u8, ws)
+    ref = q8_matmul_numpy(w, ws, x, xs)
+    np.testing.assert_allclose(out, ref, rtol=2e-6, atol=2e-6 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("d,n,T", [(5, 16, 3), (32, 96, 9)])
+def test_f32_linear_matches_numpy(d, n, T):
+    w = RNG.standard_normal((d, n), dtype=np.float32)
+    x = RNG.standard_normal((T, n), dtype=np.float32)
+    out = np.zeros((T, d), np.float32)
+    K.linear(out, x, np.zeros((T, 0), np.float32), w, np.zeros((d, 0), np.float32))
+    np.testing.assert_allclose(out, x.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_linear_rows_are_batch_invariant_bitwise():
+    # each output row must not depend on which tile (4x4, 4x1, 1x1) computed it
+    w, ws, x, xs, w_u8 = q8_operands(10, 256, 11)
+    batch = np.zeros((11, 10), np.float32)
+    K.linear(batch, x, xs, w_u8, ws)
+    for t in range(11):
+        alone = np.zeros((1, 10), np.float32)
+        K.linear(alone, x[t:t + 1].copy(), xs[t:t + 1].copy(), w_u8, ws)
+        assert np.array_equal(alone[0], batch[t])
+
+
+_generic_tile = make_tile(1, 1, vnni=False)
+
+
+@njit
+def _linear_generic(out, x, xs, w, ws):
+    for r in range(w.shape[0]):
+        for b in range(x.shape[0]):
+            _generic_tile(out, x, xs, w, ws, r, b)
+
+
+def test_portable_path_gives_the_same_bits_as_vnni():
+    w, ws, x, xs, w_u8 = q8_operands(12, 320, 6)
+    fast = np.zeros((6, 12), np.float32)
+    K.linear(fast, x, xs, w_u8, ws)
+    portable = np.zeros((6, 12), np.float32)
+    _linear_generic(portable, x, xs, w_u8, ws)
+    assert np.array_equal(fast, portable), f"VNNI in use: {HAS_VNNI}"
+
+
+@pytest.mark.parametrize("n", [64, 172, 288])
+def test_activation_quantizer_follows_engine_quant_exactly(n):
+    x = RNG.standard_normal((5, n), dtype=np.float32) * 3
+    x[1, :GROUP_SIZE] = 0  # an all-zero group
+    x[2, :4] = [0.5, -1.5, 2.5, 127 / 254]  # half-way cases for round-half-to-even
+    x[2, 4:GROUP_SIZE] = 0
+    x[2, 4] = 1.0  # amax 2.5 -> inv 50.8: 0.5*50.8 = 25.4 etc.; plus exact halves below
+    x[3, :GROUP_SIZE] = np.float32(127.0)  # scale exactly 1: every value rounds to 127
+    x[3, 1] = 0.5  # 0.5 * 1 = 0.5 -> 0 (half to even)
+    x[3, 2] = 1.5  # -> 2
+    n_pad = -(-n // 64) * 64
+    xa = np.full((5, n_pad), 99, np.int8)
+    xs = np.full((5, n_pad // GROUP_SIZE), 99, np.float32)
+    K.load_activations(x, xa, xs)
+    ref = quantize_q8_0(x)
+    assert np.array_equal(xa[:, :n], ref.values)
+    assert np.array_equal(xs[:, :ref.scales.shape[1]], ref.scales)
+    assert not xa[:, n:].any() and not xs[:, ref.scales.shape[1]:].any()
+    assert xa[3, 1] == 0 and xa[3, 2] == 2
+
+
+def test_rmsnorm_matches_numpy():
+    x = RNG.standard_normal((3, 50), dtype=np.float32)
+    w = RNG.standard_normal(50, dtype=np.float32)
+    out = np.zeros_like(x)
+    K.rmsnorm(out, x, w, np.float32(1e-5))
+    x64 = x.astype(np.float64)
+    ref = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-5) * w
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_rope_rotates_pairs_by_position_times_frequency():
+    n_heads, n_kv, hd = 2, 1, 8
+    width = (n_heads + 2 * n_kv) * hd
+    qkv = RNG.standard_normal((3, width), dtype=np.float32)
+    before = qkv.copy()
+    positions = np.array([0, 1, 7], np.int32)
+    freqs = 1.0 / 10000.0 ** (np.arange(0, hd, 2) / hd)
+    ang = np.arange(16)[:, None] * freqs[None]
+    K.rope(qkv, positions, np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32),
+           n_heads, n_kv, hd)
+    assert np.array_equal(qkv[0], before[0])  # position 0 is the identity
+    rotated = (n_heads + n_kv) * hd
+    assert np.array_equal(qkv[:, rotated:], before[:, rotated:])  # v is never rotated
+    for t, p in enumerate(positions):
+        for h in range(n_heads + n_kv):
+            v = before[t, h * hd:(h + 1) * hd].astype(np.float64)
+            a, b = v[0::2], v[1::2]
+            c, s = np.cos(p * freqs), np.sin(p * freqs)
+            ref = np.empty(hd)
+            ref[0::2], ref[1::2] = a * c - b * s, a * s + b * c
+            np.testing.assert_allclose(qkv[t, h * hd:(h + 1) * hd], ref, rtol=1e-5, atol=1e-6)
