@@ -64,6 +64,11 @@ def linear(out, x, xs, w, ws):
                     _tile_one(out, x, xs, w, ws, r, b)
 
 
+# 1.5 * 2**23: adding and subtracting it rounds a float32 of magnitude < 2**22 to the nearest
+# integer, ties to even -- np.rint's result, without a libm call per element (it vectorizes).
+_ROUND = np.float32(12582912.0)
+
+
 @njit(**_opts)
 def _quantize_row(x, q, s):
     """x f32 (n,) -> q int8 (n_pad,), s f32 (n_pad/32,), zero beyond n (engine.quant's rule)."""
@@ -73,18 +78,11 @@ def _quantize_row(x, q, s):
         hi = min(lo + GROUP_SIZE, n)
         amax = np.float32(0.0)
         for j in range(lo, hi):
-            a = abs(x[j])
-            if a > amax:
-                amax = a
-        if amax > 0:
-            inv = np.float32(127.0) / amax
-            for j in range(lo, hi):
-                q[j] = np.int8(np.rint(x[j] * inv))
-            s[g] = amax / np.float32(127.0)
-        else:
-            for j in range(lo, hi):
-                q[j] = 0
-            s[g] = 0
+            amax = max(amax, abs(x[j]))
+        inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+        for j in range(lo, hi):
+            q[j] = np.int8(np.int32((x[j] * inv + _ROUND) - _ROUND))
+        s[g] = amax / np.float32(127.0)
         for j in range(max(lo, hi), lo + GROUP_SIZE):
             q[j] = 0
 
@@ -160,6 +158,22 @@ def store_kv(k_cache, v_cache, layer, qkv, positions, seq_index, block_tables, d
             v_cache[layer, blk, off, j] = qkv[t, dim + kv_dim + j]
 
 
+@njit(nogil=True, cache=True, fastmath=True)
+def _dot(a, b):
+    """a (n,) . b (n,); one compiled summation order for every call, so still batch-invariant."""
+    total = np.float32(0.0)
+    for i in range(a.shape[0]):
+        total += a[i] * b[i]
+    return total
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def _axpy(y, a, x):
+    """y (n,) += a * x (n,)"""
+    for i in range(y.shape[0]):
+        y[i] += a * x[i]
+
+
 @njit(parallel=True, **_opts)
 def attention(out, qkv, k_cache, v_cache, layer, positions, seq_index, block_tables,
               n_heads, n_kv_heads, head_dim, scratch):
@@ -175,33 +189,26 @@ def attention(out, qkv, k_cache, v_cache, layer, positions, seq_index, block_tab
         h = th % n_heads
         att = scratch[numba.get_thread_id()]
         n_pos = positions[t] + 1
-        s = seq_index[t]
+        table = block_tables[seq_index[t]]
         q0 = h * head_dim
         k0 = (h // kv_mul) * head_dim
+        q = qkv[t, q0:q0 + head_dim]
         top = -np.inf
         for p in range(n_pos):
-            blk = block_tables[s, p // KV_BLOCK]
-            off = p % KV_BLOCK
-            score = np.float32(0.0)
-            for i in range(head_dim):
-                score += qkv[t, q0 + i] * k_cache[layer, blk, off, k0 + i]
+            score = _dot(q, k_cache[layer, table[p // KV_BLOCK], p % KV_BLOCK, k0:k0 + head_dim])
             score *= scale
             att[p] = score
-            if score > top:
-                top = score
+            top = max(top, score)
         total = np.float32(0.0)
         for p in range(n_pos):
             e = np.float32(math.exp(att[p] - top))
             att[p] = e
             total += e
-        for i in range(head_dim):
-            out[t, q0 + i] = 0
+        o = out[t, q0:q0 + head_dim]
+        o[:] = 0
         for p in range(n_pos):
-            blk = block_tables[s, p // KV_BLOCK]
-            off = p % KV_BLOCK
-            a = att[p] / total
-            for i in range(head_dim):
-                out[t, q0 + i] += a * v_cache[layer, blk, off, k0 + i]
+            _axpy(o, att[p] / total,
+                  v_cache[layer, table[p // KV_BLOCK], p % KV_BLOCK, k0:k0 + head_dim])
 
 
 @njit(parallel=True, **_opts)
