@@ -105,11 +105,13 @@ class Engine:
         c = self.config
         max_pad = max(padded(c.dim, self.dtype), padded(c.hidden_dim, self.dtype))
         act_dtype = np.int8 if self.dtype == "q8_0" else np.float32
-        n_scales = max_pad // GROUP_SIZE if self.dtype == "q8_0" else 0
+        q8 = self.dtype == "q8_0"
         f = np.float32
         return Workspace(
             x=np.zeros((T, c.dim), f), xb=np.zeros((T, c.dim), f),
-            xa=np.zeros((T, max_pad), act_dtype), xs=np.zeros((T, n_scales), f),
+            xa=np.zeros((T, max_pad), act_dtype),
+            xs=np.zeros((T, max_pad // GROUP_SIZE if q8 else 0), f),
+            xc=np.zeros((T, max_pad // 4 if q8 else 0), np.int32),
             qkv=np.zeros((T, c.dim + 2 * c.kv_dim), f), att=np.zeros((T, c.dim), f),
             proj=np.zeros((T, c.dim), f), h13=np.zeros((T, 2 * c.hidden_dim), f),
             hact=np.zeros((T, c.hidden_dim), f),

@@ -33,6 +33,7 @@ class Workspace(NamedTuple):
     xb: np.ndarray  # (T, dim) normalized
     xa: np.ndarray  # (T, max_pad) int8 | f32 matmul input
     xs: np.ndarray  # (T, max_pad/32) f32 activation scales
+    xc: np.ndarray  # (T, max_pad/4) int32 corrections for the weights' +128 (engine/simd.py)
     qkv: np.ndarray  # (T, dim + 2 kv_dim)
     att: np.ndarray  # (T, dim)
     proj: np.ndarray  # (T, dim)
@@ -59,15 +60,18 @@ def _steer(x, steer_index, steer_vecs, layer):
 
 
 @njit(**K._opts)
-def _linear(out, ws, x, w, w_scales):
-    """out = x @ w.T through the workspace's activation buffers (quantized when w is Q8_0)."""
-    n = w.shape[1]
-    T = x.shape[0]
-    ngroups = n // 32
-    xa = ws.xa[:T, :n]
-    xs = ws.xs[:T, :ngroups]  # (T, 0) in f32 mode
-    K.load_activations(x, xa, xs)
-    K.linear(out, xa, xs, w, w_scales)
+def _inputs(ws, T, n):
+    """The workspace's matmul-input buffers for T rows of padded width n."""
+    return ws.xa[:T, :n], ws.xs[:T, :n // 32], ws.xc[:T, :n // 4]  # xs, xc: (T, 0) in f32
+
+
+@njit(**K._opts)
+def _any_steering(steer_index):
+    for t in range(steer_index.shape[0]):
+        for layer in range(steer_index.shape[1]):
+            if steer_index[t, layer] >= 0:
+                return True
+    return False
 
 
 @njit(**K._opts)
@@ -78,7 +82,6 @@ def forward_step(w, ws, dims, eps, tokens, positions, seq_index, block_tables, k
     dims = (n_layers, dim, hidden_dim, n_heads, n_kv_heads, head_dim)
     """
     n_layers, dim, hidden, n_heads, n_kv_heads, head_dim = dims
-    kv_dim = n_kv_heads * head_dim
     T = tokens.shape[0]
     x = ws.x[:T]
     xb = ws.xb[:T]
@@ -87,28 +90,32 @@ def forward_step(w, ws, dims, eps, tokens, positions, seq_index, block_tables, k
     proj = ws.proj[:T]
     h13 = ws.h13[:T]
     hact = ws.hact[:T]
+    xa_d, xs_d, xc_d = _inputs(ws, T, w.wqkv.shape[2])  # inputs of width dim
+    xa_h, xs_h, xc_h = _inputs(ws, T, w.w2.shape[2])  # inputs of width hidden_dim
+    steering = _any_steering(steer_index)
     K.embed(x, tokens, w.embedding, w.embedding_scales)
     for layer in range(n_layers):
-        _steer(x, steer_index, steer_vecs, layer)
+        if steering:
+            _steer(x, steer_index, steer_vecs, layer)
         slot = cap_slot[layer]
         if slot >= 0:
             _capture(cap_out, 0, slot, cap_rows, x)
         # attention
-        K.rmsnorm(xb, x, w.attn_norm[layer], eps)
-        _linear(qkv, ws, xb, w.wqkv[layer], w.wqkv_scales[layer])
-        K.rope(qkv, positions, w.rope_cos, w.rope_sin, n_heads, n_kv_heads, head_dim)
-        K.store_kv(k_cache, v_cache, layer, qkv, positions, seq_index, block_tables, dim, kv_dim)
+        K.norm_load(xb, x, w.attn_norm[layer], eps, xa_d, xs_d, xc_d)
+        K.linear(qkv, xa_d, xs_d, xc_d, w.wqkv[layer], w.wqkv_scales[layer])
+        K.rope_store_kv(qkv, positions, w.rope_cos, w.rope_sin, n_heads, n_kv_heads, head_dim,
+                        k_cache, v_cache, layer, seq_index, block_tables)
         K.attention(att, qkv, k_cache, v_cache, layer, positions, seq_index, block_tables,
                     n_heads, n_kv_heads, head_dim, ws.scores)
-        _linear(proj, ws, att, w.wo[layer], w.wo_scales[layer])
+        K.load_activations(att, xa_d, xs_d, xc_d)
+        K.linear(proj, xa_d, xs_d, xc_d, w.wo[layer], w.wo_scales[layer])
         if slot >= 0:
             _capture(cap_out, 1, slot, cap_rows, proj)
-        K.add_into(x, proj)
-        # feed-forward
-        K.rmsnorm(xb, x, w.ffn_norm[layer], eps)
-        _linear(h13, ws, xb, w.w13[layer], w.w13_scales[layer])
-        K.swiglu(hact, h13)
-        _linear(proj, ws, hact, w.w2[layer], w.w2_scales[layer])
+        # feed-forward: the residual add is fused with its norm and quantization
+        K.add_norm_load(x, proj, xb, w.ffn_norm[layer], eps, xa_d, xs_d, xc_d)
+        K.linear(h13, xa_d, xs_d, xc_d, w.w13[layer], w.w13_scales[layer])
+        K.swiglu_load(hact, h13, xa_h, xs_h, xc_h)
+        K.linear(proj, xa_h, xs_h, xc_h, w.w2[layer], w.w2_scales[layer])
         if slot >= 0:
             _capture(cap_out, 2, slot, cap_rows, proj)
         K.add_into(x, proj)
@@ -121,6 +128,6 @@ def forward_step(w, ws, dims, eps, tokens, positions, seq_index, block_tables, k
             xb[n_out, :] = x[t]
             n_out += 1
     if n_out > 0:
-        normed = att[:n_out]
-        K.rmsnorm(normed, xb[:n_out], w.final_norm, eps)
-        _linear(logits[:n_out], ws, normed, w.classifier, w.classifier_scales)
+        xa, xs, xc = _inputs(ws, n_out, w.classifier.shape[1])
+        K.norm_load(att[:n_out], xb[:n_out], w.final_norm, eps, xa, xs, xc)
+        K.linear(logits[:n_out], xa, xs, xc, w.classifier, w.classifier_scales)

@@ -39,8 +39,9 @@ def _is_q8(a):
 
 
 @njit(parallel=True, **_opts)
-def linear(out, x, xs, w, ws):
-    """out (T, d) = x (T, n) @ w (d, n).T  -- Q8_0 (x int8, w uint8+128, scales xs, ws) or f32.
+def linear(out, x, xs, xc, w, ws):
+    """out (T, d) = x (T, n) @ w (d, n).T  -- Q8_0 (x int8 with scales xs and corrections xc,
+    w uint8+128 with scales ws) or f32 (xs, xc, ws unused).
 
     Weight rows are read once per call: a tile keeps TILE_ROWS rows in registers for TILE_COLS
     activation rows at a time.
@@ -53,15 +54,15 @@ def linear(out, x, xs, w, ws):
         if r0 + TILE_ROWS <= d:
             b0 = 0
             while b0 + TILE_COLS <= T:
-                _tile(out, x, xs, w, ws, r0, b0)
+                _tile(out, x, xs, xc, w, ws, r0, b0)
                 b0 += TILE_COLS
             while b0 < T:
-                _tile_col(out, x, xs, w, ws, r0, b0)
+                _tile_col(out, x, xs, xc, w, ws, r0, b0)
                 b0 += 1
         else:
             for r in range(r0, d):
                 for b in range(T):
-                    _tile_one(out, x, xs, w, ws, r, b)
+                    _tile_one(out, x, xs, xc, w, ws, r, b)
 
 
 # 1.5 * 2**23: adding and subtracting it rounds a float32 of magnitude < 2**22 to the nearest
@@ -104,31 +105,61 @@ def _quantize_row(x, q, s):
         s[g] = amax / np.float32(127.0)
 
 
-@njit(parallel=True, **_opts)
-def load_activations(x, xa, xs):
-    """Prepare the matmul input: quantize x (T, n) into xa int8 / xs, or copy into xa f32 padded."""
-    T, n = x.shape
-    for t in prange(T):
-        if is_q8(xa):
-            _quantize_row(x[t], xa[t], xs[t])
-        else:
-            for j in range(n):
-                xa[t, j] = x[t, j]
-            for j in range(n, xa.shape[1]):
-                xa[t, j] = 0
+@njit(**_opts)
+def _corrections(q, c):
+    """c (n_pad/4,) int32 = -128 * sum of each 4 consecutive q: cancels the weights' +128."""
+    for k in range(c.shape[0]):
+        c[k] = -128 * (np.int32(q[4 * k]) + np.int32(q[4 * k + 1]) + np.int32(q[4 * k + 2])
+                       + np.int32(q[4 * k + 3]))
+
+
+@njit(**_opts)
+def _load_row(v, xa, xs, xc):
+    """One row of matmul input: quantized (int8 xa, scales xs, corrections xc) or f32 padded."""
+    if is_q8(xa):
+        _quantize_row(v, xa, xs)
+        _corrections(xa, xc)
+    else:
+        n = v.shape[0]
+        xa[:n] = v
+        xa[n:] = 0
+
+
+@njit(**_opts)
+def _rmsnorm_row(out, x, w, eps):
+    """out (n,) = x / sqrt(mean(x^2) + eps) * w"""
+    n = x.shape[0]
+    ss = np.float32(0.0)
+    for j in range(n):
+        ss += x[j] * x[j]
+    inv = np.float32(1.0) / np.float32(math.sqrt(ss / np.float32(n) + eps))
+    for j in range(n):
+        out[j] = w[j] * (inv * x[j])
 
 
 @njit(parallel=True, **_opts)
-def rmsnorm(out, x, w, eps):
-    """out (T, n) = x / sqrt(mean(x^2) + eps) * w"""
-    T, n = x.shape
-    for t in prange(T):
-        ss = np.float32(0.0)
-        for j in range(n):
-            ss += x[t, j] * x[t, j]
-        inv = np.float32(1.0) / np.float32(math.sqrt(ss / np.float32(n) + eps))
-        for j in range(n):
-            out[t, j] = w[j] * (inv * x[t, j])
+def load_activations(x, xa, xs, xc):
+    """Matmul input from x (T, n): see _load_row."""
+    for t in prange(x.shape[0]):
+        _load_row(x[t], xa[t], xs[t], xc[t])
+
+
+@njit(parallel=True, **_opts)
+def norm_load(xb, x, w, eps, xa, xs, xc):
+    """xb = rmsnorm(x) * w, then loaded as matmul input (one parallel region for both)."""
+    for t in prange(x.shape[0]):
+        _rmsnorm_row(xb[t], x[t], w, eps)
+        _load_row(xb[t], xa[t], xs[t], xc[t])
+
+
+@njit(parallel=True, **_opts)
+def add_norm_load(x, y, xb, w, eps, xa, xs, xc):
+    """x += y (the residual add), then norm_load of the new x."""
+    for t in prange(x.shape[0]):
+        row = x[t]
+        row += y[t]
+        _rmsnorm_row(xb[t], row, w, eps)
+        _load_row(xb[t], xa[t], xs[t], xc[t])
 
 
 @njit(parallel=True, **_opts)
@@ -144,35 +175,32 @@ def embed(x, tokens, emb, emb_scales):
                 x[t, j] = emb[tok, j]
 
 
-@njit(parallel=True, **_opts)
-def rope(qkv, positions, cos, sin, n_heads, n_kv_heads, head_dim):
-    """Rotate q and k heads in qkv (T, dim + 2 kv_dim) in place, llama2.c's pairwise convention."""
-    T = qkv.shape[0]
-    n_rot = n_heads + n_kv_heads  # q heads, then k heads, are contiguous at the start of a row
-    for t in prange(T):
-        p = positions[t]
-        for h in range(n_rot):
-            base = h * head_dim
-            for i in range(head_dim // 2):
-                c = cos[p, i]
-                s = sin[p, i]
-                v0 = qkv[t, base + 2 * i]
-                v1 = qkv[t, base + 2 * i + 1]
-                qkv[t, base + 2 * i] = v0 * c - v1 * s
-                qkv[t, base + 2 * i + 1] = v0 * s + v1 * c
+@njit(**_opts)
+def _rope_row(v, p, cos, sin, n_heads, head_dim):
+    """Rotate n_heads heads at the start of v (pairwise, llama2.c's convention) to position p."""
+    for h in range(n_heads):
+        base = h * head_dim
+        for i in range(head_dim // 2):
+            c = cos[p, i]
+            s = sin[p, i]
+            v0 = v[base + 2 * i]
+            v1 = v[base + 2 * i + 1]
+            v[base + 2 * i] = v0 * c - v1 * s
+            v[base + 2 * i + 1] = v0 * s + v1 * c
 
 
 @njit(parallel=True, **_opts)
-def store_kv(k_cache, v_cache, layer, qkv, positions, seq_index, block_tables, dim, kv_dim):
-    """Write each token's k and v (from qkv) into its sequence's cache block."""
-    T = qkv.shape[0]
-    for t in prange(T):
+def rope_store_kv(qkv, positions, cos, sin, n_heads, n_kv_heads, head_dim, k_cache, v_cache,
+                  layer, seq_index, block_tables):
+    """rope, then each token's k and v into its sequence's cache block."""
+    dim = n_heads * head_dim
+    kv_dim = n_kv_heads * head_dim
+    for t in prange(qkv.shape[0]):
         p = positions[t]
+        _rope_row(qkv[t], p, cos, sin, n_heads + n_kv_heads, head_dim)
         blk = block_tables[seq_index[t], p // KV_BLOCK]
-        off = p % KV_BLOCK
-        for j in range(kv_dim):
-            k_cache[layer, blk, off, j] = qkv[t, dim + j]
-            v_cache[layer, blk, off, j] = qkv[t, dim + kv_dim + j]
+        k_cache[layer, blk, p % KV_BLOCK, :] = qkv[t, dim:dim + kv_dim]
+        v_cache[layer, blk, p % KV_BLOCK, :] = qkv[t, dim + kv_dim:dim + 2 * kv_dim]
 
 
 @njit(nogil=True, cache=True, fastmath=True)
@@ -228,15 +256,22 @@ def attention(out, qkv, k_cache, v_cache, layer, positions, seq_index, block_tab
                   v_cache[layer, table[p // KV_BLOCK], p % KV_BLOCK, k0:k0 + head_dim])
 
 
+@njit(**_opts)
+def _swiglu_row(out, h13):
+    """out (hidden,) = silu(h1) * h3 where h13 (2 hidden,) holds [h1 | h3]."""
+    hidden = out.shape[0]
+    for j in range(hidden):
+        a = h13[j]
+        out[j] = a * (np.float32(1.0) / (np.float32(1.0) + np.float32(math.exp(-a)))) \
+            * h13[hidden + j]
+
+
 @njit(parallel=True, **_opts)
-def swiglu(out, h13):
-    """out (T, hidden) = silu(h1) * h3 where h13 (T, 2 hidden) holds [h1 | h3]."""
-    T, hidden = out.shape
-    for t in prange(T):
-        for j in range(hidden):
-            a = h13[t, j]
-            out[t, j] = a * (np.float32(1.0) / (np.float32(1.0) + np.float32(math.exp(-a)))) \
-                * h13[t, hidden + j]
+def swiglu_load(hact, h13, xa, xs, xc):
+    """hact = swiglu(h13) row by row, then loaded as the w2 matmul input."""
+    for t in prange(h13.shape[0]):
+        _swiglu_row(hact[t], h13[t])
+        _load_row(hact[t], xa[t], xs[t], xc[t])
 
 
 @njit(parallel=True, **_opts)

@@ -12,7 +12,9 @@ weight chunk it loads in registers for all `cols` activation rows.
 
 Q8_0 layout (see engine/weights.py): weights are stored as uint8 `w + 128` so that VNNI's
 `vpdpbusd` (unsigned x signed bytes) applies; the offset is removed exactly by starting each
-integer sum at `-128 * sum(x)`. Rows are padded with zero groups to a multiple of Q8_CHUNK.
+integer sum at `xc = -128 * sum(x)` over the lane's four activations, which the activation
+quantizer computes once per row (engine/kernels.py). Rows are padded with zero groups to a
+multiple of Q8_CHUNK.
 Per 64-byte chunk (two groups) and lane k (16 lanes, lanes 0-7 group 2c, 8-15 group 2c+1):
     isum[k] = sum_{i<4} w[64c + 4k + i] * x[64c + 4k + i]            (exact int32)
     acc[k]  = fma(float(isum[k]), ws[g(k)] * xs[g(k)], acc[k])
@@ -109,20 +111,18 @@ def _load_vec(builder: ir.IRBuilder, ptr: ir.Value, index: ir.Value, vec_type: i
     return builder.load(builder.bitcast(elem, vec_type.as_pointer()), align=1)
 
 
-def _q8_body(builder, w_rows, ws_rows, x_rows, xs_rows, acc_slots, c, vnni):
+def _q8_body(builder, w_rows, ws_rows, x_rows, xs_rows, xc_rows, acc_slots, c, vnni):
     index = builder.mul(c, ir.Constant(c.type, Q8_CHUNK))
     sindex = builder.mul(c, ir.Constant(c.type, 2))
+    lindex = builder.mul(c, ir.Constant(c.type, LANES))
     spread = _mask([0] * 8 + [1] * 8)
     v2f = ir.VectorType(_f32, 2)
     w_vecs = [_load_vec(builder, p, index, _v64i8) for p in w_rows]
     w_scales = [builder.shuffle_vector(v, v, spread)
                 for v in (_load_vec(builder, p, sindex, v2f) for p in ws_rows)]
-    offset = ir.Constant(_v64i8, [128] * Q8_CHUNK)
-    zero = ir.Constant(_v16i32, [0] * LANES)
-    for j, (xp, xsp) in enumerate(zip(x_rows, xs_rows, strict=True)):
+    for j, (xp, xsp, xcp) in enumerate(zip(x_rows, xs_rows, xc_rows, strict=True)):
         x_vec = _load_vec(builder, xp, index, _v64i8)
-        # the weights carry +128: start the sums at -128 * sum(x) to cancel it exactly
-        start = builder.sub(zero, _dpbusd(builder, zero, offset, x_vec, vnni))
+        start = _load_vec(builder, xcp, lindex, _v16i32)  # cancels the weights' +128
         xsv = _load_vec(builder, xsp, sindex, v2f)
         x_scale = builder.shuffle_vector(xsv, xsv, spread)
         for i, (w_vec, w_scale) in enumerate(zip(w_vecs, w_scales, strict=True)):
@@ -133,7 +133,7 @@ def _q8_body(builder, w_rows, ws_rows, x_rows, xs_rows, acc_slots, c, vnni):
                           slot)
 
 
-def _f32_body(builder, w_rows, ws_rows, x_rows, xs_rows, acc_slots, c, vnni):
+def _f32_body(builder, w_rows, ws_rows, x_rows, xs_rows, xc_rows, acc_slots, c, vnni):
     index = builder.mul(c, ir.Constant(c.type, F32_CHUNK))
     w_vecs = [_load_vec(builder, p, index, _v16f) for p in w_rows]
     for j, xp in enumerate(x_rows):
@@ -144,29 +144,30 @@ def _f32_body(builder, w_rows, ws_rows, x_rows, xs_rows, acc_slots, c, vnni):
 
 
 def make_tile(rows: int, cols: int, vnni: bool = HAS_VNNI):
-    """An intrinsic tile(out, x, xs, w, ws, r0, b0) computing a rows x cols block of out.
+    """An intrinsic tile(out, x, xs, xc, w, ws, r0, b0) computing a rows x cols block of out.
 
-    Q8_0: x int8 (T, n), xs float32 (T, n/32), w uint8 (d, n), ws float32 (d, n/32), n a multiple
-    of Q8_CHUNK. f32: x and w float32 with n a multiple of F32_CHUNK; xs and ws are ignored.
+    Q8_0: x int8 (T, n), xs float32 (T, n/32), xc int32 (T, n/4), w uint8 (d, n), ws float32
+    (d, n/32), n a multiple of Q8_CHUNK. f32: x and w float32 with n a multiple of F32_CHUNK;
+    xs, xc and ws are ignored.
     out is float32 (T, d). No bounds checks: the caller guarantees r0+rows <= d, b0+cols <= T.
     """
 
     @intrinsic
-    def tile(typingctx, out, x, xs, w, ws, r0, b0):
+    def tile(typingctx, out, x, xs, xc, w, ws, r0, b0):
         if isinstance(w, types.Array) and w.dtype == types.uint8:
             body, chunk = _q8_body, Q8_CHUNK
         elif isinstance(w, types.Array) and w.dtype == types.float32:
             body, chunk = _f32_body, F32_CHUNK
         else:
             return None
-        sig = types.void(out, x, xs, w, ws, r0, b0)
+        sig = types.void(out, x, xs, xc, w, ws, r0, b0)
 
         def codegen(context, builder, signature, args):
-            out_a, x_a, xs_a, w_a, ws_a = (
+            out_a, x_a, xs_a, xc_a, w_a, ws_a = (
                 context.make_array(t)(context, builder, v)
-                for t, v in zip(signature.args[:5], args[:5], strict=True))
-            r0_v = context.cast(builder, args[5], signature.args[5], types.intp)
-            b0_v = context.cast(builder, args[6], signature.args[6], types.intp)
+                for t, v in zip(signature.args[:6], args[:6], strict=True))
+            r0_v = context.cast(builder, args[6], signature.args[6], types.intp)
+            b0_v = context.cast(builder, args[7], signature.args[7], types.intp)
             intp = r0_v.type
             rows_idx = [builder.add(r0_v, ir.Constant(intp, i)) for i in range(rows)]
             cols_idx = [builder.add(b0_v, ir.Constant(intp, j)) for j in range(cols)]
@@ -174,12 +175,14 @@ def make_tile(rows: int, cols: int, vnni: bool = HAS_VNNI):
             ws_rows = [_row_ptr(builder, ws_a, r) for r in rows_idx]
             x_rows = [_row_ptr(builder, x_a, b) for b in cols_idx]
             xs_rows = [_row_ptr(builder, xs_a, b) for b in cols_idx]
+            xc_rows = [_row_ptr(builder, xc_a, b) for b in cols_idx]
             n = builder.extract_value(w_a.shape, 1)
             n_chunks = builder.sdiv(n, ir.Constant(intp, chunk))
             acc_slots = [[cgutils.alloca_once_value(builder, ir.Constant(_v16f, [0.0] * LANES))
                           for _ in range(cols)] for _ in range(rows)]
             with cgutils.for_range(builder, n_chunks) as loop:
-                body(builder, w_rows, ws_rows, x_rows, xs_rows, acc_slots, loop.index, vnni)
+                body(builder, w_rows, ws_rows, x_rows, xs_rows, xc_rows, acc_slots, loop.index,
+                     vnni)
             for i, r in enumerate(rows_idx):
                 for j, b in enumerate(cols_idx):
                     total = _reduce_lanes(builder, builder.load(acc_slots[i][j]))

@@ -24,6 +24,11 @@ def q8_operands(d: int, n: int, T: int):
     return w, ws, x, xs, w_u8
 
 
+def corrections(x):
+    """-128 * sum of each four consecutive activations: cancels the weights' +128 exactly."""
+    return (-128 * x.astype(np.int32).reshape(x.shape[0], -1, 4).sum(-1)).astype(np.int32)
+
+
 def q8_matmul_numpy(w, ws, x, xs):
     """Exact group dot products (int64) scaled and summed in float64."""
     d, n = w.shape
@@ -38,7 +43,7 @@ def q8_matmul_numpy(w, ws, x, xs):
 def test_q8_linear_matches_exact_integer_matmul(d, n, T):
     w, ws, x, xs, w_u8 = q8_operands(d, n, T)
     out = np.zeros((T, d), np.float32)
-    K.linear(out, x, xs, w_u8, ws)
+    K.linear(out, x, xs, corrections(x), w_u8, ws)
     ref = q8_matmul_numpy(w, ws, x, xs)
     np.testing.assert_allclose(out, ref, rtol=2e-6, atol=2e-6 * np.abs(ref).max())
 
@@ -48,7 +53,8 @@ def test_f32_linear_matches_numpy(d, n, T):
     w = RNG.standard_normal((d, n), dtype=np.float32)
     x = RNG.standard_normal((T, n), dtype=np.float32)
     out = np.zeros((T, d), np.float32)
-    K.linear(out, x, np.zeros((T, 0), np.float32), w, np.zeros((d, 0), np.float32))
+    K.linear(out, x, np.zeros((T, 0), np.float32), np.zeros((T, 0), np.int32), w,
+             np.zeros((d, 0), np.float32))
     np.testing.assert_allclose(out, x.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-5,
                                atol=1e-5)
 
@@ -57,10 +63,10 @@ def test_linear_rows_are_batch_invariant_bitwise():
     # each output row must not depend on which tile (4x4, 4x1, 1x1) computed it
     w, ws, x, xs, w_u8 = q8_operands(10, 256, 11)
     batch = np.zeros((11, 10), np.float32)
-    K.linear(batch, x, xs, w_u8, ws)
+    K.linear(batch, x, xs, corrections(x), w_u8, ws)
     for t in range(11):
         alone = np.zeros((1, 10), np.float32)
-        K.linear(alone, x[t:t + 1].copy(), xs[t:t + 1].copy(), w_u8, ws)
+        K.linear(alone, x[t:t + 1].copy(), xs[t:t + 1].copy(), corrections(x[t:t + 1]), w_u8, ws)
         assert np.array_equal(alone[0], batch[t])
 
 
@@ -68,18 +74,18 @@ _generic_tile = make_tile(1, 1, vnni=False)
 
 
 @njit
-def _linear_generic(out, x, xs, w, ws):
+def _linear_generic(out, x, xs, xc, w, ws):
     for r in range(w.shape[0]):
         for b in range(x.shape[0]):
-            _generic_tile(out, x, xs, w, ws, r, b)
+            _generic_tile(out, x, xs, xc, w, ws, r, b)
 
 
 def test_portable_path_gives_the_same_bits_as_vnni():
     w, ws, x, xs, w_u8 = q8_operands(12, 320, 6)
     fast = np.zeros((6, 12), np.float32)
-    K.linear(fast, x, xs, w_u8, ws)
+    K.linear(fast, x, xs, corrections(x), w_u8, ws)
     portable = np.zeros((6, 12), np.float32)
-    _linear_generic(portable, x, xs, w_u8, ws)
+    _linear_generic(portable, x, xs, corrections(x), w_u8, ws)
     assert np.array_equal(fast, portable), f"VNNI in use: {HAS_VNNI}"
 
 
@@ -96,34 +102,44 @@ def test_activation_quantizer_follows_engine_quant_exactly(n):
     n_pad = -(-n // 64) * 64
     xa = np.full((5, n_pad), 99, np.int8)
     xs = np.full((5, n_pad // GROUP_SIZE), 99, np.float32)
-    K.load_activations(x, xa, xs)
+    xc = np.full((5, n_pad // 4), 99, np.int32)
+    K.load_activations(x, xa, xs, xc)
     ref = quantize_q8_0(x)
+    assert np.array_equal(xc, corrections(xa))
     assert np.array_equal(xa[:, :n], ref.values)
     assert np.array_equal(xs[:, :ref.scales.shape[1]], ref.scales)
     assert not xa[:, n:].any() and not xs[:, ref.scales.shape[1]:].any()
     assert xa[3, 1] == 0 and xa[3, 2] == 2
 
 
-def test_rmsnorm_matches_numpy():
+def test_norm_load_matches_numpy():
     x = RNG.standard_normal((3, 50), dtype=np.float32)
     w = RNG.standard_normal(50, dtype=np.float32)
-    out = np.zeros_like(x)
-    K.rmsnorm(out, x, w, np.float32(1e-5))
+    xb = np.zeros_like(x)
+    xa = np.full((3, 64), 7.0, np.float32)  # f32 input buffer: the normed row, zero-padded
+    empty_s, empty_c = np.zeros((3, 0), np.float32), np.zeros((3, 0), np.int32)
+    K.norm_load(xb, x, w, np.float32(1e-5), xa, empty_s, empty_c)
     x64 = x.astype(np.float64)
     ref = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-5) * w
-    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(xb, ref, rtol=1e-5, atol=1e-6)
+    assert np.array_equal(xa[:, :50], xb) and not xa[:, 50:].any()
 
 
-def test_rope_rotates_pairs_by_position_times_frequency():
+def test_rope_rotates_pairs_and_stores_kv_in_the_right_block():
     n_heads, n_kv, hd = 2, 1, 8
-    width = (n_heads + 2 * n_kv) * hd
-    qkv = RNG.standard_normal((3, width), dtype=np.float32)
+    dim, kv_dim = n_heads * hd, n_kv * hd
+    qkv = RNG.standard_normal((3, dim + 2 * kv_dim), dtype=np.float32)
     before = qkv.copy()
-    positions = np.array([0, 1, 7], np.int32)
+    positions = np.array([0, 1, 17], np.int32)  # 17: second block of its sequence
+    seq_index = np.array([0, 0, 1], np.int32)
+    block_tables = np.array([[3, 0], [1, 2]], np.int32)
+    k_cache = np.zeros((2, 4, K.KV_BLOCK, kv_dim), np.float32)
+    v_cache = np.zeros_like(k_cache)
     freqs = 1.0 / 10000.0 ** (np.arange(0, hd, 2) / hd)
-    ang = np.arange(16)[:, None] * freqs[None]
-    K.rope(qkv, positions, np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32),
-           n_heads, n_kv, hd)
+    ang = np.arange(32)[:, None] * freqs[None]
+    K.rope_store_kv(qkv, positions, np.cos(ang).astype(np.float32),
+                    np.sin(ang).astype(np.float32), n_heads, n_kv, hd, k_cache, v_cache, 1,
+                    seq_index, block_tables)
     assert np.array_equal(qkv[0], before[0])  # position 0 is the identity
     rotated = (n_heads + n_kv) * hd
     assert np.array_equal(qkv[:, rotated:], before[:, rotated:])  # v is never rotated
@@ -135,3 +151,9 @@ def test_rope_rotates_pairs_by_position_times_frequency():
             ref = np.empty(hd)
             ref[0::2], ref[1::2] = a * c - b * s, a * s + b * c
             np.testing.assert_allclose(qkv[t, h * hd:(h + 1) * hd], ref, rtol=1e-5, atol=1e-6)
+    # token t's k and v land in layer 1, block block_tables[seq, p // 16], row p % 16
+    for t, (p, s) in enumerate(zip(positions, seq_index, strict=True)):
+        blk = block_tables[s, p // K.KV_BLOCK]
+        assert np.array_equal(k_cache[1, blk, p % K.KV_BLOCK], qkv[t, dim:dim + kv_dim])
+        assert np.array_equal(v_cache[1, blk, p % K.KV_BLOCK], qkv[t, dim + kv_dim:])
+    assert not k_cache[0].any()
