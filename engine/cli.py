@@ -1,4 +1,4 @@
-"""The `tiller` command: `tiller generate` runs a model on a prompt from the terminal."""
+"""The `tiller` command: `tiller serve` runs the HTTP server, `tiller generate` one prompt."""
 
 from __future__ import annotations
 
@@ -35,6 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=0.9)
     g.add_argument("--seed", type=int, help="sampling seed (default: random, printed)")
+    s = sub.add_parser("serve", help="run the HTTP server (OpenAI- and llama.cpp-compatible)")
+    _add_model_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--parallel", type=int, default=4, help="sequences decoded together")
+    s.add_argument("--ctx-size", type=int,
+                   help="KV-cache tokens shared by all sequences (default: parallel x context)")
+    s.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting beyond the running ones; more get 503")
+    s.add_argument("--batch-tokens", type=int, default=256,
+                   help="tokens per engine step (decode tokens plus prompt chunks)")
+    s.add_argument("--api-key", action="append", default=[],
+                   help="require this bearer key (repeat for several)")
+    s.add_argument("--alias", help="model name reported by the API (default: file name)")
     return parser
 
 
@@ -73,12 +87,38 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from server.app import ServerConfig, create_app
+
+    for name in ("parallel", "max_queue", "batch_tokens", "port"):
+        if getattr(args, name) < (0 if name == "max_queue" else 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    if not args.model.is_file():
+        raise FileNotFoundError(f"{args.model}: no such model file")
+    tokenizer = args.tokenizer or tokenizer_path_for(args.model)
+    if not tokenizer.is_file():
+        raise TokenizerError(f"{tokenizer}: no tokenizer file (pass --tokenizer)")
+    config = ServerConfig(model_path=args.model, tokenizer_path=tokenizer, dtype=args.dtype,
+                          threads=args.threads, parallel=args.parallel, ctx_size=args.ctx_size,
+                          max_waiting=args.max_queue, token_budget=args.batch_tokens,
+                          api_keys=tuple(args.api_key), model_alias=args.alias)
+    web.run_app(create_app(config), host=args.host, port=args.port, access_log=None,
+                handler_cancellation=True, shutdown_timeout=10,
+                print=lambda msg: logging.getLogger("tiller.server").info("%s", msg))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "serve":
+            return cmd_serve(args)
     except (CheckpointError, TokenizerError, FileNotFoundError, IsADirectoryError,
             PermissionError) as e:
         print(f"tiller: error: {e}", file=sys.stderr)

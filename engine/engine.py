@@ -80,7 +80,10 @@ def default_threads() -> int:
 
 class Engine:
     def __init__(self, config: ModelConfig, weights: Weights, *, max_tokens: int = 256,
-                 kv_tokens: int | None = None, threads: int | None = None) -> None:
+                 kv_tokens: int | None = None, kv_sequences: int = 4,
+                 threads: int | None = None) -> None:
+        """max_tokens: tokens per step. The KV cache holds kv_tokens positions in all, by
+        default kv_sequences full contexts (max_seq_len each), shared through paging."""
         if max_tokens <= 0:
             raise ValueError(f"max_tokens must be positive, got {max_tokens}")
         if threads is not None and not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
@@ -91,7 +94,7 @@ class Engine:
         self.dtype = "f32" if weights.wqkv.dtype == np.float32 else "q8_0"
         self.max_tokens = max_tokens
         self.threads = threads or default_threads()
-        kv_tokens = kv_tokens or 4 * config.max_seq_len
+        kv_tokens = kv_tokens or kv_sequences * config.max_seq_len
         self.cache = KVCache(config, blocks_for(kv_tokens))
         self.max_blocks_per_seq = blocks_for(config.max_seq_len)
         self._ids = itertools.count()

@@ -1,0 +1,180 @@
+"""llama.cpp-compatible routes: /completion, /tokenize, /detokenize, /props, /slots."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+import engine
+from server.app import STATE, Model, read_json
+from server.errors import ApiError
+from server.generation import Outcome, Piece
+from server.protocol import DetokenizeRequest, LlamaCompletionRequest, TokenizeRequest
+from server.runner import GenerationRequest
+from server.serving import (
+    SSE,
+    max_new_tokens,
+    merged,
+    sampling,
+    start_generations,
+    stop_strings,
+    tokenize_prompt,
+)
+
+
+def _timings(o: Outcome) -> dict:
+    pn, gn = o.prompt_tokens, o.completion_tokens
+    pms, gms = o.prompt_seconds * 1000, o.generate_seconds * 1000
+    return {"prompt_n": pn, "prompt_ms": pms, "prompt_per_token_ms": pms / pn if pn else 0.0,
+            "prompt_per_second": pn / o.prompt_seconds if o.prompt_seconds else 0.0,
+            "predicted_n": gn, "predicted_ms": gms,
+            "predicted_per_token_ms": gms / gn if gn else 0.0,
+            "predicted_per_second": gn / o.generate_seconds if o.generate_seconds else 0.0}
+
+
+def _probs(model: Model, piece: Piece) -> dict:
+    """llama.cpp's completion_probabilities entry (its post-2024 logprob format)."""
+    def entry(token: int, lp: float) -> dict:
+        raw = model.tokenizer.piece_bytes(token)
+        return {"id": token, "token": raw.decode("utf-8", errors="replace"), "logprob": lp,
+                "bytes": list(raw)}
+    return {**entry(piece.token, piece.logprob),
+            "top_logprobs": [entry(t, lp) for t, lp in piece.top or []]}
+
+
+async def completion(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    model, runner = state.ready()
+    body = LlamaCompletionRequest.model_validate(await read_json(request))
+    ids = tokenize_prompt(model, body.prompt)
+    n_new = max_new_tokens(runner, ids, None if body.n_predict < 0 else body.n_predict,
+                           "n_predict")
+    params = sampling(body.temperature, body.top_p, body.top_k, body.min_p,
+                      None if body.seed < 0 else body.seed, body.repeat_penalty,
+                      body.frequency_penalty, body.presence_penalty, body.repeat_last_n)
+    stop_ids = frozenset() if body.ignore_eos else frozenset({model.tokenizer.eos_id})
+    gen = GenerationRequest(ids, params, n_new, stop_ids,
+                            logprobs=body.n_probs if body.n_probs else None)
+    (generation,) = start_generations(request, [(gen, stop_strings(body.stop), False)])
+    sse = SSE(request) if body.stream else None
+    if sse:
+        await sse.start()
+    content, tokens, probs = "", [], []
+    outcome: Outcome | None = None
+    async for _, event in merged([generation]):
+        if isinstance(event, Piece):
+            content += event.text
+            if event.token is not None:
+                tokens.append(event.token)
+            entry = _probs(model, event) if body.n_probs and event.token is not None else None
+            if entry:
+                probs.append(entry)
+            if sse and (event.text or entry):
+                chunk = {"content": event.text, "tokens": [event.token] if event.token else [],
+                         "stop": False}
+                if entry:
+                    chunk["completion_probabilities"] = [entry]
+                await sse.send(chunk)
+        elif isinstance(event, Outcome):
+            outcome = event
+    assert outcome is not None
+    request["tokens"] = outcome.completion_tokens
+    final = {"content": "" if sse else content, "tokens": [] if sse else tokens,
+             "id_slot": 0, "stop": True, "model": model.name,
+             "tokens_predicted": outcome.completion_tokens, "tokens_evaluated": len(ids),
+             "generation_settings": _settings(body, n_new, outcome.seed),
+             "prompt": model.tokenizer.decode(ids), "has_new_line": "\n" in content,
+             "truncated": False, "stop_type": outcome.stop_type,
+             "stopping_word": outcome.stopping_word, "tokens_cached": len(ids) + len(tokens),
+             "timings": _timings(outcome)}
+    if body.n_probs and not sse:
+        final["completion_probabilities"] = probs
+    if sse:
+        await sse.send(final)
+        return await sse.close()
+    return web.json_response(final)
+
+
+def _settings(body: LlamaCompletionRequest, n_predict: int, seed: int) -> dict:
+    return {"n_predict": n_predict, "seed": seed, "temperature": body.temperature,
+            "top_k": body.top_k, "top_p": body.top_p, "min_p": body.min_p,
+            "repeat_penalty": body.repeat_penalty, "repeat_last_n": body.repeat_last_n,
+            "presence_penalty": body.presence_penalty,
+            "frequency_penalty": body.frequency_penalty, "stop": body.stop,
+            "n_probs": body.n_probs, "ignore_eos": body.ignore_eos}
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    model, _ = request.app[STATE].ready()
+    body = TokenizeRequest.model_validate(await read_json(request))
+    tok = model.tokenizer
+    ids = tok.encode(body.content, bos=body.add_special)
+    if not body.with_pieces:
+        return web.json_response({"tokens": ids})
+    pieces = []
+    for i in ids:
+        raw = tok.piece_bytes(i) if i != tok.bos_id else tok.piece(i).encode()
+        try:
+            piece: str | list[int] = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            piece = list(raw)  # llama.cpp sends bytes of a partial character as a list
+        pieces.append({"id": i, "piece": piece})
+    return web.json_response({"tokens": pieces})
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    model, _ = request.app[STATE].ready()
+    body = DetokenizeRequest.model_validate(await read_json(request))
+    vocab = model.tokenizer.vocab_size
+    bad = [t for t in body.tokens if not 0 <= t < vocab]
+    if bad:
+        raise ApiError(400, f"tokens: id {bad[0]} outside 0..{vocab - 1}", param="tokens")
+    return web.json_response({"content": model.tokenizer.decode(body.tokens)})
+
+
+async def props(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    model, runner = state.ready()
+    c = model.engine.config
+    return web.json_response({
+        "default_generation_settings": {"n_ctx": runner.context_limit(), "temperature": 0.8,
+                                        "top_k": 40, "top_p": 0.95, "min_p": 0.05},
+        "total_slots": state.config.parallel,
+        "model_path": str(state.config.model_path),
+        "model_alias": model.name,
+        "model_key": model.key,
+        "system_fingerprint": model.fingerprint,
+        "chat_template": model.chat_template.source,
+        "bos_token": model.tokenizer.piece(model.tokenizer.bos_id),
+        "eos_token": model.tokenizer.piece(model.tokenizer.eos_id),
+        "build_info": f"tiller {engine.__version__}",
+        "modalities": {"vision": False, "audio": False},
+        "model": {"n_ctx_train": c.max_seq_len, "n_embd": c.dim, "n_layer": c.n_layers,
+                  "n_head": c.n_heads, "n_head_kv": c.n_kv_heads, "n_vocab": c.vocab_size,
+                  "dtype": model.engine.dtype},
+    })
+
+
+async def slots(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    _, runner = state.ready()
+    snap = runner.snapshot()
+    out = []
+    running = snap["running"]
+    for i in range(state.config.parallel):
+        busy = i < len(running)
+        rid, n_prompt, n_out, computed = running[i] if busy else ("", 0, 0, 0)
+        out.append({"id": i, "is_processing": busy, "id_task": rid, "n_ctx":
+                    runner.context_limit(), "n_prompt_tokens": n_prompt, "n_decoded": n_out,
+                    "n_past": computed})
+    return web.json_response(out, headers={
+        "X-Queue-Waiting": str(snap["waiting"]),
+        "X-KV-Blocks-Used": str(snap["kv_blocks_used"])})
+
+
+def add_routes(router: web.UrlDispatcher) -> None:
+    router.add_post("/completion", completion)
+    router.add_post("/completions", completion)
+    router.add_post("/tokenize", tokenize)
+    router.add_post("/detokenize", detokenize)
+    router.add_get("/props", props)
+    router.add_get("/slots", slots)

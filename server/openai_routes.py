@@ -1,0 +1,262 @@
+"""OpenAI-compatible routes: POST /v1/completions and /v1/chat/completions."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from aiohttp import web
+
+from server.app import STATE, Model, read_json
+from server.chat import ChatTemplateError
+from server.errors import ApiError
+from server.generation import Outcome, Piece
+from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.runner import GenerationRequest, PromptLogprobs
+from server.serving import (
+    SSE,
+    choice_seed,
+    max_new_tokens,
+    merged,
+    sampling,
+    start_generations,
+    stop_strings,
+    tokenize_prompt,
+)
+
+
+def _usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def _token_text(model: Model, token: int) -> str:
+    return model.tokenizer.piece_bytes(token).decode("utf-8", errors="replace")
+
+
+def _prompts(body: CompletionRequest) -> list[str | list[int]]:
+    p = body.prompt
+    if isinstance(p, str):
+        return [p]
+    if all(isinstance(x, int) for x in p):
+        return [p]  # one prompt as token ids
+    return list(p)  # several prompts: strings or token-id lists
+
+
+# /v1/completions ------------------------------------------------------------------------------
+
+
+class _CompletionChoice:
+    """Accumulates one choice's text and logprobs (OpenAI's completions logprobs shape)."""
+
+    def __init__(self, model: Model, echo_text: str, prompt_ids: list[int], logprobs: int | None):
+        self.model = model
+        self.text = echo_text
+        self.base = len(echo_text)
+        self.logprobs = logprobs
+        self.tokens: list[str] = []
+        self.token_logprobs: list[float | None] = []
+        self.top: list[dict[str, float] | None] = []
+        self.offsets: list[int] = []
+        self.prompt_ids = prompt_ids
+
+    def add_prompt(self, event: PromptLogprobs) -> None:
+        offset = 0
+        for i, token in enumerate(self.prompt_ids):
+            text = _token_text(self.model, token)
+            self.tokens.append(text)
+            self.token_logprobs.append(event.logprobs[i])
+            top = event.top[i]
+            self.top.append(None if top is None else
+                            {_token_text(self.model, t): lp for t, lp in top})
+            self.offsets.append(offset)
+            offset += len(text)
+
+    def add(self, piece: Piece) -> dict | None:
+        """Record a piece; returns its logprobs fragment for a stream chunk."""
+        self.text += piece.text
+        if self.logprobs is None or piece.token is None:
+            return None
+        fragment = {
+            "tokens": [_token_text(self.model, piece.token)],
+            "token_logprobs": [piece.logprob],
+            "top_logprobs": [{_token_text(self.model, t): lp for t, lp in piece.top or []}],
+            "text_offset": [self.base + piece.text_offset],
+        }
+        for key, dst in (("tokens", self.tokens), ("token_logprobs", self.token_logprobs),
+                         ("top_logprobs", self.top), ("text_offset", self.offsets)):
+            dst.extend(fragment[key])
+        return fragment
+
+    def logprobs_body(self) -> dict | None:
+        if self.logprobs is None:
+            return None
+        return {"tokens": self.tokens, "token_logprobs": self.token_logprobs,
+                "top_logprobs": self.top, "text_offset": self.offsets}
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    model, runner = state.ready()
+    body = CompletionRequest.model_validate(await read_json(request))
+    stop = stop_strings(body.stop)
+    specs, choices = [], []
+    for prompt in _prompts(body):
+        ids = tokenize_prompt(model, prompt)
+        n_new = max_new_tokens(runner, ids, body.max_tokens)
+        echo = ""
+        if body.echo:
+            echo = prompt if isinstance(prompt, str) else model.tokenizer.decode(ids)
+        for j in range(body.n):
+            params = sampling(body.temperature, body.top_p, body.top_k, body.min_p,
+                              choice_seed(body.seed, j), body.repetition_penalty,
+                              body.frequency_penalty, body.presence_penalty)
+            gen = GenerationRequest(ids, params, n_new, frozenset({model.tokenizer.eos_id}),
+                                    logprobs=body.logprobs,
+                                    prompt_logprobs=body.echo and body.logprobs is not None,
+                                    steering=())
+            specs.append((gen, stop, False))
+            choices.append(_CompletionChoice(model, echo, ids, body.logprobs))
+    generations = start_generations(request, specs)
+    rid = f"cmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    head = {"id": rid, "object": "text_completion", "created": created, "model": model.name,
+            "system_fingerprint": model.fingerprint}
+    outcomes: dict[int, Outcome] = {}
+    sse = SSE(request) if body.stream else None
+    if sse:
+        await sse.start()
+        for i, c in enumerate(choices):
+            if c.text and body.logprobs is None:  # echo: the prompt text comes first
+                await sse.send({**head, "choices": [
+                    {"index": i, "text": c.text, "logprobs": None, "finish_reason": None}]})
+    async for i, event in merged(generations):
+        choice = choices[i]
+        if isinstance(event, PromptLogprobs):
+            choice.add_prompt(event)
+            if sse:
+                await sse.send({**head, "choices": [{
+                    "index": i, "text": choice.text, "logprobs": choice.logprobs_body(),
+                    "finish_reason": None}]})
+        elif isinstance(event, Piece):
+            fragment = choice.add(event)
+            if sse and (event.text or fragment):
+                await sse.send({**head, "choices": [{"index": i, "text": event.text,
+                                                     "logprobs": fragment,
+                                                     "finish_reason": None}]})
+        elif isinstance(event, Outcome):
+            outcomes[i] = event
+            if sse:
+                await sse.send({**head, "choices": [{"index": i, "text": "", "logprobs": None,
+                                                     "finish_reason": event.finish_reason}]})
+    prompt_tokens = sum(len(c.prompt_ids) for c in choices[::body.n])
+    completion_tokens = sum(o.completion_tokens for o in outcomes.values())
+    request["tokens"] = completion_tokens
+    usage = _usage(prompt_tokens, completion_tokens)
+    if sse:
+        if body.stream_options and body.stream_options.include_usage:
+            await sse.send({**head, "choices": [], "usage": usage})
+        await sse.send("[DONE]")
+        return await sse.close()
+    return web.json_response({**head, "choices": [
+        {"index": i, "text": c.text, "logprobs": c.logprobs_body(),
+         "finish_reason": outcomes[i].finish_reason} for i, c in enumerate(choices)],
+        "usage": usage})
+
+
+# /v1/chat/completions -------------------------------------------------------------------------
+
+
+def _chat_logprob(model: Model, piece: Piece) -> dict:
+    def entry(token: int, lp: float) -> dict:
+        raw = model.tokenizer.piece_bytes(token)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": lp,
+                "bytes": list(raw)}
+    return {**entry(piece.token, piece.logprob),
+            "top_logprobs": [entry(t, lp) for t, lp in piece.top or []]}
+
+
+def chat_prompt(model: Model, body: ChatCompletionRequest) -> list[int]:
+    messages = [m.model_dump(exclude_none=False) for m in body.messages]
+    try:
+        text = model.chat_template.render(messages, add_generation_prompt=True,
+                                          **(body.chat_template_kwargs or {}))
+    except ChatTemplateError as e:
+        raise ApiError(400, str(e), param="messages") from e
+    except TypeError as e:  # a chat_template_kwargs key the template reserves
+        raise ApiError(400, f"chat_template_kwargs: {e}", param="chat_template_kwargs") from e
+    bos = model.chat_template.bos_token
+    # templates that write BOS themselves would get a second one from the tokenizer
+    return model.tokenizer.encode(text.removeprefix(bos) if bos else text, bos=True)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    model, runner = state.ready()
+    body = ChatCompletionRequest.model_validate(await read_json(request))
+    stop = stop_strings(body.stop)
+    ids = chat_prompt(model, body)
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None \
+        else body.max_tokens
+    n_new = max_new_tokens(runner, ids, requested,
+                           "max_completion_tokens" if body.max_completion_tokens is not None
+                           else "max_tokens")
+    top_n = (body.top_logprobs or 0) if body.logprobs else None
+    specs = []
+    for j in range(body.n):
+        params = sampling(body.temperature, body.top_p, body.top_k, body.min_p,
+                          choice_seed(body.seed, j), body.repetition_penalty,
+                          body.frequency_penalty, body.presence_penalty)
+        specs.append((GenerationRequest(ids, params, n_new, frozenset({model.tokenizer.eos_id}),
+                                        logprobs=top_n), stop, False))
+    generations = start_generations(request, specs)
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    head = {"id": rid, "created": int(time.time()), "model": model.name,
+            "system_fingerprint": model.fingerprint}
+    texts = [""] * body.n
+    logprobs: list[list[dict]] = [[] for _ in range(body.n)]
+    outcomes: dict[int, Outcome] = {}
+    sse = SSE(request) if body.stream else None
+    chunk_head = {**head, "object": "chat.completion.chunk"}
+    if sse:
+        await sse.start()
+        for i in range(body.n):
+            await sse.send({**chunk_head, "choices": [{
+                "index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                "finish_reason": None}]})
+    async for i, event in merged(generations):
+        if isinstance(event, Piece):
+            texts[i] += event.text
+            entry = None
+            if top_n is not None and event.token is not None:
+                entry = _chat_logprob(model, event)
+                logprobs[i].append(entry)
+            if sse and (event.text or entry):
+                await sse.send({**chunk_head, "choices": [{
+                    "index": i, "delta": {"content": event.text},
+                    "logprobs": {"content": [entry]} if entry else None,
+                    "finish_reason": None}]})
+        elif isinstance(event, Outcome):
+            outcomes[i] = event
+            if sse:
+                await sse.send({**chunk_head, "choices": [{
+                    "index": i, "delta": {}, "logprobs": None,
+                    "finish_reason": event.finish_reason}]})
+    completion_tokens = sum(o.completion_tokens for o in outcomes.values())
+    request["tokens"] = completion_tokens
+    usage = _usage(len(ids), completion_tokens)
+    if sse:
+        if body.stream_options and body.stream_options.include_usage:
+            await sse.send({**chunk_head, "choices": [], "usage": usage})
+        await sse.send("[DONE]")
+        return await sse.close()
+    return web.json_response({**head, "object": "chat.completion", "choices": [
+        {"index": i, "message": {"role": "assistant", "content": texts[i]},
+         "logprobs": {"content": logprobs[i]} if top_n is not None else None,
+         "finish_reason": outcomes[i].finish_reason} for i in range(body.n)], "usage": usage})
+
+
+def add_routes(router: web.UrlDispatcher) -> None:
+    router.add_post("/v1/completions", completions)
+    router.add_post("/v1/chat/completions", chat_completions)
+    router.add_post("/chat/completions", chat_completions)

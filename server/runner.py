@@ -1,0 +1,288 @@
+"""The engine loop: one thread that batches every running request into each engine step.
+
+The event loop never runs the model. Handlers `submit` a GenerationRequest and read events
+from its asyncio queue; this thread plans a step with the Scheduler, runs Engine.step (numba,
+GIL released), samples each sequence with its own Sampler, and posts TokenEvents back with
+`loop.call_soon_threadsafe`. Text (detokenizing, stop strings) is the handler's business:
+when it sees a stop string it calls `finish`, and a handler whose client went away calls
+`cancel`; either way the sequence's KV blocks are released before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine.engine import Engine, SeqRequest, SteeringTerm
+from engine.kernels import KV_BLOCK
+from engine.kvcache import blocks_for
+from engine.sampling import Sampler, SamplingParams, logprobs, top_logprobs
+from server.scheduler import FinishReason, Plan, QueueFull, Request, Scheduler
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FinishReason", "Finished", "GenerationRequest", "Handle", "QueueFull", "Runner",
+           "TokenEvent"]
+
+
+@dataclass
+class GenerationRequest:
+    prompt: list[int]
+    params: SamplingParams
+    max_tokens: int
+    stop_ids: frozenset[int] = frozenset()
+    logprobs: int | None = None  # None: none; n >= 0: the sampled token's and the top n
+    prompt_logprobs: bool = False  # logprobs of the prompt tokens too (echo with logprobs)
+    steering: tuple[SteeringTerm, ...] = ()
+
+
+@dataclass
+class TokenEvent:
+    token: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class PromptLogprobs:
+    """Logprob of each prompt token given the ones before it (None for the first)."""
+
+    logprobs: list[float | None]
+    top: list[list[tuple[int, float]] | None]
+
+
+@dataclass
+class Finished:
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    prompt_seconds: float
+    generate_seconds: float
+    seed: int
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Handle:
+    id: str
+    queue: asyncio.Queue
+    seed: int
+
+
+@dataclass(eq=False)
+class _Job:
+    """What the engine thread keeps per request (the Scheduler's Request.payload)."""
+
+    gen: GenerationRequest
+    sampler: Sampler
+    handle: Handle
+    sequence: object = None
+    t_submit: float = field(default_factory=time.perf_counter)
+    t_first: float | None = None
+    prompt_lp: list[float | None] = field(default_factory=list)
+    prompt_top: list = field(default_factory=list)
+
+
+@dataclass
+class StepStats:
+    """Cumulative numbers for /metrics (read without a lock: ints and floats are atomic)."""
+
+    steps: int = 0
+    step_seconds: float = 0.0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    batch_sizes: Counter = field(default_factory=Counter)  # sequences per step
+    last_step_seconds: float = 0.0
+
+
+class Runner:
+    def __init__(self, engine: Engine, *, max_running: int, token_budget: int | None = None,
+                 max_waiting: int = 64) -> None:
+        self.engine = engine
+        budget = min(token_budget or engine.max_tokens, engine.max_tokens)
+        self.scheduler = Scheduler(max_running=max_running, token_budget=budget,
+                                   max_waiting=max_waiting, kv_capacity=engine.cache.n_blocks,
+                                   kv_cost=blocks_for)
+        self.stats = StepStats()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # lifecycle -------------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="tiller-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Cancel everything and join the engine thread."""
+        with self._lock:
+            self._stopping = True
+            for request in [*self.scheduler.running, *self.scheduler.waiting]:
+                self.scheduler.cancel(request.id)
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # called from the event loop ------------------------------------------------------------
+
+    def context_limit(self) -> int:
+        """The longest sequence (prompt + generated tokens) one request may have."""
+        return min(self.engine.config.max_seq_len, self.engine.cache.n_blocks * KV_BLOCK)
+
+    def submit(self, gen: GenerationRequest) -> Handle:
+        """Queue a request; raises QueueFull (503) or ValueError (400) before anything runs."""
+        if self._loop is None or self._stopping:
+            raise QueueFull("the server is not accepting requests")
+        sampler = Sampler(gen.params, gen.prompt)
+        request_id = f"req-{next(self._ids)}"
+        handle = Handle(request_id, asyncio.Queue(), sampler.seed)
+        job = _Job(gen, sampler, handle)
+        request = Request(request_id, list(gen.prompt), gen.max_tokens, gen.stop_ids, job)
+        with self._lock:
+            self.scheduler.add(request)
+            self._wake.notify()
+        return handle
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            self.scheduler.cancel(request_id)
+            self._wake.notify()
+
+    def finish(self, request_id: str) -> None:
+        """The handler saw a stop string: end the request as stopped."""
+        with self._lock:
+            self.scheduler.finish(request_id, FinishReason.STOP)
+            self._wake.notify()
+
+    def snapshot(self) -> dict:
+        """Queue and slot state for /slots, /health and /metrics."""
+        with self._lock:
+            s = self.scheduler
+            return {
+                "running": [(r.id, len(r.prompt), len(r.output), r.computed) for r in s.running],
+                "waiting": len(s.waiting),
+                "max_running": s.max_running,
+                "kv_blocks_used": self.engine.cache.used_blocks,
+                "kv_blocks_total": self.engine.cache.n_blocks,
+                "kv_blocks_reserved": s.kv_reserved,
+            }
+
+    # the engine thread -----------------------------------------------------------------------
+
+    def _post(self, handle: Handle, event: object) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
+            self._loop.call_soon_threadsafe(handle.queue.put_nowait, event)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                plan = self.scheduler.schedule()
+                while not plan.chunks and not plan.finished and not self._stopping:
+                    self._wake.wait()
+                    plan = self.scheduler.schedule()
+                stopping = self._stopping and not plan.chunks
+            self._release(plan)
+            if stopping:
+                return
+            if plan.chunks:
+                try:
+                    self._step(plan)
+                except Exception as e:  # a bug must not take the server down with it
+                    log.exception("engine step failed")
+                    self._fail(plan, e)
+
+    def _release(self, plan: Plan) -> None:
+        for request in plan.finished:
+            job: _Job = request.payload
+            if job.sequence is not None:
+                self.engine.release(job.sequence)
+                job.sequence = None
+            now = time.perf_counter()
+            first = job.t_first or now
+            self._post(job.handle, Finished(
+                reason=request.finish_reason, prompt_tokens=len(request.prompt),
+                completion_tokens=len(request.output), prompt_seconds=first - job.t_submit,
+                generate_seconds=now - first, seed=job.sampler.seed))
+
+    def _step(self, plan: Plan) -> None:
+        batch = []
+        for chunk in plan.chunks:
+            job: _Job = chunk.request.payload
+            if job.sequence is None:
+                job.sequence = self.engine.new_sequence()
+            wants_all = job.gen.prompt_logprobs and chunk.request.prefilling
+            logits = "all" if wants_all else ("last" if chunk.sample else "none")
+            batch.append(SeqRequest(job.sequence, chunk.tokens, logits=logits,
+                                    steering=job.gen.steering))
+        start = time.perf_counter()
+        results = self.engine.step(batch)
+        elapsed = time.perf_counter() - start
+        sampled: dict[str, int] = {}
+        for chunk, result in zip(plan.chunks, results, strict=True):
+            request = chunk.request
+            job = request.payload
+            logits = result.logits
+            if job.gen.prompt_logprobs and request.prefilling:
+                self._prompt_logprobs(job, request, chunk, logits)
+                logits = logits[-1] if logits is not None else None
+            if not chunk.sample:
+                continue
+            token = job.sampler.sample(logits)
+            job.sampler.accept(token)
+            sampled[request.id] = token
+            if job.t_first is None:
+                job.t_first = time.perf_counter()
+            event = TokenEvent(token)
+            if job.gen.logprobs is not None:
+                event.logprob = float(logprobs(logits)[token])
+                event.top = top_logprobs(logits, job.gen.logprobs) if job.gen.logprobs else []
+            self._post(job.handle, event)
+        s = self.stats
+        s.steps += 1
+        s.step_seconds += elapsed
+        s.last_step_seconds = elapsed
+        s.batch_sizes[len(plan.chunks)] += 1
+        s.prompt_tokens += sum(len(c.tokens) for c in plan.chunks if c.request.prefilling)
+        s.generated_tokens += len(sampled)
+        with self._lock:
+            self.scheduler.update(plan, sampled)
+
+    def _prompt_logprobs(self, job: _Job, request: Request, chunk, logits: np.ndarray) -> None:
+        """Logits at prompt position i score prompt token i + 1."""
+        start = request.computed
+        if start == 0:
+            job.prompt_lp.append(None)
+            job.prompt_top.append(None)
+        for i in range(len(chunk.tokens)):
+            nxt = start + i + 1
+            if nxt >= len(request.prompt):
+                break
+            lp = logprobs(logits[i])
+            job.prompt_lp.append(float(lp[request.prompt[nxt]]))
+            n = job.gen.logprobs or 0
+            job.prompt_top.append(top_logprobs(logits[i], n) if n else [])
+        if start + len(chunk.tokens) >= len(request.prompt):
+            self._post(job.handle, PromptLogprobs(job.prompt_lp, job.prompt_top))
+
+    def _fail(self, plan: Plan, error: Exception) -> None:
+        with self._lock:
+            for chunk in plan.chunks:
+                self.scheduler.finish(chunk.request.id, FinishReason.ERROR)
+        for chunk in plan.chunks:
+            job: _Job = chunk.request.payload
+            self._post(job.handle, Finished(FinishReason.ERROR, len(chunk.request.prompt), 0,
+                                            0.0, 0.0, job.sampler.seed, error=str(error)))
