@@ -76,6 +76,7 @@ class ServerState:
 
 
 STATE = web.AppKey("state", ServerState)
+TOKENS = web.RequestKey("tokens", int)  # tokens generated for the request, for the log line
 
 
 def load_model(config: ServerConfig) -> Model:
@@ -110,10 +111,11 @@ async def errors_middleware(request: web.Request, handler: Callable) -> web.Stre
         return error_response(e)
     except ValidationError as e:
         first = e.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
+        path = [str(p) for p in first["loc"] if not _is_type_tag(p)]
+        param = path[0] if path else None
         message = first["msg"].removeprefix("Value error, ")
-        if param and not message.startswith(param):
-            message = f"{param}: {message}"
+        if path and not message.startswith(path[0]):
+            message = f"{'.'.join(path)}: {message}"
         return error_response(ApiError(400, message, param=param))
     except QueueFull as e:
         response = error_response(ApiError(503, f"server busy: {e}", "unavailable_error",
@@ -133,6 +135,12 @@ async def errors_middleware(request: web.Request, handler: Callable) -> web.Stre
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return error_response(ApiError(500, "internal server error", "server_error"))
+
+
+def _is_type_tag(part: object) -> bool:
+    """pydantic names the union member in an error's location ('str', 'list[int]'): drop it."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "list", "dict")
+                                      or "[" in part or "-" in part)
 
 
 @web.middleware
@@ -163,7 +171,7 @@ async def log_middleware(request: web.Request, handler: Callable) -> web.StreamR
         ms = (time.perf_counter() - start) * 1000
         route = request.match_info.route.resource
         path = route.canonical if route is not None else "unmatched"
-        tokens = request.get("tokens", "")
+        tokens = request.get(TOKENS, "")
         request.app[STATE].metrics.count_request(path, status, ms / 1000)
         log.info("%s %s %d %s %.1fms", request.method, request.path, status,
                  f"tokens={tokens}" if tokens != "" else "-", ms)

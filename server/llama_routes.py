@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 import engine
-from server.app import STATE, Model, read_json
+from server.app import STATE, TOKENS, Model, read_json
 from server.errors import ApiError
 from server.generation import Outcome, Piece
 from server.protocol import DetokenizeRequest, LlamaCompletionRequest, TokenizeRequest
@@ -77,7 +77,7 @@ async def completion(request: web.Request) -> web.StreamResponse:
         elif isinstance(event, Outcome):
             outcome = event
     assert outcome is not None
-    request["tokens"] = outcome.completion_tokens
+    request[TOKENS] = outcome.completion_tokens
     final = {"content": "" if sse else content, "tokens": [] if sse else tokens,
              "id_slot": 0, "stop": True, "model": model.name,
              "tokens_predicted": outcome.completion_tokens, "tokens_evaluated": len(ids),

@@ -7,7 +7,7 @@ import uuid
 
 from aiohttp import web
 
-from server.app import STATE, Model, read_json
+from server.app import STATE, TOKENS, Model, read_json
 from server.chat import ChatTemplateError
 from server.errors import ApiError
 from server.generation import Outcome, Piece
@@ -151,7 +151,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
                                                      "finish_reason": event.finish_reason}]})
     prompt_tokens = sum(len(c.prompt_ids) for c in choices[::body.n])
     completion_tokens = sum(o.completion_tokens for o in outcomes.values())
-    request["tokens"] = completion_tokens
+    request[TOKENS] = completion_tokens
     usage = _usage(prompt_tokens, completion_tokens)
     if sse:
         if body.stream_options and body.stream_options.include_usage:
@@ -243,7 +243,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                     "index": i, "delta": {}, "logprobs": None,
                     "finish_reason": event.finish_reason}]})
     completion_tokens = sum(o.completion_tokens for o in outcomes.values())
-    request["tokens"] = completion_tokens
+    request[TOKENS] = completion_tokens
     usage = _usage(len(ids), completion_tokens)
     if sse:
         if body.stream_options and body.stream_options.include_usage:

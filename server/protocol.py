@@ -12,7 +12,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 NonNegInt = Annotated[int, Field(ge=0)]
-Prompt = str | list[str] | list[int] | list[list[int]]
+Prompt = str | list[int] | list[str | list[int]]
 Stop = str | list[str] | None
 
 
