@@ -100,7 +100,8 @@ async def test_stop_strings_cut_the_text(client):
     body = await post(client, "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 60,
                                                  "temperature": 0, "stop": ["park", "Lily."]})
     choice = body["choices"][0]
-    assert choice["text"] == ", there was a little girl named " and choice["finish_reason"] == "stop"
+    assert choice["text"] == ", there was a little girl named "
+    assert choice["finish_reason"] == "stop"
     # streamed: no part of the stop string leaks
     events = await sse_events(await client.post("/v1/completions", json={
         "prompt": "Once upon a time", "max_tokens": 60, "temperature": 0, "stop": "Lily.",
@@ -155,7 +156,8 @@ async def test_llama_cpp_completion_tokenize_detokenize(client):
     assert body["stop_type"] == "limit" and body["timings"]["predicted_n"] == 12
     assert len(body["completion_probabilities"]) == 12
     tok = await post(client, "/tokenize", {"content": "Once upon", "with_pieces": True})
-    assert [t["piece"] for t in tok["tokens"]] == [" Once", " upon"]  # the dummy prefix, as llama.cpp
+    # the SentencePiece dummy prefix shows, as in llama.cpp
+    assert [t["piece"] for t in tok["tokens"]] == [" Once", " upon"]
     ids = [t["id"] for t in tok["tokens"]]
     assert (await post(client, "/detokenize", {"tokens": ids}))["content"] == "Once upon"
     assert (await post(client, "/tokenize", {"content": "Hi", "add_special": True}))[
@@ -279,8 +281,9 @@ async def test_disconnected_clients_free_their_sequences(client):
     for _ in range(100):
         slots = await client.get("/slots")
         state = await slots.json()
-        if not any(s["is_processing"] for s in state) and \
-                slots.headers["X-KV-Blocks-Used"] == "0" and slots.headers["X-Queue-Waiting"] == "0":
+        idle = not any(s["is_processing"] for s in state)
+        if idle and slots.headers["X-KV-Blocks-Used"] == "0" and \
+                slots.headers["X-Queue-Waiting"] == "0":
             break
         await asyncio.sleep(0.05)
     else:
