@@ -89,6 +89,7 @@ class _Job:
     t_first: float | None = None
     prompt_lp: list[float | None] = field(default_factory=list)
     prompt_top: list = field(default_factory=list)
+    error: str | None = None
 
 
 @dataclass
@@ -216,7 +217,7 @@ class Runner:
             self._post(job.handle, Finished(
                 reason=request.finish_reason, prompt_tokens=len(request.prompt),
                 completion_tokens=len(request.output), prompt_seconds=first - job.t_submit,
-                generate_seconds=now - first, seed=job.sampler.seed))
+                generate_seconds=now - first, seed=job.sampler.seed, error=job.error))
 
     def _step(self, plan: Plan) -> None:
         batch = []
@@ -279,10 +280,8 @@ class Runner:
             self._post(job.handle, PromptLogprobs(job.prompt_lp, job.prompt_top))
 
     def _fail(self, plan: Plan, error: Exception) -> None:
+        """End the step's requests with the error; _release tells their handlers."""
         with self._lock:
             for chunk in plan.chunks:
+                chunk.request.payload.error = f"engine step failed: {error}"
                 self.scheduler.finish(chunk.request.id, FinishReason.ERROR)
-        for chunk in plan.chunks:
-            job: _Job = chunk.request.payload
-            self._post(job.handle, Finished(FinishReason.ERROR, len(chunk.request.prompt), 0,
-                                            0.0, 0.0, job.sampler.seed, error=str(error)))

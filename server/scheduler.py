@@ -110,14 +110,25 @@ class Scheduler:
             raise ValueError("a request needs a prompt and max_tokens >= 0")
         if not self.fits(request):
             raise ValueError(f"request {request.id!r} needs more KV cache than exists")
-        if len(self.waiting) >= self.max_waiting and not self._can_admit_now(request):
+        if self._left_waiting([*self.waiting, request]) > self.max_waiting:
             raise QueueFull(f"{len(self.running)} running and {len(self.waiting)} waiting")
         self.waiting.append(request)
         self._by_id[request.id] = request
 
-    def _can_admit_now(self, request: Request) -> bool:
-        return (not self.waiting and len(self.running) < self.max_running
-                and self.kv_reserved + self.kv_cost(request.total_len) <= self.kv_capacity)
+    def _left_waiting(self, queue: list[Request]) -> int:
+        """How many of `queue` would still wait after admitting now, in order, as `_admit` does.
+
+        NOTE: requests added since the last schedule() sit in `waiting` until it admits them;
+        those that will start then are not queued for the purpose of max_waiting.
+        """
+        free_slots = self.max_running - len(self.running)
+        reserved = self.kv_reserved
+        for i, request in enumerate(queue):
+            cost = self.kv_cost(request.total_len)
+            if i >= free_slots or reserved + cost > self.kv_capacity:
+                return len(queue) - i
+            reserved += cost
+        return 0
 
     def cancel(self, request_id: str) -> None:
         self.finish(request_id, FinishReason.CANCELLED)

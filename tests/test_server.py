@@ -328,3 +328,24 @@ async def test_openai_sdk(aiohttp_server, config, model):
     models = await client.models.list()
     assert models.data[0].id == "stories260K.bin"
     await client.close()
+
+
+async def test_an_engine_failure_is_a_500_and_the_server_goes_on(client, model, monkeypatch):
+    real_step = model.engine.step
+    calls = []
+
+    def fail_once(batch):
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise RuntimeError("kernel exploded")
+        return real_step(batch)
+
+    monkeypatch.setattr(model.engine, "step", fail_once)
+    error = (await post(client, "/v1/completions", {"prompt": "Once", "max_tokens": 3},
+                        status=500))["error"]
+    assert "kernel exploded" in error["message"] and error["type"] == "server_error"
+    body = await post(client, "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 5,
+                                                 "temperature": 0})
+    assert body["choices"][0]["text"] == GOLDEN_TEXT[:len(body["choices"][0]["text"])]
+    slots = await client.get("/slots")
+    assert slots.headers["X-KV-Blocks-Used"] == "0"
