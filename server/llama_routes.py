@@ -60,7 +60,7 @@ async def completion(request: web.Request) -> web.StreamResponse:
         await sse.start()
     content, tokens, probs = "", [], []
     outcome: Outcome | None = None
-    async for _, event in merged([generation]):
+    async for _, event in merged([generation], sse):
         if isinstance(event, Piece):
             content += event.text
             if event.token is not None:
@@ -76,6 +76,8 @@ async def completion(request: web.Request) -> web.StreamResponse:
                 await sse.send(chunk)
         elif isinstance(event, Outcome):
             outcome = event
+    if sse and sse.failed:
+        return sse.response
     assert outcome is not None
     request[TOKENS] = outcome.completion_tokens
     final = {"content": "" if sse else content, "tokens": [] if sse else tokens,

@@ -130,7 +130,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
             if c.text and body.logprobs is None:  # echo: the prompt text comes first
                 await sse.send({**head, "choices": [
                     {"index": i, "text": c.text, "logprobs": None, "finish_reason": None}]})
-    async for i, event in merged(generations):
+    async for i, event in merged(generations, sse):
         choice = choices[i]
         if isinstance(event, PromptLogprobs):
             choice.add_prompt(event)
@@ -149,6 +149,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
             if sse:
                 await sse.send({**head, "choices": [{"index": i, "text": "", "logprobs": None,
                                                      "finish_reason": event.finish_reason}]})
+    if sse and sse.failed:
+        return sse.response
     prompt_tokens = sum(len(c.prompt_ids) for c in choices[::body.n])
     completion_tokens = sum(o.completion_tokens for o in outcomes.values())
     request[TOKENS] = completion_tokens
@@ -224,7 +226,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             await sse.send({**chunk_head, "choices": [{
                 "index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                 "finish_reason": None}]})
-    async for i, event in merged(generations):
+    async for i, event in merged(generations, sse):
         if isinstance(event, Piece):
             texts[i] += event.text
             entry = None
@@ -242,6 +244,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 await sse.send({**chunk_head, "choices": [{
                     "index": i, "delta": {}, "logprobs": None,
                     "finish_reason": event.finish_reason}]})
+    if sse and sse.failed:
+        return sse.response
     completion_tokens = sum(o.completion_tokens for o in outcomes.values())
     request[TOKENS] = completion_tokens
     usage = _usage(len(ids), completion_tokens)

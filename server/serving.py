@@ -13,7 +13,7 @@ from aiohttp import web
 from engine.sampling import SamplingParams
 from server.app import STATE, Model
 from server.errors import ApiError
-from server.generation import Generation
+from server.generation import Generation, GenerationError
 from server.runner import GenerationRequest, Runner
 from server.textstream import normalize_stop
 
@@ -78,12 +78,24 @@ def choice_seed(seed: int | None, index: int) -> int | None:
     return None if seed is None else (seed + index) % 2**63
 
 
-async def merged(generations: list[Generation]) -> AsyncIterator[tuple[int, Any]]:
+async def merged(generations: list[Generation], sse: SSE | None = None
+                 ) -> AsyncIterator[tuple[int, Any]]:
     """Events of several generations as (index, event), as they come; all cancelled on exit.
 
-    Exceptions from any of them propagate. Each is consumed by its own task, so one slow
-    choice never holds back the others.
+    Each is consumed by its own task, so one slow choice never holds back the others. A
+    GenerationError propagates -- unless `sse` has started, where it ends the stream with an
+    error event and sets `sse.failed` instead.
     """
+    try:
+        async for item in _merged(generations):
+            yield item
+    except GenerationError as e:
+        if sse is None or not sse.started:
+            raise
+        await sse.fail(ApiError(500, str(e), "server_error"))
+
+
+async def _merged(generations: list[Generation]) -> AsyncIterator[tuple[int, Any]]:
     streams = [g.events() for g in generations]
     if len(streams) == 1:
         try:
@@ -145,6 +157,8 @@ class SSE:
 
     def __init__(self, request: web.Request) -> None:
         self.request = request
+        self.started = False
+        self.failed = False
         self.response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no",  # nginx: pass events through unbuffered
@@ -152,6 +166,7 @@ class SSE:
 
     async def start(self) -> None:
         await self.response.prepare(self.request)
+        self.started = True
 
     async def send(self, data: dict | str) -> None:
         text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
@@ -160,3 +175,11 @@ class SSE:
     async def close(self) -> web.StreamResponse:
         await self.response.write_eof()
         return self.response
+
+    async def fail(self, error: ApiError) -> web.StreamResponse:
+        """After the stream has started an error can only be an event: OpenAI's clients raise
+        on a `data: {"error": ...}` event, and so does tiller_client."""
+        self.failed = True
+        await self.send({"error": {"message": error.message, "type": error.type,
+                                   "param": error.param, "code": error.code}})
+        return await self.close()

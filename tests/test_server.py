@@ -349,3 +349,23 @@ async def test_an_engine_failure_is_a_500_and_the_server_goes_on(client, model, 
     assert body["choices"][0]["text"] == GOLDEN_TEXT[:len(body["choices"][0]["text"])]
     slots = await client.get("/slots")
     assert slots.headers["X-KV-Blocks-Used"] == "0"
+
+
+async def test_an_engine_failure_mid_stream_is_an_error_event(client, model, monkeypatch):
+    real_step = model.engine.step
+    calls = []
+
+    def fail_third(batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("kernel exploded")
+        return real_step(batch)
+
+    monkeypatch.setattr(model.engine, "step", fail_third)
+    response = await client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "Once"}], "max_tokens": 20, "stream": True})
+    assert response.status == 200  # the stream had started
+    events = await sse_events(response)
+    assert events[-1]["error"]["type"] == "server_error"
+    assert "kernel exploded" in events[-1]["error"]["message"]
+    assert "[DONE]" not in events

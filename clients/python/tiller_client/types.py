@@ -1,0 +1,245 @@
+"""Response types: frozen dataclasses built from the server's JSON by `from_json`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "ChatChoice",
+    "ChatChunk",
+    "ChatCompletion",
+    "ChatMessage",
+    "Completion",
+    "CompletionChoice",
+    "CompletionChunk",
+    "CompletionLogprobs",
+    "ModelInfo",
+    "TokenLogprob",
+    "TokenPiece",
+    "TopLogprob",
+    "Usage",
+]
+
+Json = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def from_json(cls, data: Json) -> Usage:
+        return cls(int(data["prompt_tokens"]), int(data["completion_tokens"]),
+                   int(data["total_tokens"]))
+
+
+# completions ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CompletionLogprobs:
+    """OpenAI's completions logprobs: parallel lists, one entry per token."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]  # None for the first prompt token (echo)
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+    @classmethod
+    def from_json(cls, data: Json | None) -> CompletionLogprobs | None:
+        if data is None:
+            return None
+        return cls(list(data["tokens"]), list(data["token_logprobs"]),
+                   list(data.get("top_logprobs") or []), list(data["text_offset"]))
+
+
+@dataclass(frozen=True)
+class CompletionChoice:
+    index: int
+    text: str
+    finish_reason: str | None  # "stop" | "length"
+    logprobs: CompletionLogprobs | None = None
+
+    @classmethod
+    def from_json(cls, data: Json) -> CompletionChoice:
+        return cls(int(data["index"]), data["text"], data.get("finish_reason"),
+                   CompletionLogprobs.from_json(data.get("logprobs")))
+
+
+@dataclass(frozen=True)
+class Completion:
+    id: str
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+    created: int = 0
+
+    @property
+    def text(self) -> str:
+        """The first choice's text."""
+        return self.choices[0].text
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.choices[0].finish_reason
+
+    @classmethod
+    def from_json(cls, data: Json) -> Completion:
+        return cls(data["id"], data["model"],
+                   [CompletionChoice.from_json(c) for c in data["choices"]],
+                   Usage.from_json(data["usage"]), data.get("system_fingerprint"),
+                   int(data.get("created", 0)))
+
+
+@dataclass(frozen=True)
+class CompletionChunk:
+    """One streamed piece of one choice: `text` is the new text (a delta), often a token's."""
+
+    id: str
+    model: str
+    index: int
+    text: str
+    finish_reason: str | None  # set on the choice's last chunk only
+    logprobs: CompletionLogprobs | None = None
+
+    @classmethod
+    def from_json(cls, data: Json, choice: Json) -> CompletionChunk:
+        return cls(data.get("id", ""), data.get("model", ""), int(choice["index"]),
+                   choice.get("text") or "", choice.get("finish_reason"),
+                   CompletionLogprobs.from_json(choice.get("logprobs")))
+
+
+# chat -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+    @classmethod
+    def from_json(cls, data: Json) -> TopLogprob:
+        return cls(data["token"], float(data["logprob"]), data.get("bytes"))
+
+
+@dataclass(frozen=True)
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, data: Json) -> TokenLogprob:
+        return cls(data["token"], float(data["logprob"]), data.get("bytes"),
+                   [TopLogprob.from_json(t) for t in data.get("top_logprobs") or []])
+
+
+def _chat_logprobs(data: Json | None) -> list[TokenLogprob] | None:
+    if data is None or data.get("content") is None:
+        return None
+    return [TokenLogprob.from_json(t) for t in data["content"]]
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class ChatChoice:
+    index: int
+    message: ChatMessage
+    finish_reason: str | None  # "stop" | "length"
+    logprobs: list[TokenLogprob] | None = None
+
+    @classmethod
+    def from_json(cls, data: Json) -> ChatChoice:
+        m = data["message"]
+        return cls(int(data["index"]), ChatMessage(m.get("role", "assistant"),
+                                                   m.get("content") or ""),
+                   data.get("finish_reason"), _chat_logprobs(data.get("logprobs")))
+
+
+@dataclass(frozen=True)
+class ChatCompletion:
+    id: str
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+    created: int = 0
+
+    @property
+    def message(self) -> ChatMessage:
+        """The first choice's message."""
+        return self.choices[0].message
+
+    @property
+    def content(self) -> str:
+        """The first choice's message content."""
+        return self.choices[0].message.content
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.choices[0].finish_reason
+
+    @classmethod
+    def from_json(cls, data: Json) -> ChatCompletion:
+        return cls(data["id"], data["model"], [ChatChoice.from_json(c) for c in data["choices"]],
+                   Usage.from_json(data["usage"]), data.get("system_fingerprint"),
+                   int(data.get("created", 0)))
+
+
+@dataclass(frozen=True)
+class ChatChunk:
+    """One streamed piece of one choice: `content` is the new text (a delta, "" if none);
+    `role` is set on each choice's first chunk, `finish_reason` on its last."""
+
+    id: str
+    model: str
+    index: int
+    content: str
+    finish_reason: str | None
+    role: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+    @classmethod
+    def from_json(cls, data: Json, choice: Json) -> ChatChunk:
+        delta = choice.get("delta") or {}
+        return cls(data.get("id", ""), data.get("model", ""), int(choice["index"]),
+                   delta.get("content") or "", choice.get("finish_reason"), delta.get("role"),
+                   _chat_logprobs(choice.get("logprobs")))
+
+
+# other endpoints ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenPiece:
+    """A token id and its text; `piece` is bytes when the token is part of a UTF-8 character."""
+
+    id: int
+    piece: str | bytes
+
+    @classmethod
+    def from_json(cls, data: Json) -> TokenPiece:
+        piece = data["piece"]
+        return cls(int(data["id"]), piece if isinstance(piece, str) else bytes(piece))
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    created: int
+    owned_by: str
+    meta: dict[str, Any] = field(default_factory=dict)  # tiller: key, n_ctx_train, n_vocab, ...
+
+    @classmethod
+    def from_json(cls, data: Json) -> ModelInfo:
+        return cls(data["id"], int(data.get("created", 0)), data.get("owned_by", ""),
+                   dict(data.get("meta") or {}))
