@@ -38,6 +38,9 @@ class BatchError(EngineError):
 class SteeringTerm:
     """A vector added to the residual stream entering `layer`, times `scale`.
 
+    `layer` runs from 0 to n_layers: n_layers is the stream after the last layer (before the
+    final norm), so that a vector can follow any layer's output as llama.cpp's control vectors do.
+
     `vectors` is (P, dim): row p is added at position p for p < P, nothing beyond (ActAdd).
     With `every_position`, it is (dim,) or (1, dim) and added at every position (control vector).
     """
@@ -123,9 +126,9 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], dtype: str = "q8_0", **kwargs) -> Engine:
-        from engine.llama2c import load_llama2c
+        from engine.loader import load_checkpoint
 
-        checkpoint = load_llama2c(path)
+        checkpoint = load_checkpoint(path)
         return cls(checkpoint.config, build_weights(checkpoint.config, checkpoint.tensors, dtype),
                    **kwargs)
 
@@ -181,9 +184,9 @@ class Engine:
 
     def _validate_term(self, i: int, term: SteeringTerm) -> None:
         c = self.config
-        if not 0 <= term.layer < c.n_layers:
+        if not 0 <= term.layer <= c.n_layers:
             raise EngineError(
-                f"request {i}: steering layer {term.layer} outside 0..{c.n_layers - 1}")
+                f"request {i}: steering layer {term.layer} outside 0..{c.n_layers}")
         v = term.vectors
         if not isinstance(v, np.ndarray) or v.shape[-1] != c.dim or v.ndim not in (1, 2) \
                 or (term.every_position and v.ndim == 2 and v.shape[0] != 1):
@@ -250,8 +253,8 @@ class Engine:
         c = self.config
         T = len(positions)
         if not any(r.steering for r in requests):
-            return np.full((T, c.n_layers), -1, np.int32), self._no_steer
-        index = np.full((T, c.n_layers), -1, np.int32)
+            return np.full((T, c.n_layers + 1), -1, np.int32), self._no_steer
+        index = np.full((T, c.n_layers + 1), -1, np.int32)
         rows: list[np.ndarray] = []
         for s, r in enumerate(requests):
             if not r.steering:

@@ -33,7 +33,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -65,10 +65,11 @@ class CheckpointError(ValueError):
 @dataclass(frozen=True)
 class Checkpoint:
     config: ModelConfig
-    format: str  # one of FORMATS
+    format: str  # one of FORMATS, or "gguf" (engine/gguf.py)
     tensors: dict[str, np.ndarray | QTensor] = field(repr=False)
     path: Path
     file_group_size: int | None = None  # Q8_0 group size stored in the file (v2, q80v1)
+    metadata: dict[str, Any] = field(default_factory=dict, repr=False)  # GGUF keys kept
 
 
 # -----------------------------------------------------------------------------------------------
