@@ -6,7 +6,8 @@ or one (decode). Its keys and values go to the KV-cache blocks listed in its blo
 
 Hooks are plain arguments:
 - steering: before layer l, token t's residual stream gets `steer_vecs[steer_index[t, l]]`
-  added (index -1: nothing);
+  added (index -1: nothing); l = n_layers is the stream after the last layer, before the final
+  norm (where llama.cpp's control vector for its last layer goes);
 - capture: for layers with cap_slot[l] >= 0 and tokens with cap_rows[t] >= 0,
   cap_out[point, cap_slot[l], cap_rows[t]] receives the point's (dim,) vector, points in
   CAPTURE_POINTS order;
@@ -121,6 +122,8 @@ def forward_step(w, ws, dims, eps, tokens, positions, seq_index, block_tables, k
         K.add_into(x, proj)
         if slot >= 0:
             _capture(cap_out, 3, slot, cap_rows, x)
+    if steering:
+        _steer(x, steer_index, steer_vecs, n_layers)
     # classifier, only for the tokens whose logits are wanted, in token order
     n_out = 0
     for t in range(T):

@@ -213,8 +213,8 @@ def _check_steering(steering: Steering | None, config: ModelConfig) -> Steering:
         return {}
     out = {}
     for layer, vec in steering.items():
-        if not 0 <= layer < config.n_layers:
-            raise ValueError(f"steering layer {layer} out of range 0..{config.n_layers - 1}")
+        if not 0 <= layer <= config.n_layers:  # n_layers: after the last layer
+            raise ValueError(f"steering layer {layer} out of range 0..{config.n_layers}")
         vec = np.asarray(vec, dtype=np.float32)
         if vec.ndim not in (1, 2) or vec.shape[-1] != config.dim:
             raise ValueError(f"steering at layer {layer} must be (dim,) or (T, dim) with "
@@ -275,6 +275,8 @@ def _forward_chunk(weights: dict[str, Any], config: ModelConfig, tokens: np.ndar
             captures["mlp_out"][layer] = mlp_out
             captures["resid_post"][layer] = x
     cache.length = end
+    if config.n_layers in steering:  # after the last layer, before the final norm
+        x = x + _steering_rows(steering[config.n_layers], positions)
     x = rmsnorm(x, weights["final_norm"], config.norm_eps)
     return linear(x, "classifier")
 

@@ -168,12 +168,15 @@ def test_steering_matches_reference_with_the_same_addition(f32):
     control = RNG.standard_normal(CONFIG.dim).astype(np.float32)
     terms = [SteeringTerm(layer=1, vectors=actadd, scale=2.0),
              SteeringTerm(layer=2, vectors=control, scale=0.5, every_position=True),
-             SteeringTerm(layer=2, vectors=actadd[:2], scale=-1.0)]
+             SteeringTerm(layer=2, vectors=actadd[:2], scale=-1.0),
+             # after the last layer, before the final norm
+             SteeringTerm(layer=CONFIG.n_layers, vectors=control, scale=0.25,
+                          every_position=True)]
     got = f32.forward_all(toks, steering=terms, capture_layers=[0, 1, 2])
     layer2 = np.tile(0.5 * control, (20, 1))
     layer2[:2] -= actadd[:2]
     ref = reference_forward(reference_weights(f32, False), CONFIG, toks,
-                            steering={1: 2.0 * actadd, 2: layer2})
+                            steering={1: 2.0 * actadd, 2: layer2, CONFIG.n_layers: 0.25 * control})
     np.testing.assert_allclose(got.logits, ref["logits"], atol=5e-5, rtol=1e-4)
     np.testing.assert_allclose(got.captures[0], ref["resid_pre"], atol=5e-5, rtol=1e-4)
     unsteered = f32.forward_all(toks).logits
@@ -228,6 +231,8 @@ def test_cache_full_is_reported_before_any_change():
     (lambda s: [SeqRequest(s, [1], capture_layers=[3])], EngineError, "capture layer"),
     (lambda s: [SeqRequest(s, [1], logits="some")], EngineError, "logits"),
     (lambda s: [SeqRequest(s, [1], steering=[SteeringTerm(-1, np.zeros((1, 96), np.float32))])],
+     EngineError, "steering layer"),
+    (lambda s: [SeqRequest(s, [1], steering=[SteeringTerm(4, np.zeros((1, 96), np.float32))])],
      EngineError, "steering layer"),
     (lambda s: [SeqRequest(s, [1], steering=[SteeringTerm(0, np.zeros((1, 95), np.float32))])],
      EngineError, "shape"),
