@@ -8,18 +8,20 @@ import sys
 import time
 from pathlib import Path
 
-from engine.engine import Engine, tokenizer_path_for
+from engine.engine import Engine
 from engine.generate import Timings, generate
 from engine.llama2c import CheckpointError
+from engine.loader import load_tokenizer
 from engine.sampling import SamplingParams
 from engine.tokenizer import StreamDecoder, Tokenizer, TokenizerError
 from engine.weights import DTYPES
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, type=Path, help="model file (llama2.c .bin)")
+    p.add_argument("--model", required=True, type=Path, help="model file: GGUF or llama2.c .bin")
     p.add_argument("--tokenizer", type=Path,
-                   help="llama2.c tokenizer.bin (default: tokenizer.bin beside the model)")
+                   help="tokenizer.bin or GGUF (default: the GGUF's own vocabulary, or "
+                        "tokenizer.bin beside a llama2.c model)")
     p.add_argument("--dtype", choices=DTYPES, default="q8_0",
                    help="q8_0: int8 weights and activations (fast); f32: exact fp32 reference")
     p.add_argument("--threads", type=int, help="compute threads (default: all cores)")
@@ -53,11 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace) -> tuple[Engine, Tokenizer]:
-    tokenizer_path = args.tokenizer or tokenizer_path_for(args.model)
     engine = Engine.load(args.model, dtype=args.dtype, threads=args.threads)
-    if not tokenizer_path.exists():
-        raise TokenizerError(f"{tokenizer_path}: no tokenizer file (pass --tokenizer)")
-    tokenizer = Tokenizer.from_llama2c(tokenizer_path, vocab_size=engine.config.vocab_size)
+    tokenizer = load_tokenizer(args.model, args.tokenizer, engine.config.vocab_size)
     return engine, tokenizer
 
 
@@ -97,10 +96,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
     if not args.model.is_file():
         raise FileNotFoundError(f"{args.model}: no such model file")
-    tokenizer = args.tokenizer or tokenizer_path_for(args.model)
-    if not tokenizer.is_file():
-        raise TokenizerError(f"{tokenizer}: no tokenizer file (pass --tokenizer)")
-    config = ServerConfig(model_path=args.model, tokenizer_path=tokenizer, dtype=args.dtype,
+    if args.tokenizer is not None and not args.tokenizer.is_file():
+        raise TokenizerError(f"{args.tokenizer}: no such tokenizer file")
+    config = ServerConfig(model_path=args.model, tokenizer_path=args.tokenizer, dtype=args.dtype,
                           threads=args.threads, parallel=args.parallel, ctx_size=args.ctx_size,
                           max_waiting=args.max_queue, token_budget=args.batch_tokens,
                           api_keys=tuple(args.api_key), model_alias=args.alias)

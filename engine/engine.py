@@ -11,7 +11,6 @@ import itertools
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import numba
@@ -128,7 +127,10 @@ class Engine:
     def load(cls, path: str | os.PathLike[str], dtype: str = "q8_0", **kwargs) -> Engine:
         from engine.loader import load_checkpoint
 
-        checkpoint = load_checkpoint(path)
+        return cls.from_checkpoint(load_checkpoint(path), dtype, **kwargs)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, dtype: str = "q8_0", **kwargs) -> Engine:
         return cls(checkpoint.config, build_weights(checkpoint.config, checkpoint.tensors, dtype),
                    **kwargs)
 
@@ -314,7 +316,4 @@ class Engine:
             self.release(seq)
 
 
-def tokenizer_path_for(model_path: str | os.PathLike[str]) -> Path:
-    """llama2.c's convention: tokenizer.bin beside the model file."""
-    return Path(model_path).with_name("tokenizer.bin")
 

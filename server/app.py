@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 import engine
 from engine.engine import Engine
+from engine.loader import load_checkpoint, load_tokenizer
 from engine.tokenizer import Tokenizer
 from server.chat import ChatTemplate
 from server.errors import ApiError, error_response
@@ -35,7 +36,7 @@ PUBLIC_PATHS = frozenset({"/health", "/v1/models", "/models"})
 @dataclass
 class ServerConfig:
     model_path: Path
-    tokenizer_path: Path
+    tokenizer_path: Path | None = None  # None: the GGUF's vocabulary or tokenizer.bin beside
     dtype: str = "q8_0"
     threads: int | None = None
     parallel: int = 4  # sequences running at once
@@ -81,10 +82,11 @@ TOKENS = web.RequestKey("tokens", int)  # tokens generated for the request, for 
 
 def load_model(config: ServerConfig) -> Model:
     """Load, hash and warm up the model (the first step compiles or loads the kernels)."""
-    eng = Engine.load(config.model_path, dtype=config.dtype, threads=config.threads,
-                      max_tokens=config.token_budget, kv_tokens=config.ctx_size,
-                      kv_sequences=config.parallel)
-    tokenizer = Tokenizer.from_llama2c(config.tokenizer_path, vocab_size=eng.config.vocab_size)
+    checkpoint = load_checkpoint(config.model_path)
+    eng = Engine.from_checkpoint(checkpoint, config.dtype, threads=config.threads,
+                                 max_tokens=config.token_budget, kv_tokens=config.ctx_size,
+                                 kv_sequences=config.parallel)
+    tokenizer = load_tokenizer(config.model_path, config.tokenizer_path, eng.config.vocab_size)
     hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
     hasher.update_mmap(config.model_path)
     key = hasher.hexdigest()
@@ -94,7 +96,8 @@ def load_model(config: ServerConfig) -> Model:
     name = config.model_alias or config.model_path.name
     fingerprint = "fp_" + blake3.blake3(f"{key}:{engine.__version__}:{eng.dtype}".encode()
                                         ).hexdigest()[:16]
-    template = ChatTemplate.for_model(None, tokenizer.piece(tokenizer.bos_id),
+    template = ChatTemplate.for_model(checkpoint.metadata.get("tokenizer.chat_template"),
+                                      tokenizer.piece(tokenizer.bos_id),
                                       tokenizer.piece(tokenizer.eos_id))
     return Model(eng, tokenizer, template, name, key, fingerprint, int(time.time()))
 

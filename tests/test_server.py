@@ -369,3 +369,29 @@ async def test_an_engine_failure_mid_stream_is_an_error_event(client, model, mon
     assert events[-1]["error"]["type"] == "server_error"
     assert "kernel exploded" in events[-1]["error"]["message"]
     assert "[DONE]" not in events
+
+
+async def test_a_gguf_model_brings_its_tokenizer_and_chat_template(aiohttp_client, tmp_path):
+    import gguf
+
+    from engine.config import ModelConfig
+    from engine.llama2c import random_tensors
+    from engine.loader import load_tokenizer
+    from tests.test_gguf import write_gguf
+
+    cfg = ModelConfig(dim=64, hidden_dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
+                      vocab_size=300, max_seq_len=64)
+    template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    path = write_gguf(tmp_path / "model.gguf", cfg, random_tensors(cfg, seed=1),
+                      kv={"tokenizer.chat_template": (gguf.GGUFValueType.STRING, template)})
+    config = ServerConfig(model_path=path, parallel=2, token_budget=32)
+    model = load_model(config)
+    assert model.chat_template.source == template
+    client = await aiohttp_client(create_app(config, model=model))
+    body = await post(client, "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "ab"}], "max_tokens": 3, "temperature": 0})
+    expected = load_tokenizer(path).encode("<|user|>ab<|assistant|>", bos=True)
+    assert body["usage"]["prompt_tokens"] == len(expected)
+    models = await (await client.get("/v1/models")).json()
+    assert models["data"][0]["id"] == "model.gguf"
