@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", action="append", default=[],
                    help="require this bearer key (repeat for several)")
     s.add_argument("--alias", help="model name reported by the API (default: file name)")
+    s.add_argument("--steering-dir", type=Path,
+                   help="where steering vectors persist (default: ~/.cache/tiller/steering)")
+    s.add_argument("--steering-max-mb", type=int, default=256,
+                   help="bound on the steering store's total size")
     return parser
 
 
@@ -101,7 +105,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(model_path=args.model, tokenizer_path=args.tokenizer, dtype=args.dtype,
                           threads=args.threads, parallel=args.parallel, ctx_size=args.ctx_size,
                           max_waiting=args.max_queue, token_budget=args.batch_tokens,
-                          api_keys=tuple(args.api_key), model_alias=args.alias)
+                          api_keys=tuple(args.api_key), model_alias=args.alias,
+                          steering_dir=args.steering_dir,
+                          steering_max_bytes=args.steering_max_mb * 1024 * 1024)
     web.run_app(create_app(config), host=args.host, port=args.port, access_log=None,
                 handler_cancellation=True, shutdown_timeout=10,
                 print=lambda msg: logging.getLogger("tiller.server").info("%s", msg))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from server.errors import ApiError, error_response
 from server.generation import GenerationError
 from server.metrics import Metrics
 from server.runner import QueueFull, Runner
+from server.steering_store import SteeringStore
 
 log = logging.getLogger("tiller.server")
 
@@ -46,6 +48,8 @@ class ServerConfig:
     api_keys: tuple[str, ...] = ()
     model_alias: str | None = None
     max_body_bytes: int = 8 * 1024 * 1024
+    steering_dir: Path | None = None  # default: ~/.cache/tiller/steering
+    steering_max_bytes: int = 256 * 1024 * 1024
 
 
 @dataclass
@@ -68,6 +72,7 @@ class ServerState:
     model: Model | None = None
     runner: Runner | None = None
     load_error: str | None = None
+    steering: SteeringStore | None = None
 
     def ready(self) -> tuple[Model, Runner]:
         if self.model is None or self.runner is None:
@@ -78,6 +83,11 @@ class ServerState:
 
 STATE = web.AppKey("state", ServerState)
 TOKENS = web.RequestKey("tokens", int)  # tokens generated for the request, for the log line
+
+
+def default_steering_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "tiller" / "steering"
 
 
 def load_model(config: ServerConfig) -> Model:
@@ -249,12 +259,14 @@ async def _engine_ctx(app: web.Application):
 
 def create_app(config: ServerConfig, *, model: Model | None = None) -> web.Application:
     """The application; `model` skips loading (tests pass one already loaded)."""
-    from server import llama_routes, openai_routes
+    from server import features_routes, llama_routes, openai_routes, steering_routes
     from server.openapi import openapi_handler
 
     app = web.Application(middlewares=[log_middleware, errors_middleware, auth_middleware],
                           client_max_size=config.max_body_bytes)
     state = ServerState(config)
+    state.steering = SteeringStore(config.steering_dir or default_steering_dir(),
+                                   config.steering_max_bytes)
     app[STATE] = state
     if model is None:
         app.cleanup_ctx.append(_engine_ctx)
@@ -277,4 +289,6 @@ def create_app(config: ServerConfig, *, model: Model | None = None) -> web.Appli
     r.add_get("/openapi.json", openapi_handler)
     openai_routes.add_routes(r)
     llama_routes.add_routes(r)
+    steering_routes.add_routes(r)
+    features_routes.add_routes(r)
     return app

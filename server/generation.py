@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from engine.tokenizer import Tokenizer
 from server.runner import (
+    Captured,
     Finished,
     FinishReason,
     GenerationRequest,
@@ -68,14 +69,14 @@ class Generation:
             self.done = True
             self.runner.cancel(self.handle.id)
 
-    async def events(self) -> AsyncIterator[Piece | PromptLogprobs | Outcome]:
+    async def events(self) -> AsyncIterator[Piece | PromptLogprobs | Captured | Outcome]:
         stream, request, handle = self.stream, self.request, self.handle
         n_tokens = 0
         eos = False
         try:
             while True:
                 event = await handle.queue.get()
-                if isinstance(event, PromptLogprobs):
+                if isinstance(event, PromptLogprobs | Captured):
                     yield event
                 elif isinstance(event, TokenEvent):
                     if stream.stopped:

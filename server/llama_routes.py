@@ -19,6 +19,7 @@ from server.serving import (
     stop_strings,
     tokenize_prompt,
 )
+from server.steering_routes import resolve_steering
 
 
 def _timings(o: Outcome) -> dict:
@@ -53,7 +54,8 @@ async def completion(request: web.Request) -> web.StreamResponse:
                       body.frequency_penalty, body.presence_penalty, body.repeat_last_n)
     stop_ids = frozenset() if body.ignore_eos else frozenset({model.tokenizer.eos_id})
     gen = GenerationRequest(ids, params, n_new, stop_ids,
-                            logprobs=body.n_probs if body.n_probs else None)
+                            logprobs=body.n_probs if body.n_probs else None,
+                            steering=await resolve_steering(request, body.steering))
     (generation,) = start_generations(request, [(gen, stop_strings(body.stop), False)])
     sse = SSE(request) if body.stream else None
     if sse:

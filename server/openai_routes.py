@@ -23,6 +23,7 @@ from server.serving import (
     stop_strings,
     tokenize_prompt,
 )
+from server.steering_routes import resolve_steering
 
 
 def _usage(prompt: int, completion: int) -> dict:
@@ -100,6 +101,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     model, runner = state.ready()
     body = CompletionRequest.model_validate(await read_json(request))
     stop = stop_strings(body.stop)
+    steering = await resolve_steering(request, body.steering)
     specs, choices = [], []
     for prompt in _prompts(body):
         ids = tokenize_prompt(model, prompt)
@@ -114,7 +116,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
             gen = GenerationRequest(ids, params, n_new, frozenset({model.tokenizer.eos_id}),
                                     logprobs=body.logprobs,
                                     prompt_logprobs=body.echo and body.logprobs is not None,
-                                    steering=())
+                                    steering=steering)
             specs.append((gen, stop, False))
             choices.append(_CompletionChoice(model, echo, ids, body.logprobs))
     generations = start_generations(request, specs)
@@ -197,6 +199,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     model, runner = state.ready()
     body = ChatCompletionRequest.model_validate(await read_json(request))
     stop = stop_strings(body.stop)
+    steering = await resolve_steering(request, body.steering)
     ids = chat_prompt(model, body)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None \
         else body.max_tokens
@@ -210,7 +213,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                           choice_seed(body.seed, j), body.repetition_penalty,
                           body.frequency_penalty, body.presence_penalty)
         specs.append((GenerationRequest(ids, params, n_new, frozenset({model.tokenizer.eos_id}),
-                                        logprobs=top_n), stop, False))
+                                        logprobs=top_n, steering=steering), stop, False))
     generations = start_generations(request, specs)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     head = {"id": rid, "created": int(time.time()), "model": model.name,

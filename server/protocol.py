@@ -70,6 +70,7 @@ class CompletionRequest(SamplingFields):
         if isinstance(v, list) and any(isinstance(p, list) and not p for p in v):
             raise ValueError("prompt: token lists must not be empty")
         return v
+    steering: Steering = []
 
 
 class ChatMessage(BaseModel):
@@ -86,6 +87,7 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     chat_template_kwargs: dict[str, Any] | None = None
+    steering: Steering = []
 
 
 class LlamaCompletionRequest(_Body):
@@ -108,6 +110,7 @@ class LlamaCompletionRequest(_Body):
     n_probs: NonNegInt = Field(0, le=20)
     ignore_eos: bool = False
     cache_prompt: bool = True  # accepted for compatibility; every prompt is computed afresh
+    steering: Steering = []
 
 
 class TokenizeRequest(_Body):
@@ -257,3 +260,206 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# steering ---------------------------------------------------------------------------------------
+
+MAX_STEERING_ENTRIES = 16
+
+
+class SteeringEntry(_Body):
+    """One steering entry of a request: a stored vector, or ActAdd inline (llama.cpp's flags).
+
+    Stored: {"vector": id, "layers" | "layer", "scale"}. Inline: {"add", "sub", "source_layer",
+    "layer", "mul"} -- built once per model and kept in the store under its content id.
+    Layers are tiller's: l = the stream entering block l, n_layers = after the last block;
+    negative numbers count from the end (-1 = after the last block).
+    """
+
+    vector: str | None = None
+    layers: list[int] | None = Field(None, max_length=1024)
+    layer: int | None = None
+    scale: float = Field(1.0, ge=-1e4, le=1e4, allow_inf_nan=False)
+    add: str | None = Field(None, max_length=65536)
+    sub: str | None = Field(None, max_length=65536)
+    source_layer: int | None = None
+    mul: float | None = Field(None, ge=-1e4, le=1e4, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> SteeringEntry:
+        inline = self.add is not None or self.sub is not None
+        if self.vector is None and not inline:
+            raise ValueError("an entry needs `vector` (a stored id) or `add` and `sub`")
+        if self.vector is not None and inline:
+            raise ValueError("an entry takes `vector` or `add`/`sub`, not both")
+        if inline and (self.add is None or self.sub is None):
+            raise ValueError("inline ActAdd needs both `add` and `sub`")
+        if inline and self.layer is None:
+            raise ValueError("inline ActAdd needs `layer` (where to add)")
+        return self
+
+
+Steering = Annotated[list[SteeringEntry], Field(max_length=MAX_STEERING_ENTRIES)]
+
+
+class SteeringCreateRequest(_Body):
+    """POST /v1/steering: {"method": "actadd", "add", "sub", "layer"} (layer: where to read) or
+    {"method": "mean" | "pca", "positive": [...], "negative": [...], "layers": [...]}."""
+
+    method: Literal["actadd", "mean", "pca"]
+    add: str | None = Field(None, max_length=65536)
+    sub: str | None = Field(None, max_length=65536)
+    layer: int | None = None
+    positive: list[str] | None = Field(None, max_length=1024)
+    negative: list[str] | None = Field(None, max_length=1024)
+    layers: list[int] | None = Field(None, max_length=1024)
+
+    @model_validator(mode="after")
+    def _fields_for_method(self) -> SteeringCreateRequest:
+        if self.method == "actadd":
+            if self.add is None or self.sub is None or self.layer is None:
+                raise ValueError("actadd needs `add`, `sub` and `layer`")
+        elif not self.positive or not self.negative:
+            raise ValueError(f"{self.method} needs `positive` and `negative` prompt lists")
+        return self
+
+
+class SteeringVectorInfo(BaseModel):
+    id: str
+    object: Literal["steering.vector"] = "steering.vector"
+    kind: Literal["actadd", "control"]
+    model_key: str
+    dim: int
+    layers: list[int]
+    shape: list[int]
+    created: int
+    request: dict[str, Any]
+    bytes: int
+
+
+for _model in (CompletionRequest, ChatCompletionRequest, LlamaCompletionRequest):
+    _model.model_rebuild()
+
+
+# features and embeddings ----------------------------------------------------------------------
+
+CapturePoint = Literal["resid_pre", "attn_out", "mlp_out", "resid_post"]
+Embeddable = str | list[str] | list[int] | list[list[int]]
+
+
+def _no_empty_prompt(value: Any, field: str) -> Any:
+    """'' and [] are no input; neither is a list holding one."""
+    if isinstance(value, str | list) and not value:
+        raise ValueError(f"{field}: must not be empty")
+    if isinstance(value, list) and any(isinstance(p, str | list) and not p for p in value):
+        raise ValueError(f"{field}: must not contain an empty string or token list")
+    return value
+
+
+class FeaturesRequest(_Body):
+    """POST /v1/features: hidden states of one input, as a PyTorch forward hook would see them.
+
+    `layers` are block indices (0..n_layers-1, negative from the end: -1 = the last block);
+    `resid_pre` of block l is the stream entering it (steering's layer l), `resid_post` the
+    stream leaving it (steering's layer l + 1), `attn_out`/`mlp_out` the block's attention and
+    MLP outputs before their residual adds. `positions`: "all", "last" or token indices
+    (negative from the end).
+    """
+
+    input: str | list[int]
+    layers: list[int] | None = Field(None, min_length=1, max_length=1024)
+    points: list[CapturePoint] = Field(default_factory=lambda: ["resid_post"], min_length=1,
+                                       max_length=16)
+    positions: Literal["all", "last"] | list[int] = "all"
+    format: Literal["json", "npz", "safetensors"] = "json"
+    steering: Steering = []
+    model: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, v: Any) -> Any:
+        return _no_empty_prompt(v, "input")
+
+    @field_validator("positions")
+    @classmethod
+    def _positions(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("positions: must not be an empty list")
+        return v
+
+
+class EmbeddingsRequest(_Body):
+    """OpenAI's POST /v1/embeddings, plus `pooling`, `normalize` (L2), `layer` and `steering`.
+
+    The default state is the model's final hidden state after its final RMSNorm (as llama.cpp
+    embeds); `layer` (a block index, negative from the end) takes that block's output instead,
+    without the norm.
+    """
+
+    unsupported = ("dimensions",)
+    input: Embeddable
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    pooling: Literal["mean", "last", "first"] = "mean"
+    normalize: bool = True
+    layer: int | None = None
+    steering: Steering = []
+    user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, v: Any) -> Any:
+        return _no_empty_prompt(v, "input")
+
+
+class LlamaEmbeddingRequest(_Body):
+    """llama.cpp's POST /embedding: `content` (or `input`), `embd_normalize` (-1 none,
+    0 max-abs to int16 range, 1 taxicab, 2 L2, p > 2 p-norm; only for pooled vectors).
+
+    llama.cpp sets pooling per server (`--pooling`; a Llama model defaults to "none": one
+    vector per token, unnormalized); tiller takes it per request ("cls" = "first").
+    """
+
+    content: str | list[int | str | list[int | str]] | None = None
+    input: str | list[int | str | list[int | str]] | None = None
+    embd_normalize: int = Field(2, ge=-1)
+    pooling: Literal["none", "mean", "last", "first", "cls"] = "none"
+    layer: int | None = None
+    steering: Steering = []
+
+    @model_validator(mode="after")
+    def _some_input(self) -> LlamaEmbeddingRequest:
+        if self.content is None and self.input is None:
+            raise ValueError('"content" or "input" must be provided')
+        _no_empty_prompt(self.content if self.content is not None else self.input,
+                         "content" if self.content is not None else "input")
+        return self
+
+
+class FeaturesResponse(BaseModel):
+    model: str
+    tokens: list[int]
+    pieces: list[str]
+    layers: list[int]
+    points: list[CapturePoint]
+    positions: list[int]
+    shape: list[int]  # (len(layers), len(positions), dim) for every point
+    data: dict[str, list[list[list[float]]]]
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # str: base64 of little-endian float32
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage

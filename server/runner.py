@@ -29,8 +29,8 @@ from server.scheduler import FinishReason, Plan, QueueFull, Request, Scheduler
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FinishReason", "Finished", "GenerationRequest", "Handle", "QueueFull", "Runner",
-           "TokenEvent"]
+__all__ = ["Captured", "FinishReason", "Finished", "GenerationRequest", "Handle", "QueueFull",
+           "Runner", "TokenEvent"]
 
 
 @dataclass
@@ -42,6 +42,14 @@ class GenerationRequest:
     logprobs: int | None = None  # None: none; n >= 0: the sampled token's and the top n
     prompt_logprobs: bool = False  # logprobs of the prompt tokens too (echo with logprobs)
     steering: tuple[SteeringTerm, ...] = ()
+    capture_layers: tuple[int, ...] = ()  # blocks whose residual points the prompt reports
+
+
+@dataclass
+class Captured:
+    """Hidden states of one prompt chunk: (len(CAPTURE_POINTS), len(capture_layers), n, dim)."""
+
+    states: np.ndarray
 
 
 @dataclass
@@ -227,8 +235,9 @@ class Runner:
                 job.sequence = self.engine.new_sequence()
             wants_all = job.gen.prompt_logprobs and chunk.request.prefilling
             logits = "all" if wants_all else ("last" if chunk.sample else "none")
+            capture = job.gen.capture_layers if chunk.request.prefilling else ()
             batch.append(SeqRequest(job.sequence, chunk.tokens, logits=logits,
-                                    steering=job.gen.steering))
+                                    steering=job.gen.steering, capture_layers=capture))
         start = time.perf_counter()
         results = self.engine.step(batch)
         elapsed = time.perf_counter() - start
@@ -237,6 +246,8 @@ class Runner:
             request = chunk.request
             job = request.payload
             logits = result.logits
+            if result.captures is not None:
+                self._post(job.handle, Captured(result.captures))
             if job.gen.prompt_logprobs and request.prefilling:
                 self._prompt_logprobs(job, request, chunk, logits)
                 logits = logits[-1] if logits is not None else None

@@ -8,13 +8,14 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import numpy as np
 from aiohttp import web
 
 from engine.sampling import SamplingParams
 from server.app import STATE, Model
 from server.errors import ApiError
 from server.generation import Generation, GenerationError
-from server.runner import GenerationRequest, Runner
+from server.runner import Captured, GenerationRequest, Runner
 from server.textstream import normalize_stop
 
 
@@ -183,3 +184,20 @@ class SSE:
         await self.send({"error": {"message": error.message, "type": error.type,
                                    "param": error.param, "code": error.code}})
         return await self.close()
+
+
+async def collect_states(request: web.Request, prompts: list[list[int]], blocks: list[int],
+                         steering: tuple = ()) -> list[np.ndarray]:
+    """Hidden states of each prompt, (len(CAPTURE_POINTS), len(blocks), T, dim), computed as
+    requests with max_tokens=0 in the shared batch: submitted together, they share steps."""
+    _, runner = request.app[STATE].ready()
+    for ids in prompts:
+        max_new_tokens(runner, ids, 0)
+    specs = [(GenerationRequest(ids, SamplingParams(temperature=0.0), 0,
+                                capture_layers=tuple(blocks), steering=steering), (), False)
+             for ids in prompts]
+    parts: list[list[np.ndarray]] = [[] for _ in prompts]
+    async for i, event in merged(start_generations(request, specs)):
+        if isinstance(event, Captured):
+            parts[i].append(event.states)
+    return [np.concatenate(p, axis=2) for p in parts]

@@ -80,7 +80,8 @@ def start_server(tmp_path: Path, *extra_args: str, model: Path = MODEL,
         with log_path.open("wb") as log:
             process = ServerProcess(
                 [sys.executable, "-m", "engine.cli", "serve", "--model", str(model),
-                 "--tokenizer", str(tokenizer), "--port", str(port), *extra_args],
+                 "--tokenizer", str(tokenizer), "--port", str(port),
+                 "--steering-dir", str(tmp_path / "steering"), *extra_args],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         process.url, process.log_path = url, log_path

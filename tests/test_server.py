@@ -15,10 +15,10 @@ GOLDEN_TEXT = ", there was a little girl named Lily. She loved to play outside i
 
 
 @pytest.fixture(scope="module")
-def config(shared_models: Path) -> ServerConfig:
+def config(shared_models: Path, tmp_path_factory) -> ServerConfig:
     return ServerConfig(model_path=shared_models / "stories260K.bin",
                         tokenizer_path=shared_models / "tok512.bin", parallel=8,
-                        token_budget=64)
+                        token_budget=64, steering_dir=tmp_path_factory.mktemp("steering"))
 
 
 @pytest.fixture(scope="module")
@@ -385,7 +385,8 @@ async def test_a_gguf_model_brings_its_tokenizer_and_chat_template(aiohttp_clien
                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
     path = write_gguf(tmp_path / "model.gguf", cfg, random_tensors(cfg, seed=1),
                       kv={"tokenizer.chat_template": (gguf.GGUFValueType.STRING, template)})
-    config = ServerConfig(model_path=path, parallel=2, token_budget=32)
+    config = ServerConfig(model_path=path, parallel=2, token_budget=32,
+                          steering_dir=tmp_path / "steering")
     model = load_model(config)
     assert model.chat_template.source == template
     client = await aiohttp_client(create_app(config, model=model))
