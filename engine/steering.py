@@ -62,6 +62,49 @@ def _check_layer(engine: Engine, layer: int, what: str) -> int:
     return layer
 
 
+def capture_blocks(layers: Sequence[int], n_layers: int) -> list[int]:
+    """The blocks whose capture holds the streams at `layers` (layer n_layers: the last block's
+    output)."""
+    return sorted({min(layer, n_layers - 1) for layer in layers})
+
+
+def stream_at(captures: np.ndarray, blocks: Sequence[int], layer: int, n_layers: int
+              ) -> np.ndarray:
+    """The residual stream at `layer` (T, dim), from captures (points, len(blocks), T, dim)."""
+    if layer == n_layers:
+        return captures[_RESID_POST, list(blocks).index(n_layers - 1)]
+    return captures[_RESID_PRE, list(blocks).index(layer)]
+
+
+def directions_from_states(positive: np.ndarray, negative: np.ndarray, layers: Sequence[int],
+                           method: str) -> dict[int, np.ndarray]:
+    """Per-layer directions from last-token states (pairs, len(layers), dim) of each side."""
+    diffs = (positive - negative).astype(np.float64)
+    out = {}
+    for i, layer in enumerate(layers):
+        d = diffs[:, i, :]
+        if method == "mean":
+            direction = d.mean(axis=0)
+        else:
+            centered = d - d.mean(axis=0)
+            # the first right singular vector: the principal axis of the differences
+            _, _, vt = np.linalg.svd(centered if np.any(centered) else d, full_matrices=False)
+            direction = vt[0]
+            if (d @ direction).mean() < 0:  # positives project higher than negatives
+                direction = -direction
+        out[layer] = direction.astype(np.float32)
+    return out
+
+
+def check_control_request(positive: Sequence[str], negative: Sequence[str], method: str) -> None:
+    if len(positive) != len(negative) or not positive:
+        raise EngineError("positive and negative need the same, non-zero number of prompts")
+    if method not in ("mean", "pca"):
+        raise EngineError(f"method must be 'mean' or 'pca', got {method!r}")
+    if method == "pca" and len(positive) < 2:
+        raise EngineError("pca needs at least two prompt pairs")
+
+
 def read_layers(engine: Engine, prompts: Sequence[list[int]], layers: Sequence[int]
                 ) -> list[np.ndarray]:
     """Residual stream at `layers` for every position of each prompt, all prompts in one step.
@@ -69,7 +112,7 @@ def read_layers(engine: Engine, prompts: Sequence[list[int]], layers: Sequence[i
     Returns one (len(layers), len(prompt), dim) array per prompt.
     """
     n_layers = engine.config.n_layers
-    capture = sorted({min(layer, n_layers - 1) for layer in layers})
+    capture = capture_blocks(layers, n_layers)
     out = []
     total = sum(len(p) for p in prompts)
     if total > engine.max_tokens or any(len(p) > engine.config.max_seq_len for p in prompts):
@@ -94,13 +137,8 @@ def read_layers(engine: Engine, prompts: Sequence[list[int]], layers: Sequence[i
                     caps[i].append(result.captures)
             for i in range(len(batch)):
                 cap = np.concatenate(caps[i], axis=2)  # (points, len(capture), T, dim)
-                rows = []
-                for layer in layers:
-                    if layer == n_layers:
-                        rows.append(cap[_RESID_POST, capture.index(n_layers - 1)])
-                    else:
-                        rows.append(cap[_RESID_PRE, capture.index(layer)])
-                out.append(np.stack(rows))
+                out.append(np.stack([stream_at(cap, capture, layer, n_layers)
+                                     for layer in layers]))
         finally:
             for seq in seqs:
                 engine.release(seq)
@@ -123,35 +161,14 @@ def build_control(engine: Engine, tokenizer: Tokenizer, positive: Sequence[str],
                   negative: Sequence[str], layers: Sequence[int],
                   method: Literal["mean", "pca"] = "mean") -> dict[int, np.ndarray]:
     """One (dim,) direction per layer from contrastive prompt pairs (see the module docstring)."""
-    if len(positive) != len(negative) or not positive:
-        raise EngineError("positive and negative need the same, non-zero number of prompts")
-    if method not in ("mean", "pca"):
-        raise EngineError(f"method must be 'mean' or 'pca', got {method!r}")
-    if method == "pca" and len(positive) < 2:
-        raise EngineError("pca needs at least two prompt pairs")
+    check_control_request(positive, negative, method)
     layers = sorted({_check_layer(engine, layer, "layer") for layer in layers})
     if not layers:
         raise EngineError("no layers given")
     prompts = [tokenizer.encode(p, bos=True) for p in [*positive, *negative]]
     states = read_layers(engine, prompts, layers)
-    last = np.stack([s[:, -1, :] for s in states])  # (2 pairs, layers, dim): last tokens
-    pos, neg = last[:len(positive)], last[len(positive):]
-    diffs = (pos - neg).astype(np.float64)  # (pairs, layers, dim)
-    out = {}
-    for i, layer in enumerate(layers):
-        d = diffs[:, i, :]
-        if method == "mean":
-            direction = d.mean(axis=0)
-        else:
-            centered = d - d.mean(axis=0)
-            # the first right singular vector: the principal axis of the differences
-            _, _, vt = np.linalg.svd(centered if np.any(centered) else d, full_matrices=False)
-            direction = vt[0]
-            separation = (pos[:, i, :] - neg[:, i, :]) @ direction
-            if separation.mean() < 0:
-                direction = -direction
-        out[layer] = direction.astype(np.float32)
-    return out
+    last = np.stack([s[:, -1, :] for s in states])  # (2 x pairs, layers, dim): last tokens
+    return directions_from_states(last[:len(positive)], last[len(positive):], layers, method)
 
 
 def control_terms(directions: dict[int, np.ndarray], scale: float,
