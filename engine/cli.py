@@ -37,6 +37,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=0.9)
     g.add_argument("--seed", type=int, help="sampling seed (default: random, printed)")
+    st = sub.add_parser("steer", help="build a steering vector offline and write it to a file")
+    _add_model_args(st)
+    st.add_argument("--method", choices=("actadd", "mean", "pca"), default="actadd")
+    st.add_argument("--add", help="actadd: the prompt to add (llama.cpp's --steering-add)")
+    st.add_argument("--sub", help="actadd: the prompt to subtract (--steering-sub)")
+    st.add_argument("--layer", type=int, help="actadd: the layer to read (--steering-source)")
+    st.add_argument("--positive", type=Path, help="mean/pca: a file of prompts, one per line")
+    st.add_argument("--negative", type=Path, help="mean/pca: the contrasting prompts, paired")
+    st.add_argument("--layers", help="mean/pca: comma-separated layers (default 2..n_layers)")
+    st.add_argument("--out", required=True, type=Path,
+                    help=".npy (any vector) or .gguf (llama.cpp control vector: mean/pca)")
+    ft = sub.add_parser("features", help="write a text's hidden states to a .npz file")
+    _add_model_args(ft)
+    ft.add_argument("--input", required=True, help="the text (tokenized with BOS)")
+    ft.add_argument("--layers", help="comma-separated blocks, negatives from the end "
+                    "(default: all)")
+    ft.add_argument("--out", required=True, type=Path, help="output .npz")
     s = sub.add_parser("serve", help="run the HTTP server (OpenAI- and llama.cpp-compatible)")
     _add_model_args(s)
     s.add_argument("--host", default="127.0.0.1")
@@ -90,6 +107,84 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str | None, name: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise ValueError(f"{name}: expected comma-separated integers, got {text!r}") from e
+
+
+def _prompts(path: Path, name: str) -> list[str]:
+    lines = [line for line in path.read_text("utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"{path}: no prompts in the {name} file")
+    return lines
+
+
+def cmd_steer(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from engine import steering
+
+    engine, tokenizer = _load(args)
+    if args.method == "actadd":
+        if args.add is None or args.sub is None or args.layer is None:
+            raise ValueError("actadd needs --add, --sub and --layer")
+        if args.out.suffix != ".npy":
+            raise ValueError(f"{args.out}: an ActAdd vector (one row per position) is written "
+                             "as .npy")
+        rows = steering.build_actadd(engine, tokenizer, args.add, args.sub, args.layer)
+        np.save(args.out, rows)
+        print(f"wrote {args.out}: {rows.shape[0]} positions x {rows.shape[1]}, read at layer "
+              f"{args.layer}", file=sys.stderr)
+        return 0
+    if args.positive is None or args.negative is None:
+        raise ValueError(f"{args.method} needs --positive and --negative prompt files")
+    n = engine.config.n_layers
+    layers = _int_list(args.layers, "--layers") or list(range(2, n + 1))
+    directions = steering.build_control(engine, tokenizer, _prompts(args.positive, "positive"),
+                                        _prompts(args.negative, "negative"), layers,
+                                        args.method)
+    if args.out.suffix == ".gguf":
+        from engine.cvec import ControlVector, write_control_vector
+
+        write_control_vector(args.out, ControlVector(directions, "llama"), n)
+    elif args.out.suffix == ".npy":
+        np.save(args.out, np.stack([directions[k] for k in sorted(directions)]))
+    else:
+        raise ValueError(f"{args.out}: write .gguf or .npy")
+    print(f"wrote {args.out}: layers {sorted(directions)}", file=sys.stderr)
+    return 0
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from engine.forward import CAPTURE_POINTS
+
+    engine, tokenizer = _load(args)
+    n = engine.config.n_layers
+    layers = _int_list(args.layers, "--layers") or list(range(n))
+    blocks = []
+    for layer in layers:
+        if not -n <= layer < n:
+            raise ValueError(f"--layers: block {layer} outside 0..{n - 1} (or -{n}..-1)")
+        blocks.append(layer % n)
+    tokens = tokenizer.encode(args.input, bos=True)
+    if len(tokens) > engine.config.max_seq_len:
+        raise ValueError(f"--input: {len(tokens)} tokens exceed the context of "
+                         f"{engine.config.max_seq_len}")
+    captures = engine.forward_all(tokens, capture_layers=sorted(set(blocks))).captures
+    order = [sorted(set(blocks)).index(b) for b in blocks]
+    arrays = {point: captures[i][order] for i, point in enumerate(CAPTURE_POINTS)}
+    np.savez(args.out, tokens=np.array(tokens), layers=np.array(blocks), **arrays)
+    print(f"wrote {args.out}: {len(tokens)} tokens x {len(blocks)} layers x {engine.config.dim} "
+          f"({', '.join(CAPTURE_POINTS)})", file=sys.stderr)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
@@ -123,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "steer":
+            return cmd_steer(args)
+        if args.command == "features":
+            return cmd_features(args)
     except (CheckpointError, TokenizerError, FileNotFoundError, IsADirectoryError,
             PermissionError) as e:
         print(f"tiller: error: {e}", file=sys.stderr)

@@ -59,3 +59,41 @@ def test_missing_model_file(tmp_path):
     result = tiller("generate", "--model", str(tmp_path / "nope.bin"))
     assert result.returncode == 2 and "nope.bin" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_steer_and_features(tmp_path, shared_models):
+    import numpy as np
+
+    from engine.engine import Engine
+    from engine.steering import build_actadd
+    from engine.tokenizer import Tokenizer
+    from tests.reference import load_v0_legacy, reference_forward
+
+    model, tok_path = shared_models / "stories260K.bin", shared_models / "tok512.bin"
+    common = ["--model", str(model), "--tokenizer", str(tok_path), "--dtype", "f32"]
+    result = tiller("steer", *common, "--add", "dog", "--sub", "cat", "--layer", "2",
+                    "--out", str(tmp_path / "v.npy"))
+    assert result.returncode == 0, result.stderr
+    tok = Tokenizer.from_llama2c(tok_path, vocab_size=512)
+    want = build_actadd(Engine.load(model, dtype="f32"), tok, "dog", "cat", 2)
+    np.testing.assert_allclose(np.load(tmp_path / "v.npy"), want, atol=1e-6)
+    (tmp_path / "pos.txt").write_text("a happy dog\nthe dog ran\n")
+    (tmp_path / "neg.txt").write_text("a sad cat\nthe cat sat\n")
+    result = tiller("steer", *common, "--method", "pca", "--positive", str(tmp_path / "pos.txt"),
+                    "--negative", str(tmp_path / "neg.txt"), "--out", str(tmp_path / "c.gguf"))
+    assert result.returncode == 0, result.stderr
+    from engine.cvec import read_control_vector
+
+    cv = read_control_vector(tmp_path / "c.gguf", 64, 5)
+    assert sorted(cv.directions) == [2, 3, 4, 5]
+    result = tiller("features", *common, "--input", "Once upon a time", "--layers", "0,-1",
+                    "--out", str(tmp_path / "f.npz"))
+    assert result.returncode == 0, result.stderr
+    data = np.load(tmp_path / "f.npz")
+    config, weights = load_v0_legacy(model)
+    ref = reference_forward(weights, config, tok.encode("Once upon a time"))
+    np.testing.assert_allclose(data["resid_post"], ref["resid_post"][[0, 4]], atol=2e-5)
+    np.testing.assert_allclose(data["attn_out"], ref["attn_out"][[0, 4]], atol=2e-5)
+    assert list(data["layers"]) == [0, 4]
+    result = tiller("steer", *common, "--method", "mean", "--out", str(tmp_path / "x.gguf"))
+    assert result.returncode == 2 and "--positive" in result.stderr
