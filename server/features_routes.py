@@ -126,8 +126,25 @@ async def final_states(request: web.Request, prompts: list[list[int]], layer: in
     if layer is None:
         dim = eng.config.dim
         weight = np.asarray(eng.weights.final_norm[:dim], dtype=np.float32)
-        out = [rms_norm(x, weight, eng.config.norm_eps) for x in out]
+        out = [rms_norm(final_steering(x, steering, eng.config.n_layers), weight,
+                        eng.config.norm_eps) for x in out]
     return out
+
+
+def final_steering(x: np.ndarray, steering: tuple, n_layers: int) -> np.ndarray:
+    """x (T, dim), the last block's output, plus the steering at layer n_layers, which the
+    engine adds after the capture and before the final norm (summed as Engine.step sums it)."""
+    acc = np.zeros_like(x)
+    for term in steering:
+        if term.layer != n_layers:
+            continue
+        v = np.asarray(term.vectors, np.float32)
+        if term.every_position:
+            acc += np.float32(term.scale) * v.reshape(x.shape[1])
+        else:
+            n = min(len(v), len(x))
+            acc[:n] += np.float32(term.scale) * v[:n]
+    return x + acc
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:

@@ -344,7 +344,7 @@ for _model in (CompletionRequest, ChatCompletionRequest, LlamaCompletionRequest)
 # features and embeddings ----------------------------------------------------------------------
 
 CapturePoint = Literal["resid_pre", "attn_out", "mlp_out", "resid_post"]
-Embeddable = str | list[str] | list[int] | list[list[int]]
+Embeddable = str | list[int] | list[str | list[int]]  # texts and id lists mixed, as Prompt
 
 
 def _no_empty_prompt(value: Any, field: str) -> Any:
@@ -427,12 +427,20 @@ class LlamaEmbeddingRequest(_Body):
     layer: int | None = None
     steering: Steering = []
 
+    @field_validator("content")
+    @classmethod
+    def _content(cls, v: Any) -> Any:
+        return _no_empty_prompt(v, "content")
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, v: Any) -> Any:
+        return _no_empty_prompt(v, "input")
+
     @model_validator(mode="after")
     def _some_input(self) -> LlamaEmbeddingRequest:
         if self.content is None and self.input is None:
             raise ValueError('"content" or "input" must be provided')
-        _no_empty_prompt(self.content if self.content is not None else self.input,
-                         "content" if self.content is not None else "input")
         return self
 
 

@@ -3,6 +3,8 @@ AsyncClient against a live `tiller serve` on stories260K (one server for the mod
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,12 +20,15 @@ from tiller_client import (
     CompletionChunk,
     ConnectionError,
     ContextLengthError,
+    Embeddings,
+    Features,
     NotFoundError,
     ServerBusyError,
     ServerSentEvent,
     SSEDecoder,
     TillerError,
     TokenPiece,
+    Usage,
     parse_metrics,
 )
 from tiller_client.errors import error_from_body
@@ -301,3 +306,99 @@ async def test_async_client(server: str):
     async with AsyncClient(server, api_key="wrong-key") as other:
         with pytest.raises(AuthenticationError):
             await other.tokenize(PROMPT)
+
+
+# hidden states: features() and embed() ---------------------------------------------------------
+
+
+def npz_response(**arrays: object) -> httpx.Response:
+    np = pytest.importorskip("numpy")
+    buffer = io.BytesIO()
+    np.savez(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
+    return httpx.Response(200, content=buffer.getvalue(),
+                          headers={"Content-Type": "application/octet-stream"})
+
+
+def test_features_and_embed_send_their_fields_and_decode_the_answers():
+    np = pytest.importorskip("numpy")
+    seen: list[tuple[str, dict]] = []
+    packed = base64.b64encode(np.asarray([0.5, -1.25], "<f4").tobytes()).decode()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.url.path, json.loads(request.content)))
+        if request.url.path == "/v1/features":
+            return npz_response(mlp_out=np.ones((1, 2, 3), np.float32),
+                                resid_pre=np.zeros((1, 2, 3), np.float32), tokens=[1, 5],
+                                pieces=["<s>", " a"], layers=[4], positions=[0, 1])
+        return httpx.Response(200, json={"object": "list", "model": "m", "data": [
+            {"object": "embedding", "index": 1, "embedding": [1.0, 2.0]},
+            {"object": "embedding", "index": 0, "embedding": packed}],
+            "usage": {"prompt_tokens": 3, "total_tokens": 3}})
+
+    with fake_client(handler) as client:
+        features = client.features("hi", layers=[-1], points=["mlp_out", "resid_pre"],
+                                   positions=[0, -1], steering=[{"vector": "v", "scale": 2}])
+        embeddings = client.embed(["a", "b"], pooling="last", normalize=False)
+    assert isinstance(features, Features)
+    assert features.points == ["mlp_out", "resid_pre"]  # in the server's order
+    assert features["mlp_out"].dtype == np.float32 and features["mlp_out"].shape == (1, 2, 3)
+    assert features.tokens == [1, 5] and features.pieces == ["<s>", " a"]
+    assert features.layers == [4] and features.positions == [0, 1]
+    assert isinstance(embeddings, Embeddings)
+    assert embeddings.embeddings == [[0.5, -1.25], [1.0, 2.0]]  # by index, base64 decoded
+    assert embeddings.embedding == [0.5, -1.25] and embeddings.usage.prompt_tokens == 3
+    assert seen == [
+        ("/v1/features", {"input": "hi", "format": "npz", "positions": [0, -1], "layers": [-1],
+                          "points": ["mlp_out", "resid_pre"],
+                          "steering": [{"vector": "v", "scale": 2}]}),
+        ("/v1/embeddings", {"input": ["a", "b"], "encoding_format": "base64",
+                            "pooling": "last", "normalize": False})]
+
+
+def test_features_answer_that_is_not_npz_is_a_tiller_error():
+    pytest.importorskip("numpy")
+    with fake_client(lambda request: httpx.Response(200, content=b"<html>")) as client:
+        with pytest.raises(TillerError, match="unexpected response") as info:
+            client.features("hi")
+        assert info.value.type == "invalid_response"
+    no_index = npz_response(resid_post=[[[1.0]]])  # an npz without tokens, layers, ...
+    with fake_client(lambda request: no_index) as client, pytest.raises(TillerError,
+                                                                        match="tokens"):
+        client.features("hi")
+
+
+def test_features_and_embed_against_the_server(server: str, client: Client):
+    np = pytest.importorskip("numpy")
+    features = client.features(PROMPT, layers=[0, -1], points=["resid_pre", "resid_post"],
+                               positions="last")
+    raw = httpx.post(server + "/v1/features", headers={"Authorization": f"Bearer {KEY}"},
+                     json={"input": PROMPT, "layers": [0, -1], "positions": "last",
+                           "points": ["resid_pre", "resid_post"]}, timeout=60).json()
+    assert features.tokens == raw["tokens"] == [1, *client.tokenize(PROMPT)]
+    assert features.pieces == raw["pieces"] and features.layers == [0, 4]
+    assert features.positions == [len(features.tokens) - 1]
+    for point in ("resid_pre", "resid_post"):
+        np.testing.assert_array_equal(features[point], np.asarray(raw["data"][point],
+                                                                  dtype=np.float32))
+    embeddings = client.embed([PROMPT, [1, 403]], pooling="mean")
+    floats = httpx.post(server + "/v1/embeddings", headers={"Authorization": f"Bearer {KEY}"},
+                        json={"input": [PROMPT, [1, 403]]}, timeout=60).json()
+    assert embeddings.embeddings == [d["embedding"] for d in floats["data"]]
+    assert embeddings.model == "stories260K.bin" and embeddings.usage == Usage(
+        floats["usage"]["prompt_tokens"], 0, floats["usage"]["total_tokens"])
+    with pytest.raises(BadRequestError) as bad:
+        client.features(PROMPT, layers=[5])
+    assert bad.value.param == "layers"
+    with pytest.raises(ContextLengthError):
+        client.embed([1] * 5000)
+
+
+async def test_async_features_and_embed(server: str, client: Client):
+    np = pytest.importorskip("numpy")
+    want = client.features([1, 403, 407], points="mlp_out")
+    async with AsyncClient(server, api_key=KEY, timeout=60) as aclient:
+        got = await aclient.features([1, 403, 407], points="mlp_out")
+        embedded = await aclient.embed("Once", layer=-2, normalize=False)
+    assert got.points == ["mlp_out"] and got.layers == [0, 1, 2, 3, 4]
+    np.testing.assert_array_equal(got["mlp_out"], want["mlp_out"])
+    assert embedded.embeddings == client.embed("Once", layer=-2, normalize=False).embeddings

@@ -41,9 +41,12 @@ from tiller_client.types import (
     ChatCompletion,
     Completion,
     CompletionChunk,
+    Embeddings,
+    Features,
     ModelInfo,
     TokenPiece,
     Usage,
+    _numpy,
 )
 
 __all__ = ["DEFAULT_BASE_URL", "AsyncClient", "AsyncStream", "Client", "Stream"]
@@ -59,6 +62,7 @@ Messages = Sequence[Mapping[str, Any]]
 Stop = str | Sequence[str] | None
 Timeout = float | httpx.Timeout | None
 ChunkParser = Callable[[Mapping[str, Any], Mapping[str, Any]], T]
+Steering = Sequence[Mapping[str, Any]] | None
 
 
 # request bodies -------------------------------------------------------------------------------
@@ -109,6 +113,38 @@ def _chat_body(messages: Messages, max_tokens: int | None, logprobs: bool,
     return _finish_body(body, extra_body, stream)
 
 
+def _features_body(input: str | Sequence[int], layers: Sequence[int] | None,
+                   points: str | Sequence[str] | None, positions: str | Sequence[int],
+                   steering: Steering, extra_body: Mapping[str, Any] | None) -> dict[str, Any]:
+    _numpy()  # before the request: the answer is numpy arrays
+    body: dict[str, Any] = {"input": _prompt(input), "format": "npz",
+                            "positions": positions if isinstance(positions, str)
+                            else list(positions)}
+    if layers is not None:
+        body["layers"] = list(layers)
+    if points is not None:
+        body["points"] = [points] if isinstance(points, str) else list(points)
+    if steering:
+        body["steering"] = [dict(e) for e in steering]
+    body.update(extra_body or {})
+    return body
+
+
+def _embed_body(input: Prompt, pooling: str | None, normalize: bool | None, layer: int | None,
+                steering: Steering, model: str | None,
+                extra_body: Mapping[str, Any] | None) -> dict[str, Any]:
+    # NOTE: base64 float32 is a quarter of the JSON numbers' size and decodes exactly
+    body: dict[str, Any] = {"input": _prompt(input), "encoding_format": "base64"}
+    for name, value in (("pooling", pooling), ("normalize", normalize), ("layer", layer),
+                        ("model", model)):
+        if value is not None:
+            body[name] = value
+    if steering:
+        body["steering"] = [dict(e) for e in steering]
+    body.update(extra_body or {})
+    return body
+
+
 def _finish_body(body: dict[str, Any], extra_body: Mapping[str, Any] | None,
                  stream: bool) -> dict[str, Any]:
     body.update(extra_body or {})
@@ -126,6 +162,14 @@ def _parse(path: str, response: httpx.Response, build: Callable[[Any], T]) -> T:
     try:
         return build(response.json())
     except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise TillerError(f"unexpected response from {path}: {type(e).__name__}: {e}",
+                          status=response.status_code, type="invalid_response") from e
+
+
+def _features(path: str, response: httpx.Response) -> Features:
+    try:
+        return Features.from_npz(response.content)
+    except (KeyError, TypeError, ValueError, OSError) as e:  # not an .npz of the right arrays
         raise TillerError(f"unexpected response from {path}: {type(e).__name__}: {e}",
                           status=response.status_code, type="invalid_response") from e
 
@@ -399,6 +443,29 @@ class Client(_Base):
         return Stream(self._send("POST", "/v1/chat/completions", body, stream=True),
                       ChatChunk.from_json)
 
+    def features(self, input: str | Sequence[int], *, layers: Sequence[int] | None = None,
+                 points: str | Sequence[str] | None = None,
+                 positions: str | Sequence[int] = "all", steering: Steering = None,
+                 extra_body: Mapping[str, Any] | None = None) -> Features:
+        """POST /v1/features: hidden states as numpy arrays (needs numpy).
+
+        `input` is text (the server adds BOS) or token ids; `layers` are block indices
+        (negative from the end; default all); `points` any of "resid_pre", "attn_out",
+        "mlp_out", "resid_post" (default "resid_post"); `positions` "all", "last" or token
+        indices; `steering` entries as for generation. `result[point]` is float32
+        (layers, positions, dim)."""
+        body = _features_body(input, layers, points, positions, steering, extra_body)
+        return _features("/v1/features", self._send("POST", "/v1/features", body))
+
+    def embed(self, input: Prompt, *, pooling: str | None = None, normalize: bool | None = None,
+              layer: int | None = None, steering: Steering = None, model: str | None = None,
+              extra_body: Mapping[str, Any] | None = None) -> Embeddings:
+        """POST /v1/embeddings: one vector per input (a text, texts, token ids or lists of
+        them). Server defaults: mean pooling ("last", "first"), L2-normalized, the final hidden
+        state after the model's final norm (`layer`: a block's output instead)."""
+        body = _embed_body(input, pooling, normalize, layer, steering, model, extra_body)
+        return self._post("/v1/embeddings", body, Embeddings.from_json)
+
     @overload
     def tokenize(self, text: str, add_special: bool = ...,
                  with_pieces: Literal[False] = ...) -> list[int]: ...
@@ -553,6 +620,21 @@ class AsyncClient(_Base):
                           extra_body, stream=True)
         return AsyncStream(await self._send("POST", "/v1/chat/completions", body, stream=True),
                            ChatChunk.from_json)
+
+    async def features(self, input: str | Sequence[int], *,
+                       layers: Sequence[int] | None = None,
+                       points: str | Sequence[str] | None = None,
+                       positions: str | Sequence[int] = "all", steering: Steering = None,
+                       extra_body: Mapping[str, Any] | None = None) -> Features:
+        body = _features_body(input, layers, points, positions, steering, extra_body)
+        return _features("/v1/features", await self._send("POST", "/v1/features", body))
+
+    async def embed(self, input: Prompt, *, pooling: str | None = None,
+                    normalize: bool | None = None, layer: int | None = None,
+                    steering: Steering = None, model: str | None = None,
+                    extra_body: Mapping[str, Any] | None = None) -> Embeddings:
+        body = _embed_body(input, pooling, normalize, layer, steering, model, extra_body)
+        return await self._post("/v1/embeddings", body, Embeddings.from_json)
 
     @overload
     async def tokenize(self, text: str, add_special: bool = ...,

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import io
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "ChatChoice",
@@ -15,6 +21,8 @@ __all__ = [
     "CompletionChoice",
     "CompletionChunk",
     "CompletionLogprobs",
+    "Embeddings",
+    "Features",
     "ModelInfo",
     "TokenLogprob",
     "TokenPiece",
@@ -243,3 +251,78 @@ class ModelInfo:
     def from_json(cls, data: Json) -> ModelInfo:
         return cls(data["id"], int(data.get("created", 0)), data.get("owned_by", ""),
                    dict(data.get("meta") or {}))
+
+
+# hidden states ----------------------------------------------------------------------------------
+
+
+def _vector(value: Any) -> list[float]:
+    """An embedding as floats: a JSON list, or base64 of little-endian float32 (OpenAI's)."""
+    if isinstance(value, str):
+        raw = base64.b64decode(value)
+        return list(struct.unpack(f"<{len(raw) // 4}f", raw))
+    return [float(x) for x in value]
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """/v1/embeddings: one vector per input, in the order of the inputs."""
+
+    model: str
+    embeddings: list[list[float]]
+    usage: Usage  # completion_tokens is 0
+
+    @property
+    def embedding(self) -> list[float]:
+        """The first input's vector."""
+        return self.embeddings[0]
+
+    @classmethod
+    def from_json(cls, data: Json) -> Embeddings:
+        items = sorted(data["data"], key=lambda d: int(d["index"]))
+        usage = data.get("usage") or {}
+        prompt = int(usage.get("prompt_tokens", 0))
+        return cls(data.get("model", ""), [_vector(d["embedding"]) for d in items],
+                   Usage(prompt, 0, int(usage.get("total_tokens", prompt))))
+
+
+def _numpy() -> Any:
+    try:
+        import numpy
+    except ImportError as e:  # an optional dependency: only the readout APIs need it
+        raise ImportError("hidden states come as numpy arrays: "
+                          "pip install 'tiller-client[numpy]'") from e
+    return numpy
+
+
+# the npz entries that index the arrays rather than hold hidden states
+_FEATURE_INDEX = ("tokens", "pieces", "layers", "positions")
+
+
+@dataclass(frozen=True, eq=False)
+class Features:
+    """/v1/features: `arrays[point]` (or `features[point]`) is float32 (layers, positions, dim),
+    for the blocks in `layers` and the token indices in `positions` (both as resolved by the
+    server: negative indices made positive)."""
+
+    tokens: list[int]
+    pieces: list[str]
+    layers: list[int]
+    positions: list[int]
+    arrays: dict[str, np.ndarray]
+
+    @property
+    def points(self) -> list[str]:
+        return list(self.arrays)
+
+    def __getitem__(self, point: str) -> np.ndarray:
+        return self.arrays[point]
+
+    @classmethod
+    def from_npz(cls, data: bytes) -> Features:
+        np = _numpy()
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files if name not in _FEATURE_INDEX}
+            return cls([int(t) for t in npz["tokens"]], [str(p) for p in npz["pieces"]],
+                       [int(x) for x in npz["layers"]], [int(x) for x in npz["positions"]],
+                       arrays)
