@@ -402,3 +402,37 @@ async def test_async_features_and_embed(server: str, client: Client):
     assert got.points == ["mlp_out"] and got.layers == [0, 1, 2, 3, 4]
     np.testing.assert_array_equal(got["mlp_out"], want["mlp_out"])
     assert embedded.embeddings == client.embed("Once", layer=-2, normalize=False).embeddings
+
+
+def test_steering_vectors_through_the_client(client: Client):
+    import numpy as np
+
+    made = client.steering.create("actadd", add="dog", sub="cat", layer=2)
+    assert made.kind == "actadd" and made.layers == [2] and made.id.startswith("sv-")
+    assert client.steering.create("actadd", add="dog", sub="cat", layer=2).id == made.id
+    assert made.id in [v.id for v in client.steering.list()]
+    assert client.steering.get(made.id) == made
+    rows = np.load(io.BytesIO(client.steering.download(made.id)))
+    assert rows.shape == tuple(made.shape)
+    steered = client.complete(PROMPT, max_tokens=30, temperature=0.8, seed=3,
+                              steering=[{"vector": made.id, "layer": 3, "scale": 8.0}])
+    plain = client.complete(PROMPT, max_tokens=30, temperature=0.8, seed=3)
+    assert steered.text != plain.text
+    control = client.steering.create("mean", positive=["a dog", "dogs run"],
+                                     negative=["a cat", "cats nap"], layers=[2, 3])
+    gguf_bytes = client.steering.download(control.id, "gguf")
+    imported = client.steering.import_gguf(gguf_bytes)
+    assert imported.layers == [2, 3] and imported.kind == "control"
+    client.steering.delete(made.id)
+    with pytest.raises(NotFoundError):
+        client.steering.get(made.id)
+
+
+async def test_async_steering(server: str):
+    async with AsyncClient(server, api_key=KEY, timeout=60) as client:
+        made = await client.steering.create("actadd", add="sun", sub="rain", layer=1)
+        assert (await client.steering.get(made.id)).id == made.id
+        assert made.id in [v.id for v in await client.steering.list()]
+        await client.steering.delete(made.id)
+        with pytest.raises(NotFoundError):
+            await client.steering.get(made.id)

@@ -44,6 +44,7 @@ from tiller_client.types import (
     Embeddings,
     Features,
     ModelInfo,
+    SteeringVector,
     TokenPiece,
     Usage,
     _numpy,
@@ -342,6 +343,7 @@ class Client(_Base):
         self._owns_http = http_client is None
         self._http = http_client or httpx.Client(timeout=timeout)
         self._headers = _headers(api_key, headers)
+        self.steering = SteeringAPI(self)
 
     def close(self) -> None:
         if self._owns_http:
@@ -357,9 +359,9 @@ class Client(_Base):
     # transport
 
     def _send(self, method: str, path: str, body: Any = None, *,
-              stream: bool = False) -> httpx.Response:
+              stream: bool = False, content: bytes | None = None) -> httpx.Response:
         request = self._http.build_request(method, self.base_url + path, json=body,
-                                           headers=self._headers)
+                                           content=content, headers=self._headers)
         try:
             response = self._http.send(request, stream=stream)
             if response.is_error:
@@ -385,10 +387,12 @@ class Client(_Base):
                  seed: int | None = None, n: int = 1, logprobs: int | None = None,
                  echo: bool = False, frequency_penalty: float | None = None,
                  presence_penalty: float | None = None, repetition_penalty: float | None = None,
+                 steering: Steering = None,
                  extra_body: Mapping[str, Any] | None = None) -> Completion:
         """POST /v1/completions. `prompt` is text or token ids (or a list of either: one choice
         per prompt and n); max_tokens=None generates until EOS or the context is full; sampling
         fields left None take the server's defaults (temperature 1); `extra_body` adds fields."""
+        extra_body = _with_steering(extra_body, steering)
         body = _completion_body(prompt, max_tokens, logprobs, echo, _sampling(
             temperature, top_p, top_k, min_p, stop, seed, n, frequency_penalty,
             presence_penalty, repetition_penalty), extra_body, stream=False)
@@ -401,9 +405,11 @@ class Client(_Base):
                         echo: bool = False, frequency_penalty: float | None = None,
                         presence_penalty: float | None = None,
                         repetition_penalty: float | None = None,
+                        steering: Steering = None,
                         extra_body: Mapping[str, Any] | None = None) -> Stream[CompletionChunk]:
         """complete(), streamed: CompletionChunks whose texts concatenate (per index) to the
         choice's text."""
+        extra_body = _with_steering(extra_body, steering)
         body = _completion_body(prompt, max_tokens, logprobs, echo, _sampling(
             temperature, top_p, top_k, min_p, stop, seed, n, frequency_penalty,
             presence_penalty, repetition_penalty), extra_body, stream=True)
@@ -417,9 +423,11 @@ class Client(_Base):
              top_logprobs: int | None = None, frequency_penalty: float | None = None,
              presence_penalty: float | None = None, repetition_penalty: float | None = None,
              chat_template_kwargs: Mapping[str, Any] | None = None,
+             steering: Steering = None,
              extra_body: Mapping[str, Any] | None = None) -> ChatCompletion:
         """POST /v1/chat/completions. `messages` are {"role", "content"} mappings;
         max_tokens=None generates until EOS or the context is full."""
+        extra_body = _with_steering(extra_body, steering)
         body = _chat_body(messages, max_tokens, logprobs, top_logprobs, chat_template_kwargs,
                           _sampling(temperature, top_p, top_k, min_p, stop, seed, n,
                                     frequency_penalty, presence_penalty, repetition_penalty),
@@ -434,8 +442,10 @@ class Client(_Base):
                     presence_penalty: float | None = None,
                     repetition_penalty: float | None = None,
                     chat_template_kwargs: Mapping[str, Any] | None = None,
+                    steering: Steering = None,
                     extra_body: Mapping[str, Any] | None = None) -> Stream[ChatChunk]:
         """chat(), streamed: ChatChunks whose contents concatenate (per index) to the message."""
+        extra_body = _with_steering(extra_body, steering)
         body = _chat_body(messages, max_tokens, logprobs, top_logprobs, chat_template_kwargs,
                           _sampling(temperature, top_p, top_k, min_p, stop, seed, n,
                                     frequency_penalty, presence_penalty, repetition_penalty),
@@ -521,6 +531,7 @@ class AsyncClient(_Base):
         self._owns_http = http_client is None
         self._http = http_client or httpx.AsyncClient(timeout=timeout)
         self._headers = _headers(api_key, headers)
+        self.steering = AsyncSteeringAPI(self)
 
     async def close(self) -> None:
         if self._owns_http:
@@ -538,9 +549,9 @@ class AsyncClient(_Base):
     # transport
 
     async def _send(self, method: str, path: str, body: Any = None, *,
-                    stream: bool = False) -> httpx.Response:
+                    stream: bool = False, content: bytes | None = None) -> httpx.Response:
         request = self._http.build_request(method, self.base_url + path, json=body,
-                                           headers=self._headers)
+                                           content=content, headers=self._headers)
         try:
             response = await self._http.send(request, stream=stream)
             if response.is_error:
@@ -567,7 +578,9 @@ class AsyncClient(_Base):
                        echo: bool = False, frequency_penalty: float | None = None,
                        presence_penalty: float | None = None,
                        repetition_penalty: float | None = None,
+                       steering: Steering = None,
                        extra_body: Mapping[str, Any] | None = None) -> Completion:
+        extra_body = _with_steering(extra_body, steering)
         body = _completion_body(prompt, max_tokens, logprobs, echo, _sampling(
             temperature, top_p, top_k, min_p, stop, seed, n, frequency_penalty,
             presence_penalty, repetition_penalty), extra_body, stream=False)
@@ -581,8 +594,10 @@ class AsyncClient(_Base):
                               frequency_penalty: float | None = None,
                               presence_penalty: float | None = None,
                               repetition_penalty: float | None = None,
+                              steering: Steering = None,
                               extra_body: Mapping[str, Any] | None = None
                               ) -> AsyncStream[CompletionChunk]:
+        extra_body = _with_steering(extra_body, steering)
         body = _completion_body(prompt, max_tokens, logprobs, echo, _sampling(
             temperature, top_p, top_k, min_p, stop, seed, n, frequency_penalty,
             presence_penalty, repetition_penalty), extra_body, stream=True)
@@ -597,7 +612,9 @@ class AsyncClient(_Base):
                    presence_penalty: float | None = None,
                    repetition_penalty: float | None = None,
                    chat_template_kwargs: Mapping[str, Any] | None = None,
+                   steering: Steering = None,
                    extra_body: Mapping[str, Any] | None = None) -> ChatCompletion:
+        extra_body = _with_steering(extra_body, steering)
         body = _chat_body(messages, max_tokens, logprobs, top_logprobs, chat_template_kwargs,
                           _sampling(temperature, top_p, top_k, min_p, stop, seed, n,
                                     frequency_penalty, presence_penalty, repetition_penalty),
@@ -613,7 +630,9 @@ class AsyncClient(_Base):
                           presence_penalty: float | None = None,
                           repetition_penalty: float | None = None,
                           chat_template_kwargs: Mapping[str, Any] | None = None,
+                          steering: Steering = None,
                           extra_body: Mapping[str, Any] | None = None) -> AsyncStream[ChatChunk]:
+        extra_body = _with_steering(extra_body, steering)
         body = _chat_body(messages, max_tokens, logprobs, top_logprobs, chat_template_kwargs,
                           _sampling(temperature, top_p, top_k, min_p, stop, seed, n,
                                     frequency_penalty, presence_penalty, repetition_penalty),
@@ -672,3 +691,97 @@ class AsyncClient(_Base):
                 raise
             return False
         return True
+
+
+# steering ---------------------------------------------------------------------------------------
+
+
+def _with_steering(extra_body: Mapping[str, Any] | None, steering: Steering
+                   ) -> Mapping[str, Any] | None:
+    """Steering entries ride in the body like any other field."""
+    if not steering:
+        return extra_body
+    return {**(extra_body or {}), "steering": list(steering)}
+
+
+def _steering_body(method: str, add: str | None, sub: str | None, layer: int | None,
+                   positive: Sequence[str] | None, negative: Sequence[str] | None,
+                   layers: Sequence[int] | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"method": method}
+    for key, value in (("add", add), ("sub", sub), ("layer", layer)):
+        if value is not None:
+            body[key] = value
+    for key, seq in (("positive", positive), ("negative", negative), ("layers", layers)):
+        if seq is not None:
+            body[key] = list(seq)
+    return body
+
+
+def _vectors(data: Any) -> list[SteeringVector]:
+    return [SteeringVector.from_json(v) for v in data["data"]]
+
+
+class SteeringAPI:
+    """client.steering: build, list, describe, download, import and delete steering vectors."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def create(self, method: str = "actadd", *, add: str | None = None, sub: str | None = None,
+               layer: int | None = None, positive: Sequence[str] | None = None,
+               negative: Sequence[str] | None = None,
+               layers: Sequence[int] | None = None) -> SteeringVector:
+        """ActAdd (`add`, `sub`, `layer` to read at) or a control vector ("mean" | "pca" from
+        `positive`/`negative` prompt pairs at `layers`). The same request gives the same id."""
+        body = _steering_body(method, add, sub, layer, positive, negative, layers)
+        return self._client._post("/v1/steering", body, SteeringVector.from_json)
+
+    def list(self) -> list[SteeringVector]:
+        return self._client._get("/v1/steering", _vectors)
+
+    def get(self, vector_id: str) -> SteeringVector:
+        return self._client._get(f"/v1/steering/{vector_id}", SteeringVector.from_json)
+
+    def download(self, vector_id: str, format: str = "npy") -> bytes:
+        """The vector as .npy bytes, or for control vectors llama.cpp's GGUF ("gguf")."""
+        return self._client._send("GET", f"/v1/steering/{vector_id}?format={format}").content
+
+    def import_gguf(self, data: bytes) -> SteeringVector:
+        """Store a llama.cpp / repeng control-vector GGUF file's bytes."""
+        response = self._client._send("POST", "/v1/steering/import", content=data)
+        return _parse("/v1/steering/import", response, SteeringVector.from_json)
+
+    def delete(self, vector_id: str) -> None:
+        self._client._send("DELETE", f"/v1/steering/{vector_id}")
+
+
+class AsyncSteeringAPI:
+    """AsyncClient.steering: the same as SteeringAPI, as coroutines."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    async def create(self, method: str = "actadd", *, add: str | None = None,
+                     sub: str | None = None, layer: int | None = None,
+                     positive: Sequence[str] | None = None,
+                     negative: Sequence[str] | None = None,
+                     layers: Sequence[int] | None = None) -> SteeringVector:
+        body = _steering_body(method, add, sub, layer, positive, negative, layers)
+        return await self._client._post("/v1/steering", body, SteeringVector.from_json)
+
+    async def list(self) -> list[SteeringVector]:
+        return await self._client._get("/v1/steering", _vectors)
+
+    async def get(self, vector_id: str) -> SteeringVector:
+        return await self._client._get(f"/v1/steering/{vector_id}", SteeringVector.from_json)
+
+    async def download(self, vector_id: str, format: str = "npy") -> bytes:
+        response = await self._client._send("GET", f"/v1/steering/{vector_id}?format={format}")
+        return response.content
+
+    async def import_gguf(self, data: bytes) -> SteeringVector:
+        response = await self._client._send("POST", "/v1/steering/import", content=data)
+        return _parse("/v1/steering/import", response, SteeringVector.from_json)
+
+    async def delete(self, vector_id: str) -> None:
+        await self._client._send("DELETE", f"/v1/steering/{vector_id}")

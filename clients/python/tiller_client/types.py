@@ -326,3 +326,27 @@ class Features:
             return cls([int(t) for t in npz["tokens"]], [str(p) for p in npz["pieces"]],
                        [int(x) for x in npz["layers"]], [int(x) for x in npz["positions"]],
                        arrays)
+
+
+# steering ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SteeringVector:
+    """A stored steering vector (GET /v1/steering/{id}). Layers are tiller's: l = the stream
+    entering block l, n_layers = after the last block."""
+
+    id: str
+    kind: str  # "actadd" (rows per position) | "control" (a direction per layer)
+    model_key: str
+    dim: int
+    layers: list[int]
+    shape: list[int]
+    created: int
+    request: dict[str, Any]
+
+    @classmethod
+    def from_json(cls, data: Json) -> SteeringVector:
+        return cls(data["id"], data["kind"], data["model_key"], int(data["dim"]),
+                   [int(x) for x in data["layers"]], [int(x) for x in data["shape"]],
+                   int(data["created"]), dict(data.get("request") or {}))
