@@ -1,4 +1,5 @@
-"""The `tiller` command: `tiller serve` runs the HTTP server, `tiller generate` one prompt."""
+"""The `tiller` command: `tiller serve` runs the HTTP server, `tiller generate` one prompt,
+`tiller convert` writes a model as GGUF."""
 
 from __future__ import annotations
 
@@ -54,6 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--layers", help="comma-separated blocks, negatives from the end "
                     "(default: all)")
     ft.add_argument("--out", required=True, type=Path, help="output .npz")
+    cv = sub.add_parser("convert", help="write a llama2.c or GGUF model as a GGUF file")
+    cv.add_argument("input", type=Path, help="model file: GGUF or llama2.c .bin")
+    cv.add_argument("output", type=Path, help="GGUF file to write (replaced atomically)")
+    cv.add_argument("--type", required=True, choices=("f32", "f16", "q8_0"),
+                    help="tensor type of the matrices (norms stay f32)")
+    cv.add_argument("--tokenizer", type=Path,
+                    help="a llama2.c model's tokenizer.bin or GGUF vocabulary (default: "
+                         "tokenizer.bin beside the model)")
+    cv.add_argument("--progress", action="store_true",
+                    help="show a tensor counter on stderr even when it is not a terminal")
     s = sub.add_parser("serve", help="run the HTTP server (OpenAI- and llama.cpp-compatible)")
     _add_model_args(s)
     s.add_argument("--host", default="127.0.0.1")
@@ -185,6 +196,30 @@ def cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from engine.convert import convert
+
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # NOTE: GGUFWriter chats at INFO
+    show = args.progress or sys.stderr.isatty()
+
+    def progress(done: int, total: int, name: str) -> None:
+        print(f"\r[{done:{len(str(total))}}/{total}] {name:<40.40}", end="", file=sys.stderr,
+              flush=True)
+
+    start = time.perf_counter()
+    try:
+        result = convert(args.input, args.output, args.type, args.tokenizer,
+                         progress if show else None)
+    finally:
+        if show:
+            print(file=sys.stderr)
+    size = result.path.stat().st_size
+    print(f"wrote {result.path}: {args.type}, {len(result.tensor_types)} tensors, "
+          f"{size / 1e6:.1f} MB in {time.perf_counter() - start:.1f} s | uuid {result.uuid} | "
+          f"source key {result.source_key[:16]}", file=sys.stderr)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
@@ -222,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_steer(args)
         if args.command == "features":
             return cmd_features(args)
+        if args.command == "convert":
+            return cmd_convert(args)
     except (CheckpointError, TokenizerError, FileNotFoundError, IsADirectoryError,
             PermissionError) as e:
         print(f"tiller: error: {e}", file=sys.stderr)

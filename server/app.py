@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 import engine
 from engine.engine import Engine
+from engine.identity import model_key, model_uuid
 from engine.loader import load_checkpoint, load_tokenizer
 from engine.tokenizer import Tokenizer
 from server.chat import ChatTemplate
@@ -60,7 +61,8 @@ class Model:
     tokenizer: Tokenizer
     chat_template: ChatTemplate
     name: str
-    key: str  # BLAKE3 of the model file: its identity
+    key: str  # BLAKE3 of the model file: these bytes (engine/identity.py)
+    uuid: str  # the model, whatever its encoding: general.uuid or derived from the tensors
     fingerprint: str  # system_fingerprint: model identity and engine version
     created: int
 
@@ -97,9 +99,8 @@ def load_model(config: ServerConfig) -> Model:
                                  max_tokens=config.token_budget, kv_tokens=config.ctx_size,
                                  kv_sequences=config.parallel)
     tokenizer = load_tokenizer(config.model_path, config.tokenizer_path, eng.config.vocab_size)
-    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    hasher.update_mmap(config.model_path)
-    key = hasher.hexdigest()
+    key = model_key(config.model_path)  # NOTE: cached: a restart does not re-hash the file
+    uuid = model_uuid(checkpoint)
     seq = eng.new_sequence()
     eng.step([engine.engine.SeqRequest(seq, [tokenizer.bos_id])])
     eng.release(seq)
@@ -109,7 +110,7 @@ def load_model(config: ServerConfig) -> Model:
     template = ChatTemplate.for_model(checkpoint.metadata.get("tokenizer.chat_template"),
                                       tokenizer.piece(tokenizer.bos_id),
                                       tokenizer.piece(tokenizer.eos_id))
-    return Model(eng, tokenizer, template, name, key, fingerprint, int(time.time()))
+    return Model(eng, tokenizer, template, name, key, uuid, fingerprint, int(time.time()))
 
 
 # middlewares --------------------------------------------------------------------------------
@@ -209,8 +210,8 @@ async def models(request: web.Request) -> web.Response:
         c = m.engine.config
         data.append({"id": m.name, "object": "model", "created": m.created,
                      "owned_by": "tiller",
-                     "meta": {"key": m.key, "n_ctx_train": c.max_seq_len, "n_embd": c.dim,
-                              "n_layer": c.n_layers, "n_vocab": c.vocab_size,
+                     "meta": {"key": m.key, "uuid": m.uuid, "n_ctx_train": c.max_seq_len,
+                              "n_embd": c.dim, "n_layer": c.n_layers, "n_vocab": c.vocab_size,
                               "dtype": m.engine.dtype}})
     return web.json_response({"object": "list", "data": data})
 

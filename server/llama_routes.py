@@ -146,6 +146,7 @@ async def props(request: web.Request) -> web.Response:
         "model_path": str(state.config.model_path),
         "model_alias": model.name,
         "model_key": model.key,
+        "model_uuid": model.uuid,
         "system_fingerprint": model.fingerprint,
         "chat_template": model.chat_template.source,
         "bos_token": model.tokenizer.piece(model.tokenizer.bos_id),

@@ -16,3 +16,17 @@ def shared_models() -> Path:
     if not SHARED_MODELS.is_dir():
         pytest.skip(f"shared models not found at {SHARED_MODELS}")
     return SHARED_MODELS
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_caches(tmp_path_factory: pytest.TempPathFactory):
+    """Model-key caches and steering stores of tests stay out of the user's ~/.cache."""
+    import os
+
+    old = os.environ.get("TILLER_CACHE_DIR")
+    os.environ["TILLER_CACHE_DIR"] = str(tmp_path_factory.mktemp("tiller-cache"))
+    yield
+    if old is None:
+        os.environ.pop("TILLER_CACHE_DIR", None)
+    else:
+        os.environ["TILLER_CACHE_DIR"] = old
