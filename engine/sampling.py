@@ -7,7 +7,9 @@ The chain follows llama.cpp's default order:
 The draw is defined on a deterministic candidate order: descending logit, ties by ascending
 token id (a stable sort). Survivors of the filters are weighted by a float64 softmax at the
 requested temperature, and one uniform u in [0, 1) picks the first token, in that order, whose
-running weight exceeds u * (total weight) -- inverse-CDF sampling. Temperature 0 is greedy: the
+running weight exceeds u * (total weight) -- inverse-CDF sampling. When no filter truncates
+(top_k 0, top_p 1, min_p 0) the order is token-id order instead: the same distribution, drawn
+without sorting the vocabulary. Temperature 0 is greedy: the
 argmax of the penalized logits, ties to the lowest id; it consumes no randomness.
 
 Randomness is per request: `Sampler` owns a `numpy.random.Generator(PCG64(seed))` and takes
@@ -245,6 +247,29 @@ def candidates(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # the draw
 
+def _unfiltered(params: SamplingParams, vocab: int) -> bool:
+    return (params.top_k == 0 or params.top_k >= vocab) and params.top_p >= 1 \
+        and params.min_p == 0
+
+
+def _draw_in_id_order(logits: np.ndarray, temperature: float, u: float) -> int:
+    """The draw when nothing is filtered out: inverse CDF over token ids in id order.
+
+    The distribution is the softmax either way; the order only decides which u picks which
+    token, and id order needs no sort -- O(vocab) instead of a sort of the whole vocabulary,
+    which a flat distribution (an untrained or high-temperature model) would otherwise cost.
+    """
+    top = logits.max()
+    if top == -np.inf:
+        raise ValueError("all logits are -inf: no token can be sampled")
+    shifted = (logits.astype(np.float64) - np.float64(top)) / temperature
+    running = np.cumsum(np.exp(shifted))
+    i = int(np.searchsorted(running, u * running[-1], side="right"))
+    if i >= running.size:  # rounding left the sum short of u * total: the last token with weight
+        i = int(np.flatnonzero(np.exp(shifted) > 0)[-1])
+    return i
+
+
 def sample_token(logits: np.ndarray, params: SamplingParams, u: float) -> int:
     """One token id from already-penalized logits (vocab,) and a uniform u in [0, 1).
 
@@ -258,6 +283,8 @@ def sample_token(logits: np.ndarray, params: SamplingParams, u: float) -> int:
         return best
     if not 0 <= u < 1:
         raise ValueError(f"u must be in [0, 1), got {u!r}")
+    if _unfiltered(params, logits.size):
+        return _draw_in_id_order(logits, params.temperature, u)
     ids, vals, is_sorted = _filter(logits, params)
     w = np.exp((vals.astype(np.float64) - np.float64(vals.max())) / params.temperature)
     order, i = _first_passing(vals, w, u * w.sum(), vals.size, strict=True,

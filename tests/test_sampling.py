@@ -67,7 +67,9 @@ def ref_sample(logits: list[float], p: SamplingParams, u: float) -> int:
                 best = i
         return best
     cands = ref_candidates(logits, p)
-    mx = logits[cands[0]]
+    if (p.top_k == 0 or p.top_k >= len(logits)) and p.top_p >= 1 and p.min_p == 0:
+        cands = sorted(cands)  # nothing truncated: the draw walks token ids in order
+    mx = max(logits[i] for i in cands)
     w = [math.exp((logits[i] - mx) / p.temperature) for i in cands]
     target, acc = u * sum(w), 0.0
     for i, wi in zip(cands, w, strict=True):
@@ -142,7 +144,11 @@ def test_rounding_short_of_the_target_picks_the_last_token_with_weight() -> None
     logits[[3, 500]] = -1e4
     u = float(np.nextafter(1.0, 0.0))
     last_with_weight = int(np.argsort(-logits, kind="stable")[-3])
-    assert sample_token(logits, SamplingParams(), u) == last_with_weight
+    # top_k=999 of 1000 keeps the candidate-order draw (nothing is cut: -1e4 ranks last)
+    assert sample_token(logits, SamplingParams(top_k=999), u) == last_with_weight
+    # unfiltered, the draw walks ids in order: the last id with weight, never a zero-weight one
+    logits[998:] = -1e4
+    assert sample_token(logits, SamplingParams(), u) == 997
 
 
 def test_top_k_on_real_vocab_size_matches_reference() -> None:
