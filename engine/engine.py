@@ -50,6 +50,21 @@ class SteeringTerm:
     every_position: bool = False
 
 
+@dataclass(frozen=True, eq=False)
+class FoldedSteering:
+    """A request's steering terms summed once (it keeps them for its whole life): for each
+    steered layer, one vector added at every position and rows added at the first positions."""
+
+    terms: tuple[SteeringTerm, ...]  # what was folded, to recognise it on the next step
+    layers: np.ndarray  # (n,) steered layers
+    every: np.ndarray  # (n, dim) float32
+    rows: np.ndarray  # (n, P, dim) float32, P = the longest ActAdd (0 without one)
+
+    def matches(self, terms) -> bool:
+        return len(terms) == len(self.terms) and all(
+            a is b for a, b in zip(terms, self.terms, strict=True))
+
+
 @dataclass(eq=False)
 class Sequence:
     """One sequence's place in the KV cache: its length so far and the blocks holding it."""
@@ -57,6 +72,7 @@ class Sequence:
     id: int
     length: int = 0
     blocks: list[int] = field(default_factory=list)
+    steering: FoldedSteering | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -174,8 +190,8 @@ class Engine:
                 if not 0 <= layer < c.n_layers:
                     raise EngineError(
                         f"request {i}: capture layer {layer} outside 0..{c.n_layers - 1}")
-            for term in r.steering:
-                self._validate_term(i, term)
+            if r.steering and not (r.seq.steering and r.seq.steering.matches(r.steering)):
+                r.seq.steering = self._fold_steering(i, r.steering)  # validates once
             total += n
             new_blocks += blocks_for(r.seq.length + n) - len(r.seq.blocks)
         if total > self.max_tokens:
@@ -196,6 +212,25 @@ class Engine:
                               f"{' or (dim,)' if term.every_position else ''}")
         if not math.isfinite(term.scale) or not np.isfinite(v).all():
             raise EngineError(f"request {i}: steering values must be finite")
+
+    def _fold_steering(self, i: int, terms) -> FoldedSteering:
+        for term in terms:
+            self._validate_term(i, term)
+        c = self.config
+        layers = sorted({term.layer for term in terms})
+        n_rows = max((term.vectors.shape[0] for term in terms
+                      if not term.every_position and term.vectors.ndim == 2), default=0)
+        every = np.zeros((len(layers), c.dim), np.float32)
+        rows = np.zeros((len(layers), n_rows, c.dim), np.float32)
+        for term in terms:
+            k = layers.index(term.layer)
+            v = np.asarray(term.vectors, np.float32)
+            if term.every_position:
+                every[k] += np.float32(term.scale) * v.reshape(c.dim)
+            else:
+                v = v.reshape(-1, c.dim)
+                rows[k, :len(v)] += np.float32(term.scale) * v
+        return FoldedSteering(tuple(terms), np.array(layers, np.int64), every, rows)
 
     def step(self, requests: list[SeqRequest]) -> list[SeqResult]:
         """Run one forward pass over every request's new tokens; append them to the sequences."""
@@ -251,33 +286,29 @@ class Engine:
         return results
 
     def _steering_arrays(self, requests, positions, starts):
-        """Sum each token's steering terms per layer into rows of steer_vecs, indexed (T, L)."""
+        """Each steered token's vector per layer as rows of steer_vecs, indexed (T, L + 1)."""
         c = self.config
         T = len(positions)
-        if not any(r.steering for r in requests):
-            return np.full((T, c.n_layers + 1), -1, np.int32), self._no_steer
         index = np.full((T, c.n_layers + 1), -1, np.int32)
-        rows: list[np.ndarray] = []
+        if not any(r.steering for r in requests):
+            return index, self._no_steer
+        blocks: list[np.ndarray] = []
+        n_rows = 0
         for s, r in enumerate(requests):
             if not r.steering:
                 continue
+            folded = r.seq.steering
             pos = positions[starts[s]:starts[s + 1]]
-            for layer in sorted({term.layer for term in r.steering}):
-                acc = np.zeros((len(pos), c.dim), np.float32)
-                for term in r.steering:
-                    if term.layer != layer:
-                        continue
-                    v = np.asarray(term.vectors, np.float32)
-                    if term.every_position:
-                        acc += np.float32(term.scale) * v.reshape(c.dim)
-                    else:
-                        hit = pos < v.shape[0]
-                        acc[hit] += np.float32(term.scale) * v[pos[hit]]
-                touched = np.flatnonzero(np.any(acc != 0, axis=1))
-                index[starts[s] + touched, layer] = len(rows) + np.arange(len(touched))
-                rows.extend(acc[touched])
-        vecs = np.stack(rows) if rows else self._no_steer
-        return index, vecs
+            block = np.repeat(folded.every[:, None, :], len(pos), axis=1)  # (layers, T_s, dim)
+            if folded.rows.shape[1]:
+                hit = pos < folded.rows.shape[1]
+                block[:, hit] += folded.rows[:, pos[hit]]
+            k = np.arange(len(folded.layers))
+            index[starts[s]:starts[s + 1], folded.layers] = (
+                n_rows + k[None, :] * len(pos) + np.arange(len(pos))[:, None])
+            blocks.append(block.reshape(-1, c.dim))
+            n_rows += block.shape[0] * block.shape[1]
+        return index, np.concatenate(blocks)
 
     def _capture_arrays(self, requests, starts, T):
         c = self.config
