@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 import engine
-from server.app import STATE, TOKENS, Model, read_json
+from server.app import STATE, TOKENS, read_json
 from server.errors import ApiError
 from server.generation import Outcome, Piece
 from server.protocol import DetokenizeRequest, LlamaCompletionRequest, TokenizeRequest
@@ -17,6 +17,7 @@ from server.serving import (
     sampling,
     start_generations,
     stop_strings,
+    token_logprobs,
     tokenize_prompt,
 )
 from server.steering_routes import resolve_steering
@@ -30,16 +31,6 @@ def _timings(o: Outcome) -> dict:
             "predicted_n": gn, "predicted_ms": gms,
             "predicted_per_token_ms": gms / gn if gn else 0.0,
             "predicted_per_second": gn / o.generate_seconds if o.generate_seconds else 0.0}
-
-
-def _probs(model: Model, piece: Piece) -> dict:
-    """llama.cpp's completion_probabilities entry (its post-2024 logprob format)."""
-    def entry(token: int, lp: float) -> dict:
-        raw = model.tokenizer.piece_bytes(token)
-        return {"id": token, "token": raw.decode("utf-8", errors="replace"), "logprob": lp,
-                "bytes": list(raw)}
-    return {**entry(piece.token, piece.logprob),
-            "top_logprobs": [entry(t, lp) for t, lp in piece.top or []]}
 
 
 async def completion(request: web.Request) -> web.StreamResponse:
@@ -67,7 +58,9 @@ async def completion(request: web.Request) -> web.StreamResponse:
             content += event.text
             if event.token is not None:
                 tokens.append(event.token)
-            entry = _probs(model, event) if body.n_probs and event.token is not None else None
+            entry = None
+            if body.n_probs and event.token is not None:
+                entry = token_logprobs(model, event, with_ids=True)
             if entry:
                 probs.append(entry)
             if sse and (event.text or entry):

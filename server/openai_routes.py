@@ -21,6 +21,7 @@ from server.serving import (
     sampling,
     start_generations,
     stop_strings,
+    token_logprobs,
     tokenize_prompt,
 )
 from server.steering_routes import resolve_steering
@@ -171,15 +172,6 @@ async def completions(request: web.Request) -> web.StreamResponse:
 # /v1/chat/completions -------------------------------------------------------------------------
 
 
-def _chat_logprob(model: Model, piece: Piece) -> dict:
-    def entry(token: int, lp: float) -> dict:
-        raw = model.tokenizer.piece_bytes(token)
-        return {"token": raw.decode("utf-8", errors="replace"), "logprob": lp,
-                "bytes": list(raw)}
-    return {**entry(piece.token, piece.logprob),
-            "top_logprobs": [entry(t, lp) for t, lp in piece.top or []]}
-
-
 def chat_prompt(model: Model, body: ChatCompletionRequest) -> list[int]:
     messages = [m.model_dump(exclude_none=False) for m in body.messages]
     try:
@@ -234,7 +226,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             texts[i] += event.text
             entry = None
             if top_n is not None and event.token is not None:
-                entry = _chat_logprob(model, event)
+                entry = token_logprobs(model, event)
                 logprobs[i].append(entry)
             if sse and (event.text or entry):
                 await sse.send({**chunk_head, "choices": [{

@@ -201,3 +201,14 @@ async def collect_states(request: web.Request, prompts: list[list[int]], blocks:
         if isinstance(event, Captured):
             parts[i].append(event.states)
     return [np.concatenate(p, axis=2) for p in parts]
+
+
+def token_logprobs(model: Model, piece: Any, with_ids: bool = False) -> dict:
+    """A sampled token's logprob entry with its top alternatives, in the shape OpenAI's chat
+    logprobs use ({token, logprob, bytes, top_logprobs}); llama.cpp's adds each token's id."""
+    def entry(token: int, lp: float) -> dict:
+        raw = model.tokenizer.piece_bytes(token)
+        out = {"token": raw.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(raw)}
+        return {"id": token, **out} if with_ids else out
+    return {**entry(piece.token, piece.logprob),
+            "top_logprobs": [entry(t, lp) for t, lp in piece.top or []]}

@@ -396,3 +396,16 @@ async def test_a_gguf_model_brings_its_tokenizer_and_chat_template(aiohttp_clien
     assert body["usage"]["prompt_tokens"] == len(expected)
     models = await (await client.get("/v1/models")).json()
     assert models["data"][0]["id"] == "model.gguf"
+
+
+async def test_chat_logprobs(client, model):
+    body = await post(client, "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Once"}], "max_tokens": 4, "temperature": 0,
+        "logprobs": True, "top_logprobs": 2})
+    content = body["choices"][0]["logprobs"]["content"]
+    assert len(content) == body["usage"]["completion_tokens"]
+    for entry in content:
+        assert entry["logprob"] <= 0 and len(entry["top_logprobs"]) == 2
+        assert bytes(entry["bytes"]).decode("utf-8", "replace") == entry["token"]
+        assert entry["top_logprobs"][0]["logprob"] == pytest.approx(entry["logprob"])  # greedy
+    assert "".join(e["token"] for e in content) == body["choices"][0]["message"]["content"]
