@@ -53,13 +53,15 @@ def actadd_tokens(tokenizer: Tokenizer, add: str, sub: str) -> tuple[list[int], 
     return a + [pad] * (n - len(a)), s + [pad] * (n - len(s))
 
 
+def normalize_layer(layer: int, n_layers: int, what: str = "layer") -> int:
+    """A steering layer in 0..n_layers; negatives count from the end (-1: after the last)."""
+    if not -(n_layers + 1) <= layer <= n_layers:
+        raise EngineError(f"{what} {layer} outside 0..{n_layers} (or -{n_layers + 1}..-1)")
+    return layer + n_layers + 1 if layer < 0 else layer
+
+
 def _check_layer(engine: Engine, layer: int, what: str) -> int:
-    n = engine.config.n_layers
-    if layer < 0:
-        layer += n + 1  # -1 is the stream after the last layer
-    if not 0 <= layer <= n:
-        raise EngineError(f"{what} {layer} outside 0..{n} (or -{n + 1}..-1)")
-    return layer
+    return normalize_layer(layer, engine.config.n_layers, what)
 
 
 def capture_blocks(layers: Sequence[int], n_layers: int) -> list[int]:

@@ -15,12 +15,13 @@ import blake3
 import numpy as np
 from aiohttp import web
 
-from engine.engine import SteeringTerm
+from engine.engine import EngineError, SteeringTerm
 from engine.steering import (
     actadd_tokens,
     capture_blocks,
     check_control_request,
     directions_from_states,
+    normalize_layer,
     stream_at,
 )
 from server.app import STATE, Model, read_json
@@ -39,11 +40,10 @@ def _store(request: web.Request) -> SteeringStore:
 
 def _layer(model: Model, layer: int, field: str) -> int:
     """tiller's layer number (negative: from the end, -1 = after the last block), checked."""
-    n = model.engine.config.n_layers
-    if not -(n + 1) <= layer <= n:
-        raise ApiError(400, f"{field}: layer {layer} outside 0..{n} (or -{n + 1}..-1)",
-                       param=field.split(".")[0].split("[")[0])
-    return layer + n + 1 if layer < 0 else layer
+    try:
+        return normalize_layer(layer, model.engine.config.n_layers)
+    except EngineError as e:
+        raise ApiError(400, f"{field}: {e}", param=field.split(".")[0].split("[")[0]) from e
 
 
 def _save(store: SteeringStore, vec: SteeringVector) -> SteeringVector:
@@ -85,7 +85,6 @@ async def resolve_steering(request: web.Request, entries: list[SteeringEntry],
         return ()
     model, _ = request.app[STATE].ready()
     store = _store(request)
-    n = model.engine.config.n_layers
     terms: list[SteeringTerm] = []
     for i, e in enumerate(entries):
         where = f"{field}[{i}]"
@@ -116,8 +115,6 @@ async def resolve_steering(request: web.Request, entries: list[SteeringEntry],
                                f"{layer} (it has {sorted(vec.directions)})", param=field)
             terms.append(SteeringTerm(layer, vec.directions[layer], e.scale,
                                       every_position=True))
-    if any(t.layer > n for t in terms):  # _layer already refused these
-        raise AssertionError("layer out of range")
     return tuple(terms)
 
 
