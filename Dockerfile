@@ -15,6 +15,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY tiller tiller
 COPY engine engine
 COPY server server
 RUN pip install . && rm -rf /src

@@ -24,15 +24,14 @@ from pathlib import Path
 import numba
 import numpy as np
 from numba import njit, prange
-
-from engine import simd
-from engine.config import ModelConfig
-from engine.engine import Engine, SeqRequest, Sequence
-from engine.forward import forward_step
-from engine.kvcache import blocks_for
-from engine.llama2c import NORMS, load_llama2c, tensor_shapes
-from engine.quant import QTensor, n_groups
-from engine.weights import Weights, build_weights, matrix_bytes
+from tiller.engine import simd
+from tiller.engine.config import ModelConfig
+from tiller.engine.engine import Engine, SeqRequest, Sequence
+from tiller.engine.forward import forward_step
+from tiller.engine.kvcache import blocks_for
+from tiller.engine.llama2c import NORMS, load_llama2c, tensor_shapes
+from tiller.engine.quant import QTensor, n_groups
+from tiller.engine.weights import Weights, build_weights, matrix_bytes
 
 REAL_MODEL = Path(__file__).resolve().parents[1].parent / "shared/models/stories260K.bin"
 # (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab, seq_len, shared_classifier)

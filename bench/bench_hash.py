@@ -26,8 +26,7 @@ from pathlib import Path
 
 import blake3
 import numpy as np
-
-from engine.identity import model_key
+from tiller.engine.identity import model_key
 
 CHUNK = 1 << 20
 

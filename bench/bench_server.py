@@ -33,12 +33,11 @@ from pathlib import Path
 import aiohttp
 import numba
 import numpy as np
-
-from engine.config import ModelConfig
-from engine.engine import Engine, SeqRequest
-from engine.llama2c import random_tensors, write_llama2c
-from engine.sampling import Sampler, SamplingParams
-from engine.tokenizer import Tokenizer
+from tiller.engine.config import ModelConfig
+from tiller.engine.engine import Engine, SeqRequest
+from tiller.engine.llama2c import random_tensors, write_llama2c
+from tiller.engine.sampling import Sampler, SamplingParams
+from tiller.engine.tokenizer import Tokenizer
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared/models"
 DEFAULT_TOKENIZER = SHARED / "llama2-tokenizer.bin"
@@ -75,7 +74,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        cmd = [sys.executable, "-m", "engine.cli", "serve", "--model", str(model),
+        cmd = [sys.executable, "-m", "tiller", "serve", "--model", str(model),
                "--tokenizer", str(tokenizer), "--host", "127.0.0.1", "--port", str(self.port),
                "--parallel", str(parallel), "--dtype", dtype]
         if threads:

@@ -43,12 +43,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
-
-from engine.engine import Engine, SeqRequest, SteeringTerm
-from engine.kvcache import blocks_for
-from engine.sampling import Sampler, SamplingParams
-from engine.steering import actadd_term, build_actadd, build_control, control_terms
-from engine.tokenizer import Tokenizer
+from tiller.engine.engine import Engine, SeqRequest, SteeringTerm
+from tiller.engine.kvcache import blocks_for
+from tiller.engine.sampling import Sampler, SamplingParams
+from tiller.engine.steering import actadd_term, build_actadd, build_control, control_terms
+from tiller.engine.tokenizer import Tokenizer
 
 MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
 MODEL = MODELS / "stories260K.bin"
@@ -90,18 +89,18 @@ def generate_batch(engine: Engine, prompt: list[int], seeds: Seq[int],
                    ) -> list[list[int]]:
     """Sample up to max_new_tokens after `prompt` for every seed, all sequences in one batch.
 
-    Sequence i samples with seed seeds[i] and carries steering[i] on every step (ActAdd rows
-    only touch the positions they have rows for, so passing them on decode steps is what a
-    server does and costs nothing). A sequence leaves the batch at a stop id or a full context.
+    Sequence i samples with seed seeds[i] and is created with steering[i], which it keeps for
+    every step (ActAdd rows only touch the positions they have rows for). A sequence leaves the
+    batch at a stop id or a full context.
     """
     if len(seeds) != len(steering):
         raise ValueError(f"{len(seeds)} seeds but {len(steering)} steering lists")
     samplers = [Sampler(replace(params, seed=s), prompt) for s in seeds]
-    seqs = [engine.new_sequence() for _ in seeds]
+    seqs = [engine.new_sequence(steering=list(terms)) for terms in steering]
     out: list[list[int]] = [[] for _ in seeds]
     live = list(range(len(seeds)))
     try:
-        requests = [SeqRequest(seqs[i], prompt, steering=list(steering[i])) for i in live]
+        requests = [SeqRequest(seqs[i], prompt) for i in live]
         while live:
             results = engine.step(requests)
             still = []
@@ -114,8 +113,7 @@ def generate_batch(engine: Engine, prompt: list[int], seeds: Seq[int],
                 if len(out[i]) < max_new_tokens and seqs[i].length < engine.config.max_seq_len:
                     still.append(i)
             live = still
-            requests = [SeqRequest(seqs[i], [out[i][-1]], steering=list(steering[i]))
-                        for i in live]
+            requests = [SeqRequest(seqs[i], [out[i][-1]]) for i in live]
     finally:
         for seq in seqs:
             engine.release(seq)

@@ -6,7 +6,8 @@ import hashlib
 import os
 from pathlib import Path
 
-__version__ = "0.1.0"
+from .. import __version__
+from .paths import cache_root
 
 
 def _numba_cache_dir() -> None:
@@ -24,8 +25,9 @@ def _numba_cache_dir() -> None:
     for path in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tiller" / "numba"
-    numba.config.CACHE_DIR = str(base / f"{__version__}-{digest.hexdigest()[:16]}")
+    base = cache_root() / "numba"
+    cache_dir = str(base / f"{__version__}-{digest.hexdigest()[:16]}")
+    numba.config.CACHE_DIR = cache_dir  # type: ignore[attr-defined]  # numba stubs lack it
 
 
 _numba_cache_dir()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 # Q8_0 group size of the engine: weights and activations are quantized in groups of this many
 # values along each row (the last group of a row may be shorter).
 GROUP_SIZE = 32
@@ -52,3 +54,22 @@ class ModelConfig:
     def kv_mul(self) -> int:
         """How many query heads share one key/value head (grouped-query attention)."""
         return self.n_heads // self.n_kv_heads
+
+
+def rope_tables(config: ModelConfig, torch_float32: bool = False
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin (max_seq_len, head_dim/2) for llama2.c's pairwise RoPE: the one home of them.
+
+    The engine's are computed in float64 and rounded once. `torch_float32` gives instead what
+    llama2.c's model.py (precompute_freqs_cis, in float32) stores in a v0 file's freq_cis --
+    to about 1 ulp of PyTorch's, not bit for bit; run.c never reads them.
+    """
+    hd = config.head_dim
+    if torch_float32:
+        exponent = np.arange(0, hd, 2)[: hd // 2].astype(np.float32) / np.float32(hd)
+        freqs32 = np.float32(1.0) / np.float32(config.rope_theta) ** exponent
+        angles32 = np.outer(np.arange(config.max_seq_len, dtype=np.float32), freqs32)
+        return np.cos(angles32).astype(np.float32), np.sin(angles32).astype(np.float32)
+    freqs = 1.0 / config.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
+    angles = np.arange(config.max_seq_len, dtype=np.float64)[:, None] * freqs[None, :]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)

@@ -46,13 +46,13 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType as V
 from gguf import LlamaFileType
 
-from engine.config import GROUP_SIZE, ModelConfig
-from engine.gguf import GLOBAL_TENSORS, LAYER_TENSORS, Q8_0_BLOCK, read_gguf
-from engine.identity import model_key, model_uuid
-from engine.llama2c import NORMS, Checkpoint
-from engine.loader import is_gguf, load_checkpoint
-from engine.quant import QTensor
-from engine.tokenizer import Tokenizer, TokenizerError
+from .config import GROUP_SIZE, ModelConfig
+from .gguf import GLOBAL_TENSORS, LAYER_TENSORS, Q8_0_BLOCK, read_gguf
+from .identity import model_key, model_uuid
+from .llama2c import NORMS, Checkpoint
+from .loader import is_gguf, load_checkpoint
+from .quant import QTensor
+from .tokenizer import Tokenizer, TokenizerError
 
 logger = logging.getLogger(__name__)
 
@@ -208,8 +208,9 @@ def _llama2c_scores(path: Path, n: int) -> list[float]:
 def _plan(ckpt: Checkpoint, ggml_type: T) -> Iterator[tuple[str, T, np.ndarray | QTensor]]:
     """(GGUF name, type to write, source tensor) in llama.cpp's order: globals, then blocks."""
     ours_to_gguf = {ours: name for name, ours in GLOBAL_TENSORS.items()}
-    tensors = [(ours_to_gguf[ours], ours, ckpt.tensors[ours])
-               for ours in ("token_embedding", "final_norm", "classifier") if ours in ckpt.tensors]
+    tensors: list[tuple[str, str, np.ndarray | QTensor]] = [
+        (ours_to_gguf[ours], ours, ckpt.tensors[ours])
+        for ours in ("token_embedding", "final_norm", "classifier") if ours in ckpt.tensors]
     for layer in range(ckpt.config.n_layers):
         for part, ours in LAYER_TENSORS.items():
             t = ckpt.tensors[ours]

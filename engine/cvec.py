@@ -71,8 +71,8 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter
 
-from engine.gguf import _meta, read_gguf
-from engine.llama2c import CheckpointError
+from .gguf import _meta, read_gguf
+from .llama2c import CheckpointError
 
 logger = logging.getLogger(__name__)
 

@@ -10,16 +10,17 @@ from __future__ import annotations
 import itertools
 import math
 import os
+from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numba
 import numpy as np
 
-from engine.config import GROUP_SIZE, ModelConfig
-from engine.forward import CAPTURE_POINTS, Workspace, forward_step
-from engine.kvcache import CacheFull, KVCache, blocks_for
-from engine.weights import Weights, build_weights, padded
+from .config import GROUP_SIZE, ModelConfig
+from .forward import CAPTURE_POINTS, Workspace, forward_step
+from .kvcache import CacheFull, KVCache, blocks_for
+from .weights import Weights, build_weights, padded
 
 __all__ = ["CAPTURE_POINTS", "BatchError", "CacheFull", "Engine", "EngineError", "SeqRequest",
            "SeqResult", "Sequence", "SteeringTerm"]
@@ -52,22 +53,18 @@ class SteeringTerm:
 
 @dataclass(frozen=True, eq=False)
 class FoldedSteering:
-    """A request's steering terms summed once (it keeps them for its whole life): for each
-    steered layer, one vector added at every position and rows added at the first positions."""
+    """A sequence's steering terms, validated and summed once when the sequence is created: for
+    each steered layer, one vector added at every position and rows added at the first ones."""
 
-    terms: tuple[SteeringTerm, ...]  # what was folded, to recognise it on the next step
     layers: np.ndarray  # (n,) steered layers
     every: np.ndarray  # (n, dim) float32
     rows: np.ndarray  # (n, P, dim) float32, P = the longest ActAdd (0 without one)
 
-    def matches(self, terms) -> bool:
-        return len(terms) == len(self.terms) and all(
-            a is b for a, b in zip(terms, self.terms, strict=True))
-
 
 @dataclass(eq=False)
 class Sequence:
-    """One sequence's place in the KV cache: its length so far and the blocks holding it."""
+    """One sequence's place in the KV cache (its length so far and the blocks holding it) and
+    the steering it was created with, which it keeps for its whole life."""
 
     id: int
     length: int = 0
@@ -77,23 +74,27 @@ class Sequence:
 
 @dataclass
 class SeqRequest:
-    """What one sequence contributes to a step: new tokens continuing it, and its hooks."""
+    """What one sequence contributes to a step: new tokens continuing it, and its captures.
+
+    capture_final: the stream after the final norm (what the classifier reads), per token.
+    """
 
     seq: Sequence
     tokens: list[int] | np.ndarray
     logits: Literal["last", "all", "none"] = "last"
-    steering: tuple[SteeringTerm, ...] | list[SteeringTerm] = ()
     capture_layers: tuple[int, ...] | list[int] = ()
+    capture_final: bool = False
 
 
 @dataclass
 class SeqResult:
     logits: np.ndarray | None  # (vocab,) for "last", (n_tokens, vocab) for "all"
     captures: np.ndarray | None  # (len(CAPTURE_POINTS), n_capture_layers, n_tokens, dim)
+    final: np.ndarray | None = None  # (n_tokens, dim) with capture_final
 
 
 def default_threads() -> int:
-    return numba.config.NUMBA_NUM_THREADS
+    return numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
 
 
 class Engine:
@@ -104,9 +105,9 @@ class Engine:
         default kv_sequences full contexts (max_seq_len each), shared through paging."""
         if max_tokens <= 0:
             raise ValueError(f"max_tokens must be positive, got {max_tokens}")
-        if threads is not None and not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
-            raise ValueError(
-                f"threads must be in 1..{numba.config.NUMBA_NUM_THREADS}, got {threads}")
+        max_threads: int = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
+        if threads is not None and not 1 <= threads <= max_threads:
+            raise ValueError(f"threads must be in 1..{max_threads}, got {threads}")
         self.config = config
         self.weights = weights
         self.dtype = "f32" if weights.wqkv.dtype == np.float32 else "q8_0"
@@ -121,6 +122,7 @@ class Engine:
         self._dims = (c.n_layers, c.dim, c.hidden_dim, c.n_heads, c.n_kv_heads, c.head_dim)
         self._no_steer = np.zeros((1, c.dim), np.float32)
         self._no_capture = np.zeros((len(CAPTURE_POINTS), 1, 1, c.dim), np.float32)
+        self._no_final = np.zeros((1, c.dim), np.float32)
 
     def _make_workspace(self, T: int) -> Workspace:
         c = self.config
@@ -128,6 +130,7 @@ class Engine:
         act_dtype = np.int8 if self.dtype == "q8_0" else np.float32
         q8 = self.dtype == "q8_0"
         f = np.float32
+        n_threads: int = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
         return Workspace(
             x=np.zeros((T, c.dim), f), xb=np.zeros((T, c.dim), f),
             xa=np.zeros((T, max_pad), act_dtype),
@@ -136,12 +139,12 @@ class Engine:
             qkv=np.zeros((T, c.dim + 2 * c.kv_dim), f), att=np.zeros((T, c.dim), f),
             proj=np.zeros((T, c.dim), f), h13=np.zeros((T, 2 * c.hidden_dim), f),
             hact=np.zeros((T, c.hidden_dim), f),
-            scores=np.zeros((numba.config.NUMBA_NUM_THREADS, c.max_seq_len), f),
+            scores=np.zeros((n_threads, c.max_seq_len), f),
         )
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], dtype: str = "q8_0", **kwargs) -> Engine:
-        from engine.loader import load_checkpoint
+        from .loader import load_checkpoint
 
         return cls.from_checkpoint(load_checkpoint(path), dtype, **kwargs)
 
@@ -152,8 +155,10 @@ class Engine:
 
     # sequences -------------------------------------------------------------------------------
 
-    def new_sequence(self) -> Sequence:
-        return Sequence(id=next(self._ids))
+    def new_sequence(self, steering: SequenceOf[SteeringTerm] = ()) -> Sequence:
+        """A new, empty sequence with its steering, validated (EngineError) and folded here."""
+        folded = self._fold_steering(steering) if steering else None
+        return Sequence(id=next(self._ids), steering=folded)
 
     def release(self, seq: Sequence) -> None:
         """Give the sequence's KV blocks back to the pool; the sequence is empty afterwards."""
@@ -190,8 +195,6 @@ class Engine:
                 if not 0 <= layer < c.n_layers:
                     raise EngineError(
                         f"request {i}: capture layer {layer} outside 0..{c.n_layers - 1}")
-            if r.steering and not (r.seq.steering and r.seq.steering.matches(r.steering)):
-                r.seq.steering = self._fold_steering(i, r.steering)  # validates once
             total += n
             new_blocks += blocks_for(r.seq.length + n) - len(r.seq.blocks)
         if total > self.max_tokens:
@@ -204,17 +207,17 @@ class Engine:
         c = self.config
         if not 0 <= term.layer <= c.n_layers:
             raise EngineError(
-                f"request {i}: steering layer {term.layer} outside 0..{c.n_layers}")
+                f"steering[{i}]: steering layer {term.layer} outside 0..{c.n_layers}")
         v = term.vectors
         if not isinstance(v, np.ndarray) or v.shape[-1] != c.dim or v.ndim not in (1, 2) \
                 or (term.every_position and v.ndim == 2 and v.shape[0] != 1):
-            raise EngineError(f"request {i}: steering vectors must have shape (P, {c.dim})"
+            raise EngineError(f"steering[{i}]: steering vectors must have shape (P, {c.dim})"
                               f"{' or (dim,)' if term.every_position else ''}")
         if not math.isfinite(term.scale) or not np.isfinite(v).all():
-            raise EngineError(f"request {i}: steering values must be finite")
+            raise EngineError(f"steering[{i}]: steering values must be finite")
 
-    def _fold_steering(self, i: int, terms) -> FoldedSteering:
-        for term in terms:
+    def _fold_steering(self, terms: SequenceOf[SteeringTerm]) -> FoldedSteering:
+        for i, term in enumerate(terms):
             self._validate_term(i, term)
         c = self.config
         layers = sorted({term.layer for term in terms})
@@ -230,7 +233,7 @@ class Engine:
             else:
                 v = v.reshape(-1, c.dim)
                 rows[k, :len(v)] += np.float32(term.scale) * v
-        return FoldedSteering(tuple(terms), np.array(layers, np.int64), every, rows)
+        return FoldedSteering(np.array(layers, np.int64), every, rows)
 
     def step(self, requests: list[SeqRequest]) -> list[SeqResult]:
         """Run one forward pass over every request's new tokens; append them to the sequences."""
@@ -260,11 +263,13 @@ class Engine:
         logits = np.empty((max(int(want.sum()), 1), c.vocab_size), np.float32)
         steer_index, steer_vecs = self._steering_arrays(requests, positions, starts)
         cap_slot, cap_rows, cap_out, layer_slots = self._capture_arrays(requests, starts, T)
+        final_rows, final_out = self._final_arrays(requests, starts, T)
 
         numba.set_num_threads(self.threads)  # thread-local in numba: set on the calling thread
         forward_step(self.weights, self._workspace, self._dims, np.float32(c.norm_eps), tokens,
                      positions, seq_index, block_tables, self.cache.k, self.cache.v, steer_index,
-                     steer_vecs, cap_slot, cap_rows, cap_out, want, logits)
+                     steer_vecs, cap_slot, cap_rows, cap_out, final_rows, final_out, want,
+                     logits)
 
         results = []
         row = 0
@@ -282,7 +287,10 @@ class Engine:
                 slots = [layer_slots[layer] for layer in r.capture_layers]
                 rows = cap_rows[starts[s]:starts[s + 1]]
                 captures = cap_out[:, slots][:, :, rows]
-            results.append(SeqResult(logits=out_logits, captures=captures))
+            final = None
+            if r.capture_final:
+                final = final_out[final_rows[starts[s]:starts[s + 1]]]
+            results.append(SeqResult(logits=out_logits, captures=captures, final=final))
         return results
 
     def _steering_arrays(self, requests, positions, starts):
@@ -290,14 +298,14 @@ class Engine:
         c = self.config
         T = len(positions)
         index = np.full((T, c.n_layers + 1), -1, np.int32)
-        if not any(r.steering for r in requests):
+        if not any(r.seq.steering for r in requests):
             return index, self._no_steer
         blocks: list[np.ndarray] = []
         n_rows = 0
         for s, r in enumerate(requests):
-            if not r.steering:
-                continue
             folded = r.seq.steering
+            if folded is None:
+                continue
             pos = positions[starts[s]:starts[s + 1]]
             block = np.repeat(folded.every[:, None, :], len(pos), axis=1)  # (layers, T_s, dim)
             if folded.rows.shape[1]:
@@ -328,21 +336,42 @@ class Engine:
         cap_out = np.zeros((len(CAPTURE_POINTS), len(layers), n, c.dim), np.float32)
         return cap_slot, cap_rows, cap_out, layer_slots
 
+    def _final_arrays(self, requests, starts, T):
+        """Rows of final_out (the stream after the final norm) for tokens that capture it."""
+        final_rows = np.full(T, -1, np.int32)
+        n = 0
+        for s, r in enumerate(requests):
+            if r.capture_final:
+                k = starts[s + 1] - starts[s]
+                final_rows[starts[s]:starts[s + 1]] = np.arange(n, n + k)
+                n += k
+        if n == 0:
+            return final_rows, self._no_final
+        return final_rows, np.zeros((n, self.config.dim), np.float32)
+
     # conveniences ----------------------------------------------------------------------------
 
-    def forward_all(self, tokens: list[int], **hooks) -> SeqResult:
+    def forward_all(self, tokens: list[int], steering: SequenceOf[SteeringTerm] = (),
+                    capture_layers: SequenceOf[int] = (), capture_final: bool = False
+                    ) -> SeqResult:
         """Teacher-forced logits for every position of one new sequence (for tests and tools)."""
-        seq = self.new_sequence()
+        seq = self.new_sequence(steering)
         try:
-            parts = []
-            caps = []
+            parts: list[np.ndarray] = []
+            caps: list[np.ndarray] = []
+            finals: list[np.ndarray] = []
             for i in range(0, len(tokens), self.max_tokens):
                 res = self.step([SeqRequest(seq, tokens[i:i + self.max_tokens], logits="all",
-                                            **hooks)])[0]
+                                            capture_layers=tuple(capture_layers),
+                                            capture_final=capture_final)])[0]
+                assert res.logits is not None  # logits="all"
                 parts.append(res.logits)
                 if res.captures is not None:
                     caps.append(res.captures)
-            return SeqResult(np.concatenate(parts), np.concatenate(caps, axis=2) if caps else None)
+                if res.final is not None:
+                    finals.append(res.final)
+            return SeqResult(np.concatenate(parts), np.concatenate(caps, axis=2) if caps else None,
+                             np.concatenate(finals) if finals else None)
         finally:
             self.release(seq)
 

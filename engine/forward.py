@@ -11,6 +11,8 @@ Hooks are plain arguments:
 - capture: for layers with cap_slot[l] >= 0 and tokens with cap_rows[t] >= 0,
   cap_out[point, cap_slot[l], cap_rows[t]] receives the point's (dim,) vector, points in
   CAPTURE_POINTS order;
+- final capture: tokens with final_rows[t] >= 0 get the stream after the final norm (what the
+  classifier reads, embeddings' default) in final_out[final_rows[t]];
 - logits: tokens with want_logits[t] get the final norm and classifier, their rows of `logits`
   in token order; other tokens (the inside of a prefill) skip them.
 """
@@ -22,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from engine import kernels as K
+from . import kernels as K
 
 CAPTURE_POINTS = ("resid_pre", "attn_out", "mlp_out", "resid_post")
 
@@ -61,6 +63,14 @@ def _steer(x, steer_index, steer_vecs, layer):
 
 
 @njit(**K._opts)
+def _capture_final(final_out, final_rows, x, w, eps):
+    for t in range(x.shape[0]):
+        r = final_rows[t]
+        if r >= 0:
+            K.rmsnorm_row(final_out[r], x[t], w, eps)
+
+
+@njit(**K._opts)
 def _inputs(ws, T, n):
     """The workspace's matmul-input buffers for T rows of padded width n."""
     return ws.xa[:T, :n], ws.xs[:T, :n // 32], ws.xc[:T, :n // 4]  # xs, xc: (T, 0) in f32
@@ -77,7 +87,8 @@ def _any_steering(steer_index):
 
 @njit(**K._opts)
 def forward_step(w, ws, dims, eps, tokens, positions, seq_index, block_tables, k_cache, v_cache,
-                 steer_index, steer_vecs, cap_slot, cap_rows, cap_out, want_logits, logits):
+                 steer_index, steer_vecs, cap_slot, cap_rows, cap_out, final_rows, final_out,
+                 want_logits, logits):
     """Run every layer for T tokens; see the module docstring for the hook arguments.
 
     dims = (n_layers, dim, hidden_dim, n_heads, n_kv_heads, head_dim)
@@ -124,6 +135,7 @@ def forward_step(w, ws, dims, eps, tokens, positions, seq_index, block_tables, k
             _capture(cap_out, 3, slot, cap_rows, x)
     if steering:
         _steer(x, steer_index, steer_vecs, n_layers)
+    _capture_final(final_out, final_rows, x, w.final_norm, eps)
     # classifier, only for the tokens whose logits are wanted, in token order
     n_out = 0
     for t in range(T):

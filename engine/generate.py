@@ -6,8 +6,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from engine.engine import Engine, SeqRequest
-from engine.sampling import Sampler, SamplingParams
+from .engine import Engine, SeqRequest
+from .sampling import Sampler, SamplingParams
 
 
 @dataclass
@@ -49,6 +49,7 @@ def generate(engine: Engine, prompt: list[int], params: SamplingParams, max_new_
         timings.prompt_seconds = time.perf_counter() - start
         start = time.perf_counter()
         for _ in range(max_new_tokens):
+            assert logits.logits is not None  # every step asks for the last logits
             token = sampler.sample(logits.logits)
             sampler.accept(token)
             timings.generated_tokens += 1

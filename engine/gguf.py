@@ -37,10 +37,10 @@ from typing import Any, NamedTuple
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from engine.config import ModelConfig
-from engine.llama2c import LIMITS, NORMS, Checkpoint, CheckpointError, tensor_shapes
-from engine.quant import QTensor
-from engine.tokenizer import Tokenizer, TokenizerError
+from .config import ModelConfig
+from .llama2c import LIMITS, NORMS, Checkpoint, CheckpointError, tensor_shapes
+from .quant import QTensor
+from .tokenizer import Tokenizer, TokenizerError
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
     if size < 4:
         raise CheckpointError(f"{path}: file is {size} bytes, too short for a GGUF header")
     data = np.memmap(path, dtype=np.uint8, mode="r")
-    cur = _Cursor(path, memoryview(data))
+    cur = _Cursor(path, memoryview(data))  # type: ignore[arg-type]
     magic = bytes(cur.buf[:4])
     if magic != MAGIC:
         raise cur.fail(f"not a GGUF file (starts with {magic!r}, expected {MAGIC!r})")
@@ -325,7 +325,7 @@ def _config(f: GGUFFile, vocab_size: int, shared: bool) -> ModelConfig:
         return _meta_int(f, f"llama.{name}", default, LIMITS[limit])
 
     n_heads = key("attention.head_count", "n_heads")
-    params = dict(
+    params: dict[str, Any] = dict(
         dim=key("embedding_length", "dim"), hidden_dim=key("feed_forward_length", "hidden_dim"),
         n_layers=key("block_count", "n_layers"), n_heads=n_heads,
         n_kv_heads=key("attention.head_count_kv", "n_kv_heads", n_heads),
@@ -377,7 +377,7 @@ def _checked(f: GGUFFile, what: str, value: int, limit: int) -> int:
 def _expected(config: ModelConfig) -> dict[str, tuple[str, int | None, tuple[int, ...]]]:
     """GGUF name -> (our name, layer or None, shape) of every tensor the model needs."""
     shapes = tensor_shapes(config)
-    out = {}
+    out: dict[str, tuple[str, int | None, tuple[int, ...]]] = {}
     for gguf_name, ours in GLOBAL_TENSORS.items():
         if ours in shapes:
             out[gguf_name] = (ours, None, shapes[ours])
@@ -442,6 +442,7 @@ def _stack(f: GGUFFile, infos: list[TensorInfo], name: str) -> np.ndarray | QTen
         scales = np.empty((*shape[:-1], shape[-1] // Q8_0_BLOCK[0]), np.float32)
         for layer, t in enumerate(infos):
             q = _read_tensor(f, t)
+            assert isinstance(q, QTensor)  # every layer is Q8_0
             values[layer], scales[layer] = q.values, q.scales
         return QTensor(values, scales)
     if name not in NORMS and any(t.type == T.Q8_0 for t in infos):

@@ -29,8 +29,9 @@ from typing import Any
 import blake3
 import numpy as np
 
-from engine.llama2c import Checkpoint
-from engine.quant import QTensor
+from .llama2c import Checkpoint
+from .paths import cache_root
+from .quant import QTensor
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +49,6 @@ MAX_CACHE_ENTRIES = 512  # oldest written entries are dropped beyond this, and d
 # the key
 
 
-def cache_dir() -> Path:
-    if "TILLER_CACHE_DIR" in os.environ:
-        return Path(os.environ["TILLER_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tiller"
-
-
 def hash_file(path: str | os.PathLike[str]) -> str:
     """BLAKE3 hex digest of a file: memory-mapped, hashed on all cores (no cache)."""
     hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
@@ -62,7 +57,7 @@ def hash_file(path: str | os.PathLike[str]) -> str:
 
 
 def model_key(path: str | os.PathLike[str], cache: str | os.PathLike[str] | None = None) -> str:
-    """BLAKE3 of the file's bytes, from the cache in `cache` (default cache_dir()) when the file
+    """BLAKE3 of the file's bytes, from the cache in `cache` (default cache_root()) when the file
     is unchanged (same absolute path, size, mtime_ns and inode), else hashed and cached."""
     return _cached(path, "blake3", lambda: hash_file(path), cache)
 
@@ -82,6 +77,7 @@ def tensor_digest(checkpoint: Checkpoint) -> str:
     hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
     for name in sorted(checkpoint.tensors):
         t = checkpoint.tensors[name]
+        parts: tuple[tuple[str, np.ndarray, str], ...]
         if isinstance(t, QTensor):
             parts = (("q8_0", t.values, "i1"), ("scales", t.scales, "<f4"))
         else:
@@ -90,7 +86,7 @@ def tensor_digest(checkpoint: Checkpoint) -> str:
             a = np.ascontiguousarray(a, dtype=dtype)
             label = name if i == 0 else f"{name}.{kind}"
             hasher.update(f"{label} {kind} {'x'.join(map(str, a.shape))}\n".encode())
-            hasher.update(memoryview(a).cast("B"))
+            hasher.update(memoryview(a).cast("B"))  # type: ignore[arg-type]
     return hasher.hexdigest()
 
 
@@ -137,7 +133,7 @@ def _cached(path: str | os.PathLike[str], field: str, compute: Any,
             cache: str | os.PathLike[str] | None) -> str:
     """`field` of the file's cache entry if the file is unchanged, else compute() and store it."""
     real = os.path.realpath(path)
-    cache_path = Path(cache if cache is not None else cache_dir()) / CACHE_FILE
+    cache_path = Path(cache if cache is not None else cache_root()) / CACHE_FILE
     before = _stamp(real)
     entry = _read_cache(cache_path).get(real)
     if isinstance(entry, dict) and all(entry.get(k) == v for k, v in before.items()) \

@@ -7,24 +7,25 @@ one thread in a fixed order, so results do not depend on the thread count or the
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numba
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from engine.config import GROUP_SIZE
-from engine.simd import make_tile
+from .config import GROUP_SIZE
+from .kvcache import KV_BLOCK
+from .simd import make_tile
 
 TILE_ROWS = 4
 TILE_COLS = 4
-KV_BLOCK = 16  # positions per KV-cache block
 
 _tile = make_tile(TILE_ROWS, TILE_COLS)
 _tile_col = make_tile(TILE_ROWS, 1)
 _tile_one = make_tile(1, 1)
 
-_opts = dict(nogil=True, cache=True)
+_opts: dict[str, Any] = {"nogil": True, "cache": True}
 
 
 def is_q8(a) -> bool:
@@ -126,7 +127,7 @@ def _load_row(v, xa, xs, xc):
 
 
 @njit(**_opts)
-def _rmsnorm_row(out, x, w, eps):
+def rmsnorm_row(out, x, w, eps):
     """out (n,) = x / sqrt(mean(x^2) + eps) * w"""
     n = x.shape[0]
     ss = np.float32(0.0)
@@ -148,7 +149,7 @@ def load_activations(x, xa, xs, xc):
 def norm_load(xb, x, w, eps, xa, xs, xc):
     """xb = rmsnorm(x) * w, then loaded as matmul input (one parallel region for both)."""
     for t in prange(x.shape[0]):
-        _rmsnorm_row(xb[t], x[t], w, eps)
+        rmsnorm_row(xb[t], x[t], w, eps)
         _load_row(xb[t], xa[t], xs[t], xc[t])
 
 
@@ -158,7 +159,7 @@ def add_norm_load(x, y, xb, w, eps, xa, xs, xc):
     for t in prange(x.shape[0]):
         row = x[t]
         row += y[t]
-        _rmsnorm_row(xb[t], row, w, eps)
+        rmsnorm_row(xb[t], row, w, eps)
         _load_row(xb[t], xa[t], xs[t], xc[t])
 
 

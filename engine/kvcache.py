@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.config import ModelConfig
-from engine.kernels import KV_BLOCK
+from .config import ModelConfig
+
+KV_BLOCK = 16  # positions per KV-cache block: the one home of the page size
 
 
 class CacheFull(RuntimeError):

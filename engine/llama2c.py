@@ -37,8 +37,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from engine.config import GROUP_SIZE, ModelConfig
-from engine.quant import QTensor, n_groups, quantize_q8_0
+from .config import GROUP_SIZE, ModelConfig, rope_tables
+from .quant import QTensor, n_groups, quantize_q8_0
 
 logger = logging.getLogger(__name__)
 
@@ -388,18 +388,6 @@ def quantize_export(w: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndar
     return q.reshape(-1), scale.astype(np.float32)
 
 
-def rope_tables(config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
-    """model.py's precompute_freqs_cis -> (cos, sin), each (max_seq_len, head_dim/2) fp32.
-
-    NOTE: matches PyTorch's tables to about 1 ulp, not bit for bit; run.c never reads them.
-    """
-    hd = config.head_dim
-    exponent = np.arange(0, hd, 2)[: hd // 2].astype(np.float32) / np.float32(hd)
-    freqs = np.float32(1.0) / np.float32(config.rope_theta) ** exponent
-    angles = np.outer(np.arange(config.max_seq_len, dtype=np.float32), freqs)
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-
-
 def _checked_tensors(config: ModelConfig,
                      tensors: dict[str, np.ndarray | QTensor]) -> dict[str, np.ndarray]:
     shapes = tensor_shapes(config)
@@ -420,7 +408,7 @@ def _checked_tensors(config: ModelConfig,
 
 
 def _write_fp32(f: BinaryIO, a: np.ndarray) -> None:
-    f.write(memoryview(np.ascontiguousarray(a, dtype="<f4")).cast("B"))
+    f.write(memoryview(np.ascontiguousarray(a, dtype="<f4")).cast("B"))  # type: ignore[arg-type]
 
 
 def write_llama2c(path: str | os.PathLike[str], config: ModelConfig,
@@ -459,7 +447,7 @@ def _write_body(f: BinaryIO, config: ModelConfig, ts: dict[str, np.ndarray], for
         # NOTE: the legacy format's only flag is the sign of vocab_size
         params[PARAMS.index("vocab_size")] *= 1 if shared else -1
         f.write(V0_HEADER.pack(*params))
-        cos, sin = rope_tables(config)
+        cos, sin = rope_tables(config, torch_float32=True)
         ts = ts | {"freq_cis_real": cos, "freq_cis_imag": sin}
         for name, _ in _fp32_layout(config, "v0"):
             _write_fp32(f, ts[name])
@@ -478,7 +466,7 @@ def _write_body(f: BinaryIO, config: ModelConfig, ts: dict[str, np.ndarray], for
     for name, layers, rows, cols in _matrices(config):
         for w in ts[name].reshape(layers, rows, cols):
             q, s = quantize_export(w, gs)
-            f.write(memoryview(q).cast("B"))
+            f.write(memoryview(q).cast("B"))  # type: ignore[arg-type]
             if format == "v2":
                 _write_fp32(f, s)
             else:  # q80v1 keeps every scale for the end of the file

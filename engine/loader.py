@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from engine.gguf import MAGIC as GGUF_MAGIC
-from engine.gguf import gguf_tokenizer, load_gguf, read_gguf
-from engine.llama2c import Checkpoint, load_llama2c
-from engine.tokenizer import Tokenizer, TokenizerError
+from .gguf import MAGIC as GGUF_MAGIC
+from .gguf import gguf_tokenizer, load_gguf, read_gguf
+from .llama2c import Checkpoint, load_llama2c
+from .tokenizer import Tokenizer, TokenizerError
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:

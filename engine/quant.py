@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.config import GROUP_SIZE
+from .config import GROUP_SIZE
 
 
 def n_groups(n: int, group_size: int = GROUP_SIZE) -> int:

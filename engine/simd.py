@@ -47,8 +47,9 @@ def _target_has_vnni() -> bool:
     """True when numba compiles for a CPU with AVX512-VNNI (numba's target, not just the host)."""
     if os.environ.get("TILLER_SIMD", "").lower() == "generic":
         return False
-    if numba.config.CPU_NAME:  # a pinned target (e.g. portable caches): trust only its features
-        features = numba.config.CPU_FEATURES or ""
+    # a pinned target (e.g. portable caches): trust only its features
+    if numba.config.CPU_NAME:  # type: ignore[attr-defined]
+        features = numba.config.CPU_FEATURES or ""  # type: ignore[attr-defined]
     else:
         features = llvm.get_host_cpu_features().flatten()
     return "+avx512vnni" in features.split(",")

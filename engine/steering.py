@@ -1,9 +1,7 @@
 """Steering vectors built from prompts, and their translation into the step's SteeringTerms.
 
-Layer numbering (tiller's, everywhere): layer l is the residual stream *entering* transformer
-block l, for l in 0..n_layers-1, and l = n_layers is the stream after the last block, before
-the final norm. Reading layer l gives `resid_pre[l]` (or `resid_post[n_layers-1]` for
-l = n_layers); adding at layer l changes what block l reads.
+Layers are numbered as engine/layers.py says: layer l is the residual stream entering block l,
+layer n_layers the stream after the last block; adding at layer l changes what block l reads.
 
 ActAdd (llama.cpp's steering experiment, PR #1472: --steering-add/-sub/-source/-layer/-mul):
 both prompts are tokenized with BOS, the shorter is padded at its end with the newline token
@@ -27,12 +25,9 @@ from typing import Literal
 
 import numpy as np
 
-from engine.engine import Engine, EngineError, SeqRequest, SteeringTerm
-from engine.forward import CAPTURE_POINTS
-from engine.tokenizer import Tokenizer
-
-_RESID_PRE = CAPTURE_POINTS.index("resid_pre")
-_RESID_POST = CAPTURE_POINTS.index("resid_post")
+from .engine import Engine, EngineError, SeqRequest, SteeringTerm
+from .layers import capture_blocks, normalize_layer, stream_at
+from .tokenizer import Tokenizer
 
 
 def newline_token(tokenizer: Tokenizer) -> int:
@@ -53,29 +48,8 @@ def actadd_tokens(tokenizer: Tokenizer, add: str, sub: str) -> tuple[list[int], 
     return a + [pad] * (n - len(a)), s + [pad] * (n - len(s))
 
 
-def normalize_layer(layer: int, n_layers: int, what: str = "layer") -> int:
-    """A steering layer in 0..n_layers; negatives count from the end (-1: after the last)."""
-    if not -(n_layers + 1) <= layer <= n_layers:
-        raise EngineError(f"{what} {layer} outside 0..{n_layers} (or -{n_layers + 1}..-1)")
-    return layer + n_layers + 1 if layer < 0 else layer
-
-
 def _check_layer(engine: Engine, layer: int, what: str) -> int:
     return normalize_layer(layer, engine.config.n_layers, what)
-
-
-def capture_blocks(layers: Sequence[int], n_layers: int) -> list[int]:
-    """The blocks whose capture holds the streams at `layers` (layer n_layers: the last block's
-    output)."""
-    return sorted({min(layer, n_layers - 1) for layer in layers})
-
-
-def stream_at(captures: np.ndarray, blocks: Sequence[int], layer: int, n_layers: int
-              ) -> np.ndarray:
-    """The residual stream at `layer` (T, dim), from captures (points, len(blocks), T, dim)."""
-    if layer == n_layers:
-        return captures[_RESID_POST, list(blocks).index(n_layers - 1)]
-    return captures[_RESID_PRE, list(blocks).index(layer)]
 
 
 def directions_from_states(positive: np.ndarray, negative: np.ndarray, layers: Sequence[int],
@@ -136,6 +110,7 @@ def read_layers(engine: Engine, prompts: Sequence[list[int]], layers: Sequence[i
                                                    capture_layers=capture))
                         who.append(i)
                 for i, result in zip(who, engine.step(requests), strict=True):
+                    assert result.captures is not None  # capture_layers is not empty
                     caps[i].append(result.captures)
             for i in range(len(batch)):
                 cap = np.concatenate(caps[i], axis=2)  # (points, len(capture), T, dim)

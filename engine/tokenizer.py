@@ -20,6 +20,7 @@ from __future__ import annotations
 import codecs
 import heapq
 import math
+import os
 import re
 import struct
 from enum import IntEnum
@@ -161,7 +162,8 @@ class Tokenizer:
         self._cache: dict[str, list[int]] = {}
 
     @classmethod
-    def from_llama2c(cls, path: str | Path, vocab_size: int | None = None) -> Tokenizer:
+    def from_llama2c(cls, path: str | os.PathLike[str],
+                     vocab_size: int | None = None) -> Tokenizer:
         """Load a llama2.c tokenizer.bin; vocab_size=None reads tokens until end of file."""
         path = Path(path)
         try:

@@ -17,9 +17,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from engine.config import GROUP_SIZE, ModelConfig
-from engine.quant import QTensor, dequantize_q8_0, n_groups, quantize_q8_0
-from engine.simd import F32_CHUNK, Q8_CHUNK
+from .config import GROUP_SIZE, ModelConfig, rope_tables
+from .quant import QTensor, dequantize_q8_0, n_groups, quantize_q8_0
+from .simd import F32_CHUNK, Q8_CHUNK
 
 DTYPES = ("q8_0", "f32")
 
@@ -76,14 +76,6 @@ def _matrix(parts: list[np.ndarray | QTensor], dtype: str) -> tuple[np.ndarray, 
         scales[..., r:r + k, :n_groups(n)] = q.scales
         r += k
     return values, scales
-
-
-def rope_tables(config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin (max_seq_len, head_dim/2) for llama2.c's pairwise RoPE, computed in float64."""
-    hd = config.head_dim
-    freqs = 1.0 / config.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
-    angles = np.arange(config.max_seq_len, dtype=np.float64)[:, None] * freqs[None, :]
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
 def build_weights(config: ModelConfig, tensors: dict[str, np.ndarray | QTensor],

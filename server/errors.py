@@ -25,3 +25,7 @@ def error_response(error: ApiError, headers: Mapping[str, str] | None = None) ->
                       "code": error.code}}
     keep = {k: v for k, v in (headers or {}).items() if k.lower() in ("allow", "retry-after")}
     return web.json_response(body, status=error.status, headers=keep)
+
+
+class GenerationError(RuntimeError):
+    """The engine failed on a request (a bug, logged on the engine thread): a 500."""

@@ -1,10 +1,10 @@
 """Hidden states over HTTP: POST /v1/features, OpenAI's /v1/embeddings, llama.cpp's /embedding.
 
 All three run their inputs as prompt-only requests through the shared batch
-(server/serving.py collect_states), so they interleave with generations and never disturb
-them. Numbering: a `layers` entry of /v1/features and the `layer` of the embeddings is a block
-index (0..n_layers-1, negative from the end); block l's `resid_pre` is the stream steering
-calls layer l, its `resid_post` the stream steering calls layer l + 1.
+(server/generation.py collect_states), so they interleave with generations and never disturb
+them. Numbering (engine/layers.py): a `layers` entry of /v1/features and the `layer` of the
+embeddings is a block index (0..n_layers-1, negative from the end); block l's `resid_pre` is
+the stream steering calls layer l, its `resid_post` the stream steering calls layer l + 1.
 
 Binary formats are written here: `.npz` by numpy, safetensors by `safetensors_bytes` (the
 format is an 8-byte little-endian header length, a JSON header, then raw little-endian data).
@@ -16,16 +16,28 @@ import base64
 import io
 import json
 import struct
+from typing import Literal
 
 import numpy as np
 from aiohttp import web
 
-from engine.forward import CAPTURE_POINTS
-from server.app import STATE, Model, read_json
-from server.errors import ApiError
-from server.protocol import EmbeddingsRequest, FeaturesRequest, LlamaEmbeddingRequest
-from server.serving import collect_states, tokenize_prompt
-from server.steering_routes import resolve_steering
+from ..engine.engine import EngineError, SteeringTerm
+from ..engine.forward import CAPTURE_POINTS
+from ..engine.layers import normalize_block
+from .errors import ApiError
+from .generation import collect_states
+from .http import read_json
+from .openapi import operation
+from .prepare import input_ids
+from .protocol import (
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    FeaturesRequest,
+    FeaturesResponse,
+    LlamaEmbeddingRequest,
+)
+from .state import STATE, Model, ServerState
+from .steering_service import resolve_steering
 
 _RESID_POST = CAPTURE_POINTS.index("resid_post")
 _SAFETENSORS_DTYPES = {np.dtype("<f4"): "F32", np.dtype("<i8"): "I64"}
@@ -34,28 +46,15 @@ _SAFETENSORS_DTYPES = {np.dtype("<f4"): "F32", np.dtype("<i8"): "I64"}
 # validation ------------------------------------------------------------------------------------
 
 
-def input_ids(request: web.Request, prompt: str | list, field: str) -> list[int]:
-    """Text (with BOS) or token ids -> ids that fit the context (else context_length_exceeded)."""
-    model, runner = request.app[STATE].ready()
-    ids = tokenize_prompt(model, prompt, field)
-    limit = runner.context_limit()
-    if len(ids) > limit:
-        raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, "
-                       f"{field} has {len(ids)} tokens. Please reduce the input.", param=field,
-                       code="context_length_exceeded")
-    return ids
-
-
 def block_index(model: Model, block: int, field: str) -> int:
     """A block index, negative from the end (-1: the last block), checked."""
-    n = model.engine.config.n_layers
-    if not -n <= block < n:
-        raise ApiError(400, f"{field}: block {block} outside 0..{n - 1} (or -{n}..-1)",
-                       param=field.split("[")[0])
-    return block % n
+    try:
+        return normalize_block(block, model.engine.config.n_layers)
+    except EngineError as e:
+        raise ApiError(400, f"{field}: {e}", param=field.split("[")[0]) from e
 
 
-def token_positions(positions: str | list[int], n_tokens: int) -> list[int]:
+def token_positions(positions: Literal["all", "last"] | list[int], n_tokens: int) -> list[int]:
     if positions == "all":
         return list(range(n_tokens))
     if positions == "last":
@@ -98,7 +97,7 @@ def safetensors_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str]) 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
     return buffer.getvalue()
 
 
@@ -110,47 +109,22 @@ def _binary(body: bytes, filename: str) -> web.Response:
 # hidden states ----------------------------------------------------------------------------------
 
 
-async def final_states(request: web.Request, prompts: list[list[int]], layer: int | None,
-                       steering: tuple) -> list[np.ndarray]:
-    """Each prompt's (T, dim) states: block `layer`'s output, or (None) the last block's output
-    after the model's final RMSNorm -- what llama.cpp embeds."""
-    state = request.app[STATE]
-    model, _ = state.ready()
-    eng = model.engine
-    block = eng.config.n_layers - 1 if layer is None else layer
+async def final_states(state: ServerState, prompts: list[list[int]], layer: int | None,
+                       steering: tuple[SteeringTerm, ...]) -> list[np.ndarray]:
+    """Each prompt's (T, dim) states: block `layer`'s output, or (None) the stream after the
+    model's final norm (steering after the last block included) -- what llama.cpp embeds."""
+    model, runner = state.ready()
+    blocks = [] if layer is None else [layer]
     out: list[np.ndarray] = []
     wave = max(1, state.config.parallel)  # NOTE: a long input list must not fill the queue
     for start in range(0, len(prompts), wave):
-        states = await collect_states(request, prompts[start:start + wave], [block], steering)
-        out.extend(s[_RESID_POST, 0].astype(np.float32) for s in states)
-    if layer is None:
-        dim = eng.config.dim
-        weight = np.asarray(eng.weights.final_norm[:dim], dtype=np.float32)
-        out = [rms_norm(final_steering(x, steering, eng.config.n_layers), weight,
-                        eng.config.norm_eps) for x in out]
+        hidden = await collect_states(model, runner, prompts[start:start + wave], blocks,
+                                      steering, final=layer is None)
+        for h in hidden:
+            x = h.final if layer is None else h.states[_RESID_POST, 0]  # type: ignore[index]
+            assert x is not None
+            out.append(x.astype(np.float32))
     return out
-
-
-def final_steering(x: np.ndarray, steering: tuple, n_layers: int) -> np.ndarray:
-    """x (T, dim), the last block's output, plus the steering at layer n_layers, which the
-    engine adds after the capture and before the final norm (summed as Engine.step sums it)."""
-    acc = np.zeros_like(x)
-    for term in steering:
-        if term.layer != n_layers:
-            continue
-        v = np.asarray(term.vectors, np.float32)
-        if term.every_position:
-            acc += np.float32(term.scale) * v.reshape(x.shape[1])
-        else:
-            n = min(len(v), len(x))
-            acc[:n] += np.float32(term.scale) * v[:n]
-    return x + acc
-
-
-def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """x (T, dim) -> x / sqrt(mean(x^2) + eps) * weight, the mean taken in float64."""
-    ms = np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True)
-    return (x * (1.0 / np.sqrt(ms + eps)) * weight).astype(np.float32)
 
 
 def pool(x: np.ndarray, pooling: str) -> np.ndarray:
@@ -178,21 +152,27 @@ def embd_normalize(v: np.ndarray, p: int) -> np.ndarray:
 # POST /v1/features ---------------------------------------------------------------------------
 
 
+@operation("Hidden states of chosen layers, points and positions (json, npz or safetensors)",
+           FeaturesRequest, FeaturesResponse)
 async def features(request: web.Request) -> web.Response:
-    model, _ = request.app[STATE].ready()
+    state = request.app[STATE]
+    model, runner = state.ready()
     body = FeaturesRequest.model_validate(await read_json(request))
-    ids = input_ids(request, body.input, "input")
+    ids = input_ids(model, runner, body.input, "input")
     n_layers = model.engine.config.n_layers
     layers = list(range(n_layers)) if body.layers is None else [
         block_index(model, b, f"layers[{i}]") for i, b in enumerate(body.layers)]
     positions = token_positions(body.positions, len(ids))
     points = list(dict.fromkeys(body.points))  # repeated names once, in the order given
-    steering = await resolve_steering(request, body.steering)
+    steering = await resolve_steering(state, body.steering)
     blocks = sorted(set(layers))
-    (states,) = await collect_states(request, [ids], blocks, steering)  # (4, blocks, T, dim)
+    (hidden,) = await collect_states(model, runner, [ids], blocks, steering)
+    states = hidden.states  # (len(CAPTURE_POINTS), len(blocks), T, dim)
+    assert states is not None
     rows = [blocks.index(b) for b in layers]
-    arrays = {p: np.ascontiguousarray(states[CAPTURE_POINTS.index(p)][rows][:, positions],
-                                      dtype=np.float32) for p in points}
+    arrays: dict[str, np.ndarray] = {
+        p: np.ascontiguousarray(states[CAPTURE_POINTS.index(p)][rows][:, positions],
+                                dtype=np.float32) for p in points}
     pieces = [_piece(model, t) for t in ids]
     index = {"tokens": np.asarray(ids, np.int64), "positions": np.asarray(positions, np.int64),
              "layers": np.asarray(layers, np.int64)}
@@ -217,13 +197,16 @@ def _openai_inputs(value: str | list) -> list[str | list[int]]:
     return list(value)
 
 
+@operation("OpenAI embeddings (plus pooling, normalize, layer, steering)", EmbeddingsRequest,
+           EmbeddingsResponse)
 async def embeddings(request: web.Request) -> web.Response:
-    model, _ = request.app[STATE].ready()
+    state = request.app[STATE]
+    model, runner = state.ready()
     body = EmbeddingsRequest.model_validate(await read_json(request))
-    prompts = [input_ids(request, p, "input") for p in _openai_inputs(body.input)]
+    prompts = [input_ids(model, runner, p, "input") for p in _openai_inputs(body.input)]
     layer = None if body.layer is None else block_index(model, body.layer, "layer")
-    steering = await resolve_steering(request, body.steering)
-    states = await final_states(request, prompts, layer, steering)
+    steering = await resolve_steering(state, body.steering)
+    states = await final_states(state, prompts, layer, steering)
     data = []
     for i, x in enumerate(states):
         v = embd_normalize(pool(x, body.pooling), 2 if body.normalize else -1)
@@ -246,15 +229,18 @@ def _llama_inputs(value: str | list) -> list[str | list]:
     return list(value)
 
 
+@operation("llama.cpp embeddings", LlamaEmbeddingRequest)
 async def llama_embedding(request: web.Request) -> web.Response:
-    model, _ = request.app[STATE].ready()
+    state = request.app[STATE]
+    model, runner = state.ready()
     body = LlamaEmbeddingRequest.model_validate(await read_json(request))
     field = "content" if body.content is not None else "input"
     value = body.content if body.content is not None else body.input
-    prompts = [input_ids(request, p, field) for p in _llama_inputs(value)]
+    assert value is not None
+    prompts = [input_ids(model, runner, p, field) for p in _llama_inputs(value)]
     layer = None if body.layer is None else block_index(model, body.layer, "layer")
-    steering = await resolve_steering(request, body.steering)
-    states = await final_states(request, prompts, layer, steering)
+    steering = await resolve_steering(state, body.steering)
+    states = await final_states(state, prompts, layer, steering)
     pooling = "first" if body.pooling == "cls" else body.pooling
     out = []
     for i, x in enumerate(states):

@@ -1,17 +1,30 @@
-"""One request's generation as the HTTP layer sees it: text pieces, then an outcome.
+"""Submitting generations and consuming them: the stage between a prepared request and its
+response.
 
-Turns the engine thread's token events into text with TextStream (UTF-8 safe, stop strings
-held back and cut), tells the runner to stop at a stop string, and cancels the request if the
-consumer goes away (a disconnected client): the `finally` below is what frees its KV cache.
+A Generation turns the engine thread's token events into text with TextStream (UTF-8 safe, stop
+strings held back and cut), tells the runner to stop at a stop string, and cancels the request
+if the consumer goes away (a disconnected client): the `finally` in `events()` is what frees
+its KV cache. `merged` consumes several at once (n choices, several prompts); `collect_states`
+runs prompt-only requests for their hidden states.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from engine.tokenizer import Tokenizer
-from server.runner import (
+import numpy as np
+
+from ..engine.engine import EngineError, SteeringTerm
+from ..engine.sampling import SamplingParams
+from ..engine.tokenizer import Tokenizer
+from .errors import ApiError, GenerationError
+from .http import SSE
+from .prepare import GenerationSpec, max_new_tokens
+from .runner import (
     Captured,
     Finished,
     FinishReason,
@@ -20,7 +33,8 @@ from server.runner import (
     Runner,
     TokenEvent,
 )
-from server.textstream import TextStream
+from .state import Model
+from .textstream import TextStream
 
 
 @dataclass
@@ -47,10 +61,6 @@ class Outcome:
     text: str
 
 
-class GenerationError(RuntimeError):
-    """The engine failed on this request (a bug, logged on the engine thread)."""
-
-
 class Generation:
     """A submitted request. Construction submits it (raising QueueFull or ValueError at once,
     before any response has started); `events()` yields its Pieces (and PromptLogprobs if asked),
@@ -69,7 +79,7 @@ class Generation:
             self.done = True
             self.runner.cancel(self.handle.id)
 
-    async def events(self) -> AsyncIterator[Piece | PromptLogprobs | Captured | Outcome]:
+    async def events(self) -> AsyncGenerator[Piece | PromptLogprobs | Captured | Outcome, None]:
         stream, request, handle = self.stream, self.request, self.handle
         n_tokens = 0
         eos = False
@@ -111,3 +121,113 @@ class Generation:
                     return
         finally:
             self.cancel()
+
+
+# submitting and consuming several ---------------------------------------------------------------
+
+def start_generations(model: Model, runner: Runner, specs: Sequence[GenerationSpec]
+                      ) -> list[Generation]:
+    """Submit every choice now, so a full queue is a 503 before any response has started."""
+    started: list[Generation] = []
+    try:
+        for gen, stop, at_start in specs:
+            started.append(Generation(runner, model.tokenizer, gen, stop, at_start))
+    except EngineError as e:  # the steering, validated when its sequence is created
+        for g in started:
+            g.cancel()
+        raise ApiError(400, f"steering: {e}", param="steering") from e
+    except BaseException:
+        for g in started:
+            g.cancel()
+        raise
+    return started
+
+
+async def merged(generations: list[Generation], sse: SSE | None = None
+                 ) -> AsyncIterator[tuple[int, Any]]:
+    """Events of several generations as (index, event), as they come; all cancelled on exit.
+
+    Each is consumed by its own task, so one slow choice never holds back the others. A
+    GenerationError propagates -- unless `sse` has started, where it ends the stream with an
+    error event and sets `sse.failed` instead.
+    """
+    try:
+        async for item in _merged(generations):
+            yield item
+    except GenerationError as e:
+        if sse is None or not sse.started:
+            raise
+        await sse.fail(ApiError(500, str(e), "server_error"))
+
+
+async def _merged(generations: list[Generation]) -> AsyncIterator[tuple[int, Any]]:
+    streams = [g.events() for g in generations]
+    if len(streams) == 1:
+        try:
+            async for item in streams[0]:
+                yield 0, item
+        finally:
+            await streams[0].aclose()
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream: AsyncIterator) -> None:
+        try:
+            async for item in stream:
+                await queue.put((i, item))
+            await queue.put((i, done))
+        except BaseException as e:  # hand it to the consumer
+            await queue.put((i, e))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(streams)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task, stream, generation in zip(tasks, streams, generations, strict=True):
+            with contextlib.suppress(BaseException):  # its error, if any, was raised above
+                await task
+            await stream.aclose()
+            generation.cancel()
+
+
+async def collect_states(model: Model, runner: Runner, prompts: list[list[int]],
+                         blocks: Sequence[int], steering: tuple[SteeringTerm, ...] = (),
+                         final: bool = False) -> list[Captured]:
+    """Hidden states of each prompt: `states` (len(CAPTURE_POINTS), len(blocks), T, dim) and,
+    with `final`, the stream after the final norm (T, dim). Computed as requests with
+    max_tokens=0 in the shared batch: submitted together, they share steps."""
+    for ids in prompts:
+        max_new_tokens(runner, ids, 0)
+    specs = [(GenerationRequest(ids, SamplingParams(temperature=0.0), 0,
+                                capture_layers=tuple(blocks), capture_final=final,
+                                steering=steering), (), False)
+             for ids in prompts]
+    parts: list[list[Captured]] = [[] for _ in prompts]
+    async for i, event in merged(start_generations(model, runner, specs)):
+        if isinstance(event, Captured):
+            parts[i].append(event)
+    return [Captured(np.concatenate([c.states for c in p], axis=2) if blocks else None,
+                     np.concatenate([c.final for c in p]) if final else None) for p in parts]
+
+
+def token_logprobs(tokenizer: Tokenizer, piece: Piece, with_ids: bool = False) -> dict:
+    """A sampled token's logprob entry with its top alternatives, in the shape OpenAI's chat
+    logprobs use ({token, logprob, bytes, top_logprobs}); llama.cpp's adds each token's id."""
+    def entry(token: int, lp: float | None) -> dict:
+        raw = tokenizer.piece_bytes(token)
+        out = {"token": raw.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(raw)}
+        return {"id": token, **out} if with_ids else out
+    assert piece.token is not None
+    return {**entry(piece.token, piece.logprob),
+            "top_logprobs": [entry(t, lp) for t, lp in piece.top or []]}

@@ -4,23 +4,20 @@ from __future__ import annotations
 
 from aiohttp import web
 
-import engine
-from server.app import STATE, TOKENS, read_json
-from server.errors import ApiError
-from server.generation import Outcome, Piece
-from server.protocol import DetokenizeRequest, LlamaCompletionRequest, TokenizeRequest
-from server.runner import GenerationRequest
-from server.serving import (
-    SSE,
-    max_new_tokens,
-    merged,
-    sampling,
-    start_generations,
-    stop_strings,
-    token_logprobs,
-    tokenize_prompt,
+from .. import __version__
+from .errors import ApiError
+from .generation import Outcome, Piece, merged, start_generations, token_logprobs
+from .http import SSE, read_json
+from .openapi import operation
+from .prepare import llama_choice
+from .protocol import (
+    DetokenizeRequest,
+    LlamaCompletionRequest,
+    LlamaCompletionResponse,
+    TokenizeRequest,
 )
-from server.steering_routes import resolve_steering
+from .state import STATE, TOKENS
+from .steering_service import resolve_steering
 
 
 def _timings(o: Outcome) -> dict:
@@ -33,21 +30,15 @@ def _timings(o: Outcome) -> dict:
             "predicted_per_second": gn / o.generate_seconds if o.generate_seconds else 0.0}
 
 
+@operation("llama.cpp completion", LlamaCompletionRequest, LlamaCompletionResponse)
 async def completion(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     model, runner = state.ready()
     body = LlamaCompletionRequest.model_validate(await read_json(request))
-    ids = tokenize_prompt(model, body.prompt)
-    n_new = max_new_tokens(runner, ids, None if body.n_predict < 0 else body.n_predict,
-                           "n_predict")
-    params = sampling(body.temperature, body.top_p, body.top_k, body.min_p,
-                      None if body.seed < 0 else body.seed, body.repeat_penalty,
-                      body.frequency_penalty, body.presence_penalty, body.repeat_last_n)
-    stop_ids = frozenset() if body.ignore_eos else frozenset({model.tokenizer.eos_id})
-    gen = GenerationRequest(ids, params, n_new, stop_ids,
-                            logprobs=body.n_probs if body.n_probs else None,
-                            steering=await resolve_steering(request, body.steering))
-    (generation,) = start_generations(request, [(gen, stop_strings(body.stop), False)])
+    steering = await resolve_steering(state, body.steering)
+    choice = llama_choice(model, runner, body, steering)
+    (generation,) = start_generations(model, runner, [choice.spec])
+    ids, n_new = choice.prompt, choice.spec[0].max_tokens
     sse = SSE(request) if body.stream else None
     if sse:
         await sse.start()
@@ -60,7 +51,7 @@ async def completion(request: web.Request) -> web.StreamResponse:
                 tokens.append(event.token)
             entry = None
             if body.n_probs and event.token is not None:
-                entry = token_logprobs(model, event, with_ids=True)
+                entry = token_logprobs(model.tokenizer, event, with_ids=True)
             if entry:
                 probs.append(entry)
             if sse and (event.text or entry):
@@ -100,6 +91,7 @@ def _settings(body: LlamaCompletionRequest, n_predict: int, seed: int) -> dict:
             "n_probs": body.n_probs, "ignore_eos": body.ignore_eos}
 
 
+@operation("llama.cpp tokenize", TokenizeRequest)
 async def tokenize(request: web.Request) -> web.Response:
     model, _ = request.app[STATE].ready()
     body = TokenizeRequest.model_validate(await read_json(request))
@@ -118,6 +110,7 @@ async def tokenize(request: web.Request) -> web.Response:
     return web.json_response({"tokens": pieces})
 
 
+@operation("llama.cpp detokenize", DetokenizeRequest)
 async def detokenize(request: web.Request) -> web.Response:
     model, _ = request.app[STATE].ready()
     body = DetokenizeRequest.model_validate(await read_json(request))
@@ -128,6 +121,7 @@ async def detokenize(request: web.Request) -> web.Response:
     return web.json_response({"content": model.tokenizer.decode(body.tokens)})
 
 
+@operation("llama.cpp server properties")
 async def props(request: web.Request) -> web.Response:
     state = request.app[STATE]
     model, runner = state.ready()
@@ -144,7 +138,7 @@ async def props(request: web.Request) -> web.Response:
         "chat_template": model.chat_template.source,
         "bos_token": model.tokenizer.piece(model.tokenizer.bos_id),
         "eos_token": model.tokenizer.piece(model.tokenizer.eos_id),
-        "build_info": f"tiller {engine.__version__}",
+        "build_info": f"tiller {__version__}",
         "modalities": {"vision": False, "audio": False},
         "model": {"n_ctx_train": c.max_seq_len, "n_embd": c.dim, "n_layer": c.n_layers,
                   "n_head": c.n_heads, "n_head_kv": c.n_kv_heads, "n_vocab": c.vocab_size,
@@ -152,6 +146,7 @@ async def props(request: web.Request) -> web.Response:
     })
 
 
+@operation("llama.cpp slot states")
 async def slots(request: web.Request) -> web.Response:
     state = request.app[STATE]
     _, runner = state.ready()

@@ -1,84 +1,90 @@
-"""GET /metrics: Prometheus text exposition of request, token, queue, batch and cache numbers."""
+"""Prometheus metrics (prometheus_client): requests and their latency by route, engine steps
+(latency and batch size, observed by the engine thread), and gauges read from the runner when
+scraped."""
 
 from __future__ import annotations
 
-from collections import Counter
+from collections.abc import Iterator
 
-from aiohttp import web
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .runner import Runner
+
+prometheus_client.disable_created_metrics()  # NOTE: *_created series only double the output
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                   120.0, 300.0)
 
 
-def _escape(value: object) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+class _RunnerCollector(Collector):
+    """Gauges and totals read from the runner at scrape time."""
 
+    def __init__(self) -> None:
+        self.runner: Runner | None = None
 
-def _labels(**labels: object) -> str:
-    inner = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-    return "{" + inner + "}" if inner else ""
+    def collect(self) -> Iterator[Metric]:
+        runner = self.runner
+        yield GaugeMetricFamily("tiller_model_ready", "1 once the model is loaded.",
+                                value=0 if runner is None else 1)
+        if runner is None:
+            return
+        snap = runner.snapshot()
+        stats = runner.stats
+        yield CounterMetricFamily("tiller_prompt_tokens", "Prompt tokens computed.",
+                                  value=stats.prompt_tokens)
+        yield CounterMetricFamily("tiller_generated_tokens", "Tokens sampled.",
+                                  value=stats.generated_tokens)
+        yield GaugeMetricFamily("tiller_queue_depth", "Requests waiting for a slot.",
+                                value=snap["waiting"])
+        yield GaugeMetricFamily("tiller_running_sequences", "Sequences in the running batch.",
+                                value=len(snap["running"]))
+        yield GaugeMetricFamily("tiller_kv_blocks_used", "KV-cache blocks holding sequences.",
+                                value=snap["kv_blocks_used"])
+        yield GaugeMetricFamily("tiller_kv_blocks_total", "KV-cache blocks in the pool.",
+                                value=snap["kv_blocks_total"])
+        yield GaugeMetricFamily("tiller_kv_cache_usage_ratio", "Used fraction of the KV cache.",
+                                value=snap["kv_blocks_used"] / max(snap["kv_blocks_total"], 1))
+        yield GaugeMetricFamily("tiller_last_step_seconds", "Latency of the latest engine step.",
+                                value=stats.last_step_seconds)
 
 
 class Metrics:
-    """Counters kept by the HTTP layer, plus gauges read from the runner at scrape time."""
+    """One registry per application (tests run several apps in one process)."""
 
     def __init__(self) -> None:
-        self.runner = None  # set once the model is loaded
-        self.requests: Counter[tuple[str, int]] = Counter()
-        self.request_seconds: Counter[str] = Counter()
+        self.registry = CollectorRegistry()
+        self.requests = Counter("tiller_requests", "HTTP requests by route and status.",
+                                ["route", "status"], registry=self.registry)
+        self.request_seconds = Histogram("tiller_request_seconds",
+                                         "Time to serve a request (streams: until the end), "
+                                         "by route.", ["route"], buckets=REQUEST_BUCKETS,
+                                         registry=self.registry)
+        self.step_seconds = Histogram("tiller_step_seconds", "Engine step latency.",
+                                      buckets=STEP_BUCKETS, registry=self.registry)
+        self.batch_size = Histogram("tiller_batch_size", "Sequences per engine step.",
+                                    buckets=BATCH_BUCKETS, registry=self.registry)
+        self._runner = _RunnerCollector()
+        self.registry.register(self._runner)
+
+    def watch(self, runner: Runner) -> None:
+        """Read the runner's gauges at scrape time and observe its steps as they run."""
+        self._runner.runner = runner
+        runner.on_step = self.observe_step
+
+    def observe_step(self, seconds: float, batch_size: int) -> None:
+        """Called on the engine thread after every step (prometheus_client is thread-safe)."""
+        self.step_seconds.observe(seconds)
+        self.batch_size.observe(batch_size)
 
     def count_request(self, route: str, status: int, seconds: float) -> None:
-        self.requests[(route, status)] += 1
-        self.request_seconds[route] += seconds
+        self.requests.labels(route, str(status)).inc()
+        self.request_seconds.labels(route).observe(seconds)
 
-    def render(self) -> str:
-        lines: list[str] = []
-
-        def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]):
-            lines.append(f"# HELP tiller_{name} {help_text}")
-            lines.append(f"# TYPE tiller_{name} {kind}")
-            lines.extend(f"tiller_{name}{labels} {value:g}" for labels, value in samples)
-            # (histogram and summary samples pass their suffix as the start of `labels`)
-
-        metric("requests_total", "counter", "HTTP requests by route and status.",
-               [(_labels(route=r, status=s), n) for (r, s), n in sorted(self.requests.items())])
-        metric("request_seconds_total", "counter", "Time spent serving requests, by route.",
-               [(_labels(route=r), t) for r, t in sorted(self.request_seconds.items())])
-        runner = self.runner
-        if runner is None:
-            metric("model_ready", "gauge", "1 once the model is loaded.", [("", 0)])
-            return "\n".join(lines) + "\n"
-        metric("model_ready", "gauge", "1 once the model is loaded.", [("", 1)])
-        stats = runner.stats
-        snap = runner.snapshot()
-        metric("prompt_tokens_total", "counter", "Prompt tokens computed.",
-               [("", stats.prompt_tokens)])
-        metric("generated_tokens_total", "counter", "Tokens sampled.",
-               [("", stats.generated_tokens)])
-        metric("queue_depth", "gauge", "Requests waiting for a slot.", [("", snap["waiting"])])
-        metric("running_sequences", "gauge", "Sequences in the running batch.",
-               [("", len(snap["running"]))])
-        metric("kv_blocks_used", "gauge", "KV-cache blocks holding sequences.",
-               [("", snap["kv_blocks_used"])])
-        metric("kv_blocks_total", "gauge", "KV-cache blocks in the pool.",
-               [("", snap["kv_blocks_total"])])
-        metric("kv_cache_usage_ratio", "gauge", "Used fraction of the KV cache.",
-               [("", snap["kv_blocks_used"] / max(snap["kv_blocks_total"], 1))])
-        sizes = stats.batch_sizes.copy()
-        buckets, total = [], 0
-        for le in BATCH_BUCKETS:
-            total = sum(n for size, n in sizes.items() if size <= le)
-            buckets.append((_labels(le=le), total))
-        count = sum(sizes.values())
-        buckets.append((_labels(le="+Inf"), count))
-        metric("batch_size", "histogram", "Sequences per engine step.",
-               [*[("_bucket" + lab, v) for lab, v in buckets],
-                ("_sum", sum(size * n for size, n in sizes.items())), ("_count", count)])
-        metric("step_seconds", "summary", "Engine step latency.",
-               [("_sum", stats.step_seconds), ("_count", stats.steps)])
-        metric("last_step_seconds", "gauge", "Latency of the latest engine step.",
-               [("", stats.last_step_seconds)])
-        return "\n".join(lines) + "\n"
-
-    async def handler(self, request: web.Request) -> web.Response:
-        return web.Response(text=self.render(), content_type="text/plain",
-                            headers={"X-Prometheus-Format": "0.0.4"})
+    def exposition(self) -> tuple[bytes, str]:
+        body = prometheus_client.generate_latest(self.registry)
+        return body, prometheus_client.CONTENT_TYPE_LATEST

@@ -4,27 +4,23 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
 from aiohttp import web
 
-from server.app import STATE, TOKENS, Model, read_json
-from server.chat import ChatTemplateError
-from server.errors import ApiError
-from server.generation import Outcome, Piece
-from server.protocol import ChatCompletionRequest, CompletionRequest
-from server.runner import GenerationRequest, PromptLogprobs
-from server.serving import (
-    SSE,
-    choice_seed,
-    max_new_tokens,
-    merged,
-    sampling,
-    start_generations,
-    stop_strings,
-    token_logprobs,
-    tokenize_prompt,
+from .generation import Outcome, Piece, merged, start_generations, token_logprobs
+from .http import SSE, read_json
+from .openapi import operation
+from .prepare import chat_choices, completion_choices
+from .protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
 )
-from server.steering_routes import resolve_steering
+from .runner import PromptLogprobs
+from .state import STATE, TOKENS, Model
+from .steering_service import resolve_steering
 
 
 def _usage(prompt: int, completion: int) -> dict:
@@ -34,15 +30,6 @@ def _usage(prompt: int, completion: int) -> dict:
 
 def _token_text(model: Model, token: int) -> str:
     return model.tokenizer.piece_bytes(token).decode("utf-8", errors="replace")
-
-
-def _prompts(body: CompletionRequest) -> list[str | list[int]]:
-    p = body.prompt
-    if isinstance(p, str):
-        return [p]
-    if all(isinstance(x, int) for x in p):
-        return [p]  # one prompt as token ids
-    return list(p)  # several prompts: strings or token-id lists
 
 
 # /v1/completions ------------------------------------------------------------------------------
@@ -79,7 +66,7 @@ class _CompletionChoice:
         self.text += piece.text
         if self.logprobs is None or piece.token is None:
             return None
-        fragment = {
+        fragment: dict[str, Any] = {
             "tokens": [_token_text(self.model, piece.token)],
             "token_logprobs": [piece.logprob],
             "top_logprobs": [{_token_text(self.model, t): lp for t, lp in piece.top or []}],
@@ -97,30 +84,16 @@ class _CompletionChoice:
                 "top_logprobs": self.top, "text_offset": self.offsets}
 
 
+@operation("OpenAI text completion (stream: server-sent events)", CompletionRequest,
+           CompletionResponse)
 async def completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     model, runner = state.ready()
     body = CompletionRequest.model_validate(await read_json(request))
-    stop = stop_strings(body.stop)
-    steering = await resolve_steering(request, body.steering)
-    specs, choices = [], []
-    for prompt in _prompts(body):
-        ids = tokenize_prompt(model, prompt)
-        n_new = max_new_tokens(runner, ids, body.max_tokens)
-        echo = ""
-        if body.echo:
-            echo = prompt if isinstance(prompt, str) else model.tokenizer.decode(ids)
-        for j in range(body.n):
-            params = sampling(body.temperature, body.top_p, body.top_k, body.min_p,
-                              choice_seed(body.seed, j), body.repetition_penalty,
-                              body.frequency_penalty, body.presence_penalty)
-            gen = GenerationRequest(ids, params, n_new, frozenset({model.tokenizer.eos_id}),
-                                    logprobs=body.logprobs,
-                                    prompt_logprobs=body.echo and body.logprobs is not None,
-                                    steering=steering)
-            specs.append((gen, stop, False))
-            choices.append(_CompletionChoice(model, echo, ids, body.logprobs))
-    generations = start_generations(request, specs)
+    steering = await resolve_steering(state, body.steering)
+    prepared = completion_choices(model, runner, body, steering)
+    generations = start_generations(model, runner, [c.spec for c in prepared])
+    choices = [_CompletionChoice(model, c.echo, c.prompt, body.logprobs) for c in prepared]
     rid = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     head = {"id": rid, "object": "text_completion", "created": created, "model": model.name,
@@ -172,41 +145,17 @@ async def completions(request: web.Request) -> web.StreamResponse:
 # /v1/chat/completions -------------------------------------------------------------------------
 
 
-def chat_prompt(model: Model, body: ChatCompletionRequest) -> list[int]:
-    messages = [m.model_dump(exclude_none=False) for m in body.messages]
-    try:
-        text = model.chat_template.render(messages, add_generation_prompt=True,
-                                          **(body.chat_template_kwargs or {}))
-    except ChatTemplateError as e:
-        raise ApiError(400, str(e), param="messages") from e
-    except TypeError as e:  # a chat_template_kwargs key the template reserves
-        raise ApiError(400, f"chat_template_kwargs: {e}", param="chat_template_kwargs") from e
-    bos = model.chat_template.bos_token
-    # templates that write BOS themselves would get a second one from the tokenizer
-    return model.tokenizer.encode(text.removeprefix(bos) if bos else text, bos=True)
-
-
+@operation("OpenAI chat completion (stream: server-sent events of ChatCompletionChunk)",
+           ChatCompletionRequest, ChatCompletionResponse)
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     model, runner = state.ready()
     body = ChatCompletionRequest.model_validate(await read_json(request))
-    stop = stop_strings(body.stop)
-    steering = await resolve_steering(request, body.steering)
-    ids = chat_prompt(model, body)
-    requested = body.max_completion_tokens if body.max_completion_tokens is not None \
-        else body.max_tokens
-    n_new = max_new_tokens(runner, ids, requested,
-                           "max_completion_tokens" if body.max_completion_tokens is not None
-                           else "max_tokens")
+    steering = await resolve_steering(state, body.steering)
+    prepared = chat_choices(model, runner, body, steering)
+    generations = start_generations(model, runner, [c.spec for c in prepared])
+    ids = prepared[0].prompt
     top_n = (body.top_logprobs or 0) if body.logprobs else None
-    specs = []
-    for j in range(body.n):
-        params = sampling(body.temperature, body.top_p, body.top_k, body.min_p,
-                          choice_seed(body.seed, j), body.repetition_penalty,
-                          body.frequency_penalty, body.presence_penalty)
-        specs.append((GenerationRequest(ids, params, n_new, frozenset({model.tokenizer.eos_id}),
-                                        logprobs=top_n, steering=steering), stop, False))
-    generations = start_generations(request, specs)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     head = {"id": rid, "created": int(time.time()), "model": model.name,
             "system_fingerprint": model.fingerprint}
@@ -226,7 +175,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             texts[i] += event.text
             entry = None
             if top_n is not None and event.token is not None:
-                entry = token_logprobs(model, event)
+                entry = token_logprobs(model.tokenizer, event)
                 logprobs[i].append(entry)
             if sse and (event.text or entry):
                 await sse.send({**chunk_head, "choices": [{

@@ -1,70 +1,92 @@
-"""GET /openapi.json: the API description, generated from the pydantic models in protocol.py."""
+"""The OpenAPI document, derived from the routes the application registered.
+
+Each handler declares its operation with `@operation(summary, request=..., response=...)`;
+`build_spec(app)` walks the router, so a route exists in the document exactly when it is
+served. Schemas come from the pydantic models in protocol.py.
+"""
 
 from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-import engine
-from server import protocol as p
+from .. import __version__
+from . import protocol as p
 
-# (method, path, summary, request model, response model)
-ROUTES: list[tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | None]] = [
-    ("post", "/v1/completions", "OpenAI text completion (stream: server-sent events)",
-     p.CompletionRequest, p.CompletionResponse),
-    ("post", "/v1/chat/completions", "OpenAI chat completion (stream: server-sent events of "
-     "ChatCompletionChunk)", p.ChatCompletionRequest, p.ChatCompletionResponse),
-    ("post", "/completion", "llama.cpp completion", p.LlamaCompletionRequest,
-     p.LlamaCompletionResponse),
-    ("post", "/tokenize", "llama.cpp tokenize", p.TokenizeRequest, None),
-    ("post", "/detokenize", "llama.cpp detokenize", p.DetokenizeRequest, None),
-    ("post", "/v1/features", "Hidden states of chosen layers, points and positions (json, npz "
-     "or safetensors)", p.FeaturesRequest, p.FeaturesResponse),
-    ("post", "/v1/embeddings", "OpenAI embeddings (plus pooling, normalize, layer, steering)",
-     p.EmbeddingsRequest, p.EmbeddingsResponse),
-    ("post", "/embedding", "llama.cpp embeddings", p.LlamaEmbeddingRequest, None),
-    ("post", "/v1/steering", "Build a steering vector (actadd, mean, pca)",
-     p.SteeringCreateRequest, p.SteeringVectorInfo),
-    ("get", "/v1/steering", "Stored steering vectors", None, None),
-    ("get", "/v1/steering/{id}", "Describe (json) or download (npy, gguf) a vector", None,
-     p.SteeringVectorInfo),
-    ("post", "/v1/steering/import", "Import a llama.cpp control-vector GGUF (request body)",
-     None, p.SteeringVectorInfo),
-    ("delete", "/v1/steering/{id}", "Delete a vector", None, None),
-    ("get", "/v1/models", "The loaded model", None, p.ModelList),
-    ("get", "/health", "200 once the model is loaded, 503 before", None, None),
-    ("get", "/props", "llama.cpp server properties", None, None),
-    ("get", "/slots", "llama.cpp slot states", None, None),
-    ("get", "/metrics", "Prometheus metrics (text)", None, None),
-]
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def build_spec() -> dict:
-    models = {m for _, _, _, req, resp in ROUTES for m in (req, resp) if m is not None}
+@dataclass(frozen=True)
+class Operation:
+    summary: str
+    request: type[BaseModel] | None = None
+    response: type[BaseModel] | None = None
+    public: bool = False  # callable without an API key (server/http.py auth_middleware)
+
+
+def operation(summary: str, request: type[BaseModel] | None = None,
+              response: type[BaseModel] | None = None, *, public: bool = False) -> Callable[[F], F]:
+    """Declare a handler's place in the OpenAPI document."""
+    def mark(handler: F) -> F:
+        handler.__openapi__ = Operation(summary, request, response, public)  # type: ignore[attr-defined]
+        return handler
+    return mark
+
+
+def _operations(app: web.Application) -> list[tuple[str, str, Operation]]:
+    seen: set[tuple[int, str]] = set()
+    out = []
+    for route in app.router.routes():
+        op = getattr(route.handler, "__openapi__", None)
+        info = route.resource.get_info() if route.resource is not None else {}
+        path = info.get("path") or info.get("formatter")
+        if op is None or path is None or route.method == "HEAD":
+            continue
+        key = (id(route.handler), route.method)
+        if key in seen:  # aliases (/chat/completions beside /v1/chat/completions) once
+            continue
+        seen.add(key)
+        out.append((route.method.lower(), path, op))
+    return out
+
+
+def build_spec(app: web.Application) -> dict:
+    ops = _operations(app)
+    models = {m for _, _, op in ops for m in (op.request, op.response) if m is not None}
     models |= {p.ChatCompletionChunk, p.ErrorResponse}
-    keyed = [(m, "validation") for m in sorted(models, key=lambda m: m.__name__)]
+    mode: Literal["validation"] = "validation"
+    keyed = [(m, mode) for m in sorted(models, key=lambda m: m.__name__)]
     refs, schema = models_json_schema(keyed, ref_template="#/components/schemas/{model}")
     error = {"description": "Error", "content": {"application/json": {
         "schema": refs[(p.ErrorResponse, "validation")]}}}
     paths: dict[str, dict] = {}
-    for method, path, summary, req, resp in ROUTES:
-        op: dict = {"summary": summary, "responses": {
-            "200": {"description": "OK"}, "400": error, "401": error, "503": error}}
-        if req is not None:
-            op["requestBody"] = {"required": True, "content": {"application/json": {
-                "schema": refs[(req, "validation")]}}}
-        if resp is not None:
-            op["responses"]["200"]["content"] = {"application/json": {
-                "schema": refs[(resp, "validation")]}}
-        paths.setdefault(path, {})[method] = op
+    for method, path, op in ops:
+        spec: dict = {"summary": op.summary, "responses": {
+            "200": {"description": "OK"}, "400": error, "503": error}}
+        if not op.public:
+            spec["security"] = [{"bearer": []}]
+            spec["responses"]["401"] = error
+        params = re.findall(r"{(\w+)}", path)
+        if params:
+            spec["parameters"] = [{"name": name, "in": "path", "required": True,
+                                   "schema": {"type": "string"}} for name in params]
+            spec["responses"]["404"] = error
+        if op.request is not None:
+            spec["requestBody"] = {"required": True, "content": {"application/json": {
+                "schema": refs[(op.request, "validation")]}}}
+        if op.response is not None:
+            spec["responses"]["200"]["content"] = {"application/json": {
+                "schema": refs[(op.response, "validation")]}}
+        paths.setdefault(path, {})[method] = spec
     return {"openapi": "3.1.0",
-            "info": {"title": "tiller", "version": engine.__version__,
+            "info": {"title": "tiller", "version": __version__,
                      "description": "Text generation with per-request steering."},
-            "paths": paths, "components": {"schemas": schema.get("$defs", {}),
-                                           "securitySchemes": {"bearer": {
-                                               "type": "http", "scheme": "bearer"}}}}
-
-
-async def openapi_handler(request: web.Request) -> web.Response:
-    return web.json_response(build_spec())
+            "paths": paths,
+            "components": {"schemas": schema.get("$defs", {}),
+                           "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}}

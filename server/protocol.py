@@ -347,6 +347,10 @@ CapturePoint = Literal["resid_pre", "attn_out", "mlp_out", "resid_post"]
 Embeddable = str | list[int] | list[str | list[int]]  # texts and id lists mixed, as Prompt
 
 
+def _default_points() -> list[CapturePoint]:
+    return ["resid_post"]
+
+
 def _no_empty_prompt(value: Any, field: str) -> Any:
     """'' and [] are no input; neither is a list holding one."""
     if isinstance(value, str | list) and not value:
@@ -368,7 +372,7 @@ class FeaturesRequest(_Body):
 
     input: str | list[int]
     layers: list[int] | None = Field(None, min_length=1, max_length=1024)
-    points: list[CapturePoint] = Field(default_factory=lambda: ["resid_post"], min_length=1,
+    points: list[CapturePoint] = Field(default_factory=_default_points, min_length=1,
                                        max_length=16)
     positions: Literal["all", "last"] | list[int] = "all"
     format: Literal["json", "npz", "safetensors"] = "json"

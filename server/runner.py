@@ -17,15 +17,16 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
-from engine.engine import Engine, SeqRequest, SteeringTerm
-from engine.kernels import KV_BLOCK
-from engine.kvcache import blocks_for
-from engine.sampling import Sampler, SamplingParams, logprobs, top_logprobs
-from server.scheduler import FinishReason, Plan, QueueFull, Request, Scheduler
+from ..engine.engine import Engine, SeqRequest, Sequence, SteeringTerm
+from ..engine.kvcache import KV_BLOCK, blocks_for
+from ..engine.sampling import Sampler, SamplingParams, logprobs, top_logprobs
+from .scheduler import FinishReason, Plan, QueueFull, Request, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +42,18 @@ class GenerationRequest:
     stop_ids: frozenset[int] = frozenset()
     logprobs: int | None = None  # None: none; n >= 0: the sampled token's and the top n
     prompt_logprobs: bool = False  # logprobs of the prompt tokens too (echo with logprobs)
-    steering: tuple[SteeringTerm, ...] = ()
+    steering: tuple[SteeringTerm, ...] = ()  # given to the sequence once, when it is created
     capture_layers: tuple[int, ...] = ()  # blocks whose residual points the prompt reports
+    capture_final: bool = False  # the prompt's stream after the final norm
 
 
 @dataclass
 class Captured:
-    """Hidden states of one prompt chunk: (len(CAPTURE_POINTS), len(capture_layers), n, dim)."""
+    """Hidden states of one prompt chunk: `states` (len(CAPTURE_POINTS), len(capture_layers),
+    n, dim) and, with capture_final, `final` (n, dim)."""
 
-    states: np.ndarray
+    states: np.ndarray | None
+    final: np.ndarray | None = None
 
 
 @dataclass
@@ -92,7 +96,7 @@ class _Job:
     gen: GenerationRequest
     sampler: Sampler
     handle: Handle
-    sequence: object = None
+    sequence: Sequence | None
     t_submit: float = field(default_factory=time.perf_counter)
     t_first: float | None = None
     prompt_lp: list[float | None] = field(default_factory=list)
@@ -121,6 +125,7 @@ class Runner:
                                    max_waiting=max_waiting, kv_capacity=engine.cache.n_blocks,
                                    kv_cost=blocks_for)
         self.stats = StepStats()
+        self.on_step: Callable[[float, int], None] | None = None  # (seconds, batch size)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._ids = itertools.count()
@@ -152,13 +157,15 @@ class Runner:
         return min(self.engine.config.max_seq_len, self.engine.cache.n_blocks * KV_BLOCK)
 
     def submit(self, gen: GenerationRequest) -> Handle:
-        """Queue a request; raises QueueFull (503) or ValueError (400) before anything runs."""
+        """Queue a request; raises QueueFull (503) or ValueError (400: EngineError for its
+        steering) before anything runs."""
         if self._loop is None or self._stopping:
             raise QueueFull("the server is not accepting requests")
         sampler = Sampler(gen.params, gen.prompt)
+        sequence = self.engine.new_sequence(gen.steering)  # validates and folds the steering
         request_id = f"req-{next(self._ids)}"
         handle = Handle(request_id, asyncio.Queue(), sampler.seed)
-        job = _Job(gen, sampler, handle)
+        job = _Job(gen, sampler, handle, sequence)
         request = Request(request_id, list(gen.prompt), gen.max_tokens, gen.stop_ids, job)
         with self._lock:
             self.scheduler.add(request)
@@ -222,6 +229,7 @@ class Runner:
                 job.sequence = None
             now = time.perf_counter()
             first = job.t_first or now
+            assert request.finish_reason is not None  # set when the request ended
             self._post(job.handle, Finished(
                 reason=request.finish_reason, prompt_tokens=len(request.prompt),
                 completion_tokens=len(request.output), prompt_seconds=first - job.t_submit,
@@ -231,13 +239,14 @@ class Runner:
         batch = []
         for chunk in plan.chunks:
             job: _Job = chunk.request.payload
-            if job.sequence is None:
-                job.sequence = self.engine.new_sequence()
+            assert job.sequence is not None  # released only when the request has finished
             wants_all = job.gen.prompt_logprobs and chunk.request.prefilling
-            logits = "all" if wants_all else ("last" if chunk.sample else "none")
-            capture = job.gen.capture_layers if chunk.request.prefilling else ()
-            batch.append(SeqRequest(job.sequence, chunk.tokens, logits=logits,
-                                    steering=job.gen.steering, capture_layers=capture))
+            mode: Literal["last", "all", "none"] = (
+                "all" if wants_all else ("last" if chunk.sample else "none"))
+            prefilling = chunk.request.prefilling
+            batch.append(SeqRequest(job.sequence, chunk.tokens, logits=mode,
+                                    capture_layers=job.gen.capture_layers if prefilling else (),
+                                    capture_final=job.gen.capture_final and prefilling))
         start = time.perf_counter()
         results = self.engine.step(batch)
         elapsed = time.perf_counter() - start
@@ -246,13 +255,15 @@ class Runner:
             request = chunk.request
             job = request.payload
             logits = result.logits
-            if result.captures is not None:
-                self._post(job.handle, Captured(result.captures))
+            if result.captures is not None or result.final is not None:
+                self._post(job.handle, Captured(result.captures, result.final))
             if job.gen.prompt_logprobs and request.prefilling:
+                assert logits is not None  # asked for "all"
                 self._prompt_logprobs(job, request, chunk, logits)
                 logits = logits[-1] if logits is not None else None
             if not chunk.sample:
                 continue
+            assert logits is not None  # a sampled chunk asks for logits
             token = job.sampler.sample(logits)
             job.sampler.accept(token)
             sampled[request.id] = token
@@ -270,6 +281,8 @@ class Runner:
         s.batch_sizes[len(plan.chunks)] += 1
         s.prompt_tokens += sum(len(c.tokens) for c in plan.chunks if c.request.prefilling)
         s.generated_tokens += len(sampled)
+        if self.on_step is not None:
+            self.on_step(elapsed, len(plan.chunks))
         with self._lock:
             self.scheduler.update(plan, sampled)
 

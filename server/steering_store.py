@@ -53,7 +53,10 @@ class SteeringVector:
 
     @property
     def layers(self) -> list[int]:
-        return sorted(self.directions) if self.kind == "control" else [self.source_layer]
+        if self.kind == "control":
+            return sorted(self.directions)
+        assert self.source_layer is not None  # an "actadd" vector always has one
+        return [self.source_layer]
 
     @property
     def nbytes(self) -> int:
@@ -134,7 +137,7 @@ class SteeringStore:
             fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
             try:
                 with os.fdopen(fd, "wb") as f:
-                    np.savez(f, **vec.arrays())
+                    np.savez(f, **vec.arrays())  # type: ignore[arg-type]
                 os.replace(tmp, self.directory / f"{vec.id}.npz")
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)

@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from engine.tokenizer import StreamDecoder, Tokenizer
+from ..engine.tokenizer import StreamDecoder, Tokenizer
 
 # NOTE: OpenAI rejects more than 4 stop strings; llama.cpp takes any number. We accept up to 16
 # so that clients built for llama.cpp (chat templates often bring several end markers) keep

@@ -79,7 +79,7 @@ def start_server(tmp_path: Path, *extra_args: str, model: Path = MODEL,
         log_path = tmp_path / f"tiller-serve-{port}.log"
         with log_path.open("wb") as log:
             process = ServerProcess(
-                [sys.executable, "-m", "engine.cli", "serve", "--model", str(model),
+                [sys.executable, "-m", "tiller", "serve", "--model", str(model),
                  "--tokenizer", str(tokenizer), "--port", str(port),
                  "--steering-dir", str(tmp_path / "steering"), *extra_args],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,

@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from engine.config import GROUP_SIZE, ModelConfig
-from engine.quant import quantize_q8_0
+from tiller.engine.config import GROUP_SIZE, ModelConfig
+from tiller.engine.quant import quantize_q8_0
 
 LAYER_MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 CAPTURE_NAMES = ("resid_pre", "attn_out", "mlp_out", "resid_post")

@@ -8,8 +8,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-
-from server.chat import (
+from tiller.server.chat import (
     DEFAULT_CHAT_TEMPLATE,
     MAX_PROMPT_CHARS,
     ChatTemplate,

@@ -12,12 +12,12 @@ from tests.test_real_model import GOLDEN
 
 
 def tiller(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "tiller", *args], capture_output=True,
                           text=True, timeout=300, cwd=cwd or Path(__file__).resolve().parents[1])
 
 
 def test_generate_streams_prompt_then_completion(shared_models):
-    from engine.tokenizer import Tokenizer
+    from tiller.engine.tokenizer import Tokenizer
 
     tok = Tokenizer.from_llama2c(shared_models / "tok512.bin", vocab_size=512)
     result = tiller("generate", "--model", str(shared_models / "stories260K.bin"),
@@ -63,10 +63,10 @@ def test_missing_model_file(tmp_path):
 
 def test_steer_and_features(tmp_path, shared_models):
     import numpy as np
+    from tiller.engine.engine import Engine
+    from tiller.engine.steering import build_actadd
+    from tiller.engine.tokenizer import Tokenizer
 
-    from engine.engine import Engine
-    from engine.steering import build_actadd
-    from engine.tokenizer import Tokenizer
     from tests.reference import load_v0_legacy, reference_forward
 
     model, tok_path = shared_models / "stories260K.bin", shared_models / "tok512.bin"
@@ -82,7 +82,7 @@ def test_steer_and_features(tmp_path, shared_models):
     result = tiller("steer", *common, "--method", "pca", "--positive", str(tmp_path / "pos.txt"),
                     "--negative", str(tmp_path / "neg.txt"), "--out", str(tmp_path / "c.gguf"))
     assert result.returncode == 0, result.stderr
-    from engine.cvec import read_control_vector
+    from tiller.engine.cvec import read_control_vector
 
     cv = read_control_vector(tmp_path / "c.gguf", 64, 5)
     assert sorted(cv.directions) == [2, 3, 4, 5]

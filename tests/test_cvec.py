@@ -7,9 +7,8 @@ import logging
 import gguf
 import numpy as np
 import pytest
-
-from engine.config import ModelConfig
-from engine.cvec import (
+from tiller.engine.config import ModelConfig
+from tiller.engine.cvec import (
     ControlVector,
     ControlVectorError,
     from_llama_cpp,
@@ -17,10 +16,11 @@ from engine.cvec import (
     to_llama_cpp,
     write_control_vector,
 )
-from engine.engine import Engine
-from engine.llama2c import random_tensors
-from engine.steering import control_terms
-from engine.weights import build_weights
+from tiller.engine.engine import Engine
+from tiller.engine.llama2c import random_tensors
+from tiller.engine.steering import control_terms
+from tiller.engine.weights import build_weights
+
 from tests.reference import reference_forward
 
 CONFIG = ModelConfig(dim=64, hidden_dim=96, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=64,
@@ -125,7 +125,7 @@ def test_directions_naming_one_layer_are_summed_as_llama_cpp_does(tmp_path):
 def test_layer_count_mismatch_is_only_a_warning(tmp_path, caplog):
     path = tmp_path / "count.gguf"
     hand_made(path, {"direction.1": np.ones(DIM, np.float32)}, count=N)
-    with caplog.at_level(logging.WARNING, logger="engine.cvec"):
+    with caplog.at_level(logging.WARNING, logger="tiller.engine.cvec"):
         assert list(read_control_vector(path, DIM, N).directions) == [2]
     assert "layer_count is 4 but the file has 1" in caplog.text
 

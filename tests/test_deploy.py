@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from tiller.server.app import ServerConfig
 
-from server.app import ServerConfig
 from tests.live_server import ServerProcess, free_port, start_server
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from engine.config import ModelConfig
-from engine.engine import (
+from tiller.engine.config import ModelConfig
+from tiller.engine.engine import (
     BatchError,
     CacheFull,
     Engine,
@@ -14,9 +13,10 @@ from engine.engine import (
     SeqRequest,
     SteeringTerm,
 )
-from engine.forward import CAPTURE_POINTS
-from engine.llama2c import random_tensors
-from engine.weights import build_weights, dequantized
+from tiller.engine.forward import CAPTURE_POINTS
+from tiller.engine.llama2c import random_tensors
+from tiller.engine.weights import build_weights, dequantized
+
 from tests.reference import add_q8_weights, reference_forward
 
 # hidden 172 and dim 96 exercise padded rows and a ragged last group; 4 q heads on 2 kv heads
@@ -187,13 +187,14 @@ def test_steering_and_capture_stay_within_their_request(q8):
     toks_a, toks_b = tokens(8, 21), tokens(8, 22)
     alone_a = run_alone(q8, toks_a, tokens(3, 23))
     vec = RNG.standard_normal((8, CONFIG.dim)).astype(np.float32)
-    sa, sb = q8.new_sequence(), q8.new_sequence()
-    steered = SeqRequest(sb, toks_b, steering=[SteeringTerm(0, vec, 4.0)], capture_layers=[1])
+    sa = q8.new_sequence()
+    sb = q8.new_sequence(steering=[SteeringTerm(0, vec, 4.0), SteeringTerm(1, vec, -3.0, False)])
+    steered = SeqRequest(sb, toks_b, capture_layers=[1])
     res = q8.step([SeqRequest(sa, toks_a), steered])
     got_a = [res[0].logits]
     assert res[0].captures is None and res[1].captures.shape == (4, 1, 8, CONFIG.dim)
     for t in tokens(3, 23):
-        other = SeqRequest(sb, [5], steering=[SteeringTerm(1, vec, -3.0, False)])
+        other = SeqRequest(sb, [5])
         got_a.append(q8.step([SeqRequest(sa, [t]), other])[0].logits)
     for a, b in zip(alone_a, got_a, strict=True):
         assert np.array_equal(a, b)
@@ -230,15 +231,6 @@ def test_cache_full_is_reported_before_any_change():
     (lambda s: [SeqRequest(s, [1]), SeqRequest(s, [2])], BatchError, "twice"),
     (lambda s: [SeqRequest(s, [1], capture_layers=[3])], EngineError, "capture layer"),
     (lambda s: [SeqRequest(s, [1], logits="some")], EngineError, "logits"),
-    (lambda s: [SeqRequest(s, [1], steering=[SteeringTerm(-1, np.zeros((1, 96), np.float32))])],
-     EngineError, "steering layer"),
-    (lambda s: [SeqRequest(s, [1], steering=[SteeringTerm(4, np.zeros((1, 96), np.float32))])],
-     EngineError, "steering layer"),
-    (lambda s: [SeqRequest(s, [1], steering=[SteeringTerm(0, np.zeros((1, 95), np.float32))])],
-     EngineError, "shape"),
-    (lambda s: [SeqRequest(s, [1], steering=[SteeringTerm(0, np.zeros((1, 96), np.float32),
-                                                          scale=float("nan"))])],
-     EngineError, "finite"),
     (lambda s: [], BatchError, "at least one"),
 ])
 def test_bad_requests_are_rejected_without_side_effects(q8, make_request, error, match):
@@ -247,6 +239,19 @@ def test_bad_requests_are_rejected_without_side_effects(q8, make_request, error,
     with pytest.raises(error, match=match):
         q8.step(make_request(seq))
     assert seq.length == 0 and q8.cache.free_blocks == free
+
+
+@pytest.mark.parametrize("terms,match", [
+    ([SteeringTerm(-1, np.zeros((1, 96), np.float32))], "steering layer"),
+    ([SteeringTerm(4, np.zeros((1, 96), np.float32))], "steering layer"),
+    ([SteeringTerm(0, np.zeros((1, 95), np.float32))], "shape"),
+    ([SteeringTerm(0, np.zeros((1, 96), np.float32), scale=float("nan"))], "finite"),
+])
+def test_bad_steering_is_rejected_when_the_sequence_is_created(q8, terms, match):
+    free = q8.cache.free_blocks
+    with pytest.raises(EngineError, match=match):
+        q8.new_sequence(steering=terms)
+    assert q8.cache.free_blocks == free
 
 
 def test_context_overflow_is_an_error(q8):

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiller.engine.steering import actadd_tokens
+from tiller.server.app import ServerConfig, create_app, load_model
 
-from engine.steering import actadd_tokens
-from server.app import ServerConfig, create_app, load_model
 from tests.reference import load_v0_legacy, reference_forward, rmsnorm
 from tests.test_server import post, sse_events
 

@@ -13,16 +13,16 @@ import gguf
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
+from tiller.engine.config import ModelConfig
+from tiller.engine.engine import Engine
+from tiller.engine.gguf import load_gguf, load_gguf_tokenizer, read_gguf
+from tiller.engine.llama2c import CheckpointError, load_llama2c, random_tensors, write_llama2c
+from tiller.engine.loader import load_checkpoint
+from tiller.engine.quant import QTensor
+from tiller.engine.tokenizer import Tokenizer, TokenizerError
+from tiller.engine.weights import build_weights, dequantized
 
 import tests.reference as reference
-from engine.config import ModelConfig
-from engine.engine import Engine
-from engine.gguf import load_gguf, load_gguf_tokenizer, read_gguf
-from engine.llama2c import CheckpointError, load_llama2c, random_tensors, write_llama2c
-from engine.loader import load_checkpoint
-from engine.quant import QTensor
-from engine.tokenizer import Tokenizer, TokenizerError
-from engine.weights import build_weights, dequantized
 
 TIED = ModelConfig(dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=80,
                    max_seq_len=32)

@@ -14,11 +14,10 @@ import blake3
 import numpy as np
 import pytest
 from gguf import GGUFValueType as V
-
-from engine import identity
-from engine.config import ModelConfig
-from engine.convert import convert
-from engine.identity import (
+from tiller.engine import identity
+from tiller.engine.config import ModelConfig
+from tiller.engine.convert import convert
+from tiller.engine.identity import (
     CACHE_FILE,
     TENSOR_NAMESPACE,
     TENSOR_NAMESPACE_NAME,
@@ -26,9 +25,10 @@ from engine.identity import (
     model_key,
     model_uuid,
 )
-from engine.llama2c import load_llama2c, random_tensors, write_llama2c
-from engine.loader import load_checkpoint
-from server.app import ServerConfig, create_app, load_model
+from tiller.engine.llama2c import load_llama2c, random_tensors, write_llama2c
+from tiller.engine.loader import load_checkpoint
+from tiller.server.app import ServerConfig, create_app, load_model
+
 from tests.test_gguf import write_gguf
 
 CONFIG = ModelConfig(dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=80,

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from numba import njit
-
-from engine import kernels as K
-from engine.config import GROUP_SIZE
-from engine.quant import quantize_q8_0
-from engine.simd import HAS_VNNI, make_tile
+from tiller.engine import kernels as K
+from tiller.engine.config import GROUP_SIZE
+from tiller.engine.quant import quantize_q8_0
+from tiller.engine.simd import HAS_VNNI, make_tile
 
 RNG = np.random.default_rng(1234)
 

@@ -10,20 +10,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from engine.config import GROUP_SIZE, ModelConfig
-from engine.llama2c import (
+from tiller.engine.config import GROUP_SIZE, ModelConfig, rope_tables
+from tiller.engine.llama2c import (
     FORMATS,
     MAGIC,
     Checkpoint,
     CheckpointError,
     load_llama2c,
     random_tensors,
-    rope_tables,
     tensor_shapes,
     write_llama2c,
 )
-from engine.quant import QTensor, quantize_q8_0
+from tiller.engine.quant import QTensor, quantize_q8_0
 
 # w2's rows of 172 don't fit export.py's groups of 64: that tensor takes the requantizing path
 SMALL = ModelConfig(dim=64, hidden_dim=172, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=96,
@@ -64,7 +62,7 @@ def ref_export(cfg: ModelConfig, t: dict[str, np.ndarray], fmt: str, group_size:
         for name in ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2", "w3"):
             out += [f32(w) for w in layers(name)]
         out.append(f32(t["final_norm"]))
-        out += [f32(table) for table in rope_tables(cfg)]
+        out += [f32(table) for table in rope_tables(cfg, torch_float32=True)]
         if not shared:
             out.append(f32(t["classifier"]))
         return b"".join(out)
@@ -151,7 +149,7 @@ def test_round_trip(tmp_path: Path, caplog: pytest.LogCaptureFixture, fmt: str,
     cfg = CONFIGS[name]
     t = random_tensors(cfg, seed=2)
     path = write_llama2c(tmp_path / "m.bin", cfg, t, fmt)
-    with caplog.at_level(logging.WARNING, logger="engine.llama2c"):
+    with caplog.at_level(logging.WARNING, logger="tiller.engine.llama2c"):
         ckpt = load_llama2c(path)
     assert ckpt.format == fmt and ckpt.config == cfg and ckpt.path == path
     group_size = 64 if cfg.dim % 64 == 0 else 32
@@ -179,7 +177,7 @@ def test_small_groups_are_requantized_with_one_warning(tmp_path: Path,
                                                        caplog: pytest.LogCaptureFixture) -> None:
     t = random_tensors(SMALL, seed=4)
     path = write_llama2c(tmp_path / "m.bin", SMALL, t, "q80v1", group_size=16)
-    with caplog.at_level(logging.WARNING, logger="engine.llama2c"):
+    with caplog.at_level(logging.WARNING, logger="tiller.engine.llama2c"):
         ckpt = load_llama2c(path)
     assert ckpt.file_group_size == 16
     assert sorted(check_round_trip(ckpt, t, 16)) == sorted(m for m in MATRICES[:-1])
@@ -373,7 +371,7 @@ def test_model_config_errors_become_checkpoint_errors(
     def refuse(**kwargs: object) -> ModelConfig:
         raise ValueError("no thanks")
 
-    monkeypatch.setattr("engine.llama2c.ModelConfig", refuse)
+    monkeypatch.setattr("tiller.engine.llama2c.ModelConfig", refuse)
     path = tmp_path / "m.bin"
     path.write_bytes(good["v0"])
     with pytest.raises(CheckpointError, match="no thanks") as e:

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiller.engine.engine import Engine, SeqRequest
+from tiller.engine.generate import generate
+from tiller.engine.llama2c import FORMATS, load_llama2c, write_llama2c
+from tiller.engine.sampling import SamplingParams
+from tiller.engine.tokenizer import Tokenizer
+from tiller.engine.weights import build_weights
 
-from engine.engine import Engine, SeqRequest
-from engine.generate import generate
-from engine.llama2c import FORMATS, load_llama2c, write_llama2c
-from engine.sampling import SamplingParams
-from engine.tokenizer import Tokenizer
-from engine.weights import build_weights
 from tests.reference import load_v0_legacy, reference_forward
 
 # The first 200 greedy tokens after "<s>Once upon a time", derived once with tests/reference.py
@@ -123,7 +123,7 @@ def test_generation_is_reproducible_with_a_seed_alone_or_batched(model_path):
     first = greedy_or_sample(engine, params)
     assert greedy_or_sample(engine, params) == first
     # the same request with a busy neighbour in every step
-    from engine.sampling import Sampler
+    from tiller.engine.sampling import Sampler
 
     sampler = Sampler(params, GOLDEN_PROMPT)
     seq, other = engine.new_sequence(), engine.new_sequence()

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiller.engine.config import ModelConfig
+from tiller.engine.quant import quantize_q8_0
 
-from engine.config import ModelConfig
-from engine.quant import quantize_q8_0
 from tests.reference import (
     CAPTURE_NAMES,
     add_q8_weights,
@@ -177,9 +177,10 @@ def test_causality() -> None:
     la = reference_forward(weights, cfg, a)
     lb = reference_forward(weights, cfg, b)
     prefix = reference_forward(weights, cfg, a[:4])
+    # NOTE: numpy's BLAS picks kernels by row count, so 4 and 8 rows may round differently
     for name in ("logits", "resid_post"):
         np.testing.assert_allclose(la[name][..., :4, :], lb[name][..., :4, :], atol=1e-6)
-        np.testing.assert_allclose(la[name][..., :4, :], prefix[name], atol=1e-6)
+        np.testing.assert_allclose(la[name][..., :4, :], prefix[name], rtol=1e-5, atol=1e-5)
     assert not np.allclose(la["logits"][4:], lb["logits"][4:])
 
 

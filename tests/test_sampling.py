@@ -6,8 +6,7 @@ import math
 
 import numpy as np
 import pytest
-
-from engine.sampling import (
+from tiller.engine.sampling import (
     Sampler,
     SamplingParams,
     _top_order,

@@ -13,8 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-
-from server.scheduler import (
+from tiller.server.scheduler import (
     Chunk,
     FinishReason,
     Plan,

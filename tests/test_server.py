@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
+from tiller.server.app import ServerConfig, create_app, load_model
 
-from server.app import ServerConfig, create_app, load_model
 from tests.test_real_model import GOLDEN
 
 GOLDEN_TEXT = ", there was a little girl named Lily. She loved to play outside in the park."
@@ -373,10 +373,10 @@ async def test_an_engine_failure_mid_stream_is_an_error_event(client, model, mon
 
 async def test_a_gguf_model_brings_its_tokenizer_and_chat_template(aiohttp_client, tmp_path):
     import gguf
+    from tiller.engine.config import ModelConfig
+    from tiller.engine.llama2c import random_tensors
+    from tiller.engine.loader import load_tokenizer
 
-    from engine.config import ModelConfig
-    from engine.llama2c import random_tensors
-    from engine.loader import load_tokenizer
     from tests.test_gguf import write_gguf
 
     cfg = ModelConfig(dim=64, hidden_dim=128, n_layers=2, n_heads=4, n_kv_heads=2,

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from engine.engine import Engine, EngineError, SeqRequest
-from engine.steering import (
+from tiller.engine.engine import Engine, EngineError, SeqRequest
+from tiller.engine.steering import (
     actadd_term,
     actadd_tokens,
     build_actadd,
@@ -14,7 +13,8 @@ from engine.steering import (
     control_terms,
     newline_token,
 )
-from engine.tokenizer import Tokenizer
+from tiller.engine.tokenizer import Tokenizer
+
 from tests.reference import load_v0_legacy, reference_forward
 
 
@@ -55,9 +55,8 @@ def test_steered_generation_equals_the_reference_with_the_same_addition(model):
     engine, tok, config, weights = model
     rows = build_actadd(engine, tok, "Love", "Hate", 1)
     prompt = tok.encode("Once upon a time", bos=True)
-    seq = engine.new_sequence()
-    got = engine.step([SeqRequest(seq, prompt, logits="all",
-                                  steering=[actadd_term(rows, 3, 4.0)])])[0].logits
+    seq = engine.new_sequence(steering=[actadd_term(rows, 3, 4.0)])
+    got = engine.step([SeqRequest(seq, prompt, logits="all")])[0].logits
     engine.release(seq)
     ref = reference_forward(weights, config, prompt, steering={3: 4.0 * rows}, capture=False)
     np.testing.assert_allclose(got, ref["logits"], atol=1e-4, rtol=1e-4)

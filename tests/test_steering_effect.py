@@ -10,6 +10,8 @@ so the test checks the trend, not these particular seeds.
 from __future__ import annotations
 
 import pytest
+from tiller.engine.sampling import SamplingParams
+from tiller.engine.tokenizer import Tokenizer
 
 from bench.steering_effect import (
     PROMPT,
@@ -18,8 +20,6 @@ from bench.steering_effect import (
     steering_for,
     sweep,
 )
-from engine.sampling import SamplingParams
-from engine.tokenizer import Tokenizer
 
 SEEDS = range(40)
 TOKENS = 48

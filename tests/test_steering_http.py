@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiller.engine.engine import Engine
+from tiller.engine.steering import build_actadd, build_control
+from tiller.engine.tokenizer import Tokenizer
+from tiller.server.app import ServerConfig, create_app, load_model
+from tiller.server.steering_store import SteeringStore, SteeringVector, vector_id
 
-from engine.engine import Engine
-from engine.steering import build_actadd, build_control
-from engine.tokenizer import Tokenizer
-from server.app import ServerConfig, create_app, load_model
-from server.steering_store import SteeringStore, SteeringVector, vector_id
 from tests.test_server import post, sse_events
 
 
@@ -178,7 +178,7 @@ async def test_a_vector_of_another_model_is_refused(client, config):
                              directions={2: np.ones(64, np.float32)})
     store.put(foreign)
     server_store = client.app  # the app opened the directory before: reopen to see the file
-    from server.app import STATE
+    from tiller.server.app import STATE
 
     server_store[STATE].steering.put(foreign)
     error = (await post(client, "/v1/completions", {

@@ -7,9 +7,8 @@ import time
 from pathlib import Path
 
 import pytest
-
-from engine.tokenizer import SPACE, StreamDecoder, Tokenizer
-from server.textstream import MAX_STOP, Delta, TextStream, normalize_stop
+from tiller.engine.tokenizer import SPACE, StreamDecoder, Tokenizer
+from tiller.server.textstream import MAX_STOP, Delta, TextStream, normalize_stop
 
 # --- a tiny in-memory vocabulary -------------------------------------------------------------
 

@@ -8,8 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from engine.tokenizer import SPACE, StreamDecoder, Tokenizer, TokenizerError, TokenType
+from tiller.engine.tokenizer import SPACE, StreamDecoder, Tokenizer, TokenizerError, TokenType
 
 # --- a tiny synthetic vocabulary ------------------------------------------------------------
 

@@ -9,13 +9,13 @@ import sys
 import time
 from pathlib import Path
 
-from engine.engine import Engine
-from engine.generate import Timings, generate
-from engine.llama2c import CheckpointError
-from engine.loader import load_tokenizer
-from engine.sampling import SamplingParams
-from engine.tokenizer import StreamDecoder, Tokenizer, TokenizerError
-from engine.weights import DTYPES
+from .engine.engine import Engine
+from .engine.generate import Timings, generate
+from .engine.llama2c import CheckpointError
+from .engine.loader import load_tokenizer
+from .engine.sampling import SamplingParams
+from .engine.tokenizer import StreamDecoder, Tokenizer, TokenizerError
+from .engine.weights import DTYPES
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a llama2.c model's tokenizer.bin or GGUF vocabulary (default: "
                          "tokenizer.bin beside the model)")
     cv.add_argument("--progress", action="store_true",
-                    help="show a tensor counter on stderr even when it is not a terminal")
+                    help="show the progress bar on stderr even when it is not a terminal")
     s = sub.add_parser("serve", help="run the HTTP server (OpenAI- and llama.cpp-compatible)")
     _add_model_args(s)
     s.add_argument("--host", default="127.0.0.1")
@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require this bearer key (repeat for several)")
     s.add_argument("--alias", help="model name reported by the API (default: file name)")
     s.add_argument("--steering-dir", type=Path,
-                   help="where steering vectors persist (default: ~/.cache/tiller/steering)")
+                   help="where steering vectors persist (default: <cache root>/steering, the "
+                        "cache root being $TILLER_CACHE_DIR or ~/.cache/tiller)")
     s.add_argument("--steering-max-mb", type=int, default=256,
                    help="bound on the steering store's total size")
     return parser
@@ -137,7 +138,7 @@ def _prompts(path: Path, name: str) -> list[str]:
 def cmd_steer(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from engine import steering
+    from .engine import steering
 
     engine, tokenizer = _load(args)
     if args.method == "actadd":
@@ -159,7 +160,7 @@ def cmd_steer(args: argparse.Namespace) -> int:
                                         _prompts(args.negative, "negative"), layers,
                                         args.method)
     if args.out.suffix == ".gguf":
-        from engine.cvec import ControlVector, write_control_vector
+        from .engine.cvec import ControlVector, write_control_vector
 
         write_control_vector(args.out, ControlVector(directions, "llama"), n)
     elif args.out.suffix == ".npy":
@@ -173,7 +174,7 @@ def cmd_steer(args: argparse.Namespace) -> int:
 def cmd_features(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from engine.forward import CAPTURE_POINTS
+    from .engine.forward import CAPTURE_POINTS
 
     engine, tokenizer = _load(args)
     n = engine.config.n_layers
@@ -188,6 +189,7 @@ def cmd_features(args: argparse.Namespace) -> int:
         raise ValueError(f"--input: {len(tokens)} tokens exceed the context of "
                          f"{engine.config.max_seq_len}")
     captures = engine.forward_all(tokens, capture_layers=sorted(set(blocks))).captures
+    assert captures is not None  # blocks is not empty
     order = [sorted(set(blocks)).index(b) for b in blocks]
     arrays = {point: captures[i][order] for i, point in enumerate(CAPTURE_POINTS)}
     np.savez(args.out, tokens=np.array(tokens), layers=np.array(blocks), **arrays)
@@ -197,22 +199,24 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from engine.convert import convert
+    from tqdm import tqdm
+
+    from .engine.convert import convert
 
     logging.getLogger("gguf").setLevel(logging.WARNING)  # NOTE: GGUFWriter chats at INFO
-    show = args.progress or sys.stderr.isatty()
+    bar = tqdm(unit="tensor", file=sys.stderr, disable=not (args.progress or sys.stderr.isatty()),
+               dynamic_ncols=True, leave=True)
 
     def progress(done: int, total: int, name: str) -> None:
-        print(f"\r[{done:{len(str(total))}}/{total}] {name:<40.40}", end="", file=sys.stderr,
-              flush=True)
+        bar.total = total
+        bar.set_postfix_str(name, refresh=False)
+        bar.update(done - bar.n)
 
     start = time.perf_counter()
     try:
-        result = convert(args.input, args.output, args.type, args.tokenizer,
-                         progress if show else None)
+        result = convert(args.input, args.output, args.type, args.tokenizer, progress)
     finally:
-        if show:
-            print(file=sys.stderr)
+        bar.close()
     size = result.path.stat().st_size
     print(f"wrote {result.path}: {args.type}, {len(result.tensor_types)} tensors, "
           f"{size / 1e6:.1f} MB in {time.perf_counter() - start:.1f} s | uuid {result.uuid} | "
@@ -223,7 +227,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from server.app import ServerConfig, create_app
+    from .server.app import ServerConfig, create_app
 
     for name in ("parallel", "max_queue", "batch_tokens", "port"):
         if getattr(args, name) < (0 if name == "max_queue" else 1):

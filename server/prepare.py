@@ -1,0 +1,181 @@
+"""Request preparation: a validated body turned into its choices, ready to submit -- prompt
+tokens, limits, stop strings and sampling parameters, each checked against the model with a 400
+naming the field."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, cast
+
+from ..engine.engine import SteeringTerm
+from ..engine.sampling import SamplingParams
+from .chat import ChatTemplateError
+from .errors import ApiError
+from .protocol import ChatCompletionRequest, CompletionRequest, LlamaCompletionRequest
+from .runner import GenerationRequest, Runner
+from .state import Model
+from .textstream import normalize_stop
+
+GenerationSpec = tuple[GenerationRequest, tuple[str, ...], bool]  # request, stop strings, at_start
+
+
+class Choice(NamedTuple):
+    """One choice of a request, ready to submit, with the prompt it continues."""
+
+    spec: GenerationSpec
+    prompt: list[int]
+    echo: str = ""  # completions' `echo`: the prompt text the choice starts with
+
+
+def completion_choices(model: Model, runner: Runner, body: CompletionRequest,
+                       steering: tuple[SteeringTerm, ...]) -> list[Choice]:
+    """OpenAI completions: n choices for each prompt, prompt by prompt."""
+    stop = stop_strings(body.stop)
+    choices = []
+    for prompt in _prompts(body):
+        ids = tokenize_prompt(model, prompt)
+        n_new = max_new_tokens(runner, ids, body.max_tokens)
+        echo = ""
+        if body.echo:
+            echo = prompt if isinstance(prompt, str) else model.tokenizer.decode(ids)
+        for j in range(body.n):
+            params = sampling(body.temperature, body.top_p, body.top_k, body.min_p,
+                              choice_seed(body.seed, j), body.repetition_penalty,
+                              body.frequency_penalty, body.presence_penalty)
+            gen = GenerationRequest(ids, params, n_new, frozenset({model.tokenizer.eos_id}),
+                                    logprobs=body.logprobs,
+                                    prompt_logprobs=body.echo and body.logprobs is not None,
+                                    steering=steering)
+            choices.append(Choice((gen, stop, False), ids, echo))
+    return choices
+
+
+def _prompts(body: CompletionRequest) -> list[str | list[int]]:
+    p = body.prompt
+    if isinstance(p, str):
+        return [p]
+    if all(isinstance(x, int) for x in p):
+        return [cast(list[int], p)]  # one prompt as token ids
+    return list(cast(list[str | list[int]], p))  # several prompts: strings or token-id lists
+
+
+def chat_choices(model: Model, runner: Runner, body: ChatCompletionRequest,
+                 steering: tuple[SteeringTerm, ...]) -> list[Choice]:
+    """OpenAI chat: n choices continuing the conversation rendered by the chat template."""
+    stop = stop_strings(body.stop)
+    ids = chat_prompt(model, body)
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None \
+        else body.max_tokens
+    n_new = max_new_tokens(runner, ids, requested,
+                           "max_completion_tokens" if body.max_completion_tokens is not None
+                           else "max_tokens")
+    top_n = (body.top_logprobs or 0) if body.logprobs else None
+    choices = []
+    for j in range(body.n):
+        params = sampling(body.temperature, body.top_p, body.top_k, body.min_p,
+                          choice_seed(body.seed, j), body.repetition_penalty,
+                          body.frequency_penalty, body.presence_penalty)
+        gen = GenerationRequest(ids, params, n_new, frozenset({model.tokenizer.eos_id}),
+                                logprobs=top_n, steering=steering)
+        choices.append(Choice((gen, stop, False), ids))
+    return choices
+
+
+def chat_prompt(model: Model, body: ChatCompletionRequest) -> list[int]:
+    messages = [m.model_dump(exclude_none=False) for m in body.messages]
+    try:
+        text = model.chat_template.render(messages, add_generation_prompt=True,
+                                          **(body.chat_template_kwargs or {}))
+    except ChatTemplateError as e:
+        raise ApiError(400, str(e), param="messages") from e
+    except TypeError as e:  # a chat_template_kwargs key the template reserves
+        raise ApiError(400, f"chat_template_kwargs: {e}", param="chat_template_kwargs") from e
+    bos = model.chat_template.bos_token
+    # templates that write BOS themselves would get a second one from the tokenizer
+    return model.tokenizer.encode(text.removeprefix(bos) if bos else text, bos=True)
+
+
+def llama_choice(model: Model, runner: Runner, body: LlamaCompletionRequest,
+                 steering: tuple[SteeringTerm, ...]) -> Choice:
+    """llama.cpp's /completion: one choice; n_predict -1 is 'as many as fit'."""
+    ids = tokenize_prompt(model, body.prompt)
+    n_new = max_new_tokens(runner, ids, None if body.n_predict < 0 else body.n_predict,
+                           "n_predict")
+    params = sampling(body.temperature, body.top_p, body.top_k, body.min_p,
+                      None if body.seed < 0 else body.seed, body.repeat_penalty,
+                      body.frequency_penalty, body.presence_penalty, body.repeat_last_n)
+    stop_ids = frozenset() if body.ignore_eos else frozenset({model.tokenizer.eos_id})
+    gen = GenerationRequest(ids, params, n_new, stop_ids,
+                            logprobs=body.n_probs if body.n_probs else None, steering=steering)
+    return Choice((gen, stop_strings(body.stop), False), ids)
+
+
+def tokenize_prompt(model: Model, prompt: str | list, field: str = "prompt") -> list[int]:
+    """A string (BOS + text) or token ids (used as given) -> ids, validated against the vocab."""
+    tok = model.tokenizer
+    if isinstance(prompt, str):
+        return tok.encode(prompt, bos=True)
+    ids: list[int] = []
+    for i, part in enumerate(prompt):  # llama.cpp allows strings and ids mixed
+        if isinstance(part, str):
+            ids.extend(tok.encode(part, bos=not ids))
+        elif isinstance(part, int) and not isinstance(part, bool):
+            if not 0 <= part < tok.vocab_size:
+                raise ApiError(400, f"{field}[{i}]: token id {part} outside "
+                               f"0..{tok.vocab_size - 1}", param=field)
+            ids.append(part)
+        else:
+            raise ApiError(400, f"{field}[{i}]: expected a token id or a string", param=field)
+    if not ids:
+        raise ApiError(400, f"{field}: empty prompt", param=field)
+    return ids
+
+
+def max_new_tokens(runner: Runner, prompt: list[int], requested: int | None,
+                   field: str = "max_tokens") -> int:
+    """Check prompt + requested tokens fit the context; None means 'as many as fit'."""
+    limit = runner.context_limit()
+    room = limit - len(prompt)
+    if room < 0 or (requested is not None and requested > room):
+        wanted = len(prompt) + (requested or 0)
+        raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, "
+                       f"you requested {wanted} tokens ({len(prompt)} in the prompt, "
+                       f"{requested or 0} for the completion). Please reduce the prompt or "
+                       f"{field}.", param=field if room >= 0 else "prompt",
+                       code="context_length_exceeded")
+    return room if requested is None else requested
+
+
+def input_ids(model: Model, runner: Runner, prompt: str | list, field: str) -> list[int]:
+    """Text (with BOS) or token ids of a prompt-only input (features, embeddings) that must fit
+    the context (else context_length_exceeded)."""
+    ids = tokenize_prompt(model, prompt, field)
+    limit = runner.context_limit()
+    if len(ids) > limit:
+        raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, "
+                       f"{field} has {len(ids)} tokens. Please reduce the input.", param=field,
+                       code="context_length_exceeded")
+    return ids
+
+
+def stop_strings(stop: Any, field: str = "stop") -> tuple[str, ...]:
+    try:
+        return normalize_stop(stop)
+    except ValueError as e:
+        raise ApiError(400, str(e), param=field) from e
+
+
+def sampling(temperature: float, top_p: float, top_k: int, min_p: float, seed: int | None,
+             repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
+             presence_penalty: float = 0.0, repeat_last_n: int = -1) -> SamplingParams:
+    try:
+        return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                              seed=seed, repetition_penalty=repetition_penalty,
+                              frequency_penalty=frequency_penalty,
+                              presence_penalty=presence_penalty, repeat_last_n=repeat_last_n)
+    except ValueError as e:
+        raise ApiError(400, str(e)) from e
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """Choice i of n gets seed + i: reproducible as a whole, different from its siblings."""
+    return None if seed is None else (seed + index) % 2**63

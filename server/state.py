@@ -1,0 +1,110 @@
+"""What the running server holds: its configuration, the loaded model, the runner, the store.
+
+One ServerState per application, reached through `request.app[STATE]` (an aiohttp AppKey, no
+module globals). The model loads on a worker thread after the server starts listening, so until
+then `ready()` answers 503.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import blake3
+from aiohttp import web
+
+from .. import __version__
+from ..engine.engine import Engine, SeqRequest
+from ..engine.identity import model_key, model_uuid
+from ..engine.loader import load_checkpoint, load_tokenizer
+from ..engine.paths import cache_root
+from ..engine.tokenizer import Tokenizer
+from .chat import ChatTemplate
+from .errors import ApiError
+from .metrics import Metrics
+from .runner import Runner
+from .steering_store import SteeringStore
+
+
+@dataclass
+class ServerConfig:
+    model_path: Path
+    tokenizer_path: Path | None = None  # None: the GGUF's vocabulary or tokenizer.bin beside
+    dtype: str = "q8_0"
+    threads: int | None = None
+    parallel: int = 4  # sequences running at once
+    ctx_size: int | None = None  # KV cache tokens shared by all sequences
+    max_waiting: int = 64  # queued requests beyond the running ones; more is a 503
+    token_budget: int = 256  # tokens per engine step (decode tokens plus prompt chunks)
+    api_keys: tuple[str, ...] = ()
+    model_alias: str | None = None
+    max_body_bytes: int = 8 * 1024 * 1024
+    steering_dir: Path | None = None  # default: <cache root>/steering (engine/paths.py)
+    steering_max_bytes: int = 256 * 1024 * 1024
+
+
+@dataclass
+class Model:
+    """Everything loaded from the model files."""
+
+    engine: Engine
+    tokenizer: Tokenizer
+    chat_template: ChatTemplate
+    name: str
+    key: str  # BLAKE3 of the model file: these bytes (engine/identity.py)
+    uuid: str  # the model, whatever its encoding: general.uuid or derived from the tensors
+    fingerprint: str  # system_fingerprint: model identity and engine version
+    created: int
+
+
+def load_model(config: ServerConfig) -> Model:
+    """Load, hash and warm up the model (the first step compiles or loads the kernels)."""
+    checkpoint = load_checkpoint(config.model_path)
+    eng = Engine.from_checkpoint(checkpoint, config.dtype, threads=config.threads,
+                                 max_tokens=config.token_budget, kv_tokens=config.ctx_size,
+                                 kv_sequences=config.parallel)
+    tokenizer = load_tokenizer(config.model_path, config.tokenizer_path, eng.config.vocab_size)
+    key = model_key(config.model_path)  # NOTE: cached: a restart does not re-hash the file
+    uuid = model_uuid(checkpoint)
+    seq = eng.new_sequence()
+    eng.step([SeqRequest(seq, [tokenizer.bos_id])])
+    eng.release(seq)
+    name = config.model_alias or config.model_path.name
+    fingerprint = "fp_" + blake3.blake3(f"{key}:{__version__}:{eng.dtype}".encode()
+                                        ).hexdigest()[:16]
+    template = ChatTemplate.for_model(checkpoint.metadata.get("tokenizer.chat_template"),
+                                      tokenizer.piece(tokenizer.bos_id),
+                                      tokenizer.piece(tokenizer.eos_id))
+    return Model(eng, tokenizer, template, name, key, uuid, fingerprint, int(time.time()))
+
+
+@dataclass
+class ServerState:
+    config: ServerConfig
+    steering: SteeringStore
+    metrics: Metrics = field(default_factory=Metrics)
+    model: Model | None = None
+    runner: Runner | None = None
+    load_error: str | None = None
+
+    @classmethod
+    def create(cls, config: ServerConfig) -> ServerState:
+        store = SteeringStore(config.steering_dir or cache_root() / "steering",
+                              config.steering_max_bytes)
+        return cls(config, store)
+
+    def ready(self) -> tuple[Model, Runner]:
+        if self.model is None or self.runner is None:
+            raise ApiError(503, self.load_error or "Loading model", "unavailable_error",
+                           code="model_loading")
+        return self.model, self.runner
+
+    def serve(self, model: Model, runner: Runner) -> None:
+        """The model is loaded and its runner started: requests may come."""
+        self.model, self.runner = model, runner
+        self.metrics.watch(runner)
+
+
+STATE = web.AppKey("state", ServerState)
+TOKENS = web.RequestKey("tokens", int)  # tokens generated for the request, for the log line

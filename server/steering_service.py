@@ -1,0 +1,191 @@
+"""The steering service: a request's `steering` field resolved into the engine's SteeringTerms,
+and steering vectors built, imported and stored. Routes call it; it knows no HTTP routes.
+
+Vectors are built through the shared batch like any request (generation.collect_states):
+building an ActAdd vector is one forward pass of its two prompts.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import blake3
+import numpy as np
+
+from ..engine.cvec import ControlVector, read_control_vector, write_control_vector
+from ..engine.engine import EngineError, SteeringTerm
+from ..engine.layers import capture_blocks, normalize_layer, stream_at
+from ..engine.steering import actadd_tokens, check_control_request, directions_from_states
+from .errors import ApiError
+from .generation import collect_states
+from .protocol import SteeringCreateRequest, SteeringEntry
+from .runner import Captured
+from .state import Model, ServerState
+from .steering_store import SteeringVector, StoreFull, vector_id
+
+
+def layer_number(model: Model, layer: int, field: str) -> int:
+    """tiller's layer number (negative: from the end, -1 = after the last block), checked."""
+    try:
+        return normalize_layer(layer, model.engine.config.n_layers)
+    except EngineError as e:
+        raise ApiError(400, f"{field}: {e}", param=field.split(".")[0].split("[")[0]) from e
+
+
+def _save(state: ServerState, vec: SteeringVector) -> SteeringVector:
+    try:
+        return state.steering.put(vec)
+    except StoreFull as e:
+        raise ApiError(507, str(e), "insufficient_storage", code="steering_store_full") from e
+
+
+def _states(captured: Captured) -> np.ndarray:
+    """A prompt's hidden states, there whenever blocks were captured (collect_states)."""
+    assert captured.states is not None
+    return captured.states
+
+
+def find_vector(state: ServerState, vid: str) -> SteeringVector:
+    vec = state.steering.get(vid)
+    if vec is None:
+        raise ApiError(404, f"no steering vector {vid!r}", "not_found_error",
+                       code="steering_vector_not_found")
+    return vec
+
+
+async def actadd_vector(state: ServerState, add: str, sub: str, source: int,
+                        field: str = "layer") -> SteeringVector:
+    """The ActAdd vector for (add, sub, source layer): from the store, or built and stored."""
+    model, runner = state.ready()
+    source = layer_number(model, source, field)
+    spec = {"method": "actadd", "add": add, "sub": sub, "layer": source}
+    vid = vector_id(model.key, spec)
+    found = state.steering.get(vid)
+    if found is not None:
+        return found
+    a, s = actadd_tokens(model.tokenizer, add, sub)
+    limit = runner.context_limit()
+    if len(a) > limit:
+        raise ApiError(400, f"{field.split('.')[0]}: steering prompts of {len(a)} tokens exceed "
+                       f"the context of {limit}", param=field.split(".")[0].split("[")[0],
+                       code="context_length_exceeded")
+    n = model.engine.config.n_layers
+    blocks = capture_blocks([source], n)
+    hidden = await collect_states(model, runner, [a, s], blocks)
+    rows = (stream_at(_states(hidden[0]), blocks, source, n)
+            - stream_at(_states(hidden[1]), blocks, source, n))
+    return _save(state, SteeringVector(vid, "actadd", model.key, model.engine.config.dim, spec,
+                                       rows=rows.astype(np.float32), source_layer=source))
+
+
+async def resolve_steering(state: ServerState, entries: list[SteeringEntry],
+                           field: str = "steering") -> tuple[SteeringTerm, ...]:
+    """A request's `steering` entries as the engine's SteeringTerms (400/404 naming the entry)."""
+    if not entries:
+        return ()
+    model, _ = state.ready()
+    terms: list[SteeringTerm] = []
+    for i, e in enumerate(entries):
+        where = f"{field}[{i}]"
+        if e.vector is None:  # inline ActAdd, llama.cpp's flags
+            assert e.add is not None and e.sub is not None and e.layer is not None
+            source = e.source_layer if e.source_layer is not None else e.layer
+            vec = await actadd_vector(state, e.add, e.sub, source, f"{where}.source_layer")
+            mul = e.mul if e.mul is not None else e.scale
+            assert vec.rows is not None
+            terms.append(SteeringTerm(layer_number(model, e.layer, f"{where}.layer"), vec.rows,
+                                      mul))
+            continue
+        found = state.steering.get(e.vector)
+        if found is None:
+            raise ApiError(404, f"{where}.vector: no steering vector {e.vector!r}",
+                           "not_found_error", param=field, code="steering_vector_not_found")
+        if found.model_key != model.key or found.dim != model.engine.config.dim:
+            raise ApiError(400, f"{where}.vector: {e.vector} was made for another model "
+                           f"(key {found.model_key[:16]}..., width {found.dim})", param=field,
+                           code="steering_model_mismatch")
+        if found.kind == "actadd":
+            assert found.rows is not None and found.source_layer is not None
+            layer = layer_number(model, e.layer if e.layer is not None else found.source_layer,
+                                 f"{where}.layer")
+            terms.append(SteeringTerm(layer, found.rows, e.scale))
+            continue
+        wanted = e.layers if e.layers is not None else (
+            [e.layer] if e.layer is not None else list(found.directions))
+        for layer in (layer_number(model, x, f"{where}.layers") for x in wanted):
+            if layer not in found.directions:
+                raise ApiError(400, f"{where}.layers: {e.vector} has no direction for layer "
+                               f"{layer} (it has {sorted(found.directions)})", param=field)
+            terms.append(SteeringTerm(layer, found.directions[layer], e.scale,
+                                      every_position=True))
+    return tuple(terms)
+
+
+async def create_vector(state: ServerState, body: SteeringCreateRequest) -> SteeringVector:
+    """POST /v1/steering: an ActAdd vector, or a control vector from contrastive pairs."""
+    model, runner = state.ready()
+    n = model.engine.config.n_layers
+    if body.method == "actadd":
+        assert body.add is not None and body.sub is not None and body.layer is not None
+        return await actadd_vector(state, body.add, body.sub, body.layer)
+    assert body.positive is not None and body.negative is not None  # checked by the model
+    try:
+        check_control_request(body.positive, body.negative, body.method)
+    except ValueError as e:
+        raise ApiError(400, str(e), param="positive") from e
+    # default: every layer a llama.cpp control-vector file can hold (2..n_layers: engine/cvec.py)
+    default = range(2, n + 1) if n > 1 else range(1, n + 1)
+    layers = sorted({layer_number(model, x, "layers") for x in (body.layers or default)})
+    spec = {"method": body.method, "positive": body.positive, "negative": body.negative,
+            "layers": layers}
+    vid = vector_id(model.key, spec)
+    found = state.steering.get(vid)
+    if found is not None:
+        return found
+    prompts = [model.tokenizer.encode(p, bos=True) for p in [*body.positive, *body.negative]]
+    blocks = capture_blocks(layers, n)
+    hidden = await collect_states(model, runner, prompts, blocks)
+    last = np.stack([np.stack([stream_at(_states(h), blocks, layer, n)[-1] for layer in layers])
+                     for h in hidden])
+    pairs = len(body.positive)
+    directions = directions_from_states(last[:pairs], last[pairs:], layers, body.method)
+    return _save(state, SteeringVector(vid, "control", model.key, model.engine.config.dim, spec,
+                                       directions=directions))
+
+
+def import_control_vector(state: ServerState, data: bytes) -> SteeringVector:
+    """A llama.cpp control-vector GGUF (from llama.cpp or repeng), stored as a control vector."""
+    model, _ = state.ready()
+    if not data:
+        raise ApiError(400, "the body must be a control-vector GGUF file")
+    config = model.engine.config
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "upload.gguf"
+        path.write_bytes(data)
+        try:
+            cv = read_control_vector(path, config.dim, config.n_layers)
+        except ValueError as e:
+            raise ApiError(400, str(e).replace(str(path), "upload"), param="file") from e
+    spec = {"method": "import", "blake3": blake3.blake3(data).hexdigest()}
+    vec = SteeringVector(vector_id(model.key, spec), "control", model.key, config.dim, spec,
+                         directions={k: np.asarray(v, np.float32)
+                                     for k, v in cv.directions.items()})
+    return _save(state, vec)
+
+
+def control_vector_gguf(state: ServerState, vec: SteeringVector) -> bytes:
+    """A stored control vector as llama.cpp's control-vector GGUF file."""
+    model, _ = state.ready()
+    if vec.kind != "control":
+        raise ApiError(400, "format: an ActAdd vector has one row per position; llama.cpp's "
+                       "control-vector GGUF holds one per layer: download it as npy",
+                       param="format")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{vec.id}.gguf"
+        try:
+            write_control_vector(path, ControlVector(dict(vec.directions), "llama"),
+                                 model.engine.config.n_layers)
+        except ValueError as e:
+            raise ApiError(400, f"format: {e}", param="format") from e
+        return path.read_bytes()

@@ -1,0 +1,7 @@
+"""`python -m tiller`: the `tiller` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
