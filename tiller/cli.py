@@ -106,7 +106,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out.flush()
     decoder = StreamDecoder(tokenizer, at_start=not args.prompt)
     timings = Timings()
-    stop = frozenset({tokenizer.eos_id, tokenizer.bos_id})
+    stop = tokenizer.end_ids | {tokenizer.bos_id}
     for token in generate(engine, prompt, params, args.max_tokens, stop, timings):
         out.write(decoder.feed(token))
         out.flush()
