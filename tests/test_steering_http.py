@@ -12,7 +12,8 @@ from tiller.engine.engine import Engine
 from tiller.engine.steering import build_actadd, build_control
 from tiller.engine.tokenizer import Tokenizer
 from tiller.server.app import ServerConfig, create_app, load_model
-from tiller.server.steering_store import SteeringStore, SteeringVector, vector_id
+from tiller.server.steering_dir import DirectoryStore
+from tiller.server.steering_store import SteeringVector, vector_id
 
 from tests.test_server import post, sse_events
 
@@ -173,7 +174,7 @@ async def test_bad_steering_is_a_4xx_naming_the_field(client, steering, status, 
 
 
 async def test_a_vector_of_another_model_is_refused(client, config):
-    store = SteeringStore(config.steering_dir, config.steering_max_bytes)
+    store = DirectoryStore(config.steering_dir, config.steering_max_bytes)
     foreign = SteeringVector("sv-foreign", "control", "0" * 64, 64, {"method": "import"},
                              directions={2: np.ones(64, np.float32)})
     store.put(foreign)

@@ -1,0 +1,141 @@
+"""The Redis steering store (server/steering_redis.py) against a real redis-server: the stored
+bytes, sharing between replicas, the size bound under concurrent writers, damaged values, and a
+Redis that goes down and comes back."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from tiller.server.steering_redis import INDEX, USED, VEC, RedisStore
+from tiller.server.steering_store import SteeringVector, StoreFull, StoreUnavailable, encode
+
+from tests.redis_server import RedisServer, start_redis
+from tests.test_steering_store import actadd, control, damaged_bytes
+
+MAX = 1 << 20
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RedisServer]:
+    srv = start_redis(tmp_path / "redis")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def raw(server: RedisServer) -> redis.Redis:
+    return redis.Redis.from_url(server.url)
+
+
+def test_vectors_are_stored_as_the_directory_stores_bytes(server, raw):
+    store = RedisStore.from_url(server.url, MAX)
+    for vec in (control("a"), actadd("b")):
+        assert store.put(vec) is vec
+        assert raw.get(VEC + vec.id) == encode(vec)
+        assert int(raw.hget(INDEX, vec.id)) == vec.nbytes
+    assert store.used_bytes == int(raw.get(USED)) == control("a").nbytes + actadd("b").nbytes
+    fresh = RedisStore.from_url(server.url, MAX)  # nothing cached: read from Redis
+    got = fresh.get(actadd("b").id)
+    np.testing.assert_array_equal(got.rows, actadd("b").rows)
+    assert [v.id for v in fresh.list()] == [v.id for v in store.list()]
+    assert fresh.list("another model") == []
+
+
+def test_replicas_share_vectors_and_see_deletes_at_once(server):
+    a, b = RedisStore.from_url(server.url, MAX), RedisStore.from_url(server.url, MAX)
+    vec = control("shared")
+    a.put(vec)
+    assert b.get(vec.id).describe() == vec.describe()  # b now has it cached
+    assert a.delete(vec.id)
+    assert b.get(vec.id) is None and b.list() == []  # the cached copy is not served
+    assert not b.delete(vec.id)
+    assert a.used_bytes == b.used_bytes == 0
+
+
+def test_put_is_idempotent_across_replicas(server):
+    a, b = RedisStore.from_url(server.url, MAX), RedisStore.from_url(server.url, MAX)
+    vec = control("once")
+    a.put(vec)
+    later = SteeringVector(vec.id, vec.kind, vec.model_key, vec.dim, vec.request,
+                           created=vec.created + 100, directions=vec.directions)
+    assert b.put(later).created == vec.created  # the stored one, as the directory store does
+    assert b.used_bytes == vec.nbytes
+
+
+def test_size_bound_holds_under_concurrent_writers(server, raw):
+    one = control("v0").nbytes
+    stores = [RedisStore.from_url(server.url, 10 * one) for _ in range(2)]
+    results: list[str] = []
+    lock = threading.Lock()
+
+    def writer(w: int) -> None:
+        store = stores[w % 2]
+        for i in range(12):
+            try:
+                store.put(control(f"w{w}-{i}"))
+                outcome = "stored"
+            except StoreFull:
+                outcome = "full"
+            with lock:
+                results.append(outcome)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count("stored") == 10 and results.count("full") == 62
+    assert int(raw.get(USED)) == 10 * one and raw.hlen(INDEX) == 10
+    assert sum(int(x) for x in raw.hvals(INDEX)) == 10 * one
+    with pytest.raises(StoreFull, match=f"holds {10 * one} of {10 * one} bytes"):
+        stores[0].put(control("one more"))
+
+
+def test_a_damaged_value_is_skipped_and_reported(server, raw, caplog):
+    store = RedisStore.from_url(server.url, MAX)
+    good, victim = control("good"), control("victim")
+    store.put(good)
+    store.put(victim)
+    raw.set(VEC + victim.id, damaged_bytes("truncated", victim))
+    fresh = RedisStore.from_url(server.url, MAX)
+    with caplog.at_level(logging.ERROR, "tiller.server.steering_redis"):
+        assert [v.id for v in fresh.list()] == [good.id]
+        assert fresh.get(victim.id) is None
+    assert fresh.damaged_entries == 1
+    assert f"{VEC}{victim.id}" in caplog.text and "not a readable .npz" in caplog.text
+
+
+def test_a_redis_that_is_down_is_unavailable_then_comes_back(tmp_path):
+    srv = start_redis(tmp_path / "redis", appendonly=True)
+    store = RedisStore.from_url(srv.url, MAX)
+    vec = control("survivor")
+    store.put(vec)
+    srv.kill()
+    for call in (lambda: store.get(vec.id), store.list, lambda: store.put(control("x")),
+                 lambda: store.delete(vec.id), lambda: store.used_bytes):
+        start = time.monotonic()
+        with pytest.raises(StoreUnavailable, match=f"127.0.0.1:{srv.port} db 0"):
+            call()
+        assert time.monotonic() - start < 3  # refused at once: no request hangs on it
+    srv = start_redis(tmp_path / "redis", port=srv.port, appendonly=True)
+    try:
+        # the pooled connections died with the old server: the first call reconnects
+        assert store.get(vec.id) is not None and store.used_bytes == vec.nbytes
+    finally:
+        srv.stop()
+
+
+def test_the_url_is_checked():
+    with pytest.raises(ValueError, match="scheme"):
+        RedisStore.from_url("http://localhost:6379/0", MAX)
+    with pytest.raises(ValueError, match="decode_responses"):
+        RedisStore.from_url("redis://localhost:6379/0?decode_responses=true", MAX)
+    assert str(RedisStore.from_url("redis://:secret@db.example:6380/3", MAX)) == \
+        "redis db.example:6380 db 3"  # no password in messages
