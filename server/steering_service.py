@@ -54,8 +54,9 @@ async def _store(fn: Callable[..., T], *args: Any, param: str | None = None) -> 
                        code="steering_store_unavailable") from e
 
 
-async def _save(state: ServerState, vec: SteeringVector) -> SteeringVector:
-    return await _store(state.steering.put, vec)
+async def _save(state: ServerState, vec: SteeringVector,
+                param: str | None = None) -> SteeringVector:
+    return await _store(state.steering.put, vec, param=param)
 
 
 async def get_vector(state: ServerState, vid: str,
@@ -95,13 +96,14 @@ async def delete_vector(state: ServerState, vid: str) -> None:
 
 
 async def actadd_vector(state: ServerState, add: str, sub: str, source: int,
-                        field: str = "layer") -> SteeringVector:
-    """The ActAdd vector for (add, sub, source layer): from the store, or built and stored."""
+                        field: str = "layer", param: str | None = None) -> SteeringVector:
+    """The ActAdd vector for (add, sub, source layer): from the store, or built and stored.
+    `param` names the request field that needs the store, for its errors."""
     model, runner = state.ready()
     source = layer_number(model, source, field)
     spec = {"method": "actadd", "add": add, "sub": sub, "layer": source}
     vid = vector_id(model.key, spec)
-    found = await get_vector(state, vid, field.split(".")[0].split("[")[0])
+    found = await get_vector(state, vid, param)
     if found is not None:
         return found
     a, s = actadd_tokens(model.tokenizer, add, sub)
@@ -117,7 +119,7 @@ async def actadd_vector(state: ServerState, add: str, sub: str, source: int,
             - stream_at(_states(hidden[1]), blocks, source, n))
     return await _save(state, SteeringVector(vid, "actadd", model.key, model.engine.config.dim,
                                              spec, rows=rows.astype(np.float32),
-                                             source_layer=source))
+                                             source_layer=source), param)
 
 
 async def resolve_steering(state: ServerState, entries: list[SteeringEntry],
@@ -132,7 +134,8 @@ async def resolve_steering(state: ServerState, entries: list[SteeringEntry],
         if e.vector is None:  # inline ActAdd, llama.cpp's flags
             assert e.add is not None and e.sub is not None and e.layer is not None
             source = e.source_layer if e.source_layer is not None else e.layer
-            vec = await actadd_vector(state, e.add, e.sub, source, f"{where}.source_layer")
+            vec = await actadd_vector(state, e.add, e.sub, source, f"{where}.source_layer",
+                                      field)
             mul = e.mul if e.mul is not None else e.scale
             assert vec.rows is not None
             terms.append(SteeringTerm(layer_number(model, e.layer, f"{where}.layer"), vec.rows,

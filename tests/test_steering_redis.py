@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+from tiller.server.app import ServerConfig, create_app, load_model
 from tiller.server.steering_redis import INDEX, USED, VEC, RedisStore
 from tiller.server.steering_store import SteeringVector, StoreFull, StoreUnavailable, encode
 
 from tests.redis_server import RedisServer, start_redis
+from tests.test_server import post
 from tests.test_steering_store import actadd, control, damaged_bytes
 
 MAX = 1 << 20
@@ -139,3 +141,68 @@ def test_the_url_is_checked():
         RedisStore.from_url("redis://localhost:6379/0?decode_responses=true", MAX)
     assert str(RedisStore.from_url("redis://:secret@db.example:6380/3", MAX)) == \
         "redis db.example:6380 db 3"  # no password in messages
+
+
+# -----------------------------------------------------------------------------------------------
+# through the server: two apps ("replicas") on one Redis
+
+
+@pytest.fixture(scope="module")
+def model_config(shared_models: Path, tmp_path_factory) -> ServerConfig:
+    return ServerConfig(model_path=shared_models / "stories260K.bin",
+                        tokenizer_path=shared_models / "tok512.bin", parallel=4,
+                        token_budget=64, dtype="f32",
+                        steering_dir=tmp_path_factory.mktemp("unused-steering"))
+
+
+@pytest.fixture(scope="module")
+def model(model_config):
+    return load_model(model_config)
+
+
+async def test_replicas_share_vectors_through_redis(aiohttp_client, model_config, model,
+                                                    server):
+    config = ServerConfig(**{**model_config.__dict__, "steering_store": server.url})
+    one = await aiohttp_client(create_app(config, model=model))
+    two = await aiohttp_client(create_app(config, model=model))
+    made = await post(one, "/v1/steering", {"method": "actadd", "add": "dog", "sub": "cat",
+                                           "layer": 1})
+    assert not any(config.steering_dir.iterdir())  # nothing went to the directory
+    body = {"prompt": "Once upon a time", "max_tokens": 40, "temperature": 0.8, "seed": 5,
+            "steering": [{"vector": made["id"], "layer": 3, "scale": 8.0}]}
+    steered = (await post(two, "/v1/completions", body))["choices"][0]["text"]
+    assert steered == (await post(one, "/v1/completions", body))["choices"][0]["text"]
+    plain = await post(two, "/v1/completions", {**body, "steering": []})
+    assert plain["choices"][0]["text"] != steered
+    listed = await (await two.get("/v1/steering")).json()
+    assert [v["id"] for v in listed["data"]] == [made["id"]]
+    assert listed["used_bytes"] == made["bytes"]
+    assert (await two.delete(f"/v1/steering/{made['id']}")).status == 200
+    error = (await post(one, "/v1/completions", body, status=404))["error"]
+    assert error["code"] == "steering_vector_not_found"  # deleted on two: gone on one too
+
+
+async def test_a_redis_that_is_down_is_a_503_only_for_what_needs_it(aiohttp_client,
+                                                                     model_config, model,
+                                                                     tmp_path):
+    srv = start_redis(tmp_path / "redis")
+    config = ServerConfig(**{**model_config.__dict__, "steering_store": srv.url})
+    client = await aiohttp_client(create_app(config, model=model))
+    made = await post(client, "/v1/steering", {"method": "actadd", "add": "sun", "sub": "rain",
+                                              "layer": 1})
+    srv.kill()
+    steered = {"prompt": "Once", "max_tokens": 4, "steering": [{"vector": made["id"]}]}
+    for method, path, body in [("POST", "/v1/completions", steered),
+                               ("GET", f"/v1/steering/{made['id']}", None),
+                               ("GET", "/v1/steering", None),
+                               ("POST", "/v1/steering", {"method": "actadd", "add": "a",
+                                                         "sub": "b", "layer": 1})]:
+        response = await client.request(method, path, json=body)
+        error = (await response.json())["error"]
+        assert response.status == 503, (path, error)
+        assert error["code"] == "steering_store_unavailable"
+        assert f"127.0.0.1:{srv.port}" in error["message"]
+        assert error["param"] == ("steering" if path == "/v1/completions" else None)
+    assert (await client.get("/health")).status == 200
+    plain = await post(client, "/v1/completions", {"prompt": "Once", "max_tokens": 4})
+    assert plain["choices"][0]["text"]  # everything else is served

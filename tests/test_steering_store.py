@@ -65,9 +65,9 @@ def damaged_bytes(kind: str, vec: SteeringVector) -> bytes:
         arrays = _with_meta(vec, layers=[])
         return _savez({k: v for k, v in arrays.items() if not k.startswith("direction.")})
     if kind == "wrong_shape":
-        return _savez({**vec.arrays(), "direction.2": np.ones(DIM + 1, np.float32)})
+        return _savez({**vec.arrays(), "direction.2": np.ones(vec.dim + 1, np.float32)})
     if kind == "not_finite":
-        return _savez({**vec.arrays(), "direction.3": np.full(DIM, np.inf, np.float32)})
+        return _savez({**vec.arrays(), "direction.3": np.full(vec.dim, np.inf, np.float32)})
     raise AssertionError(kind)
 
 
@@ -76,7 +76,7 @@ DAMAGE = {  # kind -> what decode says
     "truncated": "not a readable .npz",
     "meta_not_object": "meta is not a JSON object but list",
     "no_layers": "not a non-empty list of integers",
-    "wrong_shape": f"direction.2 has shape ({DIM + 1},), expected ({DIM},)",
+    "wrong_shape": "direction.2 has shape",
     "not_finite": "direction.3 has NaN or infinite values",
 }
 
@@ -94,8 +94,11 @@ def test_encode_decode_round_trip():
 @pytest.mark.parametrize("kind", DAMAGE)
 def test_decode_names_the_damage(kind):
     vec = control("victim")
-    with pytest.raises(DamagedEntry, match=DAMAGE[kind].replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(DamagedEntry) as e:
         decode(damaged_bytes(kind, vec), vec.id)
+    assert DAMAGE[kind] in str(e.value)
+    if kind == "wrong_shape":
+        assert f"({DIM + 1},), expected ({DIM},)" in str(e.value)
 
 
 def test_decode_refuses_a_file_under_another_name():
