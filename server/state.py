@@ -24,6 +24,8 @@ from .chat import ChatTemplate
 from .errors import ApiError
 from .metrics import Metrics
 from .runner import Runner
+from .steering_dir import DirectoryStore
+from .steering_redis import RedisStore
 from .steering_store import SteeringStore
 
 
@@ -41,6 +43,7 @@ class ServerConfig:
     model_alias: str | None = None
     max_body_bytes: int = 8 * 1024 * 1024
     steering_dir: Path | None = None  # default: <cache root>/steering (engine/paths.py)
+    steering_store: str | None = None  # redis://HOST:PORT/DB: shared by replicas; else the dir
     steering_max_bytes: int = 256 * 1024 * 1024
 
 
@@ -90,9 +93,18 @@ class ServerState:
 
     @classmethod
     def create(cls, config: ServerConfig) -> ServerState:
-        store = SteeringStore(config.steering_dir or cache_root() / "steering",
-                              config.steering_max_bytes)
-        return cls(config, store)
+        store: SteeringStore
+        if config.steering_store is not None:
+            try:
+                store = RedisStore.from_url(config.steering_store, config.steering_max_bytes)
+            except ValueError as e:
+                raise ValueError(f"--steering-store {config.steering_store!r}: {e}") from None
+        else:
+            store = DirectoryStore(config.steering_dir or cache_root() / "steering",
+                                   config.steering_max_bytes)
+        state = cls(config, store)
+        state.metrics.watch_store(store)
+        return state
 
     def ready(self) -> tuple[Model, Runner]:
         if self.model is None or self.runner is None:

@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steering-dir", type=Path,
                    help="where steering vectors persist (default: <cache root>/steering, the "
                         "cache root being $TILLER_CACHE_DIR or ~/.cache/tiller)")
+    s.add_argument("--steering-store", metavar="redis://HOST:PORT/DB",
+                   help="keep steering vectors on this Redis server, shared by every replica "
+                        "that names it (default: the --steering-dir directory, this server's "
+                        "own)")
     s.add_argument("--steering-max-mb", type=int, default=256,
                    help="bound on the steering store's total size")
     return parser
@@ -240,7 +244,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           threads=args.threads, parallel=args.parallel, ctx_size=args.ctx_size,
                           max_waiting=args.max_queue, token_budget=args.batch_tokens,
                           api_keys=tuple(args.api_key), model_alias=args.alias,
-                          steering_dir=args.steering_dir,
+                          steering_dir=args.steering_dir, steering_store=args.steering_store,
                           steering_max_bytes=args.steering_max_mb * 1024 * 1024)
     web.run_app(create_app(config), host=args.host, port=args.port, access_log=None,
                 handler_cancellation=True, shutdown_timeout=10,
