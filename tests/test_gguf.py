@@ -19,7 +19,7 @@ from tiller.engine.gguf import load_gguf, load_gguf_tokenizer, read_gguf
 from tiller.engine.llama2c import CheckpointError, load_llama2c, random_tensors, write_llama2c
 from tiller.engine.loader import load_checkpoint
 from tiller.engine.quant import QTensor
-from tiller.engine.tokenizer import Tokenizer, TokenizerError
+from tiller.engine.tokenizer import SpmTokenizer, TokenizerError
 from tiller.engine.weights import build_weights, dequantized
 
 import tests.reference as reference
@@ -331,7 +331,7 @@ def read_tokenizer_bin(path: Path) -> list[float]:
 def test_stories260k_as_gguf_gives_the_same_logits_and_tokens(shared_models, tmp_path):
     original = load_llama2c(shared_models / "stories260K.bin")
     config = original.config
-    tok = Tokenizer.from_llama2c(shared_models / "tok512.bin", vocab_size=config.vocab_size)
+    tok = SpmTokenizer.from_llama2c(shared_models / "tok512.bin", vocab_size=config.vocab_size)
     w = gguf.GGUFWriter(tmp_path / "s.gguf", "llama")
     for add, value in ((w.add_context_length, config.max_seq_len),
                        (w.add_embedding_length, config.dim),
