@@ -96,6 +96,7 @@ PRE_TOKENIZERS: dict[str, PreTokenizer] = {
 NON_ASCII_WHITESPACE = (0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029, 0x202F, 0x205F,
                         0x3000)
 _WHITESPACE_TO_VT = dict.fromkeys(NON_ASCII_WHITESPACE, 0x0B)
+_NON_ASCII_WHITESPACE_RE = regex.compile("[" + "".join(map(chr, NON_ASCII_WHITESPACE)) + "]")
 
 
 class Splitter:
@@ -108,7 +109,8 @@ class Splitter:
 
     def split(self, text: str) -> list[str]:
         """The words of `text`, in order; their concatenation is `text`."""
-        view = text.translate(_WHITESPACE_TO_VT) if not text.isascii() else text
+        view = (text.translate(_WHITESPACE_TO_VT)
+                if not text.isascii() and _NON_ASCII_WHITESPACE_RE.search(text) else text)
         spans = [(0, len(text))]
         for pattern in self._compiled:
             cut: list[tuple[int, int]] = []

@@ -13,6 +13,7 @@ import gguf
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
+from tiller.engine.bpe import BpeTokenizer
 from tiller.engine.config import ModelConfig
 from tiller.engine.engine import Engine
 from tiller.engine.gguf import load_gguf, load_gguf_tokenizer, read_gguf
@@ -264,10 +265,11 @@ def test_spm_vocabulary_reproduces_llama_cpp_test_vectors(shared_models):
         load_gguf(path)  # vocabulary only
 
 
-def test_gpt2_vocabulary_is_refused_clearly(shared_models):
-    path = shared_models / "vocab" / "ggml-vocab-gpt-2.gguf"
-    with pytest.raises(TokenizerError, match="byte-level BPE vocabularies are not supported yet"):
-        load_gguf_tokenizer(path)
+def test_gpt2_vocabulary_is_byte_level_bpe(shared_models):
+    # (its tokenization is checked in tests/test_bpe.py)
+    tok = load_gguf_tokenizer(shared_models / "vocab" / "ggml-vocab-gpt-2.gguf")
+    assert isinstance(tok, BpeTokenizer) and tok.pre == "gpt-2"
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.add_bos) == (50257, 50256, 50256, False)
 
 
 def test_model_vocabulary_and_metadata(tmp_path):
