@@ -86,6 +86,17 @@ def test_control_pieces_are_never_merged() -> None:
     assert pieces_of(tok, tok.encode("<s>", bos=False)) == [SPACE, "<s", ">"]
 
 
+def test_special_pieces_parse_only_when_allowed() -> None:
+    tok = tiny(BASE)
+    # llama.cpp's parse_special: each text fragment after a special token gets its own prefix
+    assert tok.encode("a</s>a", bos=False, special=True) == (
+        tok.encode("a", bos=False) + [tok.eos_id] + tok.encode("a", bos=False))
+    assert tok.encode("<s>a", special=True) == [tok.bos_id, tok.bos_id] + tok.encode("a", bos=False)
+    plain = tok.encode("a</s>a", bos=False)
+    assert tok.eos_id not in plain and tok.decode(plain) == "a</s>a"
+    assert SpmTokenizer([b"<unk>", b"<s>", b"</s>"], [0.0] * 3, add_bos=False).encode("") == []
+
+
 def test_user_defined_and_unused_pieces() -> None:
     extra = BASE + [("<|x|>", -1.0), ("ab", -1.0), ("abc", -2.0)]
     types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL] + [TokenType.BYTE] * 256
