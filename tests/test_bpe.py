@@ -190,6 +190,26 @@ def test_qwen2_matches_tiktoken_on_random_text(qwen: Tokenizer, qwen_tiktoken) -
         assert qwen.decode(qwen.encode(text)) == text
 
 
+# Llama 3's own pattern (its tokenizer.json), which llama.cpp's llama3 entry adapts.
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def test_llama3_pre_tokenizer_matches_tiktoken(qwen_gguf: Path, qwen_ranks) -> None:
+    """Llama 3's vocabulary is not here, but its pre-tokenizer (and ignore_merges) can be
+    checked on Qwen's tokens: tiktoken with Llama 3's pattern is the reference."""
+    tiktoken = pytest.importorskip("tiktoken")
+    reference = tiktoken.Encoding("llama3-pattern", pat_str=LLAMA3_PATTERN,
+                                  mergeable_ranks=qwen_ranks, special_tokens={})
+    meta = read_gguf(qwen_gguf).metadata
+    tok = BpeTokenizer(meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.merges"],
+                       meta["tokenizer.ggml.token_type"].tolist(), "llama-bpe",
+                       bos_id=151643, eos_id=151643)
+    texts = random_texts(1000, seed=17)
+    differ = [t for t in texts if tok.encode(t, bos=False) != reference.encode_ordinary(t)]
+    assert not differ, f"{len(differ)}/{len(texts)} texts differ, e.g. {differ[:3]!r}"
+
+
 def test_qwen2_special_tokens(qwen: Tokenizer, qwen_tiktoken) -> None:
     chat = "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
     ids = qwen.encode(chat, special=True)
