@@ -15,9 +15,11 @@ Results are cached per word, so a long text costs one regex pass plus BPE on its
 
 from __future__ import annotations
 
+import codecs
 import heapq
 import re
 from collections.abc import Sequence
+from itertools import pairwise
 
 from .pretokenize import PRE_TOKENIZERS, PreTokenizer, Splitter
 from .tokenizer import Tokenizer, TokenizerError, TokenType
@@ -46,8 +48,12 @@ def bytes_to_unicode() -> list[str]:
 
 BYTE_TO_CHAR = bytes_to_unicode()
 CHAR_TO_BYTE = {c: b for b, c in enumerate(BYTE_TO_CHAR)}
-# str.translate table from Latin-1-decoded bytes to their stand-ins
-_ENCODE_TABLE = {b: c for b, c in enumerate(BYTE_TO_CHAR)}
+# bytes -> stand-ins in one C call (codecs.charmap_decode with a 256-character table)
+_DECODING_TABLE = "".join(BYTE_TO_CHAR)
+_NO_RANK = 1 << 62
+# Words up to this many bytes merge with a list scan (C-level min/index), longer ones with
+# a heap: the scan is quadratic, the heap's Python overhead is not worth it on short words.
+_SCAN_BYTES = 48
 
 
 class BpeTokenizer(Tokenizer):
@@ -160,7 +166,7 @@ class BpeTokenizer(Tokenizer):
             out.extend(word_ids)
 
     def _encode_word(self, word: str) -> list[int]:
-        encoded = word.encode("utf-8").decode("latin-1").translate(_ENCODE_TABLE)
+        encoded = codecs.charmap_decode(word.encode("utf-8"), "strict", _DECODING_TABLE)[0]
         ids = self._ids
         if self._ignore_merges and encoded in ids:
             return [ids[encoded]]
@@ -176,29 +182,55 @@ class BpeTokenizer(Tokenizer):
         return out
 
     def _merge(self, word: str) -> list[str]:
-        """The symbols of `word` after BPE: lowest rank first, leftmost on ties."""
+        """The symbols of `word` after BPE: lowest rank first, leftmost on ties.
+
+        NOTE: the heap below is llama.cpp's algorithm; the scan for short words merges the
+        same pairs in the same order, because both always merge the leftmost of the
+        lowest-ranked adjacent pairs (tests/test_bpe.py compares them).
+        """
         sym = list(word)
-        n = len(sym)
-        if n < 2:
+        if len(sym) < 2:
             return sym
+        return self._merge_scan(sym) if len(sym) <= _SCAN_BYTES else self._merge_heap(sym)
+
+    def _merge_scan(self, sym: list[str]) -> list[str]:
+        ranks = self._ranks
+        pair_ranks = [ranks.get((a, b), _NO_RANK) for a, b in pairwise(sym)]
+        while pair_ranks:
+            best = min(pair_ranks)
+            if best == _NO_RANK:
+                break
+            i = pair_ranks.index(best)  # the leftmost of the lowest
+            sym[i:i + 2] = [sym[i] + sym[i + 1]]
+            del pair_ranks[i]
+            if i > 0:
+                pair_ranks[i - 1] = ranks.get((sym[i - 1], sym[i]), _NO_RANK)
+            if i < len(pair_ranks):
+                pair_ranks[i] = ranks.get((sym[i], sym[i + 1]), _NO_RANK)
+        return sym
+
+    def _merge_heap(self, sym: list[str]) -> list[str]:
+        n = len(sym)
         ranks = self._ranks
         nxt = list(range(1, n + 1))
         nxt[-1] = -1
         prev = list(range(-1, n - 1))
-        # Heap entries: (rank, left, right, merged text). An entry is stale once either
-        # symbol changed, which its text shows (symbols only grow, or empty when merged).
-        heap: list[tuple[int, int, int, str]] = []
+        # Heap entries: (rank, left, right, merged length). An entry is stale once either
+        # symbol changed: symbols only grow, or empty when merged into their left neighbour,
+        # so the lengths show it (llama.cpp compares the texts, which is the same test).
+        heap: list[tuple[int, int, int, int]] = []
         for i in range(n - 1):
             rank = ranks.get((sym[i], sym[i + 1]))
             if rank is not None:
-                heap.append((rank, i, i + 1, sym[i] + sym[i + 1]))
+                heap.append((rank, i, i + 1, 2))
         heapq.heapify(heap)
+        pop, push = heapq.heappop, heapq.heappush
         while heap:
-            _, left, right, merged = heapq.heappop(heap)
+            _, left, right, size = pop(heap)
             a, b = sym[left], sym[right]
-            if not a or not b or a + b != merged:
+            if not a or not b or len(a) + len(b) != size:
                 continue
-            sym[left] = merged
+            merged = sym[left] = a + b
             sym[right] = ""
             after = nxt[right]
             nxt[left] = after
@@ -206,12 +238,12 @@ class BpeTokenizer(Tokenizer):
                 prev[after] = left
                 rank = ranks.get((merged, sym[after]))
                 if rank is not None:
-                    heapq.heappush(heap, (rank, left, after, merged + sym[after]))
+                    push(heap, (rank, left, after, size + len(sym[after])))
             before = prev[left]
             if before != -1:
                 rank = ranks.get((sym[before], merged))
                 if rank is not None:
-                    heapq.heappush(heap, (rank, before, left, sym[before] + merged))
+                    push(heap, (rank, before, left, len(sym[before]) + size))
         return [s for s in sym if s]
 
 

@@ -115,8 +115,14 @@ class Splitter:
         for pattern in self._compiled:
             cut: list[tuple[int, int]] = []
             for start, end in spans:
+                # NOTE: most pieces do not match a later regex at all; a search finds that
+                # several times faster than a finditer (none of the regexes looks behind).
+                first = pattern.search(view, start, end) if end - start > 1 else None
+                if first is None:  # (one character can only stay one piece)
+                    cut.append((start, end))
+                    continue
                 pos = start
-                for m in pattern.finditer(view, start, end):
+                for m in pattern.finditer(view, first.start(), end):
                     s, e = m.span()
                     if s == e:
                         continue

@@ -58,6 +58,18 @@ def test_ggml_vocab_vectors(shared_models: Path, name: str) -> None:
     check_vectors(tok, base)
 
 
+def test_short_word_scan_merges_as_the_heap(shared_models: Path) -> None:
+    """Words up to _SCAN_BYTES merge with a list scan, longer ones with llama.cpp's heap:
+    both must give the same symbols."""
+    tok = load_gguf_tokenizer(shared_models / "vocab" / "ggml-vocab-gpt-2.gguf")
+    assert isinstance(tok, BpeTokenizer)
+    rng = random.Random(2)
+    for text in random_texts(300, seed=9):
+        for start in range(0, len(text), 7):
+            word = byte_level(text[start:start + rng.randint(2, 30)].encode())
+            assert tok._merge_scan(list(word)) == tok._merge_heap(list(word)), word
+
+
 def test_gpt_neox_vocabulary(shared_models: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The GPT-NeoX file has no tokenizer.ggml.pre (and no vectors of its own): loading it falls
     back to llama.cpp's 'default' with a warning; as 'gpt-neox' it is MPT's tokenizer."""
@@ -226,19 +238,20 @@ def test_qwen2_special_tokens(qwen: Tokenizer, qwen_tiktoken) -> None:
 
 
 def test_encode_speed(qwen: Tokenizer) -> None:
-    """20,000 characters of fresh text in well under 100 ms (measured ~30 ms with a cold word
-    cache on one shared core; the bound leaves room for a busy machine)."""
+    """20,000 characters of fresh mixed-script text in well under 100 ms (measured ~25 ms of
+    CPU with a cold word cache, ~4 ms warm). CPU time, because the test machine is shared;
+    the bounds leave room for a slow one."""
     texts = random_texts(400, seed=5)
     text = "".join(texts)[:20_000]
     assert isinstance(qwen, BpeTokenizer)
     qwen._cache.clear()
-    start = time.perf_counter()
+    start = time.process_time()
     ids = qwen.encode(text)
-    cold = time.perf_counter() - start
-    start = time.perf_counter()
+    cold = time.process_time() - start
+    start = time.process_time()
     assert qwen.encode(text) == ids
-    warm = time.perf_counter() - start
-    assert cold < 0.5 and warm < 0.25, (cold, warm)
+    warm = time.process_time() - start
+    assert cold < 0.25 and warm < 0.1, (cold, warm)
 
 
 # --- a synthetic vocabulary -----------------------------------------------------------------
