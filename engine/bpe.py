@@ -6,6 +6,7 @@
              byte 0x20 is "Ġ", 0x0A is "Ċ", ...), one symbol per byte
           -> repeatedly merge the adjacent pair with the lowest merge rank (ties: leftmost),
              as llama.cpp's llm_tokenizer_bpe_session does with a heap over a linked list
+             (we do the same on long words, and a list scan on short ones)
           -> each symbol's token id
 
 Merges are "left right" strings; their rank is their position in tokenizer.ggml.merges.
@@ -91,6 +92,8 @@ class BpeTokenizer(Tokenizer):
             except UnicodeDecodeError as e:
                 raise fail(f"tokenizer.ggml.tokens: token {i} is not valid UTF-8 "
                            f"({e.reason})") from None
+            if not text:
+                text = f"[EMPTY_{i}]"  # NOTE: llama.cpp's name for an empty token
             if text in ids:
                 # NOTE: llama.cpp refuses these too: text -> id would be ambiguous.
                 raise fail(f"tokenizer.ggml.tokens: {text!r} is both token {ids[text]} and {i}")
@@ -177,8 +180,10 @@ class BpeTokenizer(Tokenizer):
                 out.append(token_id)
             else:
                 # NOTE: llama.cpp's fallback for a symbol that is not a token: each UTF-8 byte
-                # of its text that is a one-byte token, and nothing for the others.
-                out.extend(ids[chr(b)] for b in symbol.encode("utf-8") if chr(b) in ids)
+                # of its text that is a one-byte token, and nothing for the others (a byte
+                # of 0x80 and above alone is no UTF-8 text, so never a token).
+                out.extend(ids[chr(b)] for b in symbol.encode("utf-8")
+                           if b < 0x80 and chr(b) in ids)
         return out
 
     def _merge(self, word: str) -> list[str]:

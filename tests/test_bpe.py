@@ -426,3 +426,13 @@ def test_chat_prompt_parses_the_template_special_tokens(qwen: Tokenizer, qwen_ti
     text = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     assert ids == qwen_tiktoken.encode(text, allowed_special="all")
     assert ids.count(151644) == 2 and ids.count(151645) == 1
+
+
+def test_symbols_that_are_not_tokens_fall_back_as_llama_cpp() -> None:
+    # "ab" and "Ã©" (the stand-ins of é's UTF-8 bytes) are merges but not tokens: llama.cpp
+    # emits the ASCII bytes of the symbol's text as one-byte tokens, and drops the rest
+    tokens = [*BYTE_TO_CHAR]
+    tok = BpeTokenizer([t.encode() for t in tokens], [b"a b", "\u00c3 \u00a9".encode()], None,
+                       "gpt-2", bos_id=0, eos_id=0)
+    assert tok.encode("ab", bos=False) == [ord("a"), ord("b")]
+    assert tok.encode("é", bos=False) == []
