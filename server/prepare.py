@@ -90,8 +90,10 @@ def chat_prompt(model: Model, body: ChatCompletionRequest) -> list[int]:
     except TypeError as e:  # a chat_template_kwargs key the template reserves
         raise ApiError(400, f"chat_template_kwargs: {e}", param="chat_template_kwargs") from e
     bos = model.chat_template.bos_token
-    # templates that write BOS themselves would get a second one from the tokenizer
-    return model.tokenizer.encode(text.removeprefix(bos) if bos else text, bos=True)
+    # templates that write BOS themselves would get a second one from the tokenizer; the
+    # special tokens a template writes (<|im_start|>, ...) are tokens, as in llama.cpp
+    return model.tokenizer.encode(text.removeprefix(bos) if bos else text, bos=True,
+                                  special=True)
 
 
 def llama_choice(model: Model, runner: Runner, body: LlamaCompletionRequest,

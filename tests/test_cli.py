@@ -17,9 +17,9 @@ def tiller(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[s
 
 
 def test_generate_streams_prompt_then_completion(shared_models):
-    from tiller.engine.tokenizer import Tokenizer
+    from tiller.engine.tokenizer import SpmTokenizer
 
-    tok = Tokenizer.from_llama2c(shared_models / "tok512.bin", vocab_size=512)
+    tok = SpmTokenizer.from_llama2c(shared_models / "tok512.bin", vocab_size=512)
     result = tiller("generate", "--model", str(shared_models / "stories260K.bin"),
                     "--tokenizer", str(shared_models / "tok512.bin"), "--prompt",
                     "Once upon a time", "--temperature", "0", "--max-tokens", "40",
@@ -65,7 +65,7 @@ def test_steer_and_features(tmp_path, shared_models):
     import numpy as np
     from tiller.engine.engine import Engine
     from tiller.engine.steering import build_actadd
-    from tiller.engine.tokenizer import Tokenizer
+    from tiller.engine.tokenizer import SpmTokenizer
 
     from tests.reference import load_v0_legacy, reference_forward
 
@@ -74,7 +74,7 @@ def test_steer_and_features(tmp_path, shared_models):
     result = tiller("steer", *common, "--add", "dog", "--sub", "cat", "--layer", "2",
                     "--out", str(tmp_path / "v.npy"))
     assert result.returncode == 0, result.stderr
-    tok = Tokenizer.from_llama2c(tok_path, vocab_size=512)
+    tok = SpmTokenizer.from_llama2c(tok_path, vocab_size=512)
     want = build_actadd(Engine.load(model, dtype="f32"), tok, "dog", "cat", 2)
     np.testing.assert_allclose(np.load(tmp_path / "v.npy"), want, atol=1e-6)
     (tmp_path / "pos.txt").write_text("a happy dog\nthe dog ran\n")
