@@ -353,3 +353,19 @@ async def test_a_failing_request_is_a_500_or_an_sse_error_and_others_finish(
         await asyncio.gather(*others, return_exceptions=True)
         runner.engine = model.engine
     assert model.engine.cache.used_blocks == 0
+
+
+async def test_a_model_that_fails_to_load_is_reported(aiohttp_client, config, tmp_path):
+    """The server listens while the model loads; a load failure goes to on_load_error (the CLI
+    then exits 2: tests/test_cli.py) and, while the app is up, to /health as a 503."""
+    bad = tmp_path / "broken.bin"
+    bad.write_bytes(b"ak42" + b"\x00" * 20)
+    failed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    app = create_app(ServerConfig(**{**config.__dict__, "model_path": bad}),
+                     on_load_error=failed.set_result)
+    client = await aiohttp_client(app)
+    message = await asyncio.wait_for(failed, 30)
+    assert message.startswith("model failed to load:") and str(bad) in message
+    response = await client.get("/health")
+    error = (await response.json())["error"]
+    assert response.status == 503 and error["message"] == message
