@@ -1,4 +1,5 @@
-"""`tiller generate` as a user runs it: a real process, real files, exit codes and messages."""
+"""`tiller generate` and `tiller serve` as a user runs them: a real process, real files, exit
+codes and messages."""
 
 from __future__ import annotations
 

@@ -369,3 +369,38 @@ async def test_a_model_that_fails_to_load_is_reported(aiohttp_client, config, tm
     response = await client.get("/health")
     error = (await response.json())["error"]
     assert response.status == 503 and error["message"] == message
+
+
+# the access log ------------------------------------------------------------------------------
+
+async def raw_request(client, request_line: bytes) -> bytes:
+    """Send one request as raw bytes (no client library to normalise its path)."""
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    writer.write(request_line + b"\r\nHost: test\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    response = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    return response
+
+
+async def test_control_characters_in_a_path_cannot_forge_access_log_lines(client, caplog):
+    forged = "/v1/models\r\n2026-12-01 INFO tiller.server: GET /admin 200 - 1.0ms\x00\x1b[2K\u202e"
+    encoded = "".join(c if c.isalnum() or c in "/.-" else "%" + "%".join(
+        f"{b:02X}" for b in c.encode()) for c in forged)
+    with caplog.at_level("INFO", logger="tiller.server"):
+        response = await raw_request(client, f"GET {encoded} HTTP/1.1".encode())
+        assert response.startswith(b"HTTP/1.1 404")
+        await asyncio.sleep(0.05)  # the log line is written when the handler returns
+    lines = [r.getMessage() for r in caplog.records if r.name == "tiller.server"
+             and r.getMessage().startswith("GET /v1/models")]
+    assert len(lines) == 1, [r.getMessage() for r in caplog.records]
+    line = lines[0]
+    assert not any(c in line for c in "\r\n\x00\x1b\u202e")
+    assert line.startswith("GET /v1/models\\r\\n2026-12-01 INFO tiller.server: GET /admin 200 - "
+                           "1.0ms\\x00\\x1b[2K\\u202e 404 ")
+    # a literal backslash is doubled, so the escapes above cannot be typed in to fake one
+    with caplog.at_level("INFO", logger="tiller.server"):
+        await raw_request(client, b"GET /x%5Cr%5Cn HTTP/1.1")
+        await asyncio.sleep(0.05)
+    assert any(r.getMessage().startswith("GET /x\\\\r\\\\n 404") for r in caplog.records)
