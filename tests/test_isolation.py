@@ -10,7 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from tiller.engine.cvec import ControlVector, write_control_vector
-from tiller.engine.engine import MAX_STEERING_NORM, Engine, EngineError, SeqRequest, SteeringTerm
+from tiller.engine.engine import (
+    MAX_STEERING_NORM,
+    Engine,
+    EngineError,
+    FoldedSteering,
+    SeqRequest,
+    SteeringTerm,
+)
 from tiller.engine.generate import generate
 from tiller.engine.kvcache import KV_BLOCK
 from tiller.engine.loader import load_checkpoint
@@ -196,6 +203,37 @@ def test_a_step_that_raised_can_be_run_again(engine, tok, monkeypatch):
     for a, b in zip(clean_logits, rerun_logits, strict=True):
         np.testing.assert_array_equal(a, b)
     assert engine.cache.used_blocks == used_before == 0
+
+
+@pytest.mark.parametrize("value", [np.inf, np.nan, 1e30])
+def test_a_poisoned_residual_stream_stays_in_its_own_rows(engine, tok, value):
+    """Steering that slipped past validation (built here by hand) poisons only its own
+    sequence's rows of the forward pass: the others' logits are bitwise those of a clean step,
+    which is what lets the runner fail the poisoned request alone."""
+    dim = engine.config.dim
+    prompts = [tok.encode(f"Once upon a time there was a {w}", bos=True)
+               for w in ("dog", "cat", "sun")]
+
+    def logits(poison: bool) -> list[np.ndarray]:
+        seqs = [engine.new_sequence() for _ in prompts]
+        if poison:
+            seqs[1].steering = FoldedSteering(np.array([2]), np.full((1, dim), value, np.float32),
+                                              np.zeros((1, 0, dim), np.float32))
+        try:
+            out = engine.step([SeqRequest(s, p, logits="all")
+                               for s, p in zip(seqs, prompts, strict=True)])
+            out += engine.step([SeqRequest(s, [5]) for s in seqs])  # and a decode step
+            return [r.logits for r in out]
+        finally:
+            for s in seqs:
+                engine.release(s)
+
+    clean, poisoned = logits(False), logits(True)
+    for i in (0, 2, 3, 5):
+        np.testing.assert_array_equal(poisoned[i], clean[i])
+    # (its own logits are garbage: NaN, or zeros where Q8_0 quantization swallowed the NaN)
+    assert not np.array_equal(poisoned[1], clean[1], equal_nan=True)
+    assert not np.array_equal(poisoned[4], clean[4], equal_nan=True)
 
 
 # refused up front ---------------------------------------------------------------------------
