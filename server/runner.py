@@ -255,10 +255,10 @@ class Runner:
             self.on_step(elapsed, len(plan.chunks))
         with self._lock:
             for request_id, error in failed.items():  # ended before update, which skips them
-                job = self.scheduler.get(request_id)
-                if job is not None:
-                    job.payload.error = error
-                self.scheduler.finish(request_id, FinishReason.ERROR)
+                request = self.scheduler.get(request_id)
+                if request is not None:  # not stopped or cancelled meanwhile
+                    request.payload.error = error
+                    self.scheduler.finish(request_id, FinishReason.ERROR)
             self.scheduler.update(plan, sampled)
 
     def _run_chunks(self, chunks: list[Chunk], sampled: dict[str, int],
