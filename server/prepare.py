@@ -174,8 +174,9 @@ def sampling(temperature: float, top_p: float, top_k: int, min_p: float, seed: i
                               seed=seed, repetition_penalty=repetition_penalty,
                               frequency_penalty=frequency_penalty,
                               presence_penalty=presence_penalty, repeat_last_n=repeat_last_n)
-    except ValueError as e:
-        raise ApiError(400, str(e)) from e
+    except ValueError as e:  # the message starts with the field's name
+        field = str(e).split(" ", 1)[0]
+        raise ApiError(400, str(e), param=field if field.isidentifier() else None) from e
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:

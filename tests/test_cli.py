@@ -1,13 +1,16 @@
-"""`tiller generate` as a user runs it: a real process, real files, exit codes and messages."""
+"""`tiller generate` and `tiller serve` as a user runs them: a real process, real files, exit
+codes and messages."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from tests.live_server import free_port
 from tests.test_real_model import GOLDEN
 
 
@@ -97,3 +100,19 @@ def test_steer_and_features(tmp_path, shared_models):
     assert list(data["layers"]) == [0, 4]
     result = tiller("steer", *common, "--method", "mean", "--out", str(tmp_path / "x.gguf"))
     assert result.returncode == 2 and "--positive" in result.stderr
+
+
+@pytest.mark.parametrize("content", [b"ak42" + b"\x00" * 20, b"\x10\x00\x00\x00" * 7])
+def test_serve_exits_when_the_model_cannot_be_loaded(tmp_path, shared_models, content):
+    bad = tmp_path / "broken.bin"
+    bad.write_bytes(content)
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "tiller", "serve", "--model", str(bad), "--tokenizer",
+         str(shared_models / "tok512.bin"), "--port", str(free_port())],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 2, result.stderr
+    assert time.monotonic() - started < 120
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("tiller: error: model failed to load:") and str(bad) in last
+    assert "Traceback" not in result.stderr
