@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+import tracemalloc
 from pathlib import Path
 
 import gguf
@@ -278,6 +279,24 @@ def test_a_q4_k_m_style_mix_of_types_and_a_tied_embedding(tmp_path):
     wq = ckpt.tensors["wq"]
     assert isinstance(wq, Packed) and not wq.is_q8_0
     assert np.array_equal(wq.materialize(), ref["wq"])
+
+
+@pytest.mark.parametrize("dtype", ["q8_0", "f32"])
+def test_loading_allocates_little_beyond_the_engines_weights(dtype, tmp_path):
+    """No float32 copy of the model, nor of a stacked matrix: what load and build allocate
+    (numpy's allocations, traced) peaks within 1.3x the weights they build. (The memory-mapped
+    file is not traced: bench/bench_load.py measures the RSS of a 1B model.)"""
+    config = dataclasses.replace(CONFIG, n_layers=6, vocab_size=512)
+    path, _, _ = quantized_model(tmp_path / "m.gguf", config, T.Q4_K)
+    build_weights(config, load_gguf(path).tensors, dtype)  # compiled outside the trace
+    tracemalloc.start()
+    try:
+        weights = build_weights(config, load_gguf(path).tensors, dtype)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    total = sum({id(a): a.nbytes for a in weights}.values())
+    assert peak <= 1.3 * total, (peak, total)
 
 
 def test_loading_reports_progress_per_tensor(tmp_path):
