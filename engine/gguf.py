@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import struct
+from collections import Counter
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -472,6 +473,8 @@ def load_gguf(path: str | os.PathLike[str]) -> Checkpoint:
             tensors[ours] = _norm(f, infos, stacked=ours in LAYER_TENSORS.values())
         else:
             tensors[ours] = _packed(f, infos, stacked=ours in LAYER_TENSORS.values())
+    counts = Counter(f.tensors[name].type.name for name in expected)
+    logger.info("%s: tensors %s", f.path, ", ".join(f"{n} {t}" for t, n in counts.most_common()))
     metadata = {k: f.metadata[k] for k in KEPT_METADATA if k in f.metadata}
     return Checkpoint(config, "gguf", tensors, f.path, metadata=metadata)
 
