@@ -435,13 +435,14 @@ class Packed:
 
 
 def release(view: np.ndarray) -> None:
-    """Let the kernel drop the pages of a decoded view of a memory-mapped file from this process
-    (they stay in the page cache, and a later read faults them back in): without this a load
-    would hold the whole source file resident beside the engine's arrays."""
+    """Let the kernel drop the pages of a decoded read-only view of a memory-mapped file from
+    this process (they stay in the page cache, and a later read faults them back in): without
+    this a load would hold the whole source file resident beside the engine's arrays. Views of
+    anything else, or writable ones (a copy-on-write map would lose its changes), are left."""
     base = view.base
     while isinstance(base, np.ndarray):
         base = base.base
-    if not isinstance(base, mmap.mmap) or view.nbytes == 0:
+    if not isinstance(base, mmap.mmap) or view.nbytes == 0 or view.flags.writeable:
         return
     start = view.ctypes.data - np.frombuffer(base, np.uint8).ctypes.data
     page = mmap.PAGESIZE

@@ -74,7 +74,10 @@ def _matrix(tensors: Mapping[str, Tensor], names: list[str], dtype: str,
     layout. Packed tensors are decoded straight into the result a layer at a time (no float32
     copy of a quantized matrix); arrays and QTensors are copied in."""
     parts = [tensors[name] for name in names]
-    one = lambda tensor: done(tensor, 1)  # noqa: E731 (a Packed reports each file tensor)
+
+    def one(tensor: str) -> None:  # a Packed reports each tensor of the file it decodes
+        done(tensor, 1)
+
     n = parts[0].shape[-1]
     n_pad = padded(n, dtype)
     lead = parts[0].shape[:-2]
