@@ -47,12 +47,14 @@ from gguf import GGUFValueType as V
 from gguf import LlamaFileType
 
 from .config import GROUP_SIZE, ModelConfig
+from .dequant import Packed
 from .gguf import GLOBAL_TENSORS, LAYER_TENSORS, Q8_0_BLOCK, read_gguf
 from .identity import model_key, model_uuid
 from .llama2c import NORMS, Checkpoint
 from .loader import is_gguf, load_checkpoint
 from .quant import QTensor
 from .tokenizer import SpmTokenizer, TokenizerError
+from .weights import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +73,6 @@ OWNED = frozenset({
                              "attention.layer_norm_rms_epsilon", "rope.freq_base",
                              "rope.dimension_count", "vocab_size"))})
 _SLICE_BYTES = 64 << 20  # fp32 bytes converted at once
-Progress = Callable[[int, int, str], None]  # (tensors written, total, name of the last one)
 KV = dict[str, tuple[Any, V, V | None]]  # key -> (value, type, element type of an array)
 
 
@@ -205,16 +206,23 @@ def _llama2c_scores(path: Path, n: int) -> list[float]:
 # tensors
 
 
-def _plan(ckpt: Checkpoint, ggml_type: T) -> Iterator[tuple[str, T, np.ndarray | QTensor]]:
-    """(GGUF name, type to write, source tensor) in llama.cpp's order: globals, then blocks."""
+Source = np.ndarray | QTensor | Packed
+
+
+def _plan(ckpt: Checkpoint, ggml_type: T) -> Iterator[tuple[str, T, Source]]:
+    """(GGUF name, type to write, source tensor) in llama.cpp's order: globals, then blocks.
+    A GGUF source's matrices stay Packed (decoded when written, one at a time)."""
     ours_to_gguf = {ours: name for name, ours in GLOBAL_TENSORS.items()}
-    tensors: list[tuple[str, str, np.ndarray | QTensor]] = [
+    tensors: list[tuple[str, str, Source]] = [
         (ours_to_gguf[ours], ours, ckpt.tensors[ours])
         for ours in ("token_embedding", "final_norm", "classifier") if ours in ckpt.tensors]
     for layer in range(ckpt.config.n_layers):
         for part, ours in LAYER_TENSORS.items():
             t = ckpt.tensors[ours]
-            t = QTensor(t.values[layer], t.scales[layer]) if isinstance(t, QTensor) else t[layer]
+            if isinstance(t, QTensor):
+                t = QTensor(t.values[layer], t.scales[layer])
+            else:
+                t = t.layer(layer) if isinstance(t, Packed) else t[layer]
             tensors.append((f"blk.{layer}.{part}.weight", ours, t))
     for name, ours, t in tensors:
         if ours in NORMS:
@@ -230,8 +238,10 @@ def _nbytes(shape: tuple[int, ...], ggml_type: T) -> int:
     return int(np.prod(shape)) // block * block_bytes
 
 
-def _encode(name: str, t: np.ndarray | QTensor, ggml_type: T) -> np.ndarray:
-    """One tensor in its GGUF encoding: float32 / float16 values or uint8 Q8_0 blocks."""
+def _encode(name: str, source: Source, ggml_type: T) -> np.ndarray:
+    """One tensor in its GGUF encoding: float32 / float16 values or uint8 Q8_0 blocks.
+    A Packed Q8_0 source keeps its int8 values; other Packed types are decoded to float32."""
+    t = source.materialize() if isinstance(source, Packed) else source
     rows = t.shape[0] if len(t.shape) > 1 else 1
     cols = t.shape[-1]
     step = max(1, _SLICE_BYTES // (4 * cols))
@@ -280,7 +290,7 @@ def _as_fp32(t: np.ndarray | QTensor) -> np.ndarray:
 _GROUPS = ("general.", "llama.", "tokenizer.")
 
 
-def _write(dst: Path, kv: KV, plan: list[tuple[str, T, np.ndarray | QTensor]],
+def _write(dst: Path, kv: KV, plan: list[tuple[str, T, Source]],
            progress: Progress | None) -> None:
     """Header, then each tensor encoded as it is written (GGUFWriter's streaming API)."""
     tmp = dst.with_name(dst.name + ".tmp")

@@ -20,7 +20,7 @@ import numpy as np
 from .config import GROUP_SIZE, ModelConfig
 from .forward import CAPTURE_POINTS, Workspace, forward_step
 from .kvcache import CacheFull, KVCache, blocks_for
-from .weights import Weights, build_weights, padded
+from .weights import Progress, Weights, build_weights, padded
 
 __all__ = ["CAPTURE_POINTS", "MAX_STEERING_NORM", "BatchError", "CacheFull", "Engine",
            "EngineError", "SeqRequest", "SeqResult", "Sequence", "SteeringTerm"]
@@ -151,15 +151,18 @@ class Engine:
         )
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], dtype: str = "q8_0", **kwargs) -> Engine:
+    def load(cls, path: str | os.PathLike[str], dtype: str = "q8_0",
+             progress: Progress | None = None, **kwargs) -> Engine:
         from .loader import load_checkpoint
 
-        return cls.from_checkpoint(load_checkpoint(path), dtype, **kwargs)
+        return cls.from_checkpoint(load_checkpoint(path), dtype, progress, **kwargs)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint, dtype: str = "q8_0", **kwargs) -> Engine:
-        return cls(checkpoint.config, build_weights(checkpoint.config, checkpoint.tensors, dtype),
-                   **kwargs)
+    def from_checkpoint(cls, checkpoint, dtype: str = "q8_0", progress: Progress | None = None,
+                        **kwargs) -> Engine:
+        """`progress(done, total, name)` follows the conversion of the file's tensors."""
+        weights = build_weights(checkpoint.config, checkpoint.tensors, dtype, progress)
+        return cls(checkpoint.config, weights, **kwargs)
 
     # sequences -------------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import struct
+from collections import Counter
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -39,8 +40,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from .bpe import BpeTokenizer
 from .config import ModelConfig
+from .dequant import TYPES, Packed, row_bytes, row_problem
 from .llama2c import LIMITS, NORMS, Checkpoint, CheckpointError, tensor_shapes
-from .quant import QTensor
 from .tokenizer import SpmTokenizer, Tokenizer, TokenizerError
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NAME = 63  # GGML_MAX_NAME less its NUL
 T = GGMLQuantizationType
-SUPPORTED_TYPES = (T.F32, T.F16, T.BF16, T.Q8_0)
+SUPPORTED_TYPES = TYPES  # engine/dequant.py decodes them
 Q8_0_BLOCK = GGML_QUANT_SIZES[T.Q8_0]  # (32 values, 2-byte fp16 scale + 32 int8)
 
 _SCALARS = {
@@ -237,8 +238,12 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
     end, last = data_start, None
     for t in sorted(tensors.values(), key=lambda t: t.offset):
         if t.offset < end:
-            raise cur.fail(f"tensor {t.name} (at offset {t.offset}) overlaps tensor {last}")
-        end, last = t.offset + t.nbytes, t.name
+            assert last is not None  # the first tensor starts at or after data_start
+            raise cur.fail(f"tensor {last.name} ({last.type.name}, shape {last.shape}, "
+                           f"{last.nbytes} bytes at offset {last.offset}) overlaps tensor "
+                           f"{t.name} at offset {t.offset} (its data is shorter than its type "
+                           "and shape need, or the offsets are wrong)")
+        end, last = t.offset + t.nbytes, t
     return GGUFFile(path, version, metadata, tensors, data)
 
 
@@ -254,9 +259,9 @@ def _tensor_info(cur: _Cursor, name: str, ne: tuple[int, ...], raw_type: int, of
     shape = tuple(reversed(ne))
     if 0 in ne:
         raise cur.fail(f"tensor {name} has an empty dimension: shape {shape}")
-    if ne[0] % block:
-        raise cur.fail(f"tensor {name} has rows of {ne[0]} values, not a multiple of the "
-                       f"{ggml_type.name} block of {block}")
+    problem = row_problem(ggml_type, ne[0])
+    if problem is not None:
+        raise cur.fail(f"tensor {name} has {problem}")
     nbytes = math.prod(ne) // block * block_bytes
     if offset % alignment:
         raise cur.fail(f"tensor {name} has offset {offset}, not a multiple of the alignment "
@@ -264,7 +269,8 @@ def _tensor_info(cur: _Cursor, name: str, ne: tuple[int, ...], raw_type: int, of
     start = data_start + offset
     if start + nbytes > size:
         raise cur.fail(f"tensor {name} ({ggml_type.name}, shape {shape}, {nbytes} bytes at "
-                       f"offset {start}) runs past the end of the {size}-byte file")
+                       f"offset {start}) runs past the end of the {size}-byte file "
+                       "(truncated, or a size that does not match its type and shape)")
     return TensorInfo(name, shape, ggml_type, start, nbytes)
 
 
@@ -410,57 +416,45 @@ def _check_tensors(f: GGUFFile,
         if t.shape != shape:
             raise CheckpointError(f"{f.path}: tensor {name} has shape {t.shape}, the "
                                   f"hyperparameters need {shape} (GGUF ne {shape[::-1]})")
+        problem = row_problem(t.type, shape[-1])
+        # NOTE: read_gguf checked this for every tensor; the kernels rely on it, so once more
+        if problem is not None or t.nbytes != math.prod(shape[:-1]) * row_bytes(t.type,
+                                                                                shape[-1]):
+            raise CheckpointError(f"{f.path}: tensor {name} ({t.type.name}, shape {shape}): "
+                                  f"{problem or f'{t.nbytes} bytes do not match its type'}")
 
 
-def _read_tensor(f: GGUFFile, t: TensorInfo) -> np.ndarray | QTensor:
-    """One tensor: fp32 (a read-only view of the file for F32), or a QTensor for Q8_0."""
-    raw = f.data[t.offset:t.offset + t.nbytes]
-    if t.type == T.F32:
-        return raw.view("<f4").reshape(t.shape)
-    if t.type == T.F16:
-        return raw.view("<f2").astype(np.float32).reshape(t.shape)
-    if t.type == T.BF16:
-        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(t.shape)
-    assert t.type == T.Q8_0
-    block, block_bytes = Q8_0_BLOCK
-    blocks = raw.reshape(-1, block_bytes)
-    scales = np.ascontiguousarray(blocks[:, :2]).view("<f2").astype(np.float32)
-    if not np.isfinite(scales).all():
-        raise CheckpointError(f"{f.path}: tensor {t.name} has non-finite Q8_0 scales")
-    values = np.ascontiguousarray(blocks[:, 2:]).view(np.int8)
-    return QTensor(values.reshape(t.shape), scales.reshape(*t.shape[:-1], t.shape[-1] // block))
+def _packed(f: GGUFFile, infos: list[TensorInfo], stacked: bool) -> Packed:
+    """Matrices (one per layer when stacked) as views of the file, decoded later. A 1-D tensor
+    is one row."""
+    n = infos[0].shape[-1]
+    rows = math.prod(infos[0].shape[:-1])
+
+    def fail(what: str) -> CheckpointError:
+        return CheckpointError(f"{f.path}: {what}")
+
+    # NOTE: plain ndarray views: numba's dispatcher is slow on np.memmap instances (about 0.1 s
+    # a call, which added 15 s to a 1B model's load)
+    parts = tuple(np.asarray(f.data[t.offset:t.offset + t.nbytes]).reshape(
+        rows, row_bytes(t.type, n)) for t in infos)
+    return Packed(tuple(t.name for t in infos), tuple(t.type for t in infos), parts, n,
+                  stacked, fail)
 
 
-def _as_fp32(t: np.ndarray | QTensor) -> np.ndarray:
-    return t.dequantize() if isinstance(t, QTensor) else t
-
-
-def _stack(f: GGUFFile, infos: list[TensorInfo], name: str) -> np.ndarray | QTensor:
-    """One tensor per layer -> (layers, ...): a QTensor when every layer is Q8_0, else fp32."""
-    shape = (len(infos), *infos[0].shape)
-    if name not in NORMS and all(t.type == T.Q8_0 for t in infos):
-        values = np.empty(shape, np.int8)
-        scales = np.empty((*shape[:-1], shape[-1] // Q8_0_BLOCK[0]), np.float32)
-        for layer, t in enumerate(infos):
-            q = _read_tensor(f, t)
-            assert isinstance(q, QTensor)  # every layer is Q8_0
-            values[layer], scales[layer] = q.values, q.scales
-        return QTensor(values, scales)
-    if name not in NORMS and any(t.type == T.Q8_0 for t in infos):
-        logger.info("%s: %s mixes Q8_0 and float layers: dequantized to fp32", f.path, name)
-    out = np.empty(shape, np.float32)
-    for layer, t in enumerate(infos):
-        out[layer] = _as_fp32(_read_tensor(f, t))
-    return out
+def _norm(f: GGUFFile, infos: list[TensorInfo], stacked: bool) -> np.ndarray:
+    """Norm weights, (dim,) or stacked (layers, dim), as float32 (small: read at once)."""
+    out = _packed(f, infos, stacked=True).dequantize()  # (layers, 1, dim)
+    return out.reshape(len(infos), -1) if stacked else out.reshape(-1)
 
 
 def load_gguf(path: str | os.PathLike[str]) -> Checkpoint:
     """Read a GGUF Llama model (format "gguf").
 
-    Matrices stored as Q8_0 become QTensors with the same int8 values and their fp16 scales as
-    float32 (GGUF's blocks of 32 along a row are the engine's groups); F32, F16 and BF16
-    tensors become fp32 arrays. Norms are always fp32. Checkpoint.metadata keeps the keys in
-    KEPT_METADATA that the file has. Everything is validated before any tensor is read;
+    Norms are read as float32 arrays. Matrices stay in the file as `Packed` views (any type in
+    SUPPORTED_TYPES, each layer its own): engine/weights.py decodes them straight into the
+    engine's arrays a layer at a time, Packed.materialize gives the float32 array (or, for
+    Q8_0, the QTensor of the file's int8 values and scales). Checkpoint.metadata keeps the keys
+    in KEPT_METADATA that the file has. Everything is validated before any tensor is read;
     problems raise CheckpointError naming the file.
     """
     f = read_gguf(path)
@@ -474,13 +468,14 @@ def load_gguf(path: str | os.PathLike[str]) -> Checkpoint:
     by_name: dict[str, list[TensorInfo]] = {}
     for gguf_name, (ours, _, _) in expected.items():  # layers in order: blk.0 first
         by_name.setdefault(ours, []).append(f.tensors[gguf_name])
-    tensors: dict[str, np.ndarray | QTensor] = {}
+    tensors: dict[str, np.ndarray | Packed] = {}
     for ours, infos in by_name.items():
-        if ours in LAYER_TENSORS.values():
-            tensors[ours] = _stack(f, infos, ours)
+        if ours in NORMS:
+            tensors[ours] = _norm(f, infos, stacked=ours in LAYER_TENSORS.values())
         else:
-            t = _read_tensor(f, infos[0])
-            tensors[ours] = _as_fp32(t) if ours in NORMS else t
+            tensors[ours] = _packed(f, infos, stacked=ours in LAYER_TENSORS.values())
+    counts = Counter(f.tensors[name].type.name for name in expected)
+    logger.info("%s: tensors %s", f.path, ", ".join(f"{n} {t}" for t, n in counts.most_common()))
     metadata = {k: f.metadata[k] for k in KEPT_METADATA if k in f.metadata}
     return Checkpoint(config, "gguf", tensors, f.path, metadata=metadata)
 

@@ -29,6 +29,8 @@ from typing import Any
 import blake3
 import numpy as np
 
+from .config import GROUP_SIZE
+from .dequant import Packed
 from .llama2c import Checkpoint
 from .paths import cache_root
 from .quant import QTensor
@@ -77,6 +79,9 @@ def tensor_digest(checkpoint: Checkpoint) -> str:
     hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
     for name in sorted(checkpoint.tensors):
         t = checkpoint.tensors[name]
+        if isinstance(t, Packed):
+            _hash_packed(hasher, name, t)
+            continue
         parts: tuple[tuple[str, np.ndarray, str], ...]
         if isinstance(t, QTensor):
             parts = (("q8_0", t.values, "i1"), ("scales", t.scales, "<f4"))
@@ -88,6 +93,25 @@ def tensor_digest(checkpoint: Checkpoint) -> str:
             hasher.update(f"{label} {kind} {'x'.join(map(str, a.shape))}\n".encode())
             hasher.update(memoryview(a).cast("B"))  # type: ignore[arg-type]
     return hasher.hexdigest()
+
+
+def _hash_packed(hasher: Any, name: str, t: Packed) -> None:
+    """What tensor_digest hashes for t.materialize(), decoded a layer at a time so that a GGUF
+    model is never held in float32."""
+    layers = [t.layer(i) for i in range(len(t.parts))] if t.stacked else [t]
+    kinds = (("q8_0", t.shape), ("scales", (*t.shape[:-1], t.shape[-1] // GROUP_SIZE))) \
+        if t.is_q8_0 else (("f32", t.shape),)
+    for i, (kind, shape) in enumerate(kinds):
+        label = name if i == 0 else f"{name}.{kind}"
+        hasher.update(f"{label} {kind} {'x'.join(map(str, shape))}\n".encode())
+        for layer in layers:
+            if t.is_q8_0:
+                q = layer.materialize()
+                assert isinstance(q, QTensor)
+                a = q.values if kind == "q8_0" else q.scales
+            else:  # NOTE: a stack mixing Q8_0 and other types is float32 throughout
+                a = layer.dequantize()
+            hasher.update(memoryview(np.ascontiguousarray(a)).cast("B"))  # type: ignore[arg-type]
 
 
 def derived_uuid(checkpoint: Checkpoint) -> str:

@@ -31,14 +31,18 @@ import logging
 import math
 import os
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
 from .config import GROUP_SIZE, ModelConfig, rope_tables
 from .quant import QTensor, n_groups, quantize_q8_0
+
+if TYPE_CHECKING:
+    from .dequant import Packed
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +70,9 @@ class CheckpointError(ValueError):
 class Checkpoint:
     config: ModelConfig
     format: str  # one of FORMATS, or "gguf" (engine/gguf.py)
-    tensors: dict[str, np.ndarray | QTensor] = field(repr=False)
+    # float32 arrays and QTensors; a GGUF's matrices are Packed views of the file (decoded when
+    # the engine's weights are built)
+    tensors: Mapping[str, np.ndarray | QTensor | Packed] = field(repr=False)
     path: Path
     file_group_size: int | None = None  # Q8_0 group size stored in the file (v2, q80v1)
     metadata: dict[str, Any] = field(default_factory=dict, repr=False)  # GGUF keys kept

@@ -13,11 +13,13 @@ Nothing here is ever written after load: steering and caches belong to requests.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import numpy as np
 
 from .config import GROUP_SIZE, ModelConfig, rope_tables
+from .dequant import Packed
 from .quant import QTensor, dequantize_q8_0, n_groups, quantize_q8_0
 from .simd import F32_CHUNK, Q8_CHUNK
 
@@ -49,12 +51,33 @@ def padded(n: int, dtype: str) -> int:
     return -(-n // chunk) * chunk
 
 
-def _as_float(t: np.ndarray | QTensor) -> np.ndarray:
+Tensor = np.ndarray | QTensor | Packed
+Progress = Callable[[int, int, str], None]  # (tensors done, total, name of the last one)
+
+
+def _as_float(t: Tensor) -> np.ndarray:
+    if isinstance(t, Packed):
+        return t.dequantize()
     return t.dequantize() if isinstance(t, QTensor) else np.asarray(t, dtype=np.float32)
 
 
-def _matrix(parts: list[np.ndarray | QTensor], dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate [.., rows_i, n] tensors along rows into the engine's padded layout."""
+def _count(t: Tensor) -> int:
+    """Tensors of a file in t: its layers when stacked."""
+    if isinstance(t, Packed):
+        return len(t.parts)
+    return t.shape[0] if len(t.shape) == 3 else 1
+
+
+def _matrix(tensors: Mapping[str, Tensor], names: list[str], dtype: str,
+            done: Callable[[str, int], None]) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate the [.., rows_i, n] tensors `names` along rows into the engine's padded
+    layout. Packed tensors are decoded straight into the result a layer at a time (no float32
+    copy of a quantized matrix); arrays and QTensors are copied in."""
+    parts = [tensors[name] for name in names]
+
+    def one(tensor: str) -> None:  # a Packed reports each tensor of the file it decodes
+        done(tensor, 1)
+
     n = parts[0].shape[-1]
     n_pad = padded(n, dtype)
     lead = parts[0].shape[:-2]
@@ -62,37 +85,61 @@ def _matrix(parts: list[np.ndarray | QTensor], dtype: str) -> tuple[np.ndarray, 
     if dtype == "f32":
         out = np.zeros((*lead, rows, n_pad), np.float32)
         r = 0
-        for p in parts:
-            out[..., r:r + p.shape[-2], :n] = _as_float(p)
-            r += p.shape[-2]
+        for name, p in zip(names, parts, strict=True):
+            k = p.shape[-2]
+            if isinstance(p, Packed):
+                p.into_f32(out[..., r:r + k, :], one)
+            else:
+                out[..., r:r + k, :n] = _as_float(p)
+                done(name, _count(p))
+            r += k
         return out, np.zeros((*lead, rows, 0), np.float32)  # no scales, but indexable
     values = np.full((*lead, rows, n_pad), 128, np.uint8)
     scales = np.zeros((*lead, rows, n_pad // GROUP_SIZE), np.float32)
     r = 0
-    for p in parts:
-        q = p if isinstance(p, QTensor) else quantize_q8_0(p)
+    for name, p in zip(names, parts, strict=True):
         k = p.shape[-2]
-        values[..., r:r + k, :n] = (q.values.astype(np.int16) + 128).astype(np.uint8)
-        scales[..., r:r + k, :n_groups(n)] = q.scales
+        if isinstance(p, Packed):
+            p.into_q8_0(values[..., r:r + k, :], scales[..., r:r + k, :], one)
+        else:
+            q = p if isinstance(p, QTensor) else quantize_q8_0(p)
+            values[..., r:r + k, :n] = (q.values.astype(np.int16) + 128).astype(np.uint8)
+            scales[..., r:r + k, :n_groups(n)] = q.scales
+            done(name, _count(p))
         r += k
     return values, scales
 
 
-def build_weights(config: ModelConfig, tensors: dict[str, np.ndarray | QTensor],
-                  dtype: str) -> Weights:
-    """Named checkpoint tensors (engine/llama2c.py names) -> Weights in the engine layout."""
+def build_weights(config: ModelConfig, tensors: Mapping[str, Tensor], dtype: str,
+                  progress: Progress | None = None) -> Weights:
+    """Named checkpoint tensors (engine/llama2c.py names) -> Weights in the engine layout.
+
+    `progress` is called after each tensor of the file (a layer's matrix) is converted."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     t = tensors
-    classifier, classifier_scales = _matrix([t.get("classifier", t["token_embedding"])], dtype)
+    matrices = ["classifier" if "classifier" in t else "token_embedding", "wq", "wk", "wv",
+                "wo", "w1", "w3", "w2"]
     if "classifier" in t:
-        embedding, embedding_scales = _matrix([t["token_embedding"]], dtype)
+        matrices.append("token_embedding")
+    total = sum(_count(t[name]) for name in matrices)
+    n_done = 0
+
+    def done(name: str, k: int) -> None:
+        nonlocal n_done
+        n_done += k
+        if progress is not None:
+            progress(n_done, total, name)
+
+    classifier, classifier_scales = _matrix(t, matrices[:1], dtype, done)
+    if "classifier" in t:
+        embedding, embedding_scales = _matrix(t, ["token_embedding"], dtype, done)
     else:
         embedding, embedding_scales = classifier, classifier_scales
-    wqkv, wqkv_s = _matrix([t["wq"], t["wk"], t["wv"]], dtype)
-    wo, wo_s = _matrix([t["wo"]], dtype)
-    w13, w13_s = _matrix([t["w1"], t["w3"]], dtype)
-    w2, w2_s = _matrix([t["w2"]], dtype)
+    wqkv, wqkv_s = _matrix(t, ["wq", "wk", "wv"], dtype, done)
+    wo, wo_s = _matrix(t, ["wo"], dtype, done)
+    w13, w13_s = _matrix(t, ["w1", "w3"], dtype, done)
+    w2, w2_s = _matrix(t, ["w2"], dtype, done)
     cos, sin = rope_tables(config)
     weights = Weights(
         embedding=embedding, embedding_scales=embedding_scales,

@@ -20,6 +20,7 @@ from ..engine.identity import model_key, model_uuid
 from ..engine.loader import load_checkpoint, load_tokenizer
 from ..engine.paths import cache_root
 from ..engine.tokenizer import Tokenizer
+from ..engine.weights import Progress
 from .chat import ChatTemplate
 from .errors import ApiError
 from .metrics import Metrics
@@ -45,6 +46,7 @@ class ServerConfig:
     steering_dir: Path | None = None  # default: <cache root>/steering (engine/paths.py)
     steering_store: str | None = None  # redis://HOST:PORT/DB: shared by replicas; else the dir
     steering_max_bytes: int = 256 * 1024 * 1024
+    load_progress: Progress | None = None  # follows the weights' conversion (the CLI's bar)
 
 
 @dataclass
@@ -64,7 +66,8 @@ class Model:
 def load_model(config: ServerConfig) -> Model:
     """Load, hash and warm up the model (the first step compiles or loads the kernels)."""
     checkpoint = load_checkpoint(config.model_path)
-    eng = Engine.from_checkpoint(checkpoint, config.dtype, threads=config.threads,
+    eng = Engine.from_checkpoint(checkpoint, config.dtype, config.load_progress,
+                                 threads=config.threads,
                                  max_tokens=config.token_budget, kv_tokens=config.ctx_size,
                                  kv_sequences=config.parallel)
     tokenizer = load_tokenizer(config.model_path, config.tokenizer_path, eng.config.vocab_size)

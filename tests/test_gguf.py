@@ -15,6 +15,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from tiller.engine.bpe import BpeTokenizer
 from tiller.engine.config import ModelConfig
+from tiller.engine.dequant import Packed
 from tiller.engine.engine import Engine
 from tiller.engine.gguf import load_gguf, load_gguf_tokenizer, read_gguf
 from tiller.engine.llama2c import CheckpointError, load_llama2c, random_tensors, write_llama2c
@@ -57,8 +58,10 @@ def gguf_tensors(config: ModelConfig, tensors: dict[str, np.ndarray]) -> dict[st
 
 def write_gguf(path: Path, config: ModelConfig, tensors: dict[str, np.ndarray],
                ttype: T = T.F32, *, arch: str = "llama", skip: tuple[str, ...] = (),
-               extra: dict[str, np.ndarray] | None = None, kv=None, tokenizer=True) -> Path:
-    """A GGUF file as llama.cpp's converters write it: norms in F32, matrices in `ttype`."""
+               extra: dict[str, np.ndarray] | None = None, kv=None, tokenizer=True,
+               raw: dict[str, tuple[np.ndarray, T]] | None = None) -> Path:
+    """A GGUF file as llama.cpp's converters write it: norms in F32, matrices in `ttype`;
+    `raw` gives some tensors (by GGUF name) as already encoded bytes of a type."""
     w = gguf.GGUFWriter(path, arch)
     w.add_name("test model")
     w.add_context_length(config.max_seq_len)
@@ -84,6 +87,10 @@ def write_gguf(path: Path, config: ModelConfig, tensors: dict[str, np.ndarray],
     for name, a in (gguf_tensors(config, tensors) | (extra or {})).items():
         if name in skip:
             continue
+        if name in (raw or {}):
+            blocks, btype = (raw or {})[name]
+            w.add_tensor(name, blocks, raw_dtype=btype)
+            continue
         a = np.ascontiguousarray(a, dtype=np.float32)
         if a.ndim == 1 or ttype == T.F32:
             w.add_tensor(name, a)
@@ -96,6 +103,11 @@ def write_gguf(path: Path, config: ModelConfig, tensors: dict[str, np.ndarray],
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def materialized(tensors: dict) -> dict:
+    """A checkpoint's tensors with GGUF's Packed matrices decoded (QTensors for Q8_0)."""
+    return {k: v.materialize() if isinstance(v, Packed) else v for k, v in tensors.items()}
 
 
 def f32_logits(config: ModelConfig, tensors: dict, tokens: list[int] = TOKENS) -> np.ndarray:
@@ -113,8 +125,9 @@ def test_f32_round_trip_gives_the_same_logits(config, tmp_path):
     assert ckpt.format == "gguf" and ckpt.config == config
     assert ("classifier" in ckpt.tensors) == (not config.shared_classifier)
     assert sorted(ckpt.tensors) == sorted(src)
+    tensors = materialized(ckpt.tensors)
     for name, a in src.items():
-        assert ckpt.tensors[name].dtype == np.float32 and np.array_equal(ckpt.tensors[name], a)
+        assert tensors[name].dtype == np.float32 and np.array_equal(tensors[name], a)
     assert np.array_equal(f32_logits(ckpt.config, ckpt.tensors), f32_logits(config, src))
     assert ckpt.metadata["general.name"] == "test model"
     assert ckpt.metadata["general.architecture"] == "llama"
@@ -124,8 +137,9 @@ def test_f32_round_trip_gives_the_same_logits(config, tmp_path):
 def test_f16_and_bf16_become_their_exact_fp32_values(ttype, tmp_path):
     src = random_tensors(UNTIED, seed=2)
     ckpt = load_gguf(write_gguf(tmp_path / "m.gguf", UNTIED, src, ttype))
+    tensors = materialized(ckpt.tensors)
     for name, a in src.items():
-        got = ckpt.tensors[name]
+        got = tensors[name]
         if name in NORMS:
             want = a
         elif ttype == T.F16:
@@ -142,8 +156,9 @@ def test_f16_and_bf16_become_their_exact_fp32_values(ttype, tmp_path):
 def test_q8_0_keeps_the_files_int8_and_scales(config, tmp_path):
     src = random_tensors(config, seed=3)
     ckpt = load_gguf(write_gguf(tmp_path / "m.gguf", config, src, T.Q8_0))
+    tensors = materialized(ckpt.tensors)
     for name, a in src.items():
-        got = ckpt.tensors[name]
+        got = tensors[name]
         if name in NORMS:
             assert isinstance(got, np.ndarray) and np.array_equal(got, a)
             continue
@@ -155,7 +170,7 @@ def test_q8_0_keeps_the_files_int8_and_scales(config, tmp_path):
     # the engine's Q8_0 layout takes them as they are: nothing is requantized
     weights = dequantized(build_weights(config, ckpt.tensors, "q8_0"), config)
     for name, got in weights.items():
-        want = ckpt.tensors[name]
+        want = tensors[name]
         want = want.dequantize() if isinstance(want, QTensor) else want
         assert np.array_equal(got, want), name
     q8 = Engine(config, build_weights(config, ckpt.tensors, "q8_0")).forward_all(TOKENS).logits
@@ -405,7 +420,7 @@ def _break(kind: str, path: Path) -> None:
     elif kind == "unknown tensor type":
         _patched(path, q_type, "<I", 99)
     elif kind == "unsupported tensor type":
-        _patched(path, q_type, "<I", int(T.Q4_0))
+        _patched(path, q_type, "<I", int(T.IQ4_NL))
     elif kind == "wrong shape":
         _patched(path, q_type - 8, "<Q", TIED.dim // 2)  # ne[1], the number of rows
     elif kind == "too many dimensions":
@@ -440,7 +455,7 @@ BROKEN = {
     "misaligned offset": "blk.0.attn_q.weight has offset .* not a multiple of the alignment",
     "overlapping tensors": "overlaps",
     "unknown tensor type": "blk.0.attn_q.weight has unknown type 99",
-    "unsupported tensor type": "blk.0.attn_q.weight has type Q4_0",
+    "unsupported tensor type": "blk.0.attn_q.weight has type IQ4_NL; supported: F32, .*Q6_K",
     "wrong shape": r"blk.0.attn_q.weight has shape \(32, 64\)",
     "too many dimensions": "7 dimensions",
     "huge tensor count": "tensor count is 4611686018427387904, more than",

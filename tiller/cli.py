@@ -15,7 +15,7 @@ from .engine.llama2c import CheckpointError
 from .engine.loader import load_tokenizer
 from .engine.sampling import SamplingParams
 from .engine.tokenizer import StreamDecoder, Tokenizer, TokenizerError
-from .engine.weights import DTYPES
+from .engine.weights import DTYPES, Progress
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -91,8 +91,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def progress_bar(force: bool = False, delay: float = 0.0, leave: bool = True) -> Progress:
+    """A tqdm bar on stderr (a terminal, or any stderr with `force`) driven as a Progress
+    callback; it closes itself when the last tensor is done. `delay`: seconds before it shows,
+    so that quick loads print nothing."""
+    from tqdm import tqdm
+
+    bar = tqdm(unit="tensor", file=sys.stderr, disable=not (force or sys.stderr.isatty()),
+               dynamic_ncols=True, leave=leave, delay=delay)
+
+    def progress(done: int, total: int, name: str) -> None:
+        bar.total = total
+        bar.set_postfix_str(name, refresh=False)
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()
+
+    return progress
+
+
+# NOTE: a bar for loads only when they take a while (quantized files are decoded at load)
+LOAD_BAR_DELAY = 1.0
+
+
 def _load(args: argparse.Namespace) -> tuple[Engine, Tokenizer]:
-    engine = Engine.load(args.model, dtype=args.dtype, threads=args.threads)
+    engine = Engine.load(args.model, dtype=args.dtype, threads=args.threads,
+                         progress=progress_bar(delay=LOAD_BAR_DELAY, leave=False))
     tokenizer = load_tokenizer(args.model, args.tokenizer, engine.config.vocab_size)
     return engine, tokenizer
 
@@ -203,24 +227,12 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from .engine.convert import convert
 
     logging.getLogger("gguf").setLevel(logging.WARNING)  # NOTE: GGUFWriter chats at INFO
-    bar = tqdm(unit="tensor", file=sys.stderr, disable=not (args.progress or sys.stderr.isatty()),
-               dynamic_ncols=True, leave=True)
-
-    def progress(done: int, total: int, name: str) -> None:
-        bar.total = total
-        bar.set_postfix_str(name, refresh=False)
-        bar.update(done - bar.n)
-
     start = time.perf_counter()
-    try:
-        result = convert(args.input, args.output, args.type, args.tokenizer, progress)
-    finally:
-        bar.close()
+    result = convert(args.input, args.output, args.type, args.tokenizer,
+                     progress_bar(force=args.progress))
     size = result.path.stat().st_size
     print(f"wrote {result.path}: {args.type}, {len(result.tensor_types)} tensors, "
           f"{size / 1e6:.1f} MB in {time.perf_counter() - start:.1f} s | uuid {result.uuid} | "
@@ -245,7 +257,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           max_waiting=args.max_queue, token_budget=args.batch_tokens,
                           api_keys=tuple(args.api_key), model_alias=args.alias,
                           steering_dir=args.steering_dir, steering_store=args.steering_store,
-                          steering_max_bytes=args.steering_max_mb * 1024 * 1024)
+                          steering_max_bytes=args.steering_max_mb * 1024 * 1024,
+                          load_progress=progress_bar(delay=LOAD_BAR_DELAY, leave=False))
     app = create_app(config, on_load_error=_stop_serving)
     web.run_app(app, host=args.host, port=args.port, access_log=None,
                 handler_cancellation=True, shutdown_timeout=10,
