@@ -86,10 +86,9 @@ def test_gpt_neox_vocabulary(shared_models: Path, caplog: pytest.LogCaptureFixtu
     check_vectors(neox, vocab / "ggml-vocab-mpt.gguf")
 
 
-@pytest.mark.parametrize("name", ["llama-bpe", "command-r"])
-def test_unbuildable_vocabularies(name: str) -> None:
-    pytest.skip(f"ggml-vocab-{name}.gguf is not shipped and its vocabulary cannot be rebuilt "
-                "from the files we have (only the .inp/.out vectors are there)")
+# NOTE: ggml-vocab-llama-bpe and -command-r come as .inp/.out vectors only (their vocabularies
+# are not shipped and cannot be rebuilt here); the llama3 pre-tokenizer is checked against
+# tiktoken with Llama 3's own pattern instead (below).
 
 
 # --- Qwen 2, rebuilt from tiktoken ranks ----------------------------------------------------
