@@ -30,7 +30,7 @@ from ..engine.forward import CAPTURE_POINTS
 from ..engine.layers import normalize_block
 from .errors import ApiError
 from .generation import collect_states
-from .http import encode_json, json_bytes, read_body
+from .http import dumps, encode_json, json_bytes, read_body
 from .openapi import operation
 from .prepare import input_ids
 from .protocol import (
@@ -128,6 +128,25 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)  # type: ignore[arg-type]
     return buffer.getvalue()
+
+
+_CHUNK = 8192  # numbers per json.dumps call
+
+
+def json_floats(a: np.ndarray) -> str:
+    """A float array as nested JSON lists, encoded a block of rows at a time.
+
+    NOTE: json.dumps and tolist() are C calls that hold the GIL throughout: one call over
+    millions of numbers would stall the event loop for a second even from a worker thread.
+    Between calls of at most _CHUNK numbers the loop gets its turn.
+    """
+    if a.ndim < 2 or a.size <= _CHUNK:
+        return dumps(a.tolist())
+    rows = max(1, _CHUNK // max(1, a[0].size))
+    if rows == 1:
+        return "[" + ",".join(json_floats(x) for x in a) + "]"
+    return "[" + ",".join(dumps(a[i:i + rows].tolist())[1:-1]
+                          for i in range(0, len(a), rows)) + "]"
 
 
 def _binary(body: bytes, filename: str) -> web.Response:
@@ -230,11 +249,12 @@ def _encode_features(model: Model, req: _FeatureRequest, arrays: dict[str, np.nd
     if fmt == "safetensors":
         metadata = {"model": model.name, "model_key": model.key, "pieces": json.dumps(pieces)}
         return safetensors_bytes({**arrays, **index}, metadata)
-    return encode_json({
+    head = encode_json({
         "model": model.name, "tokens": req.ids, "pieces": pieces, "layers": req.layers,
         "points": req.points, "positions": req.positions,
-        "shape": [len(req.layers), len(req.positions), model.engine.config.dim],
-        "data": {p: a.tolist() for p, a in arrays.items()}})
+        "shape": [len(req.layers), len(req.positions), model.engine.config.dim]})
+    data = ",".join(f"{dumps(p)}:{json_floats(a)}" for p, a in arrays.items())
+    return head[:-1] + f',"data":{{{data}}}}}'.encode()  # finite: check_finite came first
 
 
 @operation("Hidden states of chosen layers, points and positions (json, npz or safetensors)",
@@ -324,11 +344,11 @@ def _llama_body(states: list[np.ndarray], pooling: str, p: int) -> bytes:
     out = []
     for i, x in enumerate(states):
         if pooling == "none":  # one vector per token, not normalized (as llama.cpp)
-            vectors = x.tolist()
+            vectors = json_floats(x)
         else:
-            vectors = [embd_normalize(pool(x, pooling), p).tolist()]
-        out.append({"index": i, "embedding": vectors})
-    return encode_json(out)
+            vectors = json_floats(embd_normalize(pool(x, pooling), p)[None])
+        out.append(f'{{"index":{i},"embedding":{vectors}}}')
+    return ("[" + ",".join(out) + "]").encode()  # finite: final_states checked them
 
 
 @operation("llama.cpp embeddings", LlamaEmbeddingRequest, LlamaEmbeddingResponse)

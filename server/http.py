@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -164,8 +165,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except ValidationError as e:
         first = e.errors()[0]
         path = [str(p) for p in first["loc"] if not _is_type_tag(p)]
-        param = path[0] if path else None
         message = first["msg"].removeprefix("Value error, ")
+        # a model-level check has no location: its message starts with the field it is about
+        named = re.match(r"(\w+)(?:[\[.:]|$)", message) if not path else None
+        param = path[0] if path else named.group(1) if named and ":" in message else None
         if path and not message.startswith(path[0]):
             message = f"{'.'.join(path)}: {message}"
         return error_response(ApiError(400, message, param=param))

@@ -32,7 +32,8 @@ def _timings(o: Outcome) -> dict:
             "predicted_per_second": gn / o.generate_seconds if o.generate_seconds else 0.0}
 
 
-@operation("llama.cpp completion", LlamaCompletionRequest, LlamaCompletionResponse)
+@operation("llama.cpp completion", LlamaCompletionRequest, LlamaCompletionResponse,
+           stream=True)
 async def completion(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     model, runner = state.ready()

@@ -85,7 +85,7 @@ class _CompletionChoice:
 
 
 @operation("OpenAI text completion (stream: server-sent events)", CompletionRequest,
-           CompletionResponse)
+           CompletionResponse, stream=True)
 async def completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     model, runner = state.ready()
@@ -146,7 +146,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 @operation("OpenAI chat completion (stream: server-sent events of ChatCompletionChunk)",
-           ChatCompletionRequest, ChatCompletionResponse)
+           ChatCompletionRequest, ChatCompletionResponse, stream=True)
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     model, runner = state.ready()

@@ -34,16 +34,18 @@ class Operation:
     binary: bool = False  # 200 may also be application/octet-stream (a file download)
     upload: bool = False  # the body is a file (application/octet-stream), not JSON
     stores: bool = False  # may store a steering vector: 507 when the store is full
+    stream: bool = False  # `stream: true` answers with server-sent events
 
 
 def operation(summary: str, request: type[BaseModel] | None = None,
               response: type[BaseModel] | None = None, *, public: bool = False,
               query: type[BaseModel] | None = None, binary: bool = False,
-              upload: bool = False, stores: bool = False) -> Callable[[F], F]:
+              upload: bool = False, stores: bool = False, stream: bool = False
+              ) -> Callable[[F], F]:
     """Declare a handler's place in the OpenAPI document."""
     def mark(handler: F) -> F:
         handler.__openapi__ = Operation(summary, request, response, public, query,  # type: ignore[attr-defined]
-                                        binary, upload, stores)
+                                        binary, upload, stores, stream)
         return handler
     return mark
 
@@ -115,6 +117,10 @@ def build_spec(app: web.Application) -> dict:
                 "schema": refs[(op.response, "validation")]}}
             if op.binary:
                 responses["200"]["content"].update(binary)
+            if op.stream:
+                responses["200"]["content"]["text/event-stream"] = {"schema": {
+                    "type": "object", "required": ["data"], "properties": {"data": {
+                        "type": "string", "description": "a JSON chunk, or [DONE] at the end"}}}}
         paths.setdefault(path, {})[method] = spec
     return {"openapi": "3.1.0",
             "info": {"title": "tiller", "version": __version__,

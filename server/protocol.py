@@ -54,7 +54,7 @@ class SamplingFields(_Body):
     min_p: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, allow_inf_nan=False)
+    repetition_penalty: float = Field(1.0, ge=0.01, le=10.0, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: Stop = None
     n: int = Field(1, ge=1, le=16)
@@ -109,7 +109,7 @@ class LlamaCompletionRequest(_Body):
     top_k: NonNegInt = 40
     top_p: float = Field(0.95, gt=0.0, le=1.0, allow_inf_nan=False)
     min_p: float = Field(0.05, ge=0.0, le=1.0, allow_inf_nan=False)
-    repeat_penalty: float = Field(1.0, gt=0.0, le=10.0, allow_inf_nan=False)
+    repeat_penalty: float = Field(1.0, ge=0.01, le=10.0, allow_inf_nan=False)
     repeat_last_n: int = Field(64, ge=-1)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
@@ -462,7 +462,7 @@ class LlamaEmbeddingRequest(_Body):
     @model_validator(mode="after")
     def _some_input(self) -> LlamaEmbeddingRequest:
         if self.content is None and self.input is None:
-            raise ValueError('"content" or "input" must be provided')
+            raise ValueError('content: "content" or "input" must be provided')
         return self
 
 
