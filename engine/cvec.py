@@ -140,6 +140,7 @@ def read_control_vector(path: str | os.PathLike[str], dim: int, n_layers: int) -
                        count, len(f.tensors))
 
     directions: dict[int, np.ndarray] = {}
+    names: dict[int, list[str]] = {}  # tiller layer -> the tensors summed into it
     for t in f.tensors.values():
         def fail(what: str, name: str = t.name) -> ControlVectorError:
             return ControlVectorError(f"{path}: tensor {name}: {what}")
@@ -164,10 +165,18 @@ def read_control_vector(path: str | os.PathLike[str], dim: int, n_layers: int) -
         if not np.isfinite(vec).all():
             raise fail("has NaN or infinite values")
         layer = from_llama_cpp(n)
+        names.setdefault(layer, []).append(t.name)
         if layer in directions:  # e.g. direction.5 and direction.05: llama.cpp sums them
-            directions[layer] = directions[layer] + vec
+            with np.errstate(over="ignore"):  # an overflow is refused below, by name
+                directions[layer] = directions[layer] + vec
         else:
             directions[layer] = vec
+    for layer, vec in directions.items():
+        # NOTE: finite tensors can sum to inf (two names for one layer, each near float32's
+        # max): such a direction would turn every steered stream into inf and NaN.
+        if not np.isfinite(vec).all():
+            raise ControlVectorError(f"{path}: tensors {', '.join(names[layer])} (tiller layer "
+                                     f"{layer}) sum to NaN or infinite values")
     metadata = {k: v for k, v in f.metadata.items()
                 if k not in RESERVED_KEYS and type(v) in (str, int, float, bool)}
     return ControlVector(dict(sorted(directions.items())), hint, metadata)

@@ -526,7 +526,7 @@ def gguf_tokenizer(f: GGUFFile) -> Tokenizer:
                        f"use {key == 'add_space_prefix'})")
     ids = {name: get(f"tokenizer.ggml.{key}", (int,), default) for name, key, default in
            (("bos_id", "bos_token_id", 1), ("eos_id", "eos_token_id", 2),
-            ("unk_id", "unknown_token_id", 0))}
+            ("unk_id", "unknown_token_id", 0), ("eot_id", "eot_token_id", None))}
     return Tokenizer(tokens, scores.tolist() if scores is not None else [0.0] * n,
                      types.tolist() if types is not None else None, source=source, **ids)
 

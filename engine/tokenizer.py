@@ -66,7 +66,7 @@ class Tokenizer:
 
     def __init__(self, pieces: list[bytes], scores: list[float],
                  token_types: list[int] | None = None, bos_id: int = 1, eos_id: int = 2,
-                 unk_id: int = 0, source: str = "<memory>") -> None:
+                 unk_id: int = 0, source: str = "<memory>", eot_id: int | None = None) -> None:
         n = len(pieces)
 
         def fail(what: str) -> TokenizerError:
@@ -78,7 +78,8 @@ class Tokenizer:
             raise fail(f"{len(scores)} scores for {n} pieces")
         if token_types is not None and len(token_types) != n:
             raise fail(f"{len(token_types)} token types for {n} pieces")
-        for name, value in (("bos_id", bos_id), ("eos_id", eos_id), ("unk_id", unk_id)):
+        for name, value in (("bos_id", bos_id), ("eos_id", eos_id), ("unk_id", unk_id),
+                            ("eot_id", eos_id if eot_id is None else eot_id)):
             if not 0 <= value < n:
                 raise fail(f"{name} {value} outside vocabulary of {n} tokens")
 
@@ -124,6 +125,7 @@ class Tokenizer:
 
         self.bos_id = bos_id
         self.eos_id = eos_id
+        self.eot_id = eot_id  # end of turn (chat models: ChatML's <|im_end|>), if the file says
         self.unk_id = unk_id
         self._texts = texts
         self._types = types
@@ -217,6 +219,12 @@ class Tokenizer:
         return cls(pieces, scores, None, bos_id=1, eos_id=2, unk_id=0, source=str(path))
 
     # --- accessors ---------------------------------------------------------------------------
+
+    @property
+    def end_ids(self) -> frozenset[int]:
+        """Tokens that end a generation: end of text and, for chat models, end of turn (as
+        llama.cpp stops at any end-of-generation token)."""
+        return frozenset({self.eos_id} if self.eot_id is None else {self.eos_id, self.eot_id})
 
     @property
     def vocab_size(self) -> int:

@@ -1,6 +1,6 @@
 """Prometheus metrics (prometheus_client): requests and their latency by route, engine steps
-(latency and batch size, observed by the engine thread), and gauges read from the runner when
-scraped."""
+(latency and batch size, observed by the engine thread), and gauges read from the runner and
+the steering store when scraped."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from .runner import Runner
+from .steering_store import SteeringStore
 
 prometheus_client.disable_created_metrics()  # NOTE: *_created series only double the output
 
@@ -53,6 +54,19 @@ class _RunnerCollector(Collector):
                                 value=stats.last_step_seconds)
 
 
+class _StoreCollector(Collector):
+    """The steering store's health, read at scrape time (no call that could reach Redis)."""
+
+    def __init__(self) -> None:
+        self.store: SteeringStore | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        if self.store is not None:
+            yield GaugeMetricFamily("tiller_steering_store_damaged_entries",
+                                    "Stored steering vectors found damaged and skipped (the "
+                                    "log names each).", value=self.store.damaged_entries)
+
+
 class Metrics:
     """One registry per application (tests run several apps in one process)."""
 
@@ -70,6 +84,11 @@ class Metrics:
                                     buckets=BATCH_BUCKETS, registry=self.registry)
         self._runner = _RunnerCollector()
         self.registry.register(self._runner)
+        self._store = _StoreCollector()
+        self.registry.register(self._store)
+
+    def watch_store(self, store: SteeringStore) -> None:
+        self._store.store = store
 
     def watch(self, runner: Runner) -> None:
         """Read the runner's gauges at scrape time and observe its steps as they run."""

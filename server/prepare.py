@@ -48,7 +48,7 @@ def completion_choices(model: Model, runner: Runner, body: CompletionRequest,
             params = sampling(body.temperature, body.top_p, body.top_k, body.min_p,
                               choice_seed(body.seed, j), body.repetition_penalty,
                               body.frequency_penalty, body.presence_penalty)
-            gen = GenerationRequest(ids, params, n_new, frozenset({model.tokenizer.eos_id}),
+            gen = GenerationRequest(ids, params, n_new, model.tokenizer.end_ids,
                                     logprobs=body.logprobs,
                                     prompt_logprobs=body.echo and body.logprobs is not None,
                                     steering=steering)
@@ -82,7 +82,7 @@ def chat_choices(model: Model, runner: Runner, body: ChatCompletionRequest,
         params = sampling(body.temperature, body.top_p, body.top_k, body.min_p,
                           choice_seed(body.seed, j), body.repetition_penalty,
                           body.frequency_penalty, body.presence_penalty)
-        gen = GenerationRequest(ids, params, n_new, frozenset({model.tokenizer.eos_id}),
+        gen = GenerationRequest(ids, params, n_new, model.tokenizer.end_ids,
                                 logprobs=top_n, steering=steering)
         choices.append(Choice((gen, stop, False), ids))
     return choices
@@ -126,7 +126,7 @@ def llama_choice(model: Model, runner: Runner, body: LlamaCompletionRequest,
     params = sampling(body.temperature, body.top_p, body.top_k, body.min_p,
                       None if body.seed < 0 else body.seed, body.repeat_penalty,
                       body.frequency_penalty, body.presence_penalty, body.repeat_last_n)
-    stop_ids = frozenset() if body.ignore_eos else frozenset({model.tokenizer.eos_id})
+    stop_ids = frozenset() if body.ignore_eos else model.tokenizer.end_ids
     gen = GenerationRequest(ids, params, n_new, stop_ids,
                             logprobs=body.n_probs if body.n_probs else None, steering=steering)
     return Choice((gen, stop_strings(body.stop), False), ids)

@@ -29,6 +29,8 @@ from .chat import ChatTemplate
 from .errors import ApiError
 from .metrics import Metrics
 from .runner import Runner
+from .steering_dir import DirectoryStore
+from .steering_redis import RedisStore
 from .steering_store import SteeringStore
 
 T = TypeVar("T")
@@ -48,6 +50,7 @@ class ServerConfig:
     model_alias: str | None = None
     max_body_bytes: int = 8 * 1024 * 1024
     steering_dir: Path | None = None  # default: <cache root>/steering (engine/paths.py)
+    steering_store: str | None = None  # redis://HOST:PORT/DB: shared by replicas; else the dir
     steering_max_bytes: int = 256 * 1024 * 1024
     # numbers one /v1/features or embeddings response may carry (positions x layers x points x
     # width): 4 Mi floats are 16 MiB as npz, ~80 MB as JSON
@@ -116,10 +119,19 @@ class ServerState:
 
     @classmethod
     def create(cls, config: ServerConfig) -> ServerState:
-        store = SteeringStore(config.steering_dir or cache_root() / "steering",
-                              config.steering_max_bytes)
+        store: SteeringStore
+        if config.steering_store is not None:
+            try:
+                store = RedisStore.from_url(config.steering_store, config.steering_max_bytes)
+            except ValueError as e:
+                raise ValueError(f"--steering-store {config.steering_store!r}: {e}") from None
+        else:
+            store = DirectoryStore(config.steering_dir or cache_root() / "steering",
+                                   config.steering_max_bytes)
         pool = ThreadPoolExecutor(max(1, config.workers), thread_name_prefix="tiller-work")
-        return cls(config, store, pool=pool)
+        state = cls(config, store, pool=pool)
+        state.metrics.watch_store(store)
+        return state
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         """fn(*args) on the worker pool: tokenizing, template rendering, JSON decoding and

@@ -15,8 +15,10 @@ from .state import STATE
 from .steering_service import (
     control_vector_gguf,
     create_vector,
+    delete_vector,
     find_vector,
     import_control_vector,
+    list_vectors,
 )
 
 
@@ -30,12 +32,11 @@ async def create(request: web.Request) -> web.Response:
 
 
 @operation("Stored steering vectors")
-async def list_vectors(request: web.Request) -> web.Response:
+async def list_all(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    store = state.steering
-    vectors = store.list(state.model.key if state.model is not None else None)
+    vectors, used = await list_vectors(state)
     return web.json_response({"object": "list", "data": [v.describe() for v in vectors],
-                              "used_bytes": store.used_bytes, "max_bytes": store.max_bytes})
+                              "used_bytes": used, "max_bytes": state.steering.max_bytes})
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -49,7 +50,7 @@ def _npy(array: np.ndarray) -> bytes:
 async def describe_or_download(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     query = SteeringDownloadQuery.model_validate(dict(request.query))
-    vec = find_vector(state, request.match_info["id"])
+    vec = await find_vector(state, request.match_info["id"])
     if query.format == "json":
         return web.json_response(vec.describe())
     if query.format == "npy":
@@ -70,21 +71,21 @@ async def describe_or_download(request: web.Request) -> web.StreamResponse:
 async def import_gguf(request: web.Request) -> web.Response:
     state = request.app[STATE]
     state.ready()
-    data = await read_bytes(request)
-    return web.json_response((await import_control_vector(state, data)).describe())
+    vec = await import_control_vector(state, await read_bytes(request))
+    return web.json_response(vec.describe())
 
 
 @operation("Delete a vector")
 async def delete(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    vec = find_vector(state, request.match_info["id"])
-    state.steering.delete(vec.id)
-    return web.json_response({"id": vec.id, "object": "steering.vector", "deleted": True})
+    vid = request.match_info["id"]
+    await delete_vector(state, vid)
+    return web.json_response({"id": vid, "object": "steering.vector", "deleted": True})
 
 
 def add_routes(router: web.UrlDispatcher) -> None:
     router.add_post("/v1/steering", create)
-    router.add_get("/v1/steering", list_vectors)
+    router.add_get("/v1/steering", list_all)
     router.add_post("/v1/steering/import", import_gguf)
     router.add_get("/v1/steering/{id}", describe_or_download)
     router.add_delete("/v1/steering/{id}", delete)

@@ -3,14 +3,20 @@ and steering vectors built, imported and stored. Routes call it; it knows no HTT
 
 Vectors are built through the shared batch like any request (generation.collect_states):
 building an ActAdd vector is one forward pass of its two prompts. Tokenizing, the vector math
-(an SVD for pca) and reading or writing GGUF files run on the worker pool (ServerState.run);
-the store is touched on the event loop only.
+(an SVD for pca) and reading or writing GGUF files run on the worker pool (ServerState.run).
+
+The store is reached on worker threads (`_store`): a file write waits for fsync and a Redis
+call for the network, and neither may hold up the event loop and every other request with it.
+A store that is down is a 503 for the requests that need it, and only for them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import blake3
 import numpy as np
@@ -25,7 +31,9 @@ from .prepare import check_text_length
 from .protocol import SteeringCreateRequest, SteeringEntry
 from .runner import Captured, Runner
 from .state import Model, ServerState
-from .steering_store import SteeringVector, StoreFull, vector_id
+from .steering_store import SteeringVector, StoreFull, StoreUnavailable, vector_id
+
+T = TypeVar("T")
 
 
 def layer_number(model: Model, layer: int, field: str) -> int:
@@ -36,11 +44,26 @@ def layer_number(model: Model, layer: int, field: str) -> int:
         raise ApiError(400, f"{field}: {e}", param=field.split(".")[0].split("[")[0]) from e
 
 
-def _save(state: ServerState, vec: SteeringVector) -> SteeringVector:
+async def _store(fn: Callable[..., T], *args: Any, param: str | None = None) -> T:
+    """A store call on a worker thread, its failures as API errors."""
     try:
-        return state.steering.put(vec)
+        return await asyncio.to_thread(fn, *args)
     except StoreFull as e:
-        raise ApiError(507, str(e), "insufficient_storage", code="steering_store_full") from e
+        raise ApiError(507, str(e), "insufficient_storage", param=param,
+                       code="steering_store_full") from e
+    except StoreUnavailable as e:
+        raise ApiError(503, str(e), "unavailable_error", param=param,
+                       code="steering_store_unavailable") from e
+
+
+async def _save(state: ServerState, vec: SteeringVector,
+                param: str | None = None) -> SteeringVector:
+    return await _store(state.steering.put, vec, param=param)
+
+
+async def get_vector(state: ServerState, vid: str,
+                     param: str | None = None) -> SteeringVector | None:
+    return await _store(state.steering.get, vid, param=param)
 
 
 def _states(captured: Captured) -> np.ndarray:
@@ -49,12 +72,29 @@ def _states(captured: Captured) -> np.ndarray:
     return captured.states
 
 
-def find_vector(state: ServerState, vid: str) -> SteeringVector:
-    vec = state.steering.get(vid)
+async def find_vector(state: ServerState, vid: str) -> SteeringVector:
+    vec = await get_vector(state, vid)
     if vec is None:
         raise ApiError(404, f"no steering vector {vid!r}", "not_found_error",
                        code="steering_vector_not_found")
     return vec
+
+
+async def list_vectors(state: ServerState) -> tuple[list[SteeringVector], int]:
+    """The vectors of the loaded model (all of them while it loads), and the bytes used."""
+    store = state.steering
+    key = state.model.key if state.model is not None else None
+
+    def read() -> tuple[list[SteeringVector], int]:
+        return store.list(key), store.used_bytes
+
+    return await _store(read)
+
+
+async def delete_vector(state: ServerState, vid: str) -> None:
+    if not await _store(state.steering.delete, vid):
+        raise ApiError(404, f"no steering vector {vid!r}", "not_found_error",
+                       code="steering_vector_not_found")
 
 
 def _actadd_prompts(model: Model, runner: Runner, add: str, sub: str, where: str
@@ -74,14 +114,16 @@ def _actadd_prompts(model: Model, runner: Runner, add: str, sub: str, where: str
 
 
 async def actadd_vector(state: ServerState, add: str, sub: str, source: int,
-                        field: str = "layer", where: str = "") -> SteeringVector:
+                        field: str = "layer", param: str | None = None, where: str = ""
+                        ) -> SteeringVector:
     """The ActAdd vector for (add, sub, source layer): from the store, or built and stored.
-    `field` names the source layer in errors, `where` the entry (prefix of `add` and `sub`)."""
+    `field` names the source layer in errors, `param` the request field that needs the store,
+    `where` the entry (prefix of `add` and `sub`)."""
     model, runner = state.ready()
     source = layer_number(model, source, field)
     spec = {"method": "actadd", "add": add, "sub": sub, "layer": source}
     vid = vector_id(model.key, spec)
-    found = state.steering.get(vid)
+    found = await get_vector(state, vid, param)
     if found is not None:
         return found
     a, s = await state.run(_actadd_prompts, model, runner, add, sub, where)
@@ -90,8 +132,9 @@ async def actadd_vector(state: ServerState, add: str, sub: str, source: int,
     hidden = await collect_states(model, runner, [a, s], blocks)
     rows = (stream_at(_states(hidden[0]), blocks, source, n)
             - stream_at(_states(hidden[1]), blocks, source, n))
-    return _save(state, SteeringVector(vid, "actadd", model.key, model.engine.config.dim, spec,
-                                       rows=rows.astype(np.float32), source_layer=source))
+    return await _save(state, SteeringVector(vid, "actadd", model.key, model.engine.config.dim,
+                                             spec, rows=rows.astype(np.float32),
+                                             source_layer=source), param)
 
 
 async def resolve_steering(state: ServerState, entries: list[SteeringEntry],
@@ -107,13 +150,13 @@ async def resolve_steering(state: ServerState, entries: list[SteeringEntry],
             assert e.add is not None and e.sub is not None and e.layer is not None
             source = e.source_layer if e.source_layer is not None else e.layer
             vec = await actadd_vector(state, e.add, e.sub, source, f"{where}.source_layer",
-                                      where)
+                                      field, where)
             mul = e.mul if e.mul is not None else e.scale
             assert vec.rows is not None
             terms.append(SteeringTerm(layer_number(model, e.layer, f"{where}.layer"), vec.rows,
                                       mul))
             continue
-        found = state.steering.get(e.vector)
+        found = await get_vector(state, e.vector, field)
         if found is None:
             raise ApiError(404, f"{where}.vector: no steering vector {e.vector!r}",
                            "not_found_error", param=field, code="steering_vector_not_found")
@@ -156,7 +199,7 @@ async def create_vector(state: ServerState, body: SteeringCreateRequest) -> Stee
     spec = {"method": body.method, "positive": body.positive, "negative": body.negative,
             "layers": layers}
     vid = vector_id(model.key, spec)
-    found = state.steering.get(vid)
+    found = await get_vector(state, vid)
     if found is not None:
         return found
     prompts = await state.run(_pair_prompts, model, runner, body.positive, body.negative)
@@ -167,8 +210,8 @@ async def create_vector(state: ServerState, body: SteeringCreateRequest) -> Stee
     pairs = len(body.positive)
     directions = await state.run(directions_from_states, last[:pairs], last[pairs:], layers,
                                  body.method)
-    return _save(state, SteeringVector(vid, "control", model.key, model.engine.config.dim, spec,
-                                       directions=directions))
+    return await _save(state, SteeringVector(vid, "control", model.key, model.engine.config.dim,
+                                             spec, directions=directions))
 
 
 def _pair_prompts(model: Model, runner: Runner, positive: list[str], negative: list[str]
@@ -191,7 +234,7 @@ def _pair_prompts(model: Model, runner: Runner, positive: list[str], negative: l
 async def import_control_vector(state: ServerState, data: bytes) -> SteeringVector:
     """A llama.cpp control-vector GGUF (from llama.cpp or repeng), stored as a control vector."""
     model, _ = state.ready()
-    return _save(state, await state.run(_read_import, model, data))
+    return await _save(state, await state.run(_read_import, model, data))
 
 
 def _read_import(model: Model, data: bytes) -> SteeringVector:

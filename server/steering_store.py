@@ -1,30 +1,39 @@
-"""Steering vectors kept on disk, named by what made them.
+"""Steering vectors, named by what made them, and the interface of the stores that keep them.
 
 A vector's id is a BLAKE3 hash of the model's key and the canonical JSON of the request that
 built it, so the same request gives the same id -- and the same vector -- on every replica, and
-building it twice just finds it. Files are `<id>.npz` (arrays plus a JSON `meta` string; no
-pickle) in one directory, written atomically; the directory's total size is bounded.
+building it twice just finds it. A stored vector is the bytes of an `.npz` (arrays plus a JSON
+`meta` string; no pickle): `encode` writes them and `decode` reads them back, refusing anything
+damaged. Two stores keep those bytes: a directory (steering_dir.py, the embedded default) and a
+Redis server shared by replicas (steering_redis.py); both bound their total size the same way.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
-import threading
 import time
+import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import blake3
 import numpy as np
 
 ID_PREFIX = "sv-"
+KINDS = ("actadd", "control")
 
 
 class StoreFull(RuntimeError):
     """Adding the vector would take the store past its size bound."""
+
+
+class StoreUnavailable(RuntimeError):
+    """The store cannot be reached (Redis down): requests needing it get a 503."""
+
+
+class DamagedEntry(ValueError):
+    """Stored bytes that are not a usable vector; the message says what is wrong."""
 
 
 def canonical(request: dict[str, Any]) -> str:
@@ -81,73 +90,105 @@ class SteeringVector:
             out[f"direction.{layer}"] = vec
         return out
 
-    @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> SteeringVector:
+
+def encode(vec: SteeringVector) -> bytes:
+    """The stored form of a vector: an uncompressed .npz, the same bytes in every store."""
+    buf = io.BytesIO()
+    np.savez(buf, **vec.arrays())  # type: ignore[arg-type]
+    return buf.getvalue()
+
+
+def _check(ok: bool, what: str) -> None:
+    if not ok:
+        raise DamagedEntry(what)
+
+
+def _float_array(value: np.ndarray, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    _check(value.dtype.kind == "f", f"{name} is {value.dtype}, not floating point")
+    _check(value.shape == shape, f"{name} has shape {value.shape}, expected {shape}")
+    array = np.asarray(value, np.float32)
+    _check(bool(np.isfinite(array).all()), f"{name} has NaN or infinite values")
+    return array
+
+
+def decode(data: bytes, expected_id: str) -> SteeringVector:
+    """Stored bytes back as the vector `expected_id`, every field and array checked: a 0-byte
+    or truncated file, meta that is not a JSON object, an empty layer list, a wrong shape or a
+    non-finite value is a DamagedEntry, never a vector that fails later inside a step."""
+    _check(len(data) > 0, "empty (0 bytes)")
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise DamagedEntry(f"not a readable .npz ({type(e).__name__}: {e})") from None
+    _check("meta" in arrays and arrays["meta"].shape == () and arrays["meta"].dtype.kind == "U",
+           "no meta string")
+    try:
         meta = json.loads(str(arrays["meta"]))
-        vec = cls(id=meta["id"], kind=meta["kind"], model_key=meta["model_key"],
-                  dim=int(meta["dim"]), request=meta["request"], created=int(meta["created"]))
-        if vec.kind == "actadd":
-            vec.rows = np.asarray(arrays["rows"], np.float32)
-            vec.source_layer = int(meta["layers"][0])
-        else:
-            vec.directions = {int(k.split(".", 1)[1]): np.asarray(v, np.float32)
-                              for k, v in arrays.items() if k.startswith("direction.")}
+    except ValueError as e:
+        raise DamagedEntry(f"meta is not JSON ({e})") from None
+    _check(isinstance(meta, dict), f"meta is not a JSON object but {type(meta).__name__}")
+    _check(meta.get("id") == expected_id, f"meta names {meta.get('id')!r}, not {expected_id}")
+    _check(meta.get("kind") in KINDS, f"meta kind {meta.get('kind')!r} is not one of {KINDS}")
+    for key, kind in (("model_key", str), ("dim", int), ("created", int), ("request", dict),
+                      ("layers", list)):
+        _check(type(meta.get(key)) is kind, f"meta {key} is not a {kind.__name__}")
+    layers, dim = meta["layers"], meta["dim"]
+    _check(dim > 0, f"meta dim {dim} is not positive")
+    _check(bool(layers) and all(type(x) is int for x in layers),
+           f"meta layers {layers!r} is not a non-empty list of integers")
+    vec = SteeringVector(id=expected_id, kind=meta["kind"], model_key=meta["model_key"],
+                         dim=dim, request=meta["request"], created=meta["created"])
+    if vec.kind == "actadd":
+        _check(len(layers) == 1, f"an actadd vector has one source layer, meta says {layers}")
+        rows = arrays.get("rows")
+        _check(rows is not None and rows.ndim == 2 and rows.shape[0] > 0,
+               "rows missing or not a non-empty (positions, dim) array")
+        assert rows is not None
+        vec.rows = _float_array(rows, "rows", (rows.shape[0], dim))
+        vec.source_layer = layers[0]
         return vec
+    found = {name: value for name, value in arrays.items() if name.startswith("direction.")}
+    _check(all(name.split(".", 1)[1].lstrip("-").isdigit() for name in found),
+           f"direction arrays with non-integer layers: {sorted(found)}")
+    directions = {int(name.split(".", 1)[1]): _float_array(value, name, (dim,))
+                  for name, value in found.items()}
+    _check(sorted(directions) == sorted(layers),
+           f"directions for layers {sorted(directions)}, meta says {layers}")
+    vec.directions = dict(sorted(directions.items()))
+    return vec
 
 
-class SteeringStore:
-    def __init__(self, directory: Path, max_bytes: int) -> None:
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.max_bytes = max_bytes
-        self._lock = threading.Lock()
-        self._vectors: dict[str, SteeringVector] = {}
-        for path in sorted(self.directory.glob(f"{ID_PREFIX}*.npz")):
-            try:
-                with np.load(path, allow_pickle=False) as data:
-                    vec = SteeringVector.from_arrays(dict(data))
-            except (OSError, ValueError, KeyError) as e:  # a damaged file costs only itself
-                import logging
+def full_message(used: int, max_bytes: int, needed: int) -> str:
+    return (f"the steering store holds {used} of {max_bytes} bytes; this vector needs "
+            f"{needed} more (delete vectors, or raise --steering-max-mb)")
 
-                logging.getLogger(__name__).warning("skipping %s: %s", path, e)
-                continue
-            self._vectors[vec.id] = vec
+
+class SteeringStore(Protocol):
+    """What the server needs of a store. Sizes count the vectors' float32 arrays (`nbytes`), so
+    the bound means the same in every store. Any method may raise StoreUnavailable."""
+
+    max_bytes: int
 
     @property
-    def used_bytes(self) -> int:
-        return sum(v.nbytes for v in self._vectors.values())
+    def used_bytes(self) -> int: ...
 
-    def get(self, vector_id: str) -> SteeringVector | None:
-        return self._vectors.get(vector_id)
+    @property
+    def damaged_entries(self) -> int:
+        """Entries found damaged (skipped, logged with their name) since the store opened."""
+        ...
+
+    def get(self, vector_id: str) -> SteeringVector | None: ...
 
     def list(self, model_key: str | None = None) -> list[SteeringVector]:
-        return sorted((v for v in self._vectors.values()
-                       if model_key is None or v.model_key == model_key),
-                      key=lambda v: (v.created, v.id))
+        """The vectors (of one model), oldest first."""
+        ...
 
     def put(self, vec: SteeringVector) -> SteeringVector:
-        """Store (idempotent: an id already there is returned as it is)."""
-        with self._lock:
-            if vec.id in self._vectors:
-                return self._vectors[vec.id]
-            if self.used_bytes + vec.nbytes > self.max_bytes:
-                raise StoreFull(f"the steering store holds {self.used_bytes} of "
-                                f"{self.max_bytes} bytes; this vector needs {vec.nbytes} more "
-                                "(delete vectors, or raise --steering-max-mb)")
-            fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    np.savez(f, **vec.arrays())  # type: ignore[arg-type]
-                os.replace(tmp, self.directory / f"{vec.id}.npz")
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            self._vectors[vec.id] = vec
-            return vec
+        """Store it, or raise StoreFull. Idempotent: an id already stored is returned as it is
+        (ids are content addresses, so the vector is the same)."""
+        ...
 
     def delete(self, vector_id: str) -> bool:
-        with self._lock:
-            if self._vectors.pop(vector_id, None) is None:
-                return False
-            (self.directory / f"{vector_id}.npz").unlink(missing_ok=True)
-            return True
+        """Remove it; False when it was not there."""
+        ...

@@ -174,6 +174,10 @@ def one(n=1, dtype=np.float32, width=DIM):
     ({"hint": None}, one(), "metadata key controlvector.model_hint is missing"),
     ({}, {"direction.1": np.full(DIM, np.nan, np.float32)}, "NaN or infinite"),
     ({}, {}, "no direction tensors"),
+    # each tensor finite, their sum not: refused naming both tensors and the layer
+    ({}, {"direction.2": np.full(DIM, 3e38, np.float32),
+          "direction.02": np.full(DIM, 3e38, np.float32)},
+     "tensors direction.2, direction.02 (tiller layer 3) sum to NaN or infinite values"),
 ])
 def test_broken_files_give_clear_errors(tmp_path, kwargs, tensors, message):
     path = tmp_path / "bad.gguf"

@@ -1,9 +1,11 @@
-"""The deployment topology on loopback: two `tiller serve` replicas behind Debian's nginx.
+"""The deployment topology on loopback: two `tiller serve` replicas behind Debian's nginx,
+sharing steering vectors through Debian's redis-server (AOF on, as docker-compose.yml runs it).
 
 nginx runs the upstream and proxy settings of deploy/tiller.conf.template, the same file the
 Docker deployment renders (docker-compose.yml, deploy/nginx.conf); only the addresses differ.
 Checked through the proxy: completions, the API key, the body limit, SSE arriving as it is
-generated, least_conn spreading requests over both replicas, and every request still answered
+generated, least_conn spreading requests over both replicas, a steering vector made on one
+replica used on both and still there after Redis restarts, and every request still answered
 after one replica is SIGKILLed.
 """
 
@@ -22,9 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis
 from tiller.server.app import ServerConfig
+from tiller.server.steering_redis import INDEX
 
 from tests.live_server import ServerProcess, free_port, start_server
+from tests.redis_server import RedisServer, find_redis, start_redis
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "deploy" / "tiller.conf.template"
@@ -90,9 +95,10 @@ class Replica:
         return int(float(m.group(1))) if m else 0
 
 
-def start_replica(models: Path, tmp: Path) -> Replica:
+def start_replica(models: Path, tmp: Path, *extra: str) -> Replica:
     url, proc = start_server(tmp, "--threads", "1", "--parallel", "2", "--api-key", API_KEY,
-                             model=models / "stories260K.bin", tokenizer=models / "tok512.bin")
+                             *extra, model=models / "stories260K.bin",
+                             tokenizer=models / "tok512.bin")
     return Replica(int(url.rsplit(":", 1)[1]), proc)
 
 
@@ -113,6 +119,7 @@ class Cluster:
     port: int  # nginx
     replicas: list[Replica]
     error_log: Path
+    redis: RedisServer | None  # None: redis-server is not installed
 
 
 @pytest.fixture(scope="module")
@@ -123,10 +130,14 @@ def cluster(shared_models: Path, tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("deploy")
     replicas: list[Replica] = []
     nginx_proc: subprocess.Popen | None = None
+    # NOTE: without redis-server only the steering-sharing test skips, not the nginx checks
+    store = start_redis(tmp / "redis", appendonly=True) if find_redis() else None
+    cluster: Cluster | None = None
     try:
         # One at a time: the second start finds the kernels the first one compiled.
         for _ in range(2):
-            replicas.append(start_replica(shared_models, tmp))
+            replicas.append(start_replica(shared_models, tmp, *(
+                ["--steering-store", store.url] if store else [])))
         port = free_port()
         (tmp / "tiller.conf").write_text(render_template(
             TEMPLATE.read_text(), [f"127.0.0.1:{r.port}" for r in replicas], f"127.0.0.1:{port}"))
@@ -137,7 +148,8 @@ def cluster(shared_models: Path, tmp_path_factory: pytest.TempPathFactory):
         nginx_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(lambda: request(port, "GET", "/health")[0] == 200, 20, "nginx",
                    tmp / "error.log")
-        yield Cluster(port, replicas, tmp / "error.log")
+        cluster = Cluster(port, replicas, tmp / "error.log", store)
+        yield cluster
     finally:
         if nginx_proc is not None:
             nginx_proc.terminate()
@@ -145,6 +157,10 @@ def cluster(shared_models: Path, tmp_path_factory: pytest.TempPathFactory):
         for r in replicas:
             if r.proc.returncode is None:  # not the one killed on purpose
                 r.proc.stop()
+        if cluster is not None and cluster.redis is not None:  # perhaps restarted by a test
+            cluster.redis.stop()
+        elif store is not None:
+            store.stop()
 
 
 def completion_text(status: int, body: bytes) -> str:
@@ -159,6 +175,9 @@ def test_shared_config_is_what_docker_uses():
     assert "include /etc/nginx/conf.d/tiller.conf;" in (ROOT / "deploy" / "nginx.conf").read_text()
     limit = re.search(r"client_max_body_size (\d+)m;", TEMPLATE.read_text())
     assert limit and int(limit.group(1)) * 1024 * 1024 == ServerConfig.max_body_bytes
+    # the replicas share steering through the compose file's Redis, which keeps an AOF
+    assert '"--steering-store", "redis://redis:6379/0"' in compose
+    assert '"redis-server", "--appendonly", "yes"' in compose and "redis-data:/data" in compose
 
 
 def test_requests_pass_through_with_the_api_key(cluster: Cluster):
@@ -212,6 +231,42 @@ def test_least_conn_spreads_over_both_replicas(cluster: Cluster):
     served = [a - b for a, b in zip(after, before, strict=True)]
     assert sum(served) == 6 and min(served) >= 2, served
     assert len(texts) == 1  # same model, temperature 0: same answer from either replica
+
+
+def test_steering_is_shared_by_the_replicas_and_survives_a_redis_restart(cluster: Cluster):
+    if cluster.redis is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run "
+                    "installs it)")
+    status, _, body = request(cluster.port, "POST", "/v1/steering", {
+        "method": "actadd", "add": "dog", "sub": "cat", "layer": 1}, AUTH)
+    assert status == 200, body
+    vid = json.loads(body)["id"]
+    steered = {**PROMPT, "max_tokens": 24, "temperature": 0.8, "seed": 5,
+               "steering": [{"vector": vid, "layer": 3, "scale": 8.0}]}
+
+    def steered_everywhere() -> str:
+        """Every replica knows the vector, and steered requests through nginx reach both."""
+        for r in cluster.replicas:
+            assert request(r.port, "GET", f"/v1/steering/{vid}", headers=AUTH)[0] == 200
+        before = [r.completions_ok() for r in cluster.replicas]
+        texts = {completion_text(*request(cluster.port, "POST", "/v1/completions", steered,
+                                          AUTH)[::2]) for _ in range(6)}
+        served = [r.completions_ok() - b for r, b in zip(cluster.replicas, before, strict=True)]
+        assert sum(served) == 6 and min(served) >= 2, served
+        assert len(texts) == 1  # the same vector on both replicas: the same text
+        return texts.pop()
+
+    text = steered_everywhere()
+    assert text != completion_text(*request(cluster.port, "POST", "/v1/completions",
+                                            {**steered, "steering": []}, AUTH)[::2])
+    # Redis crashes and comes back on its AOF: the vector is still there, for both replicas
+    old = cluster.redis
+    old.kill()
+    status, _, body = request(cluster.port, "POST", "/v1/completions", steered, AUTH)
+    assert status == 503 and b"steering_store_unavailable" in body
+    cluster.redis = start_redis(old.directory, port=old.port, appendonly=True)
+    assert redis.Redis.from_url(cluster.redis.url).hexists(INDEX, vid)  # read from the AOF
+    assert steered_everywhere() == text
 
 
 # NOTE: destructive, so it runs last (pytest keeps file order).

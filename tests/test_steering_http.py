@@ -12,9 +12,12 @@ from tiller.engine.engine import Engine
 from tiller.engine.steering import build_actadd, build_control
 from tiller.engine.tokenizer import Tokenizer
 from tiller.server.app import ServerConfig, create_app, load_model
-from tiller.server.steering_store import SteeringStore, SteeringVector, vector_id
+from tiller.server.steering_dir import DirectoryStore
+from tiller.server.steering_store import SteeringVector, vector_id
 
+from tests.test_cvec import hand_made
 from tests.test_server import post, sse_events
+from tests.test_steering_store import DAMAGE, control, damaged_bytes
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +176,7 @@ async def test_bad_steering_is_a_4xx_naming_the_field(client, steering, status, 
 
 
 async def test_a_vector_of_another_model_is_refused(client, config):
-    store = SteeringStore(config.steering_dir, config.steering_max_bytes)
+    store = DirectoryStore(config.steering_dir, config.steering_max_bytes)
     foreign = SteeringVector("sv-foreign", "control", "0" * 64, 64, {"method": "import"},
                              directions={2: np.ones(64, np.float32)})
     store.put(foreign)
@@ -215,3 +218,35 @@ async def test_streamed_steered_chat(client):
     whole = await post(client, "/v1/chat/completions", {**request, "stream": False})
     text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
     assert text == whole["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+async def test_a_damaged_entry_is_reported_and_the_server_serves_the_rest(
+        aiohttp_client, config, model, tmp_path, caplog, kind):
+    dim = model.engine.config.dim
+    good = control("good", dim=dim, key=model.key)
+    victim = control("victim", dim=dim, key=model.key)
+    DirectoryStore(tmp_path, config.steering_max_bytes).put(good)
+    (tmp_path / f"{victim.id}.npz").write_bytes(damaged_bytes(kind, victim))
+    client = await aiohttp_client(create_app(
+        ServerConfig(**{**config.__dict__, "steering_dir": tmp_path}), model=model))
+    assert f"{victim.id}.npz" in caplog.text and DAMAGE[kind] in caplog.text
+    metrics = await (await client.get("/metrics")).text()
+    assert "\ntiller_steering_store_damaged_entries 1.0\n" in metrics
+    listed = await (await client.get("/v1/steering")).json()
+    assert [v["id"] for v in listed["data"]] == [good.id]
+    assert (await client.get(f"/v1/steering/{victim.id}")).status == 404
+    plain = await complete(client)
+    assert await complete(client, [{"vector": good.id, "scale": 8.0}]) != plain
+
+
+async def test_an_import_whose_directions_overflow_is_a_400_naming_the_file(client, model,
+                                                                             tmp_path):
+    big = np.full(model.engine.config.dim, 3e38, np.float32)  # finite; twice it is not
+    path = tmp_path / "overflow.gguf"
+    hand_made(path, {"direction.2": big, "direction.02": big})
+    response = await client.post("/v1/steering/import", data=path.read_bytes())
+    error = (await response.json())["error"]
+    assert response.status == 400 and error["param"] == "file"
+    assert error["message"].startswith("upload: tensors direction.2, direction.02 (tiller "
+                                       "layer 3) sum to NaN or infinite"), error

@@ -155,6 +155,7 @@ def test_stream_decoder_matches_decode_on_random_ids() -> None:
     ({"scores": [0.0] * 2}, "2 scores for 3 pieces"),
     ({"token_types": [1, 1]}, "2 token types"),
     ({"bos_id": 3}, "bos_id 3 outside"),
+    ({"eot_id": 3}, "eot_id 3 outside"),
     ({"scores": [0.0, float("nan"), 0.0]}, "non-finite score"),
     ({"pieces": [b"<unk>", b"\xff", b"x"]}, "token 1 is not valid UTF-8"),
     ({"token_types": [2, 3, 9]}, "unknown token type 9"),
@@ -165,6 +166,12 @@ def test_constructor_validates(kwargs: dict, message: str) -> None:
             "bos_id": 1, "eos_id": 1} | kwargs
     with pytest.raises(TokenizerError, match=message):
         Tokenizer(**args)
+
+
+def test_end_ids_are_eos_and_eot() -> None:
+    pieces = [b"<unk>", b"<s>", b"</s>", b"<|im_end|>"]
+    assert Tokenizer(pieces, [0.0] * 4).end_ids == {2}
+    assert Tokenizer(pieces, [0.0] * 4, eot_id=3).end_ids == {2, 3}
 
 
 # --- llama2.c tokenizer.bin files -----------------------------------------------------------

@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steering-dir", type=Path,
                    help="where steering vectors persist (default: <cache root>/steering, the "
                         "cache root being $TILLER_CACHE_DIR or ~/.cache/tiller)")
+    s.add_argument("--steering-store", metavar="redis://HOST:PORT/DB",
+                   help="keep steering vectors on this Redis server, shared by every replica "
+                        "that names it (default: the --steering-dir directory, this server's "
+                        "own)")
     s.add_argument("--steering-max-mb", type=int, default=256,
                    help="bound on the steering store's total size")
     s.add_argument("--max-body-mb", type=float, default=8,
@@ -113,7 +117,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out.flush()
     decoder = StreamDecoder(tokenizer, at_start=not args.prompt)
     timings = Timings()
-    stop = frozenset({tokenizer.eos_id, tokenizer.bos_id})
+    stop = tokenizer.end_ids | {tokenizer.bos_id}
     for token in generate(engine, prompt, params, args.max_tokens, stop, timings):
         out.write(decoder.feed(token))
         out.flush()
@@ -248,7 +252,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           threads=args.threads, parallel=args.parallel, ctx_size=args.ctx_size,
                           max_waiting=args.max_queue, token_budget=args.batch_tokens,
                           api_keys=tuple(args.api_key), model_alias=args.alias,
-                          steering_dir=args.steering_dir,
+                          steering_dir=args.steering_dir, steering_store=args.steering_store,
                           steering_max_bytes=args.steering_max_mb * 1024 * 1024,
                           max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                           max_feature_values=args.max_feature_values, workers=args.workers)
