@@ -37,7 +37,7 @@ from tiller.engine.config import ModelConfig
 from tiller.engine.engine import Engine, SeqRequest
 from tiller.engine.llama2c import random_tensors, write_llama2c
 from tiller.engine.sampling import Sampler, SamplingParams
-from tiller.engine.tokenizer import Tokenizer
+from tiller.engine.tokenizer import SpmTokenizer
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared/models"
 DEFAULT_TOKENIZER = SHARED / "llama2-tokenizer.bin"
@@ -520,7 +520,7 @@ async def engine_while_idle(engine: Engine, thread: ThreadPoolExecutor, prompt: 
 
 
 async def run(args: argparse.Namespace, model: Path | None, tmp: Path) -> dict:
-    tokenizer = Tokenizer.from_llama2c(args.tokenizer)
+    tokenizer = SpmTokenizer.from_llama2c(args.tokenizer)
     prompt = tokenizer.encode(PROMPT_TEXT, bos=True)[: args.prompt_tokens]
     engine = None
     # NOTE: threads as in the server: the model is loaded and its first step run on one worker

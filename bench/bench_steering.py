@@ -25,7 +25,7 @@ import numpy as np
 from tiller.engine import simd
 from tiller.engine.engine import Engine, SeqRequest, Sequence, SteeringTerm
 from tiller.engine.steering import actadd_tokens, build_actadd
-from tiller.engine.tokenizer import Tokenizer
+from tiller.engine.tokenizer import SpmTokenizer, Tokenizer
 from tiller.engine.weights import build_weights
 
 try:
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
 
     builds = []
     if args.tokenizer.exists():
-        tok = Tokenizer.from_llama2c(args.tokenizer, vocab_size=config.vocab_size)
+        tok = SpmTokenizer.from_llama2c(args.tokenizer, vocab_size=config.vocab_size)
         print(f"\nbuilding an ActAdd vector (source layer {ACTADD_SOURCE}) vs one step with "
               f"both prompts' tokens ({args.reps} interleaved triples)")
         print(f"{'prompts':<34} {'tokens':>6} {'build ms':>9} {'capture ms':>10} "

@@ -47,7 +47,7 @@ from tiller.engine.engine import Engine, SeqRequest, SteeringTerm
 from tiller.engine.kvcache import blocks_for
 from tiller.engine.sampling import Sampler, SamplingParams
 from tiller.engine.steering import actadd_term, build_actadd, build_control, control_terms
-from tiller.engine.tokenizer import Tokenizer
+from tiller.engine.tokenizer import SpmTokenizer, Tokenizer
 
 MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
 MODEL = MODELS / "stories260K.bin"
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model.exists() or not args.tokenizer.exists():
         print(f"model or tokenizer not found ({args.model}, {args.tokenizer})", file=sys.stderr)
         return 2
-    tok = Tokenizer.from_llama2c(args.tokenizer, vocab_size=512)
+    tok = SpmTokenizer.from_llama2c(args.tokenizer, vocab_size=512)
     prompt_len = len(tok.encode(PROMPT, bos=True))
     n_muls = max(len(args.muls or m) for m in DEFAULT_MULS.values())
     engine = engine_for(args.model, n_muls * args.seeds, prompt_len, args.tokens, args.dtype)

@@ -52,7 +52,7 @@ from .identity import model_key, model_uuid
 from .llama2c import NORMS, Checkpoint
 from .loader import is_gguf, load_checkpoint
 from .quant import QTensor
-from .tokenizer import Tokenizer, TokenizerError
+from .tokenizer import SpmTokenizer, TokenizerError
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def _vocab_kv(model: Path, tokenizer: Path | None, vocab_size: int) -> KV:
         if n != vocab_size:
             raise TokenizerError(f"{tokenizer}: {n} tokens, the model has {vocab_size}")
         return kv
-    tok = Tokenizer.from_llama2c(tokenizer, vocab_size=vocab_size)  # validates the file
+    tok = SpmTokenizer.from_llama2c(tokenizer, vocab_size=vocab_size)  # validates the file
     n = tok.vocab_size
     return {"tokenizer.ggml.model": ("llama", V.STRING, None),
             "tokenizer.ggml.tokens": ([tok.piece(i) for i in range(n)], V.ARRAY, V.STRING),
@@ -191,7 +191,7 @@ def _vocab_kv(model: Path, tokenizer: Path | None, vocab_size: int) -> KV:
 
 
 def _llama2c_scores(path: Path, n: int) -> list[float]:
-    """The first n scores of a tokenizer.bin that Tokenizer.from_llama2c has validated."""
+    """The first n scores of a tokenizer.bin that SpmTokenizer.from_llama2c has validated."""
     data = path.read_bytes()
     scores, offset = [], 4
     for _ in range(n):

@@ -22,8 +22,16 @@ from .forward import CAPTURE_POINTS, Workspace, forward_step
 from .kvcache import CacheFull, KVCache, blocks_for
 from .weights import Weights, build_weights, padded
 
-__all__ = ["CAPTURE_POINTS", "BatchError", "CacheFull", "Engine", "EngineError", "SeqRequest",
-           "SeqResult", "Sequence", "SteeringTerm"]
+__all__ = ["CAPTURE_POINTS", "MAX_STEERING_NORM", "BatchError", "CacheFull", "Engine",
+           "EngineError", "SeqRequest", "SeqResult", "Sequence", "SteeringTerm"]
+
+
+# The largest L2 norm the steering of one position may have, summed over the layers it is added
+# at. RMSNorm squares and sums the residual stream in float32 (kernels.rmsnorm_row), which
+# overflows to inf -- and the sequence's logits to NaN -- once the stream's norm nears 1.8e19.
+# 1e9 keeps that sum below ~1e18 (the model's own additions are bounded: each block reads a
+# normalized stream) and is far above useful steering: Llama residual norms are ~1e1-1e4.
+MAX_STEERING_NORM = 1e9
 
 
 class EngineError(ValueError):
@@ -196,7 +204,8 @@ class Engine:
                     raise EngineError(
                         f"request {i}: capture layer {layer} outside 0..{c.n_layers - 1}")
             total += n
-            new_blocks += blocks_for(r.seq.length + n) - len(r.seq.blocks)
+            # NOTE: a sequence may hold blocks a failed step allocated: they count, never below 0
+            new_blocks += max(0, blocks_for(r.seq.length + n) - len(r.seq.blocks))
         if total > self.max_tokens:
             raise BatchError(f"{total} tokens in one step exceed max_tokens={self.max_tokens}")
         if new_blocks > self.cache.free_blocks:
@@ -225,18 +234,51 @@ class Engine:
                       if not term.every_position and term.vectors.ndim == 2), default=0)
         every = np.zeros((len(layers), c.dim), np.float32)
         rows = np.zeros((len(layers), n_rows, c.dim), np.float32)
-        for term in terms:
-            k = layers.index(term.layer)
-            v = np.asarray(term.vectors, np.float32)
-            if term.every_position:
-                every[k] += np.float32(term.scale) * v.reshape(c.dim)
-            else:
-                v = v.reshape(-1, c.dim)
-                rows[k, :len(v)] += np.float32(term.scale) * v
-        return FoldedSteering(np.array(layers, np.int64), every, rows)
+        # NOTE: finite terms can still sum (or scale) past float32: checked on the result below
+        with np.errstate(over="ignore", invalid="ignore"):
+            for term in terms:
+                k = layers.index(term.layer)
+                v = np.asarray(term.vectors, np.float32)
+                if term.every_position:
+                    every[k] += np.float32(term.scale) * v.reshape(c.dim)
+                else:
+                    v = v.reshape(-1, c.dim)
+                    rows[k, :len(v)] += np.float32(term.scale) * v
+        folded = FoldedSteering(np.array(layers, np.int64), every, rows)
+        self._check_folded(folded)
+        return folded
+
+    @staticmethod
+    def _check_folded(folded: FoldedSteering) -> None:
+        """The summed steering must be finite and its norm per position, summed over layers,
+        at most MAX_STEERING_NORM, so that it cannot overflow the sequence's residual stream."""
+        for k, layer in enumerate(folded.layers):
+            if not (np.isfinite(folded.every[k]).all() and np.isfinite(folded.rows[k]).all()):
+                raise EngineError(f"the steering summed at layer {layer} overflows float32")
+        every = folded.every.astype(np.float64)  # float64: the norms of huge values stay finite
+        # positions the ActAdd rows cover, then every later one (the every-position part alone)
+        per_position = np.linalg.norm(every[:, None, :] + folded.rows, axis=-1).sum(axis=0)
+        beyond = float(np.linalg.norm(every, axis=-1).sum())
+        norms = np.append(per_position, beyond)
+        worst = int(np.argmax(norms))
+        if norms[worst] > MAX_STEERING_NORM:
+            where = f"position {worst}" if worst < len(per_position) else (
+                f"positions {worst} and beyond" if worst else "every position")
+            raise EngineError(
+                f"the steering added at {where} has a norm of {norms[worst]:.3g}, summed over "
+                f"its layers; at most {MAX_STEERING_NORM:.0e} is allowed, or the residual "
+                "stream would overflow float32")
 
     def step(self, requests: list[SeqRequest]) -> list[SeqResult]:
-        """Run one forward pass over every request's new tokens; append them to the sequences."""
+        """Run one forward pass over every request's new tokens; append them to the sequences.
+
+        A step that raises leaves every sequence as it was, so the same requests may be run
+        again (the server re-runs a failed step in parts to find the request at fault): it
+        validates before touching any state; the KV blocks it allocates are kept by their
+        sequences and counted when the step is re-run (no second allocation); the K/V rows it
+        wrote lie at positions >= each sequence's length, which no step reads before writing
+        them again; and sequence lengths advance only once everything else has succeeded.
+        """
         self._validate(requests)
         c = self.config
         for r in requests:  # validated above: cannot run out midway
@@ -274,7 +316,6 @@ class Engine:
         results = []
         row = 0
         for s, r in enumerate(requests):
-            r.seq.length += len(r.tokens)
             n_rows = int(want[starts[s]:starts[s + 1]].sum())
             out_logits = None
             if r.logits == "last":
@@ -291,6 +332,8 @@ class Engine:
             if r.capture_final:
                 final = final_out[final_rows[starts[s]:starts[s + 1]]]
             results.append(SeqResult(logits=out_logits, captures=captures, final=final))
+        for r in requests:  # last, so that a step that raised can be run again (docstring)
+            r.seq.length += len(r.tokens)
         return results
 
     def _steering_arrays(self, requests, positions, starts):

@@ -37,10 +37,11 @@ from typing import Any, NamedTuple
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
+from .bpe import BpeTokenizer
 from .config import ModelConfig
 from .llama2c import LIMITS, NORMS, Checkpoint, CheckpointError, tensor_shapes
 from .quant import QTensor
-from .tokenizer import Tokenizer, TokenizerError
+from .tokenizer import SpmTokenizer, Tokenizer, TokenizerError
 
 logger = logging.getLogger(__name__)
 
@@ -489,7 +490,8 @@ def load_gguf(path: str | os.PathLike[str]) -> Checkpoint:
 
 
 def gguf_tokenizer(f: GGUFFile) -> Tokenizer:
-    """The SentencePiece ("llama") vocabulary in a parsed GGUF header -> Tokenizer."""
+    """The vocabulary in a parsed GGUF header: SentencePiece ("llama") or byte-level BPE
+    ("gpt2") -> Tokenizer."""
     source = str(f.path)
 
     def fail(what: str) -> TokenizerError:
@@ -504,16 +506,16 @@ def gguf_tokenizer(f: GGUFFile) -> Tokenizer:
     model = get("tokenizer.ggml.model", (str,), None)
     if model is None:
         raise fail("no tokenizer in the file (no tokenizer.ggml.model)")
-    if model == "gpt2":
-        raise fail("byte-level BPE vocabularies are not supported yet "
-                   "(tokenizer.ggml.model is 'gpt2')")
-    if model != "llama":
+    if model not in ("llama", "gpt2"):
         raise fail(f"tokenizer.ggml.model {model!r} is not supported (only 'llama', "
-                   "SentencePiece BPE)")
+                   "SentencePiece BPE, and 'gpt2', byte-level BPE)")
     tokens = get("tokenizer.ggml.tokens", (list,), None)
     if tokens is None:
         raise fail("no token list (tokenizer.ggml.tokens)")
     n = len(tokens)
+    add_bos = get("tokenizer.ggml.add_bos_token", (bool,), None)
+    if model == "gpt2":
+        return _bpe_tokenizer(f, tokens, add_bos, get)
     scores = get("tokenizer.ggml.scores", (np.ndarray,), None)
     types = get("tokenizer.ggml.token_type", (np.ndarray,), None)
     for key, arr, kind in (("scores", scores, "f"), ("token_type", types, "iu")):
@@ -527,8 +529,37 @@ def gguf_tokenizer(f: GGUFFile) -> Tokenizer:
     ids = {name: get(f"tokenizer.ggml.{key}", (int,), default) for name, key, default in
            (("bos_id", "bos_token_id", 1), ("eos_id", "eos_token_id", 2),
             ("unk_id", "unknown_token_id", 0), ("eot_id", "eot_token_id", None))}
-    return Tokenizer(tokens, scores.tolist() if scores is not None else [0.0] * n,
-                     types.tolist() if types is not None else None, source=source, **ids)
+    return SpmTokenizer(tokens, scores.tolist() if scores is not None else [0.0] * n,
+                        types.tolist() if types is not None else None, source=source,
+                        add_bos=True if add_bos is None else add_bos, **ids)
+
+
+def _bpe_tokenizer(f: GGUFFile, tokens: list[bytes], add_bos: bool | None,
+                   get: Any) -> BpeTokenizer:
+    """A byte-level BPE vocabulary ("gpt2"): tokens, merges, types, pre-tokenizer, specials."""
+    source = str(f.path)
+    pre = get("tokenizer.ggml.pre", (str,), None)
+    if pre is None:
+        # NOTE: llama.cpp does the same, and warns as loudly: files converted before
+        # pre-tokenizers were recorded (e.g. llama.cpp's own GPT-NeoX test vocabulary).
+        logger.warning("%s: no tokenizer.ggml.pre: using llama.cpp's 'default' pre-tokenizer; "
+                       "tokenization may differ from the model's own (reconvert the model)",
+                       source)
+        pre = "default"
+    merges = get("tokenizer.ggml.merges", (list,), None)
+    if merges is None:
+        raise TokenizerError(f"{source}: no merges (tokenizer.ggml.merges), which a byte-level "
+                             "BPE vocabulary needs")
+    types = get("tokenizer.ggml.token_type", (np.ndarray,), None)
+    if types is not None and types.dtype.kind not in "iu":
+        raise TokenizerError(f"{source}: tokenizer.ggml.token_type is {types.dtype}, expected "
+                             "integers")
+    # llama.cpp's defaults for BPE vocabularies when the file names no BOS/EOS (token 11).
+    ids = {name: get(f"tokenizer.ggml.{key}", (int,), default) for name, key, default in
+           (("bos_id", "bos_token_id", 11), ("eos_id", "eos_token_id", 11),
+            ("unk_id", "unknown_token_id", None), ("eot_id", "eot_token_id", None))}
+    return BpeTokenizer(tokens, merges, types.tolist() if types is not None else None, pre,
+                        add_bos=add_bos, source=source, **ids)
 
 
 def load_gguf_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:

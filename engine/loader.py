@@ -8,7 +8,7 @@ from pathlib import Path
 from .gguf import MAGIC as GGUF_MAGIC
 from .gguf import gguf_tokenizer, load_gguf, read_gguf
 from .llama2c import Checkpoint, load_llama2c
-from .tokenizer import Tokenizer, TokenizerError
+from .tokenizer import SpmTokenizer, Tokenizer, TokenizerError
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
@@ -34,4 +34,4 @@ def load_tokenizer(model_path: str | os.PathLike[str], tokenizer_path: str | os.
                                  "(pass --tokenizer)")
     if is_gguf(tokenizer_path):
         return gguf_tokenizer(read_gguf(tokenizer_path))
-    return Tokenizer.from_llama2c(tokenizer_path, vocab_size=vocab_size)
+    return SpmTokenizer.from_llama2c(tokenizer_path, vocab_size=vocab_size)

@@ -43,6 +43,14 @@ import numpy as np
 _FIRST_CHUNK = 128
 _CHUNK_GROWTH = 4
 
+# Penalty bounds, so that a request's parameters can never turn its logits non-finite (which
+# would fail its sampling): repetition divides or multiplies a logit by at most 10 (float32
+# logits below ~3e37 stay finite; a penalty of 1e-300 rounds to 0 in float32 and divides by
+# it), and frequency/presence subtract at most 2 per occurrence (OpenAI's range). Temperature
+# needs no bound: it divides float64 differences <= 0, which at worst round to -inf or 0.
+REPETITION_PENALTY_RANGE = (0.1, 10.0)
+PENALTY_RANGE = (-2.0, 2.0)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -74,9 +82,15 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
-        if not self.repetition_penalty > 0:
-            raise ValueError(
-                f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
+        low, high = REPETITION_PENALTY_RANGE
+        if not low <= self.repetition_penalty <= high:
+            raise ValueError(f"repetition_penalty must be in [{low}, {high}] (1 = off), got "
+                             f"{self.repetition_penalty!r}")
+        low, high = PENALTY_RANGE
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not low <= getattr(self, name) <= high:
+                raise ValueError(f"{name} must be in [{low}, {high}] (0 = off), got "
+                                 f"{getattr(self, name)!r}")
         if self.repeat_last_n < -1:
             raise ValueError(
                 f"repeat_last_n must be >= -1 (-1 = whole context), got {self.repeat_last_n!r}")
@@ -262,7 +276,8 @@ def _draw_in_id_order(logits: np.ndarray, temperature: float, u: float) -> int:
     top = logits.max()
     if top == -np.inf:
         raise ValueError("all logits are -inf: no token can be sampled")
-    shifted = (logits.astype(np.float64) - np.float64(top)) / temperature
+    with np.errstate(over="ignore"):  # a tiny temperature: -inf, a weight of 0 (as it should)
+        shifted = (logits.astype(np.float64) - np.float64(top)) / temperature
     running = np.cumsum(np.exp(shifted))
     i = int(np.searchsorted(running, u * running[-1], side="right"))
     if i >= running.size:  # rounding left the sum short of u * total: the last token with weight
@@ -286,7 +301,8 @@ def sample_token(logits: np.ndarray, params: SamplingParams, u: float) -> int:
     if _unfiltered(params, logits.size):
         return _draw_in_id_order(logits, params.temperature, u)
     ids, vals, is_sorted = _filter(logits, params)
-    w = np.exp((vals.astype(np.float64) - np.float64(vals.max())) / params.temperature)
+    with np.errstate(over="ignore"):  # a tiny temperature: -inf, a weight of 0 (as it should)
+        w = np.exp((vals.astype(np.float64) - np.float64(vals.max())) / params.temperature)
     order, i = _first_passing(vals, w, u * w.sum(), vals.size, strict=True,
                               is_sorted=is_sorted)
     if i < 0:

@@ -1,4 +1,11 @@
-"""Llama SentencePiece-BPE tokenizer: encode, decode and streaming detokenization.
+"""Tokenizers: the interface the engine and server use, the Llama SentencePiece-BPE tokenizer,
+and streaming detokenization. (Byte-level BPE vocabularies are in bpe.py.)
+
+Every tokenizer has a vocabulary of pieces with token types, BOS/EOS/EOT ids, and special
+tokens (CONTROL, USER_DEFINED and UNKNOWN pieces) that `encode(..., special=True)` finds in
+the text as whole tokens, as llama.cpp's `parse_special` does (tokenizer_st_partition).
+
+The SentencePiece tokenizer:
 
 Built from piece / score / token-type lists (what a GGUF file stores) or from llama2.c's
 `tokenizer.bin`. Encoding reproduces sentencepiece's BPE model with the Llama normalizer spec
@@ -23,8 +30,11 @@ import math
 import os
 import re
 import struct
+from abc import ABC, abstractmethod
 from enum import IntEnum
 from pathlib import Path
+
+import regex
 
 SPACE = "\u2581"  # "▁", sentencepiece's visible stand-in for a space
 
@@ -49,13 +59,154 @@ class TokenType(IntEnum):
 # Pieces that BPE may build; the others are only ever produced by id (sentencepiece keeps them
 # in a separate "reserved" map that merges never consult).
 _MERGEABLE = (TokenType.NORMAL, TokenType.USER_DEFINED, TokenType.UNUSED)
+# Pieces llama.cpp finds in text as whole tokens before tokenizing the rest.
+_SPECIAL_TYPES = (TokenType.CONTROL, TokenType.USER_DEFINED, TokenType.UNKNOWN)
 
 
 class TokenizerError(ValueError):
     """A vocabulary or tokenizer file is malformed, or a token id is out of range."""
 
 
-class Tokenizer:
+class Tokenizer(ABC):
+    """What the engine and server use of a tokenizer, whatever its kind.
+
+    Subclasses give the piece texts (as in the vocabulary), their token types and the raw
+    bytes each token stands for in decoded text, and implement `encode`.
+    """
+
+    def __init__(self, texts: list[str], types: list[TokenType], token_bytes: list[bytes], *,
+                 bos_id: int, eos_id: int, eot_id: int | None, unk_id: int | None,
+                 add_bos: bool, source: str) -> None:
+        n = len(texts)
+        for name, value in (("bos_id", bos_id), ("eos_id", eos_id), ("unk_id", unk_id),
+                            ("eot_id", eot_id)):
+            if value is not None and not 0 <= value < n:
+                raise TokenizerError(f"{source}: {name} {value} outside vocabulary of {n} tokens")
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+        self.eot_id = eot_id  # end of turn (chat models: ChatML's <|im_end|>), if the file says
+        self.unk_id = unk_id
+        self.add_bos = add_bos  # whether encode(bos=True) starts with BOS (the file's choice)
+        self.source = source
+        self._texts = texts
+        self._types = types
+        self._bytes = token_bytes
+        # Special tokens, longest first, as llama.cpp's cache_special_tokens (ties by id).
+        self._specials = sorted(
+            ((texts[i], i, types[i]) for i in range(n)
+             if types[i] in _SPECIAL_TYPES and texts[i]), key=lambda s: (-len(s[0]), s[1]))
+        self._finders = {control: _SpecialFinder([s[0] for s in self._specials if control
+                                                  or s[2] == TokenType.USER_DEFINED])
+                         for control in (False, True)}
+
+    # --- accessors ---------------------------------------------------------------------------
+
+    @property
+    def end_ids(self) -> frozenset[int]:
+        """Tokens that end a generation: end of text and, for chat models, end of turn (as
+        llama.cpp stops at any end-of-generation token)."""
+        return frozenset({self.eos_id} if self.eot_id is None else {self.eos_id, self.eot_id})
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._texts)
+
+    def piece(self, token_id: int) -> str:
+        """The piece text as in the vocabulary (e.g. "▁the" or "<0x0A>" in SentencePiece
+        vocabularies, "Ġthe" in byte-level BPE ones)."""
+        self._check_id(token_id)
+        return self._texts[token_id]
+
+    def piece_bytes(self, token_id: int) -> bytes:
+        """Raw bytes a token stands for in decoded text; control and unknown tokens -> b""."""
+        self._check_id(token_id)
+        return self._bytes[token_id]
+
+    def token_type(self, token_id: int) -> TokenType:
+        self._check_id(token_id)
+        return self._types[token_id]
+
+    def _check_id(self, token_id: int) -> None:
+        # NOTE: a negative id would otherwise index from the end of the vocabulary.
+        if not 0 <= token_id < len(self._texts):
+            raise TokenizerError(f"token id {token_id} outside vocabulary of {len(self._texts)}")
+
+    # --- encoding ----------------------------------------------------------------------------
+
+    @abstractmethod
+    def encode(self, text: str, bos: bool = True, eos: bool = False,
+               special: bool = False) -> list[int]:
+        """Token ids of `text`: BOS first if `bos` and the vocabulary adds one (`add_bos`), EOS
+        last if `eos`. `special=True` parses special-token texts in `text` as those tokens
+        (for text the server renders, such as chat templates); user text keeps the default."""
+
+    def _split_special(self, text: str, control: bool) -> list[str | int]:
+        """`text` as text fragments and special-token ids, as llama.cpp's tokenizer_st_partition:
+        each special token in turn, longest first, is cut out of every text fragment left.
+        USER_DEFINED tokens are always cut; CONTROL and UNKNOWN ones only with `control`."""
+        parts: list[str | int] = [text]
+        present = self._finders[control].present(text)
+        for piece, token_id, _ in self._specials:
+            if piece not in present:
+                continue
+            cut: list[str | int] = []
+            for part in parts:
+                if isinstance(part, int) or piece not in part:
+                    cut.append(part)
+                    continue
+                chunks = part.split(piece)
+                for k, chunk in enumerate(chunks):
+                    if k:
+                        cut.append(token_id)
+                    if chunk:
+                        cut.append(chunk)
+            parts = cut
+        return parts
+
+    # --- decoding ----------------------------------------------------------------------------
+
+    def _text_bytes(self, token_id: int, at_start: bool) -> tuple[bytes, bool]:
+        """The bytes a token adds to the text, and whether the text is still at its start
+        (before any output: what SentencePiece's dummy prefix depends on)."""
+        self._check_id(token_id)
+        data = self._bytes[token_id]
+        return data, at_start and not data
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of `ids`; invalid UTF-8 (e.g. from byte tokens) becomes U+FFFD."""
+        parts = []
+        at_start = True
+        for token_id in ids:
+            data, at_start = self._text_bytes(token_id, at_start)
+            parts.append(data)
+        return b"".join(parts).decode("utf-8", errors="replace")
+
+
+class _SpecialFinder:
+    """Which special-token texts occur in a text, in one regex pass (a vocabulary may have
+    thousands of special tokens; testing each with `in` took ~20 ms for 20,000 characters)."""
+
+    def __init__(self, pieces: list[str]) -> None:
+        # Single characters (DeepSeek has hundreds) are found with a set, the rest with a
+        # regex. NOTE: an overlapped search reports, at every position, the longest piece
+        # starting there; the other pieces at that position are its prefixes, so the prefixes
+        # of each reported piece complete the set.
+        self._chars = {p for p in pieces if len(p) == 1}
+        longer = sorted({p for p in pieces if len(p) > 1}, key=len, reverse=True)
+        self._pattern = regex.compile("|".join(map(regex.escape, longer))) if longer else None
+        known = set(longer)
+        self._prefixes = {p: [p[:k] for k in range(2, len(p) + 1) if p[:k] in known]
+                          for p in longer}
+
+    def present(self, text: str) -> set[str]:
+        found = self._chars.intersection(text) if self._chars else set()
+        if self._pattern is not None:
+            for piece in {m.group() for m in self._pattern.finditer(text, overlapped=True)}:
+                found.update(self._prefixes[piece])
+        return found
+
+
+class SpmTokenizer(Tokenizer):
     """SentencePiece-BPE tokenizer over a Llama-style vocabulary.
 
     `pieces` are the UTF-8 piece texts; a space in a piece means "▁" (llama2.c's export writes
@@ -66,7 +217,8 @@ class Tokenizer:
 
     def __init__(self, pieces: list[bytes], scores: list[float],
                  token_types: list[int] | None = None, bos_id: int = 1, eos_id: int = 2,
-                 unk_id: int = 0, source: str = "<memory>", eot_id: int | None = None) -> None:
+                 unk_id: int = 0, source: str = "<memory>", eot_id: int | None = None,
+                 add_bos: bool = True) -> None:
         n = len(pieces)
 
         def fail(what: str) -> TokenizerError:
@@ -123,13 +275,9 @@ class Tokenizer:
             else:
                 token_bytes.append(text.replace(SPACE, " ").encode())
 
-        self.bos_id = bos_id
-        self.eos_id = eos_id
-        self.eot_id = eot_id  # end of turn (chat models: ChatML's <|im_end|>), if the file says
-        self.unk_id = unk_id
-        self._texts = texts
-        self._types = types
-        self._bytes = token_bytes
+        super().__init__(texts, types, token_bytes, bos_id=bos_id, eos_id=eos_id, eot_id=eot_id,
+                         unk_id=unk_id, add_bos=add_bos, source=source)
+        self._unk = unk_id  # (the base class allows None: byte-level vocabularies may have none)
         # Byte fallback needs every byte; without it unknown characters become unk_id.
         found = [i for i in byte_ids if i is not None]
         self._byte_ids = found if len(found) == 256 else None
@@ -165,7 +313,7 @@ class Tokenizer:
 
     @classmethod
     def from_llama2c(cls, path: str | os.PathLike[str],
-                     vocab_size: int | None = None) -> Tokenizer:
+                     vocab_size: int | None = None) -> SpmTokenizer:
         """Load a llama2.c tokenizer.bin; vocab_size=None reads tokens until end of file."""
         path = Path(path)
         try:
@@ -218,42 +366,25 @@ class Tokenizer:
                 pieces[i] = pieces[i][1:-1]
         return cls(pieces, scores, None, bos_id=1, eos_id=2, unk_id=0, source=str(path))
 
-    # --- accessors ---------------------------------------------------------------------------
-
-    @property
-    def end_ids(self) -> frozenset[int]:
-        """Tokens that end a generation: end of text and, for chat models, end of turn (as
-        llama.cpp stops at any end-of-generation token)."""
-        return frozenset({self.eos_id} if self.eot_id is None else {self.eos_id, self.eot_id})
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self._texts)
-
-    def piece(self, token_id: int) -> str:
-        """The piece text as in the vocabulary, with "▁" for spaces (e.g. "▁the", "<0x0A>")."""
-        self._check_id(token_id)
-        return self._texts[token_id]
-
-    def piece_bytes(self, token_id: int) -> bytes:
-        """Raw bytes a token stands for: "▁" -> b" ", <0xXX> -> that byte, control/unk -> b""."""
-        self._check_id(token_id)
-        return self._bytes[token_id]
-
-    def token_type(self, token_id: int) -> TokenType:
-        self._check_id(token_id)
-        return self._types[token_id]
-
-    def _check_id(self, token_id: int) -> None:
-        # NOTE: a negative id would otherwise index from the end of the vocabulary.
-        if not 0 <= token_id < len(self._texts):
-            raise TokenizerError(f"token id {token_id} outside vocabulary of {len(self._texts)}")
-
     # --- encoding ----------------------------------------------------------------------------
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        """Token ids of `text`, identical to sentencepiece's encode (plus optional BOS/EOS)."""
-        ids = [self.bos_id] if bos else []
+    def encode(self, text: str, bos: bool = True, eos: bool = False,
+               special: bool = False) -> list[int]:
+        """Token ids of `text`: sentencepiece's encode (plus optional BOS/EOS). With `special`,
+        special-token texts become those tokens and every text fragment between them is
+        encoded on its own, with its own dummy prefix, as llama.cpp does."""
+        ids = [self.bos_id] if bos and self.add_bos else []
+        parts = self._split_special(text, control=True) if special else [text]
+        for part in parts:
+            if isinstance(part, int):
+                ids.append(part)
+            else:
+                self._encode_fragment(part, ids)
+        if eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def _encode_fragment(self, text: str, ids: list[int]) -> None:
         # sentencepiece adds no dummy prefix to an empty input.
         if text:
             text = SPACE + text.replace(" ", SPACE)
@@ -268,11 +399,8 @@ class Tokenizer:
                 self._encode_plain(text[start:], ids)
             if self._byte_ids is None:
                 # Without byte fallback sentencepiece collapses a run of unknowns into one.
-                ids = [t for k, t in enumerate(ids)
-                       if not (t == self.unk_id and k and ids[k - 1] == self.unk_id)]
-        if eos:
-            ids.append(self.eos_id)
-        return ids
+                ids[:] = [t for k, t in enumerate(ids)
+                          if not (t == self.unk_id and k and ids[k - 1] == self.unk_id)]
 
     def _encode_plain(self, text: str, out: list[int]) -> None:
         if not text:
@@ -361,7 +489,7 @@ class Tokenizer:
                 data = _REPLACEMENT
             out.extend(self._byte_ids[b] for b in data)
         else:
-            out.append(self.unk_id)
+            out.append(self._unk)
 
     # --- decoding ----------------------------------------------------------------------------
 
@@ -381,15 +509,6 @@ class Tokenizer:
         if at_start and data[0] == 0x20 and self._types[token_id] != TokenType.BYTE:
             data = data[1:]
         return data, False
-
-    def decode(self, ids: list[int]) -> str:
-        """Text of `ids`; invalid UTF-8 from byte tokens becomes U+FFFD."""
-        parts = []
-        at_start = True
-        for token_id in ids:
-            data, at_start = self._text_bytes(token_id, at_start)
-            parts.append(data)
-        return b"".join(parts).decode("utf-8", errors="replace")
 
 
 class StreamDecoder:

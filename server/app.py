@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
@@ -20,7 +20,7 @@ from .state import STATE, Model, ServerConfig, ServerState, load_model
 
 log = logging.getLogger("tiller.server")
 
-__all__ = ["Model", "ServerConfig", "create_app", "load_model"]
+__all__ = ["STATE", "Model", "ServerConfig", "create_app", "load_model"]
 
 
 def _start_runner(state: ServerState, model: Model) -> None:
@@ -31,35 +31,49 @@ def _start_runner(state: ServerState, model: Model) -> None:
     state.serve(model, runner)
 
 
-async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Load the model on a worker thread, then run the engine loop until the app stops."""
-    state = app[STATE]
-    loop = asyncio.get_running_loop()
+def _engine_ctx(on_load_error: Callable[[str], None] | None
+                ) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
+        """Load the model on a worker thread, then run the engine loop until the app stops."""
+        state = app[STATE]
+        loop = asyncio.get_running_loop()
 
-    async def load() -> None:
-        try:
-            model = await loop.run_in_executor(None, load_model, state.config)
-        except Exception as e:
-            state.load_error = f"model failed to load: {e}"
-            log.error("%s", state.load_error)
-            return
-        _start_runner(state, model)
-        log.info("model %s ready (%s, key %s)", model.name, model.engine.dtype, model.key[:16])
+        async def load() -> None:
+            path = str(state.config.model_path)
+            try:
+                model = await loop.run_in_executor(None, load_model, state.config)
+            except Exception as e:
+                message = str(e) if path in str(e) else f"{path}: {e}"
+                state.load_error = f"model failed to load: {message}"
+                log.error("%s", state.load_error)
+                if on_load_error is not None:
+                    on_load_error(state.load_error)
+                return
+            _start_runner(state, model)
+            log.info("model %s ready (%s, key %s)", model.name, model.engine.dtype,
+                     model.key[:16])
 
-    task = asyncio.create_task(load())
-    yield
-    task.cancel()
-    if state.runner is not None:
-        await loop.run_in_executor(None, state.runner.stop)
+        task = asyncio.create_task(load())
+        yield
+        task.cancel()
+        if state.runner is not None:
+            await loop.run_in_executor(None, state.runner.stop)
+
+    return engine_ctx
 
 
-def create_app(config: ServerConfig, *, model: Model | None = None) -> web.Application:
-    """The application; `model` skips loading (tests pass one already loaded)."""
+def create_app(config: ServerConfig, *, model: Model | None = None,
+               on_load_error: Callable[[str], None] | None = None) -> web.Application:
+    """The application; `model` skips loading (tests pass one already loaded).
+
+    on_load_error(message) is called on the event loop if the model fails to load (the CLI
+    stops serving); without it the server stays up and answers 503 with the message.
+    """
     app = web.Application(middlewares=MIDDLEWARES, client_max_size=config.max_body_bytes)
     state = ServerState.create(config)
     app[STATE] = state
     if model is None:
-        app.cleanup_ctx.append(_engine_ctx)
+        app.cleanup_ctx.append(_engine_ctx(on_load_error))
     else:
         async def given_model(app: web.Application) -> AsyncIterator[None]:
             _start_runner(state, model)

@@ -154,6 +154,28 @@ class SSE:
 
 # middlewares --------------------------------------------------------------------------------
 
+_ESCAPES = {"\\": "\\\\", "\r": "\\r", "\n": "\\n", "\t": "\\t"}
+
+
+def printable(text: str) -> str:
+    """Request-derived text for a log line, with control and other non-printing characters
+    (CR, LF, NUL, ESC, line separators, bidi overrides) as visible escapes, so that a request
+    cannot forge log lines or hide part of its own; backslashes are doubled, so that an escape
+    cannot be forged either. A path carries them percent-encoded: request.path is decoded."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    out = []
+    for ch in text:
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else
+                       f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out)
+
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -190,7 +212,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
+        log.exception("unhandled error in %s %s", printable(request.method),
+                      printable(request.path))
         return error_response(ApiError(500, "internal server error", "server_error"))
 
 
@@ -233,8 +256,8 @@ async def log_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         path = route.canonical if route is not None else "unmatched"
         tokens = request.get(TOKENS, "")
         request.app[STATE].metrics.count_request(path, status, seconds)
-        log.info("%s %s %d %s %.1fms", request.method, request.path, status,
-                 f"tokens={tokens}" if tokens != "" else "-", seconds * 1000)
+        log.info("%s %s %d %s %.1fms", printable(request.method), printable(request.path),
+                 status, f"tokens={tokens}" if tokens != "" else "-", seconds * 1000)
 
 
 MIDDLEWARES = [log_middleware, errors_middleware, auth_middleware]

@@ -111,10 +111,11 @@ def chat_prompt(model: Model, runner: Runner, body: ChatCompletionRequest) -> li
     except TypeError as e:  # a chat_template_kwargs key the template reserves
         raise ApiError(400, f"chat_template_kwargs: {e}", param="chat_template_kwargs") from e
     bos = model.chat_template.bos_token
-    # templates that write BOS themselves would get a second one from the tokenizer
+    # templates that write BOS themselves would get a second one from the tokenizer; the
+    # special tokens a template writes (<|im_start|>, ...) are tokens, as in llama.cpp
     text = text.removeprefix(bos) if bos else text
     check_text_length(model, runner, text, "messages")
-    return model.tokenizer.encode(text, bos=True)
+    return model.tokenizer.encode(text, bos=True, special=True)
 
 
 def llama_choice(model: Model, runner: Runner, body: LlamaCompletionRequest,
@@ -134,12 +135,11 @@ def llama_choice(model: Model, runner: Runner, body: LlamaCompletionRequest,
 
 def min_tokens(model: Model, text: str) -> int:
     """A lower bound of the tokens `text` encodes to (without BOS), from its length alone: with
-    byte fallback every token stands for at most `max_token_chars` characters of the text (plus
-    the one space sentencepiece puts in front)."""
+    byte fallback every token stands for at most `max_token_chars` characters of the text."""
     bound = model.max_token_chars
     if bound is None or not text:
         return 0
-    return -(-(len(text) + 1) // bound)
+    return -(-len(text) // bound)
 
 
 def check_text_length(model: Model, runner: Runner, text: str, field: str,
@@ -224,8 +224,9 @@ def sampling(temperature: float, top_p: float, top_k: int, min_p: float, seed: i
                               seed=seed, repetition_penalty=repetition_penalty,
                               frequency_penalty=frequency_penalty,
                               presence_penalty=presence_penalty, repeat_last_n=repeat_last_n)
-    except ValueError as e:
-        raise ApiError(400, str(e)) from e
+    except ValueError as e:  # the message starts with the field's name
+        field = str(e).split(" ", 1)[0]
+        raise ApiError(400, str(e), param=field if field.isidentifier() else None) from e
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:

@@ -16,7 +16,13 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator, model_validator
 
+from ..engine.sampling import PENALTY_RANGE, REPETITION_PENALTY_RANGE
+
 NonNegInt = Annotated[int, Field(ge=0)]
+# the engine's bounds (engine/sampling.py): within them no penalty can make a logit non-finite
+Penalty = Annotated[float, Field(ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1], allow_inf_nan=False)]
+RepetitionPenalty = Annotated[float, Field(ge=REPETITION_PENALTY_RANGE[0],
+                                           le=REPETITION_PENALTY_RANGE[1], allow_inf_nan=False)]
 TokenIds = Annotated[list[int], Field(min_length=1)]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 Prompt = str | TokenIds | Annotated[list[str | TokenIds], Field(min_length=1)]
@@ -52,9 +58,9 @@ class SamplingFields(_Body):
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: NonNegInt = 0
     min_p: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
-    repetition_penalty: float = Field(1.0, ge=0.01, le=10.0, allow_inf_nan=False)
+    frequency_penalty: Penalty = 0.0
+    presence_penalty: Penalty = 0.0
+    repetition_penalty: RepetitionPenalty = 1.0
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: Stop = None
     n: int = Field(1, ge=1, le=16)
@@ -109,10 +115,10 @@ class LlamaCompletionRequest(_Body):
     top_k: NonNegInt = 40
     top_p: float = Field(0.95, gt=0.0, le=1.0, allow_inf_nan=False)
     min_p: float = Field(0.05, ge=0.0, le=1.0, allow_inf_nan=False)
-    repeat_penalty: float = Field(1.0, ge=0.01, le=10.0, allow_inf_nan=False)
+    repeat_penalty: RepetitionPenalty = 1.0
     repeat_last_n: int = Field(64, ge=-1)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
     seed: int = Field(-1, ge=-1, lt=2**63)
     stop: list[str] = []
     stream: bool = False

@@ -6,6 +6,10 @@ GIL released), samples each sequence with its own Sampler, and posts TokenEvents
 `loop.call_soon_threadsafe`. Text (detokenizing, stop strings) is the handler's business:
 when it sees a stop string it calls `finish`, and a handler whose client went away calls
 `cancel`; either way the sequence's KV blocks are released before the next step.
+
+A request can fail only itself: a step that raises is run again in halves to find the request
+at fault, and a sequence whose sampling fails ends alone (`_run_chunks`); its handler gets the
+error in its Finished event and its KV blocks are released like any other's.
 """
 
 from __future__ import annotations
@@ -23,10 +27,10 @@ from typing import Literal
 
 import numpy as np
 
-from ..engine.engine import Engine, SeqRequest, Sequence, SteeringTerm
+from ..engine.engine import Engine, SeqRequest, SeqResult, Sequence, SteeringTerm
 from ..engine.kvcache import KV_BLOCK, blocks_for
 from ..engine.sampling import Sampler, SamplingParams, logprobs, top_logprobs
-from .scheduler import FinishReason, Plan, QueueFull, Request, Scheduler
+from .scheduler import Chunk, FinishReason, Plan, QueueFull, Request, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -236,58 +240,113 @@ class Runner:
                 generate_seconds=now - first, seed=job.sampler.seed, error=job.error))
 
     def _step(self, plan: Plan) -> None:
-        batch = []
-        for chunk in plan.chunks:
-            job: _Job = chunk.request.payload
-            assert job.sequence is not None  # released only when the request has finished
-            wants_all = job.gen.prompt_logprobs and chunk.request.prefilling
-            mode: Literal["last", "all", "none"] = (
-                "all" if wants_all else ("last" if chunk.sample else "none"))
-            prefilling = chunk.request.prefilling
-            batch.append(SeqRequest(job.sequence, chunk.tokens, logits=mode,
-                                    capture_layers=job.gen.capture_layers if prefilling else (),
-                                    capture_final=job.gen.capture_final and prefilling))
-        start = time.perf_counter()
-        results = self.engine.step(batch)
-        elapsed = time.perf_counter() - start
         sampled: dict[str, int] = {}
-        for chunk, result in zip(plan.chunks, results, strict=True):
-            request = chunk.request
-            job = request.payload
-            logits = result.logits
-            if result.captures is not None or result.final is not None:
-                self._post(job.handle, Captured(result.captures, result.final))
-            if job.gen.prompt_logprobs and request.prefilling:
-                assert logits is not None  # asked for "all"
-                self._prompt_logprobs(job, request, chunk, logits)
-                logits = logits[-1] if logits is not None else None
-            if not chunk.sample:
-                continue
-            assert logits is not None  # a sampled chunk asks for logits
-            token = job.sampler.sample(logits)
-            job.sampler.accept(token)
-            sampled[request.id] = token
-            if job.t_first is None:
-                job.t_first = time.perf_counter()
-            event = TokenEvent(token)
-            if job.gen.logprobs is not None:
-                event.logprob = float(logprobs(logits)[token])
-                event.top = top_logprobs(logits, job.gen.logprobs) if job.gen.logprobs else []
-            self._post(job.handle, event)
+        failed: dict[str, str] = {}  # request id -> what went wrong, for its handler
+        elapsed = self._run_chunks(plan.chunks, sampled, failed)
         s = self.stats
         s.steps += 1
         s.step_seconds += elapsed
         s.last_step_seconds = elapsed
         s.batch_sizes[len(plan.chunks)] += 1
-        s.prompt_tokens += sum(len(c.tokens) for c in plan.chunks if c.request.prefilling)
+        s.prompt_tokens += sum(len(c.tokens) for c in plan.chunks
+                               if c.request.prefilling and c.request.id not in failed)
         s.generated_tokens += len(sampled)
         if self.on_step is not None:
             self.on_step(elapsed, len(plan.chunks))
         with self._lock:
+            for request_id, error in failed.items():  # ended before update, which skips them
+                request = self.scheduler.get(request_id)
+                if request is not None:  # not stopped or cancelled meanwhile
+                    request.payload.error = error
+                    self.scheduler.finish(request_id, FinishReason.ERROR)
             self.scheduler.update(plan, sampled)
 
-    def _prompt_logprobs(self, job: _Job, request: Request, chunk, logits: np.ndarray) -> None:
-        """Logits at prompt position i score prompt token i + 1."""
+    def _run_chunks(self, chunks: list[Chunk], sampled: dict[str, int],
+                    failed: dict[str, str]) -> float:
+        """Run chunks as one engine step and take each one's results; returns the seconds spent
+        in the engine.
+
+        One request must never fail another. If the step raises, its two halves are run again
+        as steps of their own, down to single chunks, and only a chunk that fails alone fails
+        its request: a failed step changes no sequence (Engine.step's docstring says why), so
+        running the same chunks again is safe and gives the same bits (batch invariance). If
+        sampling one sequence raises (NaN or +inf logits, say), that request alone fails.
+        """
+        batch = [self._seq_request(chunk) for chunk in chunks]
+        start = time.perf_counter()
+        try:
+            results = self.engine.step(batch)
+        except Exception as e:
+            elapsed = time.perf_counter() - start
+            if len(chunks) == 1:
+                log.exception("engine step failed for %s", chunks[0].request.id)
+                failed[chunks[0].request.id] = f"the engine step failed for this request: {e}"
+                return elapsed
+            log.warning("engine step of %d sequences failed (%s): running it again in halves "
+                        "to find the request at fault", len(chunks), e)
+            results = None
+        if results is None:  # outside the except: the halves' errors are their own
+            half = len(chunks) // 2
+            return (elapsed + self._run_chunks(chunks[:half], sampled, failed)
+                    + self._run_chunks(chunks[half:], sampled, failed))
+        elapsed = time.perf_counter() - start
+        for chunk, result in zip(chunks, results, strict=True):
+            try:
+                token = self._take(chunk, result)
+            except Exception as e:
+                log.exception("sampling failed for %s", chunk.request.id)
+                failed[chunk.request.id] = f"sampling this request failed: {e}"
+                continue
+            if token is not None:
+                sampled[chunk.request.id] = token
+        return elapsed
+
+    def _seq_request(self, chunk: Chunk) -> SeqRequest:
+        job: _Job = chunk.request.payload
+        assert job.sequence is not None  # released only when the request has finished
+        prefilling = chunk.request.prefilling
+        mode: Literal["last", "all", "none"] = (
+            "all" if job.gen.prompt_logprobs and prefilling else
+            ("last" if chunk.sample else "none"))
+        return SeqRequest(job.sequence, chunk.tokens, logits=mode,
+                          capture_layers=job.gen.capture_layers if prefilling else (),
+                          capture_final=job.gen.capture_final and prefilling)
+
+    def _take(self, chunk: Chunk, result: SeqResult) -> int | None:
+        """A chunk's results: its captures and prompt logprobs, then its sampled token (None if
+        the chunk samples none). Events are posted only once all of them have been computed."""
+        request = chunk.request
+        job: _Job = request.payload
+        events: list[object] = []
+        logits = result.logits
+        if result.captures is not None or result.final is not None:
+            events.append(Captured(result.captures, result.final))
+        if job.gen.prompt_logprobs and request.prefilling:
+            assert logits is not None  # asked for "all"
+            done = self._prompt_logprobs(job, request, chunk, logits)
+            if done is not None:
+                events.append(done)
+            logits = logits[-1]
+        token = None
+        if chunk.sample:
+            assert logits is not None  # a sampled chunk asks for logits
+            token = job.sampler.sample(logits)  # raises on NaN or +inf logits
+            job.sampler.accept(token)
+            sampled = TokenEvent(token)
+            if job.gen.logprobs is not None:
+                sampled.logprob = float(logprobs(logits)[token])
+                sampled.top = top_logprobs(logits, job.gen.logprobs) if job.gen.logprobs else []
+            events.append(sampled)
+            if job.t_first is None:
+                job.t_first = time.perf_counter()
+        for event in events:
+            self._post(job.handle, event)
+        return token
+
+    def _prompt_logprobs(self, job: _Job, request: Request, chunk: Chunk, logits: np.ndarray
+                         ) -> PromptLogprobs | None:
+        """Logits at prompt position i score prompt token i + 1; the whole prompt's logprobs
+        once its last chunk has run."""
         start = request.computed
         if start == 0:
             job.prompt_lp.append(None)
@@ -301,10 +360,12 @@ class Runner:
             n = job.gen.logprobs or 0
             job.prompt_top.append(top_logprobs(logits[i], n) if n else [])
         if start + len(chunk.tokens) >= len(request.prompt):
-            self._post(job.handle, PromptLogprobs(job.prompt_lp, job.prompt_top))
+            return PromptLogprobs(job.prompt_lp, job.prompt_top)
+        return None
 
     def _fail(self, plan: Plan, error: Exception) -> None:
-        """End the step's requests with the error; _release tells their handlers."""
+        """End the step's requests with the error; _release tells their handlers. The last
+        resort, for a failure outside any one request's part of the step (a bug)."""
         with self._lock:
             for chunk in plan.chunks:
                 chunk.request.payload.error = f"engine step failed: {error}"

@@ -24,7 +24,7 @@ from ..engine.engine import Engine, SeqRequest
 from ..engine.identity import model_key, model_uuid
 from ..engine.loader import load_checkpoint, load_tokenizer
 from ..engine.paths import cache_root
-from ..engine.tokenizer import Tokenizer, TokenType
+from ..engine.tokenizer import SpmTokenizer, Tokenizer, TokenType
 from .chat import ChatTemplate
 from .errors import ApiError
 from .metrics import Metrics
@@ -78,7 +78,10 @@ class Model:
 
 def token_chars_bound(tokenizer: Tokenizer) -> int | None:
     """The longest piece in characters ("▁" stands for one space, a byte piece for at most one
-    character), if every character of a text is covered by pieces (byte fallback)."""
+    character), for a sentencepiece vocabulary with byte fallback: there every character of a
+    text is covered by pieces. (Other vocabularies are tokenized off the loop, unbounded.)"""
+    if not isinstance(tokenizer, SpmTokenizer):
+        return None
     types = [tokenizer.token_type(i) for i in range(tokenizer.vocab_size)]
     if types.count(TokenType.BYTE) < 256:
         return None

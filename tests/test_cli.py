@@ -1,13 +1,16 @@
-"""`tiller generate` as a user runs it: a real process, real files, exit codes and messages."""
+"""`tiller generate` and `tiller serve` as a user runs them: a real process, real files, exit
+codes and messages."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from tests.live_server import free_port
 from tests.test_real_model import GOLDEN
 
 
@@ -17,9 +20,9 @@ def tiller(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[s
 
 
 def test_generate_streams_prompt_then_completion(shared_models):
-    from tiller.engine.tokenizer import Tokenizer
+    from tiller.engine.tokenizer import SpmTokenizer
 
-    tok = Tokenizer.from_llama2c(shared_models / "tok512.bin", vocab_size=512)
+    tok = SpmTokenizer.from_llama2c(shared_models / "tok512.bin", vocab_size=512)
     result = tiller("generate", "--model", str(shared_models / "stories260K.bin"),
                     "--tokenizer", str(shared_models / "tok512.bin"), "--prompt",
                     "Once upon a time", "--temperature", "0", "--max-tokens", "40",
@@ -65,7 +68,7 @@ def test_steer_and_features(tmp_path, shared_models):
     import numpy as np
     from tiller.engine.engine import Engine
     from tiller.engine.steering import build_actadd
-    from tiller.engine.tokenizer import Tokenizer
+    from tiller.engine.tokenizer import SpmTokenizer
 
     from tests.reference import load_v0_legacy, reference_forward
 
@@ -74,7 +77,7 @@ def test_steer_and_features(tmp_path, shared_models):
     result = tiller("steer", *common, "--add", "dog", "--sub", "cat", "--layer", "2",
                     "--out", str(tmp_path / "v.npy"))
     assert result.returncode == 0, result.stderr
-    tok = Tokenizer.from_llama2c(tok_path, vocab_size=512)
+    tok = SpmTokenizer.from_llama2c(tok_path, vocab_size=512)
     want = build_actadd(Engine.load(model, dtype="f32"), tok, "dog", "cat", 2)
     np.testing.assert_allclose(np.load(tmp_path / "v.npy"), want, atol=1e-6)
     (tmp_path / "pos.txt").write_text("a happy dog\nthe dog ran\n")
@@ -97,3 +100,19 @@ def test_steer_and_features(tmp_path, shared_models):
     assert list(data["layers"]) == [0, 4]
     result = tiller("steer", *common, "--method", "mean", "--out", str(tmp_path / "x.gguf"))
     assert result.returncode == 2 and "--positive" in result.stderr
+
+
+@pytest.mark.parametrize("content", [b"ak42" + b"\x00" * 20, b"\x10\x00\x00\x00" * 7])
+def test_serve_exits_when_the_model_cannot_be_loaded(tmp_path, shared_models, content):
+    bad = tmp_path / "broken.bin"
+    bad.write_bytes(content)
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "tiller", "serve", "--model", str(bad), "--tokenizer",
+         str(shared_models / "tok512.bin"), "--port", str(free_port())],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 2, result.stderr
+    assert time.monotonic() - started < 120
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("tiller: error: model failed to load:") and str(bad) in last
+    assert "Traceback" not in result.stderr

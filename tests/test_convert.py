@@ -18,7 +18,7 @@ from tiller.engine.identity import model_key, model_uuid
 from tiller.engine.llama2c import CheckpointError, load_llama2c, random_tensors, write_llama2c
 from tiller.engine.quant import QTensor, quantize_q8_0
 from tiller.engine.sampling import SamplingParams
-from tiller.engine.tokenizer import Tokenizer, TokenizerError
+from tiller.engine.tokenizer import SpmTokenizer, TokenizerError
 from tiller.engine.weights import build_weights
 
 from tests.test_gguf import write_gguf
@@ -51,7 +51,7 @@ def greedy(engine: Engine, prompt: list[int], n: int = 40) -> list[int]:
 
 
 def test_f32_gives_the_originals_logits_and_greedy_tokens(stories):
-    tok = Tokenizer.from_llama2c(stories["tok"], vocab_size=512)
+    tok = SpmTokenizer.from_llama2c(stories["tok"], vocab_size=512)
     prompt = tok.encode(PROMPT)
     original = Engine.load(stories["src"], dtype="f32")
     converted = Engine.load(stories["f32"], dtype="f32")
@@ -83,7 +83,7 @@ def test_q8_0_keeps_our_int8_and_differs_from_our_path_only_by_fp16_scales(stori
             assert np.array_equal(got.values, ours.values), name
             assert np.array_equal(got.scales, ours.scales.astype(np.float16).astype(np.float32))
             rebuilt[name] = got
-    tok = Tokenizer.from_llama2c(stories["tok"], vocab_size=512)
+    tok = SpmTokenizer.from_llama2c(stories["tok"], vocab_size=512)
     text = tok.encode(PROMPT) + greedy(Engine.load(stories["src"], dtype="q8_0"),
                                        tok.encode(PROMPT))
     config = original.config
@@ -99,7 +99,7 @@ def test_q8_0_keeps_our_int8_and_differs_from_our_path_only_by_fp16_scales(stori
 
 
 def test_the_embedded_tokenizer_is_tok512(stories):
-    want = Tokenizer.from_llama2c(stories["tok"], vocab_size=512)
+    want = SpmTokenizer.from_llama2c(stories["tok"], vocab_size=512)
     for t in OUT_TYPES:
         got = load_gguf_tokenizer(stories[t])
         assert [got.piece(i) for i in range(512)] == [want.piece(i) for i in range(512)]
@@ -245,7 +245,7 @@ def test_a_gguf_vocabulary_for_a_llama2c_model(shared_models, tmp_path):
             cache=tmp_path)
     out = convert(shared_models / "stories260K.bin", tmp_path / "out.gguf", "f32", vocab,
                   cache=tmp_path)
-    want = Tokenizer.from_llama2c(shared_models / "tok512.bin", vocab_size=512)
+    want = SpmTokenizer.from_llama2c(shared_models / "tok512.bin", vocab_size=512)
     assert load_gguf_tokenizer(out.path).encode(TEXTS[0]) == want.encode(TEXTS[0])
 
 

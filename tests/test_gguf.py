@@ -13,13 +13,14 @@ import gguf
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
+from tiller.engine.bpe import BpeTokenizer
 from tiller.engine.config import ModelConfig
 from tiller.engine.engine import Engine
 from tiller.engine.gguf import load_gguf, load_gguf_tokenizer, read_gguf
 from tiller.engine.llama2c import CheckpointError, load_llama2c, random_tensors, write_llama2c
 from tiller.engine.loader import load_checkpoint
 from tiller.engine.quant import QTensor
-from tiller.engine.tokenizer import Tokenizer, TokenizerError
+from tiller.engine.tokenizer import SpmTokenizer, TokenizerError
 from tiller.engine.weights import build_weights, dequantized
 
 import tests.reference as reference
@@ -264,10 +265,11 @@ def test_spm_vocabulary_reproduces_llama_cpp_test_vectors(shared_models):
         load_gguf(path)  # vocabulary only
 
 
-def test_gpt2_vocabulary_is_refused_clearly(shared_models):
-    path = shared_models / "vocab" / "ggml-vocab-gpt-2.gguf"
-    with pytest.raises(TokenizerError, match="byte-level BPE vocabularies are not supported yet"):
-        load_gguf_tokenizer(path)
+def test_gpt2_vocabulary_is_byte_level_bpe(shared_models):
+    # (its tokenization is checked in tests/test_bpe.py)
+    tok = load_gguf_tokenizer(shared_models / "vocab" / "ggml-vocab-gpt-2.gguf")
+    assert isinstance(tok, BpeTokenizer) and tok.pre == "gpt-2"
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.add_bos) == (50257, 50256, 50256, False)
 
 
 def test_model_vocabulary_and_metadata(tmp_path):
@@ -331,7 +333,7 @@ def read_tokenizer_bin(path: Path) -> list[float]:
 def test_stories260k_as_gguf_gives_the_same_logits_and_tokens(shared_models, tmp_path):
     original = load_llama2c(shared_models / "stories260K.bin")
     config = original.config
-    tok = Tokenizer.from_llama2c(shared_models / "tok512.bin", vocab_size=config.vocab_size)
+    tok = SpmTokenizer.from_llama2c(shared_models / "tok512.bin", vocab_size=config.vocab_size)
     w = gguf.GGUFWriter(tmp_path / "s.gguf", "llama")
     for add, value in ((w.add_context_length, config.max_seq_len),
                        (w.add_embedding_length, config.dim),

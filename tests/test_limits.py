@@ -18,9 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from tiller.engine.cvec import ControlVector, write_control_vector
+from tiller.engine.engine import MAX_STEERING_NORM
 from tiller.server.app import ServerConfig, create_app, load_model
-from tiller.server.features_routes import embd_normalize
-from tiller.server.http import MAX_JSON_DEPTH, json_depth
+from tiller.server.errors import ApiError
+from tiller.server.features_routes import check_finite, embd_normalize
+from tiller.server.http import MAX_JSON_DEPTH, encode_json, json_depth
 
 MIB = 1024 * 1024
 BUDGET = 100_000  # --max-feature-values of these tests: stories260K is 64 wide
@@ -352,25 +354,45 @@ async def test_as_many_sequences_as_the_server_holds_run(client):
 # JSON bodies are JSON ----------------------------------------------------------------------------
 
 
-@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the point of it
-async def test_overflowing_steering_is_a_400_not_nan(client, model, tmp_path):
+async def test_steering_at_the_engines_bound_still_answers_json(client, model, tmp_path):
+    """The strongest steering the engine admits (MAX_STEERING_NORM) gives finite JSON or a 400
+    naming `steering` -- never a bare NaN or Infinity in a 200."""
     config = model.engine.config
-    path = tmp_path / "huge.gguf"
-    directions = {layer: np.full(config.dim, 3e38, np.float32)
-                  for layer in range(2, config.n_layers + 1)}
+    path = tmp_path / "strong.gguf"
+    layers = range(2, config.n_layers + 1)
+    value = 0.9 * MAX_STEERING_NORM / (len(layers) * config.dim ** 0.5)
+    directions = {layer: np.full(config.dim, value, np.float32) for layer in layers}
     write_control_vector(path, ControlVector(directions, "llama"), config.n_layers)
     response = await client.post("/v1/steering/import", data=path.read_bytes())
     assert response.status == 200, await response.text()
-    vid = (await response.json())["id"]
-    steering = [{"vector": vid, "scale": 1e4}]
+    steering = [{"vector": (await response.json())["id"]}]
     for route, body in (("/v1/features", {"input": "Once", "steering": steering}),
                         ("/v1/embeddings", {"input": "Once", "steering": steering}),
-                        ("/embedding", {"content": "Once", "pooling": "mean",
+                        ("/embedding", {"content": "Once", "pooling": "none",
                                         "steering": steering})):
         response = await client.post(route, json=body)
-        error = strict_json(await response.text())["error"]  # type: ignore[index]
-        assert response.status == 400 and error["param"] == "steering", (route, error)
-        assert error["code"] == "non_finite_result"
+        payload = strict_json(await response.text())  # fails on a bare NaN or Infinity
+        if response.status != 200:
+            assert response.status == 400, (route, payload)
+            assert payload["error"]["param"] == "steering", (route, payload)  # type: ignore
+
+
+def test_non_finite_states_are_a_400_naming_the_steering():
+    finite = np.ones((2, 3), np.float32)
+    check_finite([finite], ())
+    with pytest.raises(ApiError) as e:
+        check_finite([finite, np.array([1.0, np.nan], np.float32)], (object(),))  # type: ignore
+    assert e.value.status == 400 and e.value.param == "steering"
+    assert e.value.code == "non_finite_result"
+    with pytest.raises(ApiError) as e:  # unsteered states that overflow are the server's fault
+        check_finite([np.array([np.inf], np.float32)], ())
+    assert e.value.status == 500
+
+
+def test_json_bodies_refuse_non_finite_numbers():
+    with pytest.raises(ApiError) as e:
+        encode_json({"x": [1.0, float("nan")]})
+    assert e.value.status == 500 and e.value.code == "non_finite_result"
 
 
 @pytest.mark.parametrize("p", [0, 1, 2, 3, 7, 1000])

@@ -10,7 +10,7 @@ from tiller.engine.engine import Engine, SeqRequest
 from tiller.engine.generate import generate
 from tiller.engine.llama2c import FORMATS, load_llama2c, write_llama2c
 from tiller.engine.sampling import SamplingParams
-from tiller.engine.tokenizer import Tokenizer
+from tiller.engine.tokenizer import SpmTokenizer, Tokenizer
 from tiller.engine.weights import build_weights
 
 from tests.reference import load_v0_legacy, reference_forward
@@ -51,7 +51,7 @@ def model_path(shared_models: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer(shared_models: Path) -> Tokenizer:
-    return Tokenizer.from_llama2c(shared_models / "tok512.bin", vocab_size=512)
+    return SpmTokenizer.from_llama2c(shared_models / "tok512.bin", vocab_size=512)
 
 
 def greedy(engine: Engine, prompt: list[int], n: int) -> list[int]:

@@ -398,6 +398,48 @@ async def test_a_gguf_model_brings_its_tokenizer_and_chat_template(aiohttp_clien
     assert models["data"][0]["id"] == "model.gguf"
 
 
+async def test_a_gguf_model_with_a_byte_level_bpe_vocabulary(aiohttp_client, tmp_path):
+    """A Llama model whose GGUF vocabulary is byte-level BPE (as Llama 3 and Qwen 2 ship):
+    special tokens in the rendered chat prompt are tokens (all of it, as in llama.cpp), in a
+    completion prompt or /tokenize they are plain text."""
+    import gguf
+    from tiller.engine.bpe import BYTE_TO_CHAR, BpeTokenizer
+    from tiller.engine.config import ModelConfig
+    from tiller.engine.llama2c import random_tensors
+    from tiller.engine.loader import load_tokenizer
+
+    from tests.test_gguf import write_gguf
+
+    tokens = [*BYTE_TO_CHAR, "ab", "Ġab", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    types = [1] * 258 + [3] * 3
+    cfg = ModelConfig(dim=64, hidden_dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
+                      vocab_size=len(tokens), max_seq_len=64)
+    S, A = gguf.GGUFValueType.STRING, gguf.GGUFValueType.ARRAY
+    kv = {"tokenizer.ggml.model": (S, "gpt2"), "tokenizer.ggml.pre": (S, "qwen2"),
+          "tokenizer.ggml.tokens": (A, tokens), "tokenizer.ggml.token_type": (A, types),
+          "tokenizer.ggml.merges": (A, ["a b", "Ġ ab"]),
+          "tokenizer.ggml.bos_token_id": (gguf.GGUFValueType.UINT32, 258),
+          "tokenizer.ggml.eos_token_id": (gguf.GGUFValueType.UINT32, 260)}
+    path = write_gguf(tmp_path / "model.gguf", cfg, random_tensors(cfg, seed=2), kv=kv,
+                      tokenizer=False)
+    tok = load_tokenizer(path)
+    assert isinstance(tok, BpeTokenizer) and not tok.add_bos and tok.end_ids == {260}
+    config = ServerConfig(model_path=path, parallel=2, token_budget=32,
+                          steering_dir=tmp_path / "steering")
+    client = await aiohttp_client(create_app(config, model=load_model(config)))
+    body = await post(client, "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "ab <|im_end|>"}], "max_tokens": 3,
+        "temperature": 0})
+    prompt = "<|im_start|>user\nab <|im_end|><|im_end|>\n<|im_start|>assistant\n"
+    assert body["usage"]["prompt_tokens"] == len(tok.encode(prompt, special=True))
+    tokenized = await post(client, "/tokenize", {"content": "ab ab<|im_end|>"})
+    assert tokenized["tokens"] == [256, 257] + [ord(c) for c in "<|im_end|>"]
+    assert (await post(client, "/detokenize", {"tokens": [256, 257, 260]}))["content"] == "ab ab"
+    body = await post(client, "/v1/completions", {"prompt": "é ab", "max_tokens": 4,
+                                                  "temperature": 0, "echo": True})
+    assert body["choices"][0]["text"].startswith("é ab")
+
+
 async def test_chat_logprobs(client, model):
     body = await post(client, "/v1/chat/completions", {
         "messages": [{"role": "user", "content": "Once"}], "max_tokens": 4, "temperature": 0,

@@ -13,7 +13,7 @@ from tiller.engine.steering import (
     control_terms,
     newline_token,
 )
-from tiller.engine.tokenizer import Tokenizer
+from tiller.engine.tokenizer import SpmTokenizer
 
 from tests.reference import load_v0_legacy, reference_forward
 
@@ -22,7 +22,7 @@ from tests.reference import load_v0_legacy, reference_forward
 def model(shared_models):
     path = shared_models / "stories260K.bin"
     engine = Engine.load(path, dtype="f32", max_tokens=64)
-    tok = Tokenizer.from_llama2c(shared_models / "tok512.bin", vocab_size=512)
+    tok = SpmTokenizer.from_llama2c(shared_models / "tok512.bin", vocab_size=512)
     config, weights = load_v0_legacy(path)
     return engine, tok, config, weights
 

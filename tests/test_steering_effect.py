@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 from tiller.engine.sampling import SamplingParams
-from tiller.engine.tokenizer import Tokenizer
+from tiller.engine.tokenizer import SpmTokenizer
 
 from bench.steering_effect import (
     PROMPT,
@@ -28,7 +28,7 @@ PARAMS = SamplingParams(temperature=0.8)
 
 @pytest.fixture(scope="module")
 def model(shared_models):
-    tok = Tokenizer.from_llama2c(shared_models / "tok512.bin", vocab_size=512)
+    tok = SpmTokenizer.from_llama2c(shared_models / "tok512.bin", vocab_size=512)
     engine = engine_for(shared_models / "stories260K.bin", 3 * len(SEEDS),
                         len(tok.encode(PROMPT, bos=True)), TOKENS)
     return engine, tok

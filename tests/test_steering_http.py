@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from tiller.engine.engine import Engine
 from tiller.engine.steering import build_actadd, build_control
-from tiller.engine.tokenizer import Tokenizer
+from tiller.engine.tokenizer import SpmTokenizer
 from tiller.server.app import ServerConfig, create_app, load_model
 from tiller.server.steering_dir import DirectoryStore
 from tiller.server.steering_store import SteeringVector, vector_id
@@ -42,7 +42,7 @@ async def client(aiohttp_client, config, model):
 def offline(shared_models):
     """The same model outside the server, for independent builds of the same vectors."""
     engine = Engine.load(shared_models / "stories260K.bin", dtype="f32", max_tokens=64)
-    return engine, Tokenizer.from_llama2c(shared_models / "tok512.bin", vocab_size=512)
+    return engine, SpmTokenizer.from_llama2c(shared_models / "tok512.bin", vocab_size=512)
 
 
 async def npy(client, vid: str) -> np.ndarray:

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tiller.engine.tokenizer import SPACE, StreamDecoder, Tokenizer
+from tiller.engine.tokenizer import SPACE, SpmTokenizer, StreamDecoder, Tokenizer
 from tiller.server.textstream import MAX_STOP, Delta, TextStream, normalize_stop
 
 # --- a tiny in-memory vocabulary -------------------------------------------------------------
@@ -21,7 +21,7 @@ WORDS = ["a", "b", "c", "d", "ab", "abc", "abcd", "ba", "aab", "Hi", SPACE + "th
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
     pieces = ["<unk>", "<s>", "</s>"] + BYTES + WORDS
-    return Tokenizer([p.encode() for p in pieces], [0.0] * len(pieces))
+    return SpmTokenizer([p.encode() for p in pieces], [0.0] * len(pieces))
 
 
 def ids(tok: Tokenizer, *pieces: str) -> list[int]:
@@ -238,7 +238,7 @@ def test_random_sequences_tiny_vocab(tok: Tokenizer) -> None:
 @pytest.mark.parametrize("name, vocab_size", [("tok512.bin", 512),
                                               ("llama2-tokenizer.bin", 32000)])
 def test_random_sequences_real_vocab(shared_models: Path, name: str, vocab_size: int) -> None:
-    real = Tokenizer.from_llama2c(shared_models / name, vocab_size=vocab_size)
+    real = SpmTokenizer.from_llama2c(shared_models / name, vocab_size=vocab_size)
     rng = random.Random(vocab_size)
     text = "Once upon a time, Lily said: \"Stop!\" 🦙 naïve 猫.\nThe end.</s> ###"
     encoded = real.encode(text, bos=False)
@@ -272,7 +272,7 @@ def test_normalize_stop_accepts() -> None:
     assert normalize_stop("###") == ("###",)
     assert normalize_stop(["a", "b", "a"]) == ("a", "b")
     assert len(normalize_stop([str(i) for i in range(MAX_STOP)])) == MAX_STOP
-    assert TextStream(Tokenizer([b"<unk>", b"<s>", b"</s>"], [0.0] * 3), "ab").stop == ("ab",)
+    assert TextStream(SpmTokenizer([b"<unk>", b"<s>", b"</s>"], [0.0] * 3), "ab").stop == ("ab",)
 
 
 @pytest.mark.parametrize("stop, message", [
@@ -287,4 +287,4 @@ def test_normalize_stop_rejects(stop: object, message: str) -> None:
         normalize_stop(stop)  # type: ignore[arg-type]
     if not isinstance(stop, int):
         with pytest.raises(ValueError, match=message):
-            TextStream(Tokenizer([b"<unk>", b"<s>", b"</s>"], [0.0] * 3), stop)  # type: ignore
+            TextStream(SpmTokenizer([b"<unk>", b"<s>", b"</s>"], [0.0] * 3), stop)  # type: ignore

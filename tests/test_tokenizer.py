@@ -8,7 +8,14 @@ import time
 from pathlib import Path
 
 import pytest
-from tiller.engine.tokenizer import SPACE, StreamDecoder, Tokenizer, TokenizerError, TokenType
+from tiller.engine.tokenizer import (
+    SPACE,
+    SpmTokenizer,
+    StreamDecoder,
+    Tokenizer,
+    TokenizerError,
+    TokenType,
+)
 
 # --- a tiny synthetic vocabulary ------------------------------------------------------------
 
@@ -20,7 +27,7 @@ def tiny(extra: list[tuple[str, float]], byte_fallback: bool = True,
     """<unk> <s> </s> [<0x00>..<0xFF>] then `extra` (piece, score) pairs."""
     pieces = ["<unk>", "<s>", "</s>"] + (BYTES if byte_fallback else []) + [p for p, _ in extra]
     scores = [0.0] * (len(pieces) - len(extra)) + [s for _, s in extra]
-    return Tokenizer([p.encode() for p in pieces], scores, types)
+    return SpmTokenizer([p.encode() for p in pieces], scores, types)
 
 
 def pieces_of(tok: Tokenizer, ids: list[int]) -> list[str]:
@@ -77,6 +84,17 @@ def test_byte_fallback_and_unknown() -> None:
 def test_control_pieces_are_never_merged() -> None:
     tok = tiny(BASE + [("<", -1.0), ("s", -1.0), (">", -1.0), ("<s", -1.0)])
     assert pieces_of(tok, tok.encode("<s>", bos=False)) == [SPACE, "<s", ">"]
+
+
+def test_special_pieces_parse_only_when_allowed() -> None:
+    tok = tiny(BASE)
+    # llama.cpp's parse_special: each text fragment after a special token gets its own prefix
+    assert tok.encode("a</s>a", bos=False, special=True) == (
+        tok.encode("a", bos=False) + [tok.eos_id] + tok.encode("a", bos=False))
+    assert tok.encode("<s>a", special=True) == [tok.bos_id, tok.bos_id] + tok.encode("a", bos=False)
+    plain = tok.encode("a</s>a", bos=False)
+    assert tok.eos_id not in plain and tok.decode(plain) == "a</s>a"
+    assert SpmTokenizer([b"<unk>", b"<s>", b"</s>"], [0.0] * 3, add_bos=False).encode("") == []
 
 
 def test_user_defined_and_unused_pieces() -> None:
@@ -165,13 +183,13 @@ def test_constructor_validates(kwargs: dict, message: str) -> None:
     args = {"pieces": [b"<unk>", b"<s>", b"x"], "scores": [0.0] * 3, "token_types": None,
             "bos_id": 1, "eos_id": 1} | kwargs
     with pytest.raises(TokenizerError, match=message):
-        Tokenizer(**args)
+        SpmTokenizer(**args)
 
 
 def test_end_ids_are_eos_and_eot() -> None:
     pieces = [b"<unk>", b"<s>", b"</s>", b"<|im_end|>"]
-    assert Tokenizer(pieces, [0.0] * 4).end_ids == {2}
-    assert Tokenizer(pieces, [0.0] * 4, eot_id=3).end_ids == {2, 3}
+    assert SpmTokenizer(pieces, [0.0] * 4).end_ids == {2}
+    assert SpmTokenizer(pieces, [0.0] * 4, eot_id=3).end_ids == {2, 3}
 
 
 # --- llama2.c tokenizer.bin files -----------------------------------------------------------
@@ -191,8 +209,8 @@ SMALL = [b"<unk>", b"\n<s>\n", b"\n</s>\n", b" ", b"a", b"b", b" a", b"ab"]
 def test_from_llama2c_synthetic(tmp_path: Path) -> None:
     path = tmp_path / "tok.bin"
     path.write_bytes(llama2c_bytes(SMALL, [0, 0, 0, -5, -6, -7, -1, -2]))
-    tok = Tokenizer.from_llama2c(path)
-    assert tok.vocab_size == 8 == Tokenizer.from_llama2c(path, vocab_size=8).vocab_size
+    tok = SpmTokenizer.from_llama2c(path)
+    assert tok.vocab_size == 8 == SpmTokenizer.from_llama2c(path, vocab_size=8).vocab_size
     assert tok.piece(1) == "<s>" and tok.piece(6) == SPACE + "a"
     assert tok.encode("ab a") == [1, 6, 5, 6]
     assert tok.decode(tok.encode("ab a")) == "ab a"
@@ -230,19 +248,19 @@ def test_bad_llama2c_files(tmp_path: Path, name: str) -> None:
     path = tmp_path / "bad.bin"
     path.write_bytes(data)
     with pytest.raises(TokenizerError, match=message) as info:
-        Tokenizer.from_llama2c(path, vocab_size)
+        SpmTokenizer.from_llama2c(path, vocab_size)
     assert str(path) in str(info.value)
 
 
 def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "nope.bin"
     with pytest.raises(TokenizerError, match="cannot read") as info:
-        Tokenizer.from_llama2c(path)
+        SpmTokenizer.from_llama2c(path)
     assert str(path) in str(info.value)
 
 
 def test_tok512_round_trips(shared_models: Path) -> None:
-    tok = Tokenizer.from_llama2c(shared_models / "tok512.bin", vocab_size=512)
+    tok = SpmTokenizer.from_llama2c(shared_models / "tok512.bin", vocab_size=512)
     assert tok.vocab_size == 512 and tok.piece(1) == "<s>" and tok.piece(3) == "<0x00>"
     ids = tok.encode("Once upon a time")
     assert ids[0] == tok.bos_id and tok.decode(ids) == "Once upon a time"
@@ -255,7 +273,7 @@ def test_tok512_round_trips(shared_models: Path) -> None:
 
 @pytest.fixture(scope="module")
 def llama(shared_models: Path) -> Tokenizer:
-    return Tokenizer.from_llama2c(shared_models / "llama2-tokenizer.bin", vocab_size=32000)
+    return SpmTokenizer.from_llama2c(shared_models / "llama2-tokenizer.bin", vocab_size=32000)
 
 
 @pytest.fixture(scope="module")

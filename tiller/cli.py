@@ -238,7 +238,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from .server.app import ServerConfig, create_app
+    from .server.app import STATE, ServerConfig, create_app
 
     for name in ("parallel", "max_queue", "batch_tokens", "port", "max_feature_values",
                  "workers"):
@@ -258,10 +258,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           max_feature_values=args.max_feature_values, workers=args.workers)
     if config.max_body_bytes < 1024:
         raise ValueError("--max-body-mb must allow at least 1 KiB")
-    web.run_app(create_app(config), host=args.host, port=args.port, access_log=None,
+    app = create_app(config, on_load_error=_stop_serving)
+    web.run_app(app, host=args.host, port=args.port, access_log=None,
                 handler_cancellation=True, shutdown_timeout=10,
                 print=lambda msg: logging.getLogger("tiller.server").info("%s", msg))
+    error = app[STATE].load_error
+    if error is not None:  # a server without its model would answer 503 for ever
+        print(f"tiller: error: {error}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _stop_serving(message: str) -> None:
+    """Make web.run_app shut the server down, as it does on SIGTERM: its signal handler raises
+    GracefulExit from a loop callback, which the loop lets through and run_app catches."""
+    import asyncio
+
+    from aiohttp import web
+
+    def graceful_exit() -> None:
+        raise web.GracefulExit()
+
+    asyncio.get_running_loop().call_soon(graceful_exit)
 
 
 def main(argv: list[str] | None = None) -> int:
