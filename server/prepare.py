@@ -70,7 +70,7 @@ def chat_choices(model: Model, runner: Runner, body: ChatCompletionRequest,
     """OpenAI chat: n choices continuing the conversation rendered by the chat template."""
     stop = stop_strings(body.stop)
     check_admissible(runner, body.n, "n")
-    ids = chat_prompt(model, runner, body)
+    ids = chat_prompt(model, body, runner)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None \
         else body.max_tokens
     n_new = max_new_tokens(runner, ids, requested,
@@ -101,7 +101,10 @@ def check_admissible(runner: Runner, sequences: int, field: str) -> None:
                        code="too_many_sequences")
 
 
-def chat_prompt(model: Model, runner: Runner, body: ChatCompletionRequest) -> list[int]:
+def chat_prompt(model: Model, body: ChatCompletionRequest,
+                runner: Runner | None = None) -> list[int]:
+    """The conversation rendered by the chat template and tokenized; with `runner`, a rendering
+    too long for its context is refused before it is tokenized."""
     messages = [m.model_dump(exclude_none=False) for m in body.messages]
     try:
         text = model.chat_template.render(messages, add_generation_prompt=True,
@@ -114,7 +117,8 @@ def chat_prompt(model: Model, runner: Runner, body: ChatCompletionRequest) -> li
     # templates that write BOS themselves would get a second one from the tokenizer; the
     # special tokens a template writes (<|im_start|>, ...) are tokens, as in llama.cpp
     text = text.removeprefix(bos) if bos else text
-    check_text_length(model, runner, text, "messages")
+    if runner is not None:
+        check_text_length(model, runner, text, "messages")
     return model.tokenizer.encode(text, bos=True, special=True)
 
 
