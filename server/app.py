@@ -84,4 +84,10 @@ def create_app(config: ServerConfig, *, model: Model | None = None,
         app.cleanup_ctx.append(given_model)
     for routes in (info_routes, openai_routes, llama_routes, steering_routes, features_routes):
         routes.add_routes(app.router)
+
+    async def worker_pool(app: web.Application) -> AsyncIterator[None]:
+        yield
+        state.close()  # after the engine: its cleanup runs first (cleanup_ctx unwinds in reverse)
+
+    app.cleanup_ctx.insert(0, worker_pool)
     return app

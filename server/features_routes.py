@@ -8,6 +8,10 @@ the stream steering calls layer l, its `resid_post` the stream steering calls la
 
 Binary formats are written here: `.npz` by numpy, safetensors by `safetensors_bytes` (the
 format is an 8-byte little-endian header length, a JSON header, then raw little-endian data).
+
+Every response is bounded before any work by --max-feature-values (numbers in the response),
+and tokenizing and encoding run on the worker pool: a response of millions of numbers takes
+seconds to encode.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import base64
 import io
 import json
 import struct
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 from aiohttp import web
@@ -26,16 +30,19 @@ from ..engine.forward import CAPTURE_POINTS
 from ..engine.layers import normalize_block
 from .errors import ApiError
 from .generation import collect_states
-from .http import read_json
+from .http import dumps, encode_json, json_bytes, read_body
 from .openapi import operation
 from .prepare import input_ids
 from .protocol import (
+    CapturePoint,
     EmbeddingsRequest,
     EmbeddingsResponse,
     FeaturesRequest,
     FeaturesResponse,
     LlamaEmbeddingRequest,
+    LlamaEmbeddingResponse,
 )
+from .runner import Runner
 from .state import STATE, Model, ServerState
 from .steering_service import resolve_steering
 
@@ -67,6 +74,28 @@ def token_positions(positions: Literal["all", "last"] | list[int], n_tokens: int
                            param="positions")
         out.append(p % n_tokens)
     return out
+
+
+def check_budget(state: ServerState, values: int, what: str, field: str) -> None:
+    """A response of `values` numbers must fit --max-feature-values (400 naming the field)."""
+    limit = state.config.max_feature_values
+    if values > limit:
+        raise ApiError(400, f"{field}: the response would hold {what} = {values} numbers; the "
+                       f"server's limit is {limit} (--max-feature-values). Ask for fewer "
+                       f"positions, layers or points, or split the request.", param=field,
+                       code="response_too_large")
+
+
+def check_finite(arrays: list[np.ndarray], steering: tuple[SteeringTerm, ...]) -> None:
+    """Hidden states that overflowed (steering scaled far beyond the stream's own size) are a
+    400, never NaN in a JSON body or a silently broken binary."""
+    if all(np.isfinite(a).all() for a in arrays):
+        return
+    if steering:
+        raise ApiError(400, "steering: the steered hidden states overflow to infinity or NaN; "
+                       "use a smaller scale", param="steering", code="non_finite_result")
+    raise ApiError(500, "the hidden states are not finite", "server_error",
+                   code="non_finite_result")
 
 
 def _piece(model: Model, token: int) -> str:
@@ -101,6 +130,25 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
+_CHUNK = 8192  # numbers per json.dumps call
+
+
+def json_floats(a: np.ndarray) -> str:
+    """A float array as nested JSON lists, encoded a block of rows at a time.
+
+    NOTE: json.dumps and tolist() are C calls that hold the GIL throughout: one call over
+    millions of numbers would stall the event loop for a second even from a worker thread.
+    Between calls of at most _CHUNK numbers the loop gets its turn.
+    """
+    if a.ndim < 2 or a.size <= _CHUNK:
+        return dumps(a.tolist())
+    rows = max(1, _CHUNK // max(1, a[0].size))
+    if rows == 1:
+        return "[" + ",".join(json_floats(x) for x in a) + "]"
+    return "[" + ",".join(dumps(a[i:i + rows].tolist())[1:-1]
+                          for i in range(0, len(a), rows)) + "]"
+
+
 def _binary(body: bytes, filename: str) -> web.Response:
     return web.Response(body=body, content_type="application/octet-stream", headers={
         "Content-Disposition": f'attachment; filename="{filename}"'})
@@ -115,15 +163,14 @@ async def final_states(state: ServerState, prompts: list[list[int]], layer: int 
     model's final norm (steering after the last block included) -- what llama.cpp embeds."""
     model, runner = state.ready()
     blocks = [] if layer is None else [layer]
+    hidden = await collect_states(model, runner, prompts, blocks, steering,
+                                  final=layer is None)  # in waves of --parallel
     out: list[np.ndarray] = []
-    wave = max(1, state.config.parallel)  # NOTE: a long input list must not fill the queue
-    for start in range(0, len(prompts), wave):
-        hidden = await collect_states(model, runner, prompts[start:start + wave], blocks,
-                                      steering, final=layer is None)
-        for h in hidden:
-            x = h.final if layer is None else h.states[_RESID_POST, 0]  # type: ignore[index]
-            assert x is not None
-            out.append(x.astype(np.float32))
+    for h in hidden:
+        x = h.final if layer is None else h.states[_RESID_POST, 0]  # type: ignore[index]
+        assert x is not None
+        out.append(x.astype(np.float32))
+    check_finite(out, steering)
     return out
 
 
@@ -136,56 +183,101 @@ def pool(x: np.ndarray, pooling: str) -> np.ndarray:
 
 def embd_normalize(v: np.ndarray, p: int) -> np.ndarray:
     """llama.cpp's common_embd_normalize: -1 none, 0 max-abs scaled to the int16 range,
-    1 taxicab, 2 Euclidean, p > 2 the p-norm. A zero vector stays zero."""
-    v64 = v.astype(np.float64)
+    1 taxicab, 2 Euclidean, p > 2 the p-norm. A zero vector stays zero.
+
+    NOTE: computed on v / max|v|, whose entries are at most 1 in size: |x|**p then never
+    overflows (p = 1000 would for any |x| > 2.03), and the largest entry keeps the sum >= 1.
+    """
     if p < 0:
         return v.astype(np.float32)
+    v64 = v.astype(np.float64)
+    top = float(np.abs(v64).max()) if v64.size else 0.0
+    if not top > 0:
+        return np.zeros_like(v, dtype=np.float32)
+    w = v64 / top
     if p == 0:
-        norm = np.abs(v64).max() / 32760.0
+        return (w * 32760.0).astype(np.float32)
+    if p == 1:
+        norm = float(np.sum(np.abs(w)))
     elif p == 2:
-        norm = np.sqrt(np.sum(v64 * v64))
+        norm = float(np.sqrt(np.sum(w * w)))
     else:
-        norm = np.sum(np.abs(v64) ** p) ** (1.0 / p)
-    return (v64 * (1.0 / norm if norm > 0 else 0.0)).astype(np.float32)
+        norm = float(np.sum(np.abs(w) ** p) ** (1.0 / p))
+    return (w / norm).astype(np.float32)
 
 
 # POST /v1/features ---------------------------------------------------------------------------
 
 
-@operation("Hidden states of chosen layers, points and positions (json, npz or safetensors)",
-           FeaturesRequest, FeaturesResponse)
-async def features(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    model, runner = state.ready()
-    body = FeaturesRequest.model_validate(await read_json(request))
-    ids = input_ids(model, runner, body.input, "input")
+class _FeatureRequest(NamedTuple):
+    ids: list[int]
+    layers: list[int]
+    positions: list[int]
+    points: list[CapturePoint]
+
+
+def _prepare_features(state: ServerState, model: Model, runner: Runner,
+                      body: FeaturesRequest) -> _FeatureRequest:
+    """Tokens, layers, positions and points of a features request, within the budget (on the
+    worker pool: the input is tokenized)."""
     n_layers = model.engine.config.n_layers
     layers = list(range(n_layers)) if body.layers is None else [
         block_index(model, b, f"layers[{i}]") for i, b in enumerate(body.layers)]
-    positions = token_positions(body.positions, len(ids))
     points = list(dict.fromkeys(body.points))  # repeated names once, in the order given
+    dim = model.engine.config.dim
+    if isinstance(body.positions, list):  # known before the input is tokenized
+        check_budget(state, len(body.positions) * len(layers) * len(points) * dim,
+                     f"positions x layers x points x width = {len(body.positions)} x "
+                     f"{len(layers)} x {len(points)} x {dim}", "positions")
+    ids = input_ids(model, runner, body.input, "input")
+    positions = token_positions(body.positions, len(ids))
+    check_budget(state, len(positions) * len(layers) * len(points) * dim,
+                 f"positions x layers x points x width = {len(positions)} x {len(layers)} x "
+                 f"{len(points)} x {dim}", "positions")
+    return _FeatureRequest(ids, layers, positions, points)
+
+
+def _encode_features(model: Model, req: _FeatureRequest, arrays: dict[str, np.ndarray],
+                     fmt: str) -> bytes:
+    """The response body in `fmt` (on the worker pool: millions of numbers take seconds)."""
+    pieces = [_piece(model, t) for t in req.ids]
+    index = {"tokens": np.asarray(req.ids, np.int64),
+             "positions": np.asarray(req.positions, np.int64),
+             "layers": np.asarray(req.layers, np.int64)}
+    if fmt == "npz":
+        return _npz_bytes({**arrays, **index, "pieces": np.asarray(pieces, dtype=str)})
+    if fmt == "safetensors":
+        metadata = {"model": model.name, "model_key": model.key, "pieces": json.dumps(pieces)}
+        return safetensors_bytes({**arrays, **index}, metadata)
+    head = encode_json({
+        "model": model.name, "tokens": req.ids, "pieces": pieces, "layers": req.layers,
+        "points": req.points, "positions": req.positions,
+        "shape": [len(req.layers), len(req.positions), model.engine.config.dim]})
+    data = ",".join(f"{dumps(p)}:{json_floats(a)}" for p, a in arrays.items())
+    return head[:-1] + f',"data":{{{data}}}}}'.encode()  # finite: check_finite came first
+
+
+@operation("Hidden states of chosen layers, points and positions (json, npz or safetensors)",
+           FeaturesRequest, FeaturesResponse, binary=True)
+async def features(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    model, runner = state.ready()
+    body = await read_body(request, FeaturesRequest)
+    req = await state.run(_prepare_features, state, model, runner, body)
     steering = await resolve_steering(state, body.steering)
-    blocks = sorted(set(layers))
-    (hidden,) = await collect_states(model, runner, [ids], blocks, steering)
+    blocks = sorted(set(req.layers))
+    (hidden,) = await collect_states(model, runner, [req.ids], blocks, steering)
     states = hidden.states  # (len(CAPTURE_POINTS), len(blocks), T, dim)
     assert states is not None
-    rows = [blocks.index(b) for b in layers]
+    rows = [blocks.index(b) for b in req.layers]
     arrays: dict[str, np.ndarray] = {
-        p: np.ascontiguousarray(states[CAPTURE_POINTS.index(p)][rows][:, positions],
-                                dtype=np.float32) for p in points}
-    pieces = [_piece(model, t) for t in ids]
-    index = {"tokens": np.asarray(ids, np.int64), "positions": np.asarray(positions, np.int64),
-             "layers": np.asarray(layers, np.int64)}
-    if body.format == "npz":
-        return _binary(_npz_bytes({**arrays, **index, "pieces": np.asarray(pieces, dtype=str)}),
-                       "features.npz")
-    if body.format == "safetensors":
-        metadata = {"model": model.name, "model_key": model.key, "pieces": json.dumps(pieces)}
-        return _binary(safetensors_bytes({**arrays, **index}, metadata), "features.safetensors")
-    return web.json_response({
-        "model": model.name, "tokens": ids, "pieces": pieces, "layers": layers, "points": points,
-        "positions": positions, "shape": [len(layers), len(positions), model.engine.config.dim],
-        "data": {p: a.tolist() for p, a in arrays.items()}})
+        p: np.ascontiguousarray(states[CAPTURE_POINTS.index(p)][rows][:, req.positions],
+                                dtype=np.float32) for p in req.points}
+    check_finite(list(arrays.values()), steering)
+    encoded = await state.run(_encode_features, model, req, arrays, body.format)
+    if body.format == "json":
+        return json_bytes(encoded)
+    return _binary(encoded, f"features.{body.format}")
 
 
 # POST /v1/embeddings (OpenAI) -------------------------------------------------------------------
@@ -197,25 +289,44 @@ def _openai_inputs(value: str | list) -> list[str | list[int]]:
     return list(value)
 
 
-@operation("OpenAI embeddings (plus pooling, normalize, layer, steering)", EmbeddingsRequest,
-           EmbeddingsResponse)
-async def embeddings(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    model, runner = state.ready()
-    body = EmbeddingsRequest.model_validate(await read_json(request))
-    prompts = [input_ids(model, runner, p, "input") for p in _openai_inputs(body.input)]
-    layer = None if body.layer is None else block_index(model, body.layer, "layer")
-    steering = await resolve_steering(state, body.steering)
-    states = await final_states(state, prompts, layer, steering)
+def _embedding_ids(state: ServerState, model: Model, runner: Runner, inputs: list,
+                   field: str, pooled: bool) -> list[list[int]]:
+    """Each input's tokens, within the budget (on the worker pool)."""
+    dim = model.engine.config.dim
+    if pooled:
+        check_budget(state, len(inputs) * dim, f"inputs x width = {len(inputs)} x {dim}", field)
+    prompts = [input_ids(model, runner, p, field) for p in inputs]
+    if not pooled:
+        tokens = sum(len(p) for p in prompts)
+        check_budget(state, tokens * dim, f"tokens x width = {tokens} x {dim}", field)
+    return prompts
+
+
+def _openai_body(model: Model, states: list[np.ndarray], body: EmbeddingsRequest,
+                 n_tokens: int) -> bytes:
     data = []
     for i, x in enumerate(states):
         v = embd_normalize(pool(x, body.pooling), 2 if body.normalize else -1)
         encoded = (base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")
                    if body.encoding_format == "base64" else v.tolist())
         data.append({"object": "embedding", "index": i, "embedding": encoded})
+    return encode_json({"object": "list", "data": data, "model": model.name,
+                        "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})
+
+
+@operation("OpenAI embeddings (plus pooling, normalize, layer, steering)", EmbeddingsRequest,
+           EmbeddingsResponse)
+async def embeddings(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    model, runner = state.ready()
+    body = await read_body(request, EmbeddingsRequest)
+    prompts = await state.run(_embedding_ids, state, model, runner,
+                              _openai_inputs(body.input), "input", True)
+    layer = None if body.layer is None else block_index(model, body.layer, "layer")
+    steering = await resolve_steering(state, body.steering)
+    states = await final_states(state, prompts, layer, steering)
     n_tokens = sum(len(p) for p in prompts)
-    return web.json_response({"object": "list", "data": data, "model": model.name,
-                              "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})
+    return json_bytes(await state.run(_openai_body, model, states, body, n_tokens))
 
 
 # POST /embedding (llama.cpp) -------------------------------------------------------------------
@@ -229,27 +340,32 @@ def _llama_inputs(value: str | list) -> list[str | list]:
     return list(value)
 
 
-@operation("llama.cpp embeddings", LlamaEmbeddingRequest)
-async def llama_embedding(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    model, runner = state.ready()
-    body = LlamaEmbeddingRequest.model_validate(await read_json(request))
-    field = "content" if body.content is not None else "input"
-    value = body.content if body.content is not None else body.input
-    assert value is not None
-    prompts = [input_ids(model, runner, p, field) for p in _llama_inputs(value)]
-    layer = None if body.layer is None else block_index(model, body.layer, "layer")
-    steering = await resolve_steering(state, body.steering)
-    states = await final_states(state, prompts, layer, steering)
-    pooling = "first" if body.pooling == "cls" else body.pooling
+def _llama_body(states: list[np.ndarray], pooling: str, p: int) -> bytes:
     out = []
     for i, x in enumerate(states):
         if pooling == "none":  # one vector per token, not normalized (as llama.cpp)
-            vectors = x.tolist()
+            vectors = json_floats(x)
         else:
-            vectors = [embd_normalize(pool(x, pooling), body.embd_normalize).tolist()]
-        out.append({"index": i, "embedding": vectors})
-    return web.json_response(out)
+            vectors = json_floats(embd_normalize(pool(x, pooling), p)[None])
+        out.append(f'{{"index":{i},"embedding":{vectors}}}')
+    return ("[" + ",".join(out) + "]").encode()  # finite: final_states checked them
+
+
+@operation("llama.cpp embeddings", LlamaEmbeddingRequest, LlamaEmbeddingResponse)
+async def llama_embedding(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    model, runner = state.ready()
+    body = await read_body(request, LlamaEmbeddingRequest)
+    field = "content" if body.content is not None else "input"
+    value = body.content if body.content is not None else body.input
+    assert value is not None
+    pooling = "first" if body.pooling == "cls" else body.pooling
+    prompts = await state.run(_embedding_ids, state, model, runner, _llama_inputs(value), field,
+                              pooling != "none")
+    layer = None if body.layer is None else block_index(model, body.layer, "layer")
+    steering = await resolve_steering(state, body.steering)
+    states = await final_states(state, prompts, layer, steering)
+    return json_bytes(await state.run(_llama_body, states, pooling, body.embd_normalize))
 
 
 def add_routes(router: web.UrlDispatcher) -> None:

@@ -206,7 +206,11 @@ async def collect_states(model: Model, runner: Runner, prompts: list[list[int]],
                          final: bool = False) -> list[Captured]:
     """Hidden states of each prompt: `states` (len(CAPTURE_POINTS), len(blocks), T, dim) and,
     with `final`, the stream after the final norm (T, dim). Computed as requests with
-    max_tokens=0 in the shared batch: submitted together, they share steps."""
+    max_tokens=0 in the shared batch, in waves of --parallel prompts that share steps.
+
+    NOTE: waves, because submitting every prompt at once would need --parallel + --max-queue
+    places: a long input list would be a 503 on an idle server, retried forever.
+    """
     for ids in prompts:
         max_new_tokens(runner, ids, 0)
     specs = [(GenerationRequest(ids, SamplingParams(temperature=0.0), 0,
@@ -214,9 +218,12 @@ async def collect_states(model: Model, runner: Runner, prompts: list[list[int]],
                                 steering=steering), (), False)
              for ids in prompts]
     parts: list[list[Captured]] = [[] for _ in prompts]
-    async for i, event in merged(start_generations(model, runner, specs)):
-        if isinstance(event, Captured):
-            parts[i].append(event)
+    wave = max(1, runner.scheduler.max_running)
+    for start in range(0, len(specs), wave):
+        async for i, event in merged(start_generations(model, runner,
+                                                       specs[start:start + wave])):
+            if isinstance(event, Captured):
+                parts[start + i].append(event)
     return [Captured(np.concatenate([c.states for c in p], axis=2) if blocks else None,
                      np.concatenate([c.final for c in p]) if final else None) for p in parts]
 

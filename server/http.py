@@ -7,11 +7,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import TypeVar
 
+import numpy as np
 from aiohttp import web
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from .errors import ApiError, GenerationError, error_response
 from .runner import QueueFull
@@ -20,10 +24,48 @@ from .state import STATE, TOKENS
 log = logging.getLogger("tiller.server")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+B = TypeVar("B", bound=BaseModel)
 
-async def read_json(request: web.Request) -> dict:
+MAX_JSON_DEPTH = 32  # nested arrays and objects in a request body (the deepest we use is ~5)
+_OPEN, _CLOSE, _QUOTE, _BACKSLASH = (frozenset(b"[{"), frozenset(b"]}"), ord('"'), ord("\\"))
+
+# JSON bodies never hold NaN or Infinity: they are not JSON, and strict parsers refuse them
+dumps = partial(json.dumps, allow_nan=False)
+
+
+def json_depth(raw: bytes) -> int:
+    """The deepest nesting of arrays and objects in a JSON text, in linear time and memory.
+
+    NOTE: json.loads and pydantic recurse once per level, so a body of 100k `[` is a
+    RecursionError; this scan needs no recursion. Brackets inside strings do not count: a quote
+    opens or closes a string unless an odd run of backslashes precedes it (valid JSON has
+    backslashes only inside strings).
+    """
+    b = np.frombuffer(raw, np.uint8)
+    if not b.size:
+        return 0
+    index = np.arange(b.size)
+    # the backslashes directly before each byte: position minus the last non-backslash before it
+    last_other = np.maximum.accumulate(np.where(b != _BACKSLASH, index, -1))
+    run = np.concatenate(([0], index[:-1] - last_other[:-1]))
+    quote = (b == _QUOTE) & (run % 2 == 0)
+    in_string = (np.cumsum(quote) % 2 == 1) | quote
+    step = np.zeros(b.size, np.int64)
+    step[np.isin(b, list(_OPEN)) & ~in_string] = 1
+    step[np.isin(b, list(_CLOSE)) & ~in_string] = -1
+    return int(np.cumsum(step).max())
+
+
+def decode_json(raw: bytes) -> dict:
+    """A request body as a JSON object (400 for anything else). Runs on the worker pool."""
+    depth = json_depth(raw)
+    if depth > MAX_JSON_DEPTH:
+        raise ApiError(400, f"request body nests arrays and objects {depth} deep; the limit is "
+                       f"{MAX_JSON_DEPTH}", code="json_too_deep")
     try:
-        body = await request.json(loads=json.loads)
+        # NOTE: NaN and Infinity are parsed (Python's json does) so that the field holding one
+        # is named: every float field refuses them (allow_inf_nan=False in protocol.py)
+        body = json.loads(raw.decode("utf-8"))
     except json.JSONDecodeError as e:
         raise ApiError(400, f"request body is not valid JSON: {e.msg} at position {e.pos}") from e
     except UnicodeDecodeError as e:
@@ -31,6 +73,50 @@ async def read_json(request: web.Request) -> dict:
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
     return body
+
+
+def too_large(request: web.Request) -> ApiError:
+    limit = request.app[STATE].config.max_body_bytes
+    return ApiError(413, f"request body exceeds the server's limit of {limit} bytes "
+                    f"({limit / 2**20:g} MiB, --max-body-mb)", code="request_too_large")
+
+
+async def read_bytes(request: web.Request) -> bytes:
+    """The raw body, at most --max-body-mb (aiohttp's client_max_size): else a JSON 413."""
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge as e:
+        raise too_large(request) from e
+
+
+def _parse(model: type[B], raw: bytes) -> B:
+    return model.model_validate(decode_json(raw))
+
+
+async def read_body(request: web.Request, model: type[B]) -> B:
+    """The body validated as `model`; decoding and validation run on the worker pool (an 8 MB
+    body takes a good part of a second)."""
+    raw = await read_bytes(request)
+    return await request.app[STATE].run(_parse, model, raw)
+
+
+def encode_json(data: object) -> bytes:
+    """A response body as JSON; a non-finite number in it is an error, never a bare NaN."""
+    try:
+        return dumps(data).encode()
+    except ValueError as e:
+        raise ApiError(500, "the result holds numbers JSON cannot carry (NaN or infinity)",
+                       "server_error", code="non_finite_result") from e
+
+
+def json_response(data: object, status: int = 200) -> web.Response:
+    """A JSON response, encoded on the event loop: for bodies of a few kilobytes. Large ones
+    (hidden states) are encoded on the worker pool with encode_json."""
+    return json_bytes(encode_json(data), status)
+
+
+def json_bytes(body: bytes, status: int = 200) -> web.Response:
+    return web.Response(body=body, status=status, content_type="application/json")
 
 
 class SSE:
@@ -50,7 +136,7 @@ class SSE:
         self.started = True
 
     async def send(self, data: dict | str) -> None:
-        text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+        text = data if isinstance(data, str) else dumps(data, ensure_ascii=False)
         await self.response.write(f"data: {text}\n\n".encode())
 
     async def close(self) -> web.StreamResponse:
@@ -101,8 +187,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except ValidationError as e:
         first = e.errors()[0]
         path = [str(p) for p in first["loc"] if not _is_type_tag(p)]
-        param = path[0] if path else None
         message = first["msg"].removeprefix("Value error, ")
+        # a model-level check has no location: its message starts with the field it is about
+        named = re.match(r"(\w+)(?:[\[.:]|$)", message) if not path else None
+        param = path[0] if path else named.group(1) if named and ":" in message else None
         if path and not message.startswith(path[0]):
             message = f"{'.'.join(path)}: {message}"
         return error_response(ApiError(400, message, param=param))
@@ -113,6 +201,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return response
     except GenerationError as e:
         return error_response(ApiError(500, str(e), "server_error"))
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(too_large(request))
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -138,12 +228,14 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     keys = request.app[STATE].config.api_keys
     op = getattr(request.match_info.handler, "__openapi__", None)  # server/openapi.py
     if keys and not (op is not None and op.public):
-        header = request.headers.get("Authorization", "")
-        token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+        scheme, _, credentials = request.headers.get("Authorization", "").strip().partition(" ")
+        token = credentials.strip() if scheme.lower() == "bearer" else ""  # RFC 7235: any case
         token = token or request.headers.get("X-Api-Key", "")
         if token not in keys:
-            raise ApiError(401, "invalid or missing API key", "authentication_error",
-                           code="invalid_api_key")
+            response = error_response(ApiError(401, "invalid or missing API key",
+                                               "authentication_error", code="invalid_api_key"))
+            response.headers["WWW-Authenticate"] = 'Bearer realm="tiller"'  # RFC 6750
+            return response
     return await handler(request)
 
 

@@ -7,16 +7,18 @@ from aiohttp import web
 from .. import __version__
 from .errors import ApiError
 from .generation import Outcome, Piece, merged, start_generations, token_logprobs
-from .http import SSE, read_json
+from .http import SSE, encode_json, json_bytes, json_response, read_body
 from .openapi import operation
 from .prepare import llama_choice
 from .protocol import (
     DetokenizeRequest,
+    DetokenizeResponse,
     LlamaCompletionRequest,
     LlamaCompletionResponse,
     TokenizeRequest,
+    TokenizeResponse,
 )
-from .state import STATE, TOKENS
+from .state import STATE, TOKENS, Model
 from .steering_service import resolve_steering
 
 
@@ -30,13 +32,14 @@ def _timings(o: Outcome) -> dict:
             "predicted_per_second": gn / o.generate_seconds if o.generate_seconds else 0.0}
 
 
-@operation("llama.cpp completion", LlamaCompletionRequest, LlamaCompletionResponse)
+@operation("llama.cpp completion", LlamaCompletionRequest, LlamaCompletionResponse,
+           stream=True)
 async def completion(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     model, runner = state.ready()
-    body = LlamaCompletionRequest.model_validate(await read_json(request))
+    body = await read_body(request, LlamaCompletionRequest)
     steering = await resolve_steering(state, body.steering)
-    choice = llama_choice(model, runner, body, steering)
+    choice = await state.run(llama_choice, model, runner, body, steering)
     (generation,) = start_generations(model, runner, [choice.spec])
     ids, n_new = choice.prompt, choice.spec[0].max_tokens
     sse = SSE(request) if body.stream else None
@@ -79,7 +82,7 @@ async def completion(request: web.Request) -> web.StreamResponse:
     if sse:
         await sse.send(final)
         return await sse.close()
-    return web.json_response(final)
+    return json_response(final)
 
 
 def _settings(body: LlamaCompletionRequest, n_predict: int, seed: int) -> dict:
@@ -91,14 +94,12 @@ def _settings(body: LlamaCompletionRequest, n_predict: int, seed: int) -> dict:
             "n_probs": body.n_probs, "ignore_eos": body.ignore_eos}
 
 
-@operation("llama.cpp tokenize", TokenizeRequest)
-async def tokenize(request: web.Request) -> web.Response:
-    model, _ = request.app[STATE].ready()
-    body = TokenizeRequest.model_validate(await read_json(request))
+def _tokens(model: Model, body: TokenizeRequest) -> bytes:
+    """/tokenize's body (on the worker pool: megabytes of text take seconds)."""
     tok = model.tokenizer
     ids = tok.encode(body.content, bos=body.add_special)
     if not body.with_pieces:
-        return web.json_response({"tokens": ids})
+        return encode_json({"tokens": ids})
     pieces = []
     for i in ids:
         raw = tok.piece_bytes(i) if i != tok.bos_id else tok.piece(i).encode()
@@ -107,18 +108,31 @@ async def tokenize(request: web.Request) -> web.Response:
         except UnicodeDecodeError:
             piece = list(raw)  # llama.cpp sends bytes of a partial character as a list
         pieces.append({"id": i, "piece": piece})
-    return web.json_response({"tokens": pieces})
+    return encode_json({"tokens": pieces})
 
 
-@operation("llama.cpp detokenize", DetokenizeRequest)
-async def detokenize(request: web.Request) -> web.Response:
-    model, _ = request.app[STATE].ready()
-    body = DetokenizeRequest.model_validate(await read_json(request))
+@operation("llama.cpp tokenize", TokenizeRequest, TokenizeResponse)
+async def tokenize(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    model, _ = state.ready()
+    body = await read_body(request, TokenizeRequest)
+    return json_bytes(await state.run(_tokens, model, body))
+
+
+def _text(model: Model, tokens: list[int]) -> bytes:
     vocab = model.tokenizer.vocab_size
-    bad = [t for t in body.tokens if not 0 <= t < vocab]
+    bad = [t for t in tokens if not 0 <= t < vocab]
     if bad:
         raise ApiError(400, f"tokens: id {bad[0]} outside 0..{vocab - 1}", param="tokens")
-    return web.json_response({"content": model.tokenizer.decode(body.tokens)})
+    return encode_json({"content": model.tokenizer.decode(tokens)})
+
+
+@operation("llama.cpp detokenize", DetokenizeRequest, DetokenizeResponse)
+async def detokenize(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    model, _ = state.ready()
+    body = await read_body(request, DetokenizeRequest)
+    return json_bytes(await state.run(_text, model, body.tokens))
 
 
 @operation("llama.cpp server properties")

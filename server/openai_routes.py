@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from .generation import Outcome, Piece, merged, start_generations, token_logprobs
-from .http import SSE, read_json
+from .http import SSE, json_response, read_body
 from .openapi import operation
 from .prepare import chat_choices, completion_choices
 from .protocol import (
@@ -85,13 +85,13 @@ class _CompletionChoice:
 
 
 @operation("OpenAI text completion (stream: server-sent events)", CompletionRequest,
-           CompletionResponse)
+           CompletionResponse, stream=True)
 async def completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     model, runner = state.ready()
-    body = CompletionRequest.model_validate(await read_json(request))
+    body = await read_body(request, CompletionRequest)
     steering = await resolve_steering(state, body.steering)
-    prepared = completion_choices(model, runner, body, steering)
+    prepared = await state.run(completion_choices, model, runner, body, steering)
     generations = start_generations(model, runner, [c.spec for c in prepared])
     choices = [_CompletionChoice(model, c.echo, c.prompt, body.logprobs) for c in prepared]
     rid = f"cmpl-{uuid.uuid4().hex}"
@@ -136,7 +136,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
             await sse.send({**head, "choices": [], "usage": usage})
         await sse.send("[DONE]")
         return await sse.close()
-    return web.json_response({**head, "choices": [
+    return json_response({**head, "choices": [
         {"index": i, "text": c.text, "logprobs": c.logprobs_body(),
          "finish_reason": outcomes[i].finish_reason} for i, c in enumerate(choices)],
         "usage": usage})
@@ -146,13 +146,13 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 @operation("OpenAI chat completion (stream: server-sent events of ChatCompletionChunk)",
-           ChatCompletionRequest, ChatCompletionResponse)
+           ChatCompletionRequest, ChatCompletionResponse, stream=True)
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     model, runner = state.ready()
-    body = ChatCompletionRequest.model_validate(await read_json(request))
+    body = await read_body(request, ChatCompletionRequest)
     steering = await resolve_steering(state, body.steering)
-    prepared = chat_choices(model, runner, body, steering)
+    prepared = await state.run(chat_choices, model, runner, body, steering)
     generations = start_generations(model, runner, [c.spec for c in prepared])
     ids = prepared[0].prompt
     top_n = (body.top_logprobs or 0) if body.logprobs else None
@@ -198,7 +198,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             await sse.send({**chunk_head, "choices": [], "usage": usage})
         await sse.send("[DONE]")
         return await sse.close()
-    return web.json_response({**head, "object": "chat.completion", "choices": [
+    return json_response({**head, "object": "chat.completion", "choices": [
         {"index": i, "message": {"role": "assistant", "content": texts[i]},
          "logprobs": {"content": logprobs[i]} if top_n is not None else None,
          "finish_reason": outcomes[i].finish_reason} for i in range(body.n)], "usage": usage})

@@ -1,6 +1,11 @@
 """Request preparation: a validated body turned into its choices, ready to submit -- prompt
 tokens, limits, stop strings and sampling parameters, each checked against the model with a 400
-naming the field."""
+naming the field.
+
+Tokenizing and template rendering take time in proportion to the text, so routes call these
+functions on the worker pool (ServerState.run), never on the event loop; and a text too long
+for the context by its length alone is refused before it is tokenized (`check_text_length`).
+"""
 
 from __future__ import annotations
 
@@ -30,9 +35,11 @@ def completion_choices(model: Model, runner: Runner, body: CompletionRequest,
                        steering: tuple[SteeringTerm, ...]) -> list[Choice]:
     """OpenAI completions: n choices for each prompt, prompt by prompt."""
     stop = stop_strings(body.stop)
+    prompts = _prompts(body)
+    check_admissible(runner, len(prompts) * body.n, "n" if body.n > 1 else "prompt")
     choices = []
-    for prompt in _prompts(body):
-        ids = tokenize_prompt(model, prompt)
+    for prompt in prompts:
+        ids = tokenize_prompt(model, prompt, runner=runner)
         n_new = max_new_tokens(runner, ids, body.max_tokens)
         echo = ""
         if body.echo:
@@ -62,7 +69,8 @@ def chat_choices(model: Model, runner: Runner, body: ChatCompletionRequest,
                  steering: tuple[SteeringTerm, ...]) -> list[Choice]:
     """OpenAI chat: n choices continuing the conversation rendered by the chat template."""
     stop = stop_strings(body.stop)
-    ids = chat_prompt(model, body)
+    check_admissible(runner, body.n, "n")
+    ids = chat_prompt(model, body, runner)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None \
         else body.max_tokens
     n_new = max_new_tokens(runner, ids, requested,
@@ -80,7 +88,23 @@ def chat_choices(model: Model, runner: Runner, body: ChatCompletionRequest,
     return choices
 
 
-def chat_prompt(model: Model, body: ChatCompletionRequest) -> list[int]:
+def check_admissible(runner: Runner, sequences: int, field: str) -> None:
+    """A request whose sequences are submitted together (n choices of several prompts, all
+    streamed at once) must fit what the server can ever hold: --parallel running plus
+    --max-queue waiting. More is a 400 -- a 503 would tell the client to retry in vain."""
+    most = runner.scheduler.max_running + runner.scheduler.max_waiting
+    if sequences > most:
+        raise ApiError(400, f"{field}: this request needs {sequences} sequences at once (n x "
+                       f"prompts); the server runs at most {most} (--parallel "
+                       f"{runner.scheduler.max_running} + --max-queue "
+                       f"{runner.scheduler.max_waiting})", param=field,
+                       code="too_many_sequences")
+
+
+def chat_prompt(model: Model, body: ChatCompletionRequest,
+                runner: Runner | None = None) -> list[int]:
+    """The conversation rendered by the chat template and tokenized; with `runner`, a rendering
+    too long for its context is refused before it is tokenized."""
     messages = [m.model_dump(exclude_none=False) for m in body.messages]
     try:
         text = model.chat_template.render(messages, add_generation_prompt=True,
@@ -92,14 +116,16 @@ def chat_prompt(model: Model, body: ChatCompletionRequest) -> list[int]:
     bos = model.chat_template.bos_token
     # templates that write BOS themselves would get a second one from the tokenizer; the
     # special tokens a template writes (<|im_start|>, ...) are tokens, as in llama.cpp
-    return model.tokenizer.encode(text.removeprefix(bos) if bos else text, bos=True,
-                                  special=True)
+    text = text.removeprefix(bos) if bos else text
+    if runner is not None:
+        check_text_length(model, runner, text, "messages")
+    return model.tokenizer.encode(text, bos=True, special=True)
 
 
 def llama_choice(model: Model, runner: Runner, body: LlamaCompletionRequest,
                  steering: tuple[SteeringTerm, ...]) -> Choice:
     """llama.cpp's /completion: one choice; n_predict -1 is 'as many as fit'."""
-    ids = tokenize_prompt(model, body.prompt)
+    ids = tokenize_prompt(model, body.prompt, runner=runner)
     n_new = max_new_tokens(runner, ids, None if body.n_predict < 0 else body.n_predict,
                            "n_predict")
     params = sampling(body.temperature, body.top_p, body.top_k, body.min_p,
@@ -111,14 +137,42 @@ def llama_choice(model: Model, runner: Runner, body: LlamaCompletionRequest,
     return Choice((gen, stop_strings(body.stop), False), ids)
 
 
-def tokenize_prompt(model: Model, prompt: str | list, field: str = "prompt") -> list[int]:
-    """A string (BOS + text) or token ids (used as given) -> ids, validated against the vocab."""
+def min_tokens(model: Model, text: str) -> int:
+    """A lower bound of the tokens `text` encodes to (without BOS), from its length alone: with
+    byte fallback every token stands for at most `max_token_chars` characters of the text."""
+    bound = model.max_token_chars
+    if bound is None or not text:
+        return 0
+    return -(-len(text) // bound)
+
+
+def check_text_length(model: Model, runner: Runner, text: str, field: str,
+                      before: int = 1) -> None:
+    """Refuse a text that cannot fit the context whatever it tokenizes to, without tokenizing it
+    (megabytes of text take seconds to tokenize). `before`: tokens ahead of it (BOS)."""
+    limit = runner.context_limit()
+    at_least = before + min_tokens(model, text)
+    if at_least > limit:
+        raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, "
+                       f"{field} has {len(text)} characters, at least {at_least} tokens. "
+                       f"Please reduce the {field}.", param=field.split("[")[0].split(".")[0],
+                       code="context_length_exceeded")
+
+
+def tokenize_prompt(model: Model, prompt: str | list, field: str = "prompt",
+                    runner: Runner | None = None) -> list[int]:
+    """A string (BOS + text) or token ids (used as given) -> ids, validated against the vocab.
+    With `runner`, text that cannot fit its context is refused before it is tokenized."""
     tok = model.tokenizer
     if isinstance(prompt, str):
+        if runner is not None:
+            check_text_length(model, runner, prompt, field)
         return tok.encode(prompt, bos=True)
     ids: list[int] = []
     for i, part in enumerate(prompt):  # llama.cpp allows strings and ids mixed
         if isinstance(part, str):
+            if runner is not None:
+                check_text_length(model, runner, part, field, before=len(ids) + (not ids))
             ids.extend(tok.encode(part, bos=not ids))
         elif isinstance(part, int) and not isinstance(part, bool):
             if not 0 <= part < tok.vocab_size:
@@ -150,7 +204,7 @@ def max_new_tokens(runner: Runner, prompt: list[int], requested: int | None,
 def input_ids(model: Model, runner: Runner, prompt: str | list, field: str) -> list[int]:
     """Text (with BOS) or token ids of a prompt-only input (features, embeddings) that must fit
     the context (else context_length_exceeded)."""
-    ids = tokenize_prompt(model, prompt, field)
+    ids = tokenize_prompt(model, prompt, field, runner)
     limit = runner.context_limit()
     if len(ids) > limit:
         raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, "

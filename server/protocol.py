@@ -3,13 +3,18 @@
 Shapes follow the originals: OpenAI's /v1/completions and /v1/chat/completions, llama.cpp's
 /completion, /tokenize and /detokenize. Unknown fields are ignored, as both servers do, except
 fields whose meaning we would silently drop (logit_bias, suffix, tools, ...): those are 400s.
+
+Validation is strict (pydantic's strict mode): JSON types are taken as they are, so `true` is
+no token id, `"2"` no number and `"yes"` no boolean. Emptiness is checked before the types
+(mode="before") so that `[]` is "must not be empty" rather than a union's first mismatch, and
+the same bounds appear in the types for /openapi.json.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator, model_validator
 
 from ..engine.sampling import PENALTY_RANGE, REPETITION_PENALTY_RANGE
 
@@ -18,12 +23,15 @@ NonNegInt = Annotated[int, Field(ge=0)]
 Penalty = Annotated[float, Field(ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1], allow_inf_nan=False)]
 RepetitionPenalty = Annotated[float, Field(ge=REPETITION_PENALTY_RANGE[0],
                                            le=REPETITION_PENALTY_RANGE[1], allow_inf_nan=False)]
-Prompt = str | list[int] | list[str | list[int]]
+TokenIds = Annotated[list[int], Field(min_length=1)]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+Prompt = str | TokenIds | Annotated[list[str | TokenIds], Field(min_length=1)]
 Stop = str | list[str] | None
+MAX_PAIRS = 256  # contrastive pairs of one control vector: 512 prompts, built in waves
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     # fields other servers accept but tiller does not implement: refuse rather than ignore
     unsupported: ClassVar[tuple[str, ...]] = ()
@@ -39,6 +47,7 @@ class _Body(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
     include_usage: bool = False
 
 
@@ -68,9 +77,9 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _non_empty(cls, v: Prompt) -> Prompt:
+    def _non_empty(cls, v: Any) -> Any:
         if isinstance(v, list) and not v:
             raise ValueError("prompt: must not be an empty list")
         if isinstance(v, list) and any(isinstance(p, list) and not p for p in v):
@@ -80,7 +89,7 @@ class CompletionRequest(SamplingFields):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: str
     content: str | list[dict[str, Any]] | None = None
 
@@ -100,7 +109,7 @@ class LlamaCompletionRequest(_Body):
     """llama.cpp's POST /completion, with its defaults."""
 
     unsupported = ("logit_bias", "grammar", "json_schema")
-    prompt: str | list[int | str]
+    prompt: str | Annotated[list[int | str], Field(min_length=1)]
     n_predict: int = Field(-1, ge=-1)
     temperature: float = Field(0.8, ge=0.0, le=100.0, allow_inf_nan=False)
     top_k: NonNegInt = 40
@@ -316,8 +325,8 @@ class SteeringCreateRequest(_Body):
     add: str | None = Field(None, max_length=65536)
     sub: str | None = Field(None, max_length=65536)
     layer: int | None = None
-    positive: list[str] | None = Field(None, max_length=1024)
-    negative: list[str] | None = Field(None, max_length=1024)
+    positive: list[str] | None = Field(None, min_length=1, max_length=MAX_PAIRS)
+    negative: list[str] | None = Field(None, min_length=1, max_length=MAX_PAIRS)
     layers: list[int] | None = Field(None, max_length=1024)
 
     @model_validator(mode="after")
@@ -328,6 +337,12 @@ class SteeringCreateRequest(_Body):
         elif not self.positive or not self.negative:
             raise ValueError(f"{self.method} needs `positive` and `negative` prompt lists")
         return self
+
+
+class SteeringDownloadQuery(_Body):
+    """GET /v1/steering/{id}: `format` json (the description), npy, or gguf (control vectors)."""
+
+    format: Literal["json", "npy", "gguf"] = "json"
 
 
 class SteeringVectorInfo(BaseModel):
@@ -350,7 +365,10 @@ for _model in (CompletionRequest, ChatCompletionRequest, LlamaCompletionRequest)
 # features and embeddings ----------------------------------------------------------------------
 
 CapturePoint = Literal["resid_pre", "attn_out", "mlp_out", "resid_post"]
-Embeddable = str | list[int] | list[str | list[int]]  # texts and id lists mixed, as Prompt
+# texts and id lists mixed, as Prompt, none of them empty
+Embeddable = NonEmptyStr | TokenIds | Annotated[list[NonEmptyStr | TokenIds], Field(min_length=1)]
+LlamaPart = int | NonEmptyStr | Annotated[list[int | NonEmptyStr], Field(min_length=1)]
+LlamaEmbeddable = NonEmptyStr | Annotated[list[LlamaPart], Field(min_length=1)]
 
 
 def _default_points() -> list[CapturePoint]:
@@ -376,21 +394,21 @@ class FeaturesRequest(_Body):
     (negative from the end).
     """
 
-    input: str | list[int]
+    input: NonEmptyStr | TokenIds
     layers: list[int] | None = Field(None, min_length=1, max_length=1024)
     points: list[CapturePoint] = Field(default_factory=_default_points, min_length=1,
                                        max_length=16)
-    positions: Literal["all", "last"] | list[int] = "all"
+    positions: Literal["all", "last"] | Annotated[list[int], Field(min_length=1)] = "all"
     format: Literal["json", "npz", "safetensors"] = "json"
     steering: Steering = []
     model: str | None = None
 
-    @field_validator("input")
+    @field_validator("input", mode="before")
     @classmethod
     def _input(cls, v: Any) -> Any:
         return _no_empty_prompt(v, "input")
 
-    @field_validator("positions")
+    @field_validator("positions", mode="before")
     @classmethod
     def _positions(cls, v: Any) -> Any:
         if isinstance(v, list) and not v:
@@ -416,7 +434,7 @@ class EmbeddingsRequest(_Body):
     steering: Steering = []
     user: str | None = None
 
-    @field_validator("input")
+    @field_validator("input", mode="before")
     @classmethod
     def _input(cls, v: Any) -> Any:
         return _no_empty_prompt(v, "input")
@@ -430,19 +448,19 @@ class LlamaEmbeddingRequest(_Body):
     vector per token, unnormalized); tiller takes it per request ("cls" = "first").
     """
 
-    content: str | list[int | str | list[int | str]] | None = None
-    input: str | list[int | str | list[int | str]] | None = None
-    embd_normalize: int = Field(2, ge=-1)
+    content: LlamaEmbeddable | None = None
+    input: LlamaEmbeddable | None = None
+    embd_normalize: int = Field(2, ge=-1, le=2**31 - 1)  # llama.cpp's int
     pooling: Literal["none", "mean", "last", "first", "cls"] = "none"
     layer: int | None = None
     steering: Steering = []
 
-    @field_validator("content")
+    @field_validator("content", mode="before")
     @classmethod
     def _content(cls, v: Any) -> Any:
         return _no_empty_prompt(v, "content")
 
-    @field_validator("input")
+    @field_validator("input", mode="before")
     @classmethod
     def _input(cls, v: Any) -> Any:
         return _no_empty_prompt(v, "input")
@@ -450,7 +468,7 @@ class LlamaEmbeddingRequest(_Body):
     @model_validator(mode="after")
     def _some_input(self) -> LlamaEmbeddingRequest:
         if self.content is None and self.input is None:
-            raise ValueError('"content" or "input" must be provided')
+            raise ValueError('content: "content" or "input" must be provided')
         return self
 
 
@@ -481,3 +499,25 @@ class EmbeddingsResponse(BaseModel):
     data: list[EmbeddingData]
     model: str
     usage: EmbeddingUsage
+
+
+class LlamaEmbeddingItem(BaseModel):
+    index: int
+    embedding: list[list[float]]  # one vector per token (pooling "none"), else one
+
+
+class LlamaEmbeddingResponse(RootModel[list[LlamaEmbeddingItem]]):
+    pass
+
+
+class TokenPiece(BaseModel):
+    id: int
+    piece: str | list[int]  # bytes of a partial UTF-8 character as a list, as llama.cpp
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int] | list[TokenPiece]
+
+
+class DetokenizeResponse(BaseModel):
+    content: str

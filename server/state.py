@@ -7,9 +7,14 @@ then `ready()` answers 503.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import blake3
 from aiohttp import web
@@ -19,7 +24,7 @@ from ..engine.engine import Engine, SeqRequest
 from ..engine.identity import model_key, model_uuid
 from ..engine.loader import load_checkpoint, load_tokenizer
 from ..engine.paths import cache_root
-from ..engine.tokenizer import Tokenizer
+from ..engine.tokenizer import SpmTokenizer, Tokenizer, TokenType
 from ..engine.weights import Progress
 from .chat import ChatTemplate
 from .errors import ApiError
@@ -28,6 +33,8 @@ from .runner import Runner
 from .steering_dir import DirectoryStore
 from .steering_redis import RedisStore
 from .steering_store import SteeringStore
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -47,6 +54,10 @@ class ServerConfig:
     steering_store: str | None = None  # redis://HOST:PORT/DB: shared by replicas; else the dir
     steering_max_bytes: int = 256 * 1024 * 1024
     load_progress: Progress | None = None  # follows the weights' conversion (the CLI's bar)
+    # numbers one /v1/features or embeddings response may carry (positions x layers x points x
+    # width): 4 Mi floats are 16 MiB as npz, ~80 MB as JSON
+    max_feature_values: int = 4 * 1024 * 1024
+    workers: int = 2  # the pool for work that must stay off the event loop (ServerState.run)
 
 
 @dataclass
@@ -61,6 +72,22 @@ class Model:
     uuid: str  # the model, whatever its encoding: general.uuid or derived from the tensors
     fingerprint: str  # system_fingerprint: model identity and engine version
     created: int
+    # the most text characters one token can stand for, when that bounds a text's token count
+    # from below (server/prepare.py): None for a vocabulary without byte fallback, where a run
+    # of unknown characters is one token
+    max_token_chars: int | None = None
+
+
+def token_chars_bound(tokenizer: Tokenizer) -> int | None:
+    """The longest piece in characters ("▁" stands for one space, a byte piece for at most one
+    character), for a sentencepiece vocabulary with byte fallback: there every character of a
+    text is covered by pieces. (Other vocabularies are tokenized off the loop, unbounded.)"""
+    if not isinstance(tokenizer, SpmTokenizer):
+        return None
+    types = [tokenizer.token_type(i) for i in range(tokenizer.vocab_size)]
+    if types.count(TokenType.BYTE) < 256:
+        return None
+    return max(1, *(len(tokenizer.piece(i)) for i in range(tokenizer.vocab_size)))
 
 
 def load_model(config: ServerConfig) -> Model:
@@ -82,7 +109,8 @@ def load_model(config: ServerConfig) -> Model:
     template = ChatTemplate.for_model(checkpoint.metadata.get("tokenizer.chat_template"),
                                       tokenizer.piece(tokenizer.bos_id),
                                       tokenizer.piece(tokenizer.eos_id))
-    return Model(eng, tokenizer, template, name, key, uuid, fingerprint, int(time.time()))
+    return Model(eng, tokenizer, template, name, key, uuid, fingerprint, int(time.time()),
+                 token_chars_bound(tokenizer))
 
 
 @dataclass
@@ -93,6 +121,7 @@ class ServerState:
     model: Model | None = None
     runner: Runner | None = None
     load_error: str | None = None
+    pool: ThreadPoolExecutor | None = None
 
     @classmethod
     def create(cls, config: ServerConfig) -> ServerState:
@@ -105,9 +134,21 @@ class ServerState:
         else:
             store = DirectoryStore(config.steering_dir or cache_root() / "steering",
                                    config.steering_max_bytes)
-        state = cls(config, store)
+        pool = ThreadPoolExecutor(max(1, config.workers), thread_name_prefix="tiller-work")
+        state = cls(config, store, pool=pool)
         state.metrics.watch_store(store)
         return state
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """fn(*args) on the worker pool: tokenizing, template rendering, JSON decoding and
+        validation, vector math and file encoding take milliseconds to seconds, and on the
+        event loop they would stall every other client (even /health)."""
+        assert self.pool is not None
+        return await asyncio.get_running_loop().run_in_executor(self.pool, partial(fn, *args))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
 
     def ready(self) -> tuple[Model, Runner]:
         if self.model is None or self.runner is None:

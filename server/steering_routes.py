@@ -8,10 +8,9 @@ import io
 import numpy as np
 from aiohttp import web
 
-from .errors import ApiError
-from .http import read_json
+from .http import read_body, read_bytes
 from .openapi import operation
-from .protocol import SteeringCreateRequest, SteeringVectorInfo
+from .protocol import SteeringCreateRequest, SteeringDownloadQuery, SteeringVectorInfo
 from .state import STATE
 from .steering_service import (
     control_vector_gguf,
@@ -24,11 +23,11 @@ from .steering_service import (
 
 
 @operation("Build a steering vector (actadd, mean, pca)", SteeringCreateRequest,
-           SteeringVectorInfo)
+           SteeringVectorInfo, stores=True)
 async def create(request: web.Request) -> web.Response:
     state = request.app[STATE]
     state.ready()
-    body = SteeringCreateRequest.model_validate(await read_json(request))
+    body = await read_body(request, SteeringCreateRequest)
     return web.json_response((await create_vector(state, body)).describe())
 
 
@@ -40,35 +39,39 @@ async def list_all(request: web.Request) -> web.Response:
                               "used_bytes": used, "max_bytes": state.steering.max_bytes})
 
 
-@operation("Describe (json) or download (npy, gguf) a vector", response=SteeringVectorInfo)
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+@operation("Describe (json) or download (npy, gguf) a vector", response=SteeringVectorInfo,
+           query=SteeringDownloadQuery, binary=True)
 async def describe_or_download(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
+    query = SteeringDownloadQuery.model_validate(dict(request.query))
     vec = await find_vector(state, request.match_info["id"])
-    fmt = request.query.get("format", "json")
-    if fmt == "json":
+    if query.format == "json":
         return web.json_response(vec.describe())
-    if fmt == "npy":
+    if query.format == "npy":
         array = vec.rows if vec.kind == "actadd" else np.stack(
             [vec.directions[k] for k in sorted(vec.directions)])
         assert array is not None  # an "actadd" vector has rows
-        buf = io.BytesIO()
-        np.save(buf, array)
-        return web.Response(body=buf.getvalue(), content_type="application/octet-stream",
+        return web.Response(body=await state.run(_npy, array),
+                            content_type="application/octet-stream",
                             headers={"Content-Disposition": f'attachment; filename="{vec.id}.npy"',
                                      "X-Steering-Layers": ",".join(map(str, vec.layers))})
-    if fmt == "gguf":
-        return web.Response(body=control_vector_gguf(state, vec),
-                            content_type="application/octet-stream",
-                            headers={"Content-Disposition":
-                                     f'attachment; filename="{vec.id}.gguf"'})
-    raise ApiError(400, f"format: expected json, npy or gguf, got {fmt!r}", param="format")
+    return web.Response(body=await state.run(control_vector_gguf, state, vec),
+                        content_type="application/octet-stream",
+                        headers={"Content-Disposition": f'attachment; filename="{vec.id}.gguf"'})
 
 
-@operation("Import a llama.cpp control-vector GGUF (request body)", response=SteeringVectorInfo)
+@operation("Import a llama.cpp control-vector GGUF (request body)", response=SteeringVectorInfo,
+           upload=True, stores=True)
 async def import_gguf(request: web.Request) -> web.Response:
     state = request.app[STATE]
     state.ready()
-    vec = await import_control_vector(state, await request.read())
+    vec = await import_control_vector(state, await read_bytes(request))
     return web.json_response(vec.describe())
 
 

@@ -2,7 +2,8 @@
 and steering vectors built, imported and stored. Routes call it; it knows no HTTP routes.
 
 Vectors are built through the shared batch like any request (generation.collect_states):
-building an ActAdd vector is one forward pass of its two prompts.
+building an ActAdd vector is one forward pass of its two prompts. Tokenizing, the vector math
+(an SVD for pca) and reading or writing GGUF files run on the worker pool (ServerState.run).
 
 The store is reached on worker threads (`_store`): a file write waits for fsync and a Redis
 call for the network, and neither may hold up the event loop and every other request with it.
@@ -26,8 +27,9 @@ from ..engine.layers import capture_blocks, normalize_layer, stream_at
 from ..engine.steering import actadd_tokens, check_control_request, directions_from_states
 from .errors import ApiError
 from .generation import collect_states
+from .prepare import check_text_length
 from .protocol import SteeringCreateRequest, SteeringEntry
-from .runner import Captured
+from .runner import Captured, Runner
 from .state import Model, ServerState
 from .steering_store import SteeringVector, StoreFull, StoreUnavailable, vector_id
 
@@ -95,10 +97,28 @@ async def delete_vector(state: ServerState, vid: str) -> None:
                        code="steering_vector_not_found")
 
 
+def _actadd_prompts(model: Model, runner: Runner, add: str, sub: str, where: str
+                    ) -> tuple[list[int], list[int]]:
+    """Both ActAdd prompts tokenized (on the worker pool), each checked against the context
+    under its own name (`add`, `sub`; `steering[i].add` for an inline entry)."""
+    limit = runner.context_limit()
+    for name, text in (("add", add), ("sub", sub)):
+        field = f"{where}.{name}" if where else name
+        check_text_length(model, runner, text, field)  # before tokenizing: it may be huge
+        n = len(model.tokenizer.encode(text, bos=True))
+        if n > limit:
+            raise ApiError(400, f"{field}: a steering prompt of {n} tokens exceeds the context "
+                           f"of {limit}", param=field.split("[")[0].split(".")[0],
+                           code="context_length_exceeded")
+    return actadd_tokens(model.tokenizer, add, sub)
+
+
 async def actadd_vector(state: ServerState, add: str, sub: str, source: int,
-                        field: str = "layer", param: str | None = None) -> SteeringVector:
+                        field: str = "layer", param: str | None = None, where: str = ""
+                        ) -> SteeringVector:
     """The ActAdd vector for (add, sub, source layer): from the store, or built and stored.
-    `param` names the request field that needs the store, for its errors."""
+    `field` names the source layer in errors, `param` the request field that needs the store,
+    `where` the entry (prefix of `add` and `sub`)."""
     model, runner = state.ready()
     source = layer_number(model, source, field)
     spec = {"method": "actadd", "add": add, "sub": sub, "layer": source}
@@ -106,12 +126,7 @@ async def actadd_vector(state: ServerState, add: str, sub: str, source: int,
     found = await get_vector(state, vid, param)
     if found is not None:
         return found
-    a, s = actadd_tokens(model.tokenizer, add, sub)
-    limit = runner.context_limit()
-    if len(a) > limit:
-        raise ApiError(400, f"{field.split('.')[0]}: steering prompts of {len(a)} tokens exceed "
-                       f"the context of {limit}", param=field.split(".")[0].split("[")[0],
-                       code="context_length_exceeded")
+    a, s = await state.run(_actadd_prompts, model, runner, add, sub, where)
     n = model.engine.config.n_layers
     blocks = capture_blocks([source], n)
     hidden = await collect_states(model, runner, [a, s], blocks)
@@ -135,7 +150,7 @@ async def resolve_steering(state: ServerState, entries: list[SteeringEntry],
             assert e.add is not None and e.sub is not None and e.layer is not None
             source = e.source_layer if e.source_layer is not None else e.layer
             vec = await actadd_vector(state, e.add, e.sub, source, f"{where}.source_layer",
-                                      field)
+                                      field, where)
             mul = e.mul if e.mul is not None else e.scale
             assert vec.rows is not None
             terms.append(SteeringTerm(layer_number(model, e.layer, f"{where}.layer"), vec.rows,
@@ -187,20 +202,43 @@ async def create_vector(state: ServerState, body: SteeringCreateRequest) -> Stee
     found = await get_vector(state, vid)
     if found is not None:
         return found
-    prompts = [model.tokenizer.encode(p, bos=True) for p in [*body.positive, *body.negative]]
+    prompts = await state.run(_pair_prompts, model, runner, body.positive, body.negative)
     blocks = capture_blocks(layers, n)
-    hidden = await collect_states(model, runner, prompts, blocks)
+    hidden = await collect_states(model, runner, prompts, blocks)  # in waves of --parallel
     last = np.stack([np.stack([stream_at(_states(h), blocks, layer, n)[-1] for layer in layers])
                      for h in hidden])
     pairs = len(body.positive)
-    directions = directions_from_states(last[:pairs], last[pairs:], layers, body.method)
+    directions = await state.run(directions_from_states, last[:pairs], last[pairs:], layers,
+                                 body.method)
     return await _save(state, SteeringVector(vid, "control", model.key, model.engine.config.dim,
                                              spec, directions=directions))
+
+
+def _pair_prompts(model: Model, runner: Runner, positive: list[str], negative: list[str]
+                  ) -> list[list[int]]:
+    """The contrastive prompts tokenized with BOS (on the worker pool), each within the context
+    (400 naming `positive[i]` or `negative[i]`)."""
+    limit = runner.context_limit()
+    out = []
+    for side, texts in (("positive", positive), ("negative", negative)):
+        for i, text in enumerate(texts):
+            check_text_length(model, runner, text, f"{side}[{i}]")
+            ids = model.tokenizer.encode(text, bos=True)
+            if len(ids) > limit:
+                raise ApiError(400, f"{side}[{i}]: a prompt of {len(ids)} tokens exceeds the "
+                               f"context of {limit}", param=side, code="context_length_exceeded")
+            out.append(ids)
+    return out
 
 
 async def import_control_vector(state: ServerState, data: bytes) -> SteeringVector:
     """A llama.cpp control-vector GGUF (from llama.cpp or repeng), stored as a control vector."""
     model, _ = state.ready()
+    return await _save(state, await state.run(_read_import, model, data))
+
+
+def _read_import(model: Model, data: bytes) -> SteeringVector:
+    """An uploaded control-vector GGUF, read and checked (on the worker pool)."""
     if not data:
         raise ApiError(400, "the body must be a control-vector GGUF file")
     config = model.engine.config
@@ -212,10 +250,9 @@ async def import_control_vector(state: ServerState, data: bytes) -> SteeringVect
         except ValueError as e:
             raise ApiError(400, str(e).replace(str(path), "upload"), param="file") from e
     spec = {"method": "import", "blake3": blake3.blake3(data).hexdigest()}
-    vec = SteeringVector(vector_id(model.key, spec), "control", model.key, config.dim, spec,
-                         directions={k: np.asarray(v, np.float32)
-                                     for k, v in cv.directions.items()})
-    return await _save(state, vec)
+    return SteeringVector(vector_id(model.key, spec), "control", model.key, config.dim, spec,
+                          directions={k: np.asarray(v, np.float32)
+                                      for k, v in cv.directions.items()})
 
 
 def control_vector_gguf(state: ServerState, vec: SteeringVector) -> bytes:

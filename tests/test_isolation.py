@@ -22,7 +22,7 @@ from tiller.engine.generate import generate
 from tiller.engine.kvcache import KV_BLOCK
 from tiller.engine.loader import load_checkpoint
 from tiller.engine.sampling import SamplingParams, apply_penalties, sample_token
-from tiller.engine.tokenizer import Tokenizer
+from tiller.engine.tokenizer import SpmTokenizer, Tokenizer
 from tiller.server.app import STATE, ServerConfig, create_app, load_model
 from tiller.server.runner import Finished, GenerationRequest, Runner, TokenEvent
 
@@ -73,7 +73,7 @@ def engine(shared_models: Path) -> Engine:
 
 @pytest.fixture(scope="module")
 def tok(shared_models: Path) -> Tokenizer:
-    return Tokenizer.from_llama2c(shared_models / "tok512.bin", vocab_size=512)
+    return SpmTokenizer.from_llama2c(shared_models / "tok512.bin", vocab_size=512)
 
 
 def batch_requests(tok: Tokenizer) -> list[GenerationRequest]:

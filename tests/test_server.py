@@ -188,7 +188,7 @@ async def test_metrics_and_openapi(client):
     ("/v1/completions", {"temperature": 1}, "prompt", "required"),
     ("/v1/completions", {"prompt": []}, "prompt", "empty"),
     ("/v1/completions", {"prompt": [1, 99999]}, "prompt", "outside"),
-    ("/v1/completions", {"prompt": "x", "suffix": "y"}, None, "suffix"),
+    ("/v1/completions", {"prompt": "x", "suffix": "y"}, "suffix", "not supported"),
     ("/v1/completions", {"prompt": "x", "stop": ["a", ""]}, "stop", "empty"),
     ("/v1/completions", {"prompt": "x", "n": 0}, "n", "greater than"),
     ("/v1/chat/completions", {"messages": []}, "messages", "at least 1"),

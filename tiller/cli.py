@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "own)")
     s.add_argument("--steering-max-mb", type=int, default=256,
                    help="bound on the steering store's total size")
+    s.add_argument("--max-body-mb", type=float, default=8,
+                   help="largest request body (MiB); larger ones get 413")
+    s.add_argument("--max-feature-values", type=int, default=4 * 1024 * 1024,
+                   help="numbers one /v1/features or embeddings response may hold "
+                        "(positions x layers x points x width); more is a 400")
+    s.add_argument("--workers", type=int, default=2,
+                   help="threads for tokenizing, encoding and vector math off the event loop")
     return parser
 
 
@@ -245,7 +252,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .server.app import STATE, ServerConfig, create_app
 
-    for name in ("parallel", "max_queue", "batch_tokens", "port"):
+    for name in ("parallel", "max_queue", "batch_tokens", "port", "max_feature_values",
+                 "workers"):
         if getattr(args, name) < (0 if name == "max_queue" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
     if not args.model.is_file():
@@ -258,7 +266,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           api_keys=tuple(args.api_key), model_alias=args.alias,
                           steering_dir=args.steering_dir, steering_store=args.steering_store,
                           steering_max_bytes=args.steering_max_mb * 1024 * 1024,
-                          load_progress=progress_bar(delay=LOAD_BAR_DELAY, leave=False))
+                          load_progress=progress_bar(delay=LOAD_BAR_DELAY, leave=False),
+                          max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+                          max_feature_values=args.max_feature_values, workers=args.workers)
+    if config.max_body_bytes < 1024:
+        raise ValueError("--max-body-mb must allow at least 1 KiB")
     app = create_app(config, on_load_error=_stop_serving)
     web.run_app(app, host=args.host, port=args.port, access_log=None,
                 handler_cancellation=True, shutdown_timeout=10,
