@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import BUILTIN_MODEL
 from .engine.engine import Engine
 from .engine.generate import Timings, generate
 from .engine.llama2c import CheckpointError
@@ -19,7 +20,9 @@ from .engine.weights import DTYPES, Progress
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, type=Path, help="model file: GGUF or llama2.c .bin")
+    p.add_argument("--model", type=Path, default=BUILTIN_MODEL,
+                   help="model file: GGUF or llama2.c .bin (default: tiller's built-in model, "
+                        f"{BUILTIN_MODEL.stem})")
     p.add_argument("--tokenizer", type=Path,
                    help="tokenizer.bin or GGUF (default: the GGUF's own vocabulary, or "
                         "tokenizer.bin beside a llama2.c model)")
@@ -260,6 +263,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{args.model}: no such model file")
     if args.tokenizer is not None and not args.tokenizer.is_file():
         raise TokenizerError(f"{args.tokenizer}: no such tokenizer file")
+    if args.alias is None and args.model == BUILTIN_MODEL:
+        args.alias = BUILTIN_MODEL.stem
     config = ServerConfig(model_path=args.model, tokenizer_path=args.tokenizer, dtype=args.dtype,
                           threads=args.threads, parallel=args.parallel, ctx_size=args.ctx_size,
                           max_waiting=args.max_queue, token_budget=args.batch_tokens,
