@@ -182,6 +182,27 @@ def read_control_vector(path: str | os.PathLike[str], dim: int, n_layers: int) -
     return ControlVector(dict(sorted(directions.items())), hint, metadata)
 
 
+def load_control_vectors(files: list[tuple[Path, float]], dim: int, n_layers: int,
+                         layer_range: tuple[int, int] | None = None) -> dict[int, np.ndarray]:
+    """llama-server's `--control-vector[-scaled]` and `--control-vector-layer-range`, as
+    common_control_vector_load sums them: scale x direction, summed over files per tiller layer,
+    kept for llama.cpp layers START..END inclusive (tiller layers START+1..END+1; llama.cpp's
+    default range is 1..n_layer, every layer a file can name). Errors name the file."""
+    total: dict[int, np.ndarray] = {}
+    for path, scale in files:
+        cv = read_control_vector(path, dim, n_layers)
+        for layer, vec in cv.directions.items():
+            total[layer] = total.get(layer, np.zeros(dim, np.float32)) + np.float32(scale) * vec
+    if layer_range is not None:
+        low, high = (from_llama_cpp(n) for n in layer_range)
+        total = {k: v for k, v in total.items() if low <= k <= high}
+    for layer, vec in total.items():
+        if not np.isfinite(vec).all():
+            raise ControlVectorError(f"{', '.join(str(p) for p, _ in files)}: the scaled sum "
+                                     f"at tiller layer {layer} is not finite")
+    return dict(sorted(total.items()))
+
+
 # -----------------------------------------------------------------------------------------------
 # writing
 

@@ -13,8 +13,9 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from . import features_routes, info_routes, llama_routes, openai_routes, steering_routes
-from .http import MIDDLEWARES
+from ..engine.cvec import ControlVectorError
+from . import cors, features_routes, info_routes, llama_routes, openai_routes, steering_routes
+from .http import auth_middleware, errors_middleware, log_middleware
 from .runner import Runner
 from .state import STATE, Model, ServerConfig, ServerState, load_model
 
@@ -43,8 +44,11 @@ def _engine_ctx(on_load_error: Callable[[str], None] | None
             try:
                 model = await loop.run_in_executor(None, load_model, state.config)
             except Exception as e:
-                message = str(e) if path in str(e) else f"{path}: {e}"
-                state.load_error = f"model failed to load: {message}"
+                if isinstance(e, ControlVectorError):  # --control-vector: names its file
+                    state.load_error = f"control vector failed to load: {e}"
+                else:
+                    message = str(e) if path in str(e) else f"{path}: {e}"
+                    state.load_error = f"model failed to load: {message}"
                 log.error("%s", state.load_error)
                 if on_load_error is not None:
                     on_load_error(state.load_error)
@@ -69,7 +73,11 @@ def create_app(config: ServerConfig, *, model: Model | None = None,
     on_load_error(message) is called on the event loop if the model fails to load (the CLI
     stops serving); without it the server stays up and answers 503 with the message.
     """
-    app = web.Application(middlewares=MIDDLEWARES, client_max_size=config.max_body_bytes)
+    # NOTE: a preflight is answered inside the access log and before authentication
+    middlewares = [log_middleware, *cors.middlewares(config.cors_origins), errors_middleware,
+                   auth_middleware]
+    app = web.Application(middlewares=middlewares, client_max_size=config.max_body_bytes)
+    cors.install(app, config.cors_origins)
     state = ServerState.create(config)
     app[STATE] = state
     if model is None:

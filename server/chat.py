@@ -71,6 +71,68 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
+# llama.cpp's built-in template names (`--chat-template NAME`, src/llama-chat.cpp), written as
+# the Jinja that renders what llm_chat_apply_template writes for them; BOS comes from the
+# tokenizer, as there. Any other --chat-template value is taken as Jinja source.
+BUILTIN_TEMPLATES = {
+    "chatml": DEFAULT_CHAT_TEMPLATE,
+    # llama2: no <<SYS>> block, the system text opens the first [INST]; llama2-sys: with it
+    "llama2": (
+        "{{ '[INST] ' }}{% set ns = namespace(inside=true) %}{% for m in messages %}"
+        "{% if not ns.inside %}{{ '[INST] ' }}{% set ns.inside = true %}{% endif %}"
+        "{% if m['role'] == 'system' %}{{ m['content'] + '\n' }}"
+        "{% elif m['role'] == 'user' %}{{ m['content'] + ' [/INST]' }}"
+        "{% else %}{{ m['content'] + '</s>' }}{% set ns.inside = false %}{% endif %}"
+        "{% endfor %}"
+    ),
+    "llama2-sys": (
+        "{{ '[INST] ' }}{% set ns = namespace(inside=true) %}{% for m in messages %}"
+        "{% if not ns.inside %}{{ '[INST] ' }}{% set ns.inside = true %}{% endif %}"
+        "{% if m['role'] == 'system' %}{{ '<<SYS>>\n' + m['content'] + '\n<</SYS>>\n\n' }}"
+        "{% elif m['role'] == 'user' %}{{ m['content'] + ' [/INST]' }}"
+        "{% else %}{{ m['content'] + '</s>' }}{% set ns.inside = false %}{% endif %}"
+        "{% endfor %}"
+    ),
+    "llama3": (
+        "{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
+        " + m['content'] | trim }}{{ '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+        "{% endif %}"
+    ),
+    # gemma: the system text (trimmed) opens the next user turn; the assistant is "model"
+    "gemma": (
+        "{% set ns = namespace(system='') %}{% for m in messages %}"
+        "{% if m['role'] == 'system' %}{% set ns.system = ns.system + m['content'] | trim %}"
+        "{% else %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+        "{{ '<start_of_turn>' + role + '\n' }}"
+        "{% if ns.system and role != 'model' %}{{ ns.system + '\n\n' }}"
+        "{% set ns.system = '' %}{% endif %}"
+        "{{ m['content'] | trim }}{{ '<end_of_turn>\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+    ),
+    "phi3": (
+        "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    ),
+    "zephyr": (
+        "{% for m in messages %}"
+        "{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|endoftext|>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    ),
+}
+
+
+def template_source(value: str) -> str:
+    """`--chat-template`'s value: a built-in name, or Jinja source (anything with `{{`/`{%`).
+    Another bare word is a ValueError listing the names, as llama-server refuses it."""
+    if value in BUILTIN_TEMPLATES:
+        return BUILTIN_TEMPLATES[value]
+    if "{{" in value or "{%" in value:
+        return value
+    raise ValueError(f"--chat-template {value!r}: not a built-in template "
+                     f"({', '.join(BUILTIN_TEMPLATES)}) nor Jinja source")
+
+
 # Far above any context window (~4 chars per token), far below what hurts the server.
 MAX_PROMPT_CHARS = 1 << 22
 # Integer results of `**` wider than this many bits are refused (10 ** (10 ** 10) would hang).

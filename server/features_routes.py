@@ -44,7 +44,7 @@ from .protocol import (
 )
 from .runner import Runner
 from .state import STATE, Model, ServerState
-from .steering_service import resolve_steering
+from .steering_service import request_steering
 
 _RESID_POST = CAPTURE_POINTS.index("resid_post")
 _SAFETENSORS_DTYPES = {np.dtype("<f4"): "F32", np.dtype("<i8"): "I64"}
@@ -264,7 +264,7 @@ async def features(request: web.Request) -> web.Response:
     model, runner = state.ready()
     body = await read_body(request, FeaturesRequest)
     req = await state.run(_prepare_features, state, model, runner, body)
-    steering = await resolve_steering(state, body.steering)
+    steering = await request_steering(state, body)
     blocks = sorted(set(req.layers))
     (hidden,) = await collect_states(model, runner, [req.ids], blocks, steering)
     states = hidden.states  # (len(CAPTURE_POINTS), len(blocks), T, dim)
@@ -323,7 +323,7 @@ async def embeddings(request: web.Request) -> web.Response:
     prompts = await state.run(_embedding_ids, state, model, runner,
                               _openai_inputs(body.input), "input", True)
     layer = None if body.layer is None else block_index(model, body.layer, "layer")
-    steering = await resolve_steering(state, body.steering)
+    steering = await request_steering(state, body)
     states = await final_states(state, prompts, layer, steering)
     n_tokens = sum(len(p) for p in prompts)
     return json_bytes(await state.run(_openai_body, model, states, body, n_tokens))
@@ -363,7 +363,7 @@ async def llama_embedding(request: web.Request) -> web.Response:
     prompts = await state.run(_embedding_ids, state, model, runner, _llama_inputs(value), field,
                               pooling != "none")
     layer = None if body.layer is None else block_index(model, body.layer, "layer")
-    steering = await resolve_steering(state, body.steering)
+    steering = await request_steering(state, body)
     states = await final_states(state, prompts, layer, steering)
     return json_bytes(await state.run(_llama_body, states, pooling, body.embd_normalize))
 

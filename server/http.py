@@ -259,5 +259,3 @@ async def log_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         log.info("%s %s %d %s %.1fms", printable(request.method), printable(request.path),
                  status, f"tokens={tokens}" if tokens != "" else "-", seconds * 1000)
 
-
-MIDDLEWARES = [log_middleware, errors_middleware, auth_middleware]

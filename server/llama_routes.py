@@ -19,7 +19,7 @@ from .protocol import (
     TokenizeResponse,
 )
 from .state import STATE, TOKENS, Model
-from .steering_service import resolve_steering
+from .steering_service import request_steering
 
 
 def _timings(o: Outcome) -> dict:
@@ -37,8 +37,8 @@ def _timings(o: Outcome) -> dict:
 async def completion(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     model, runner = state.ready()
-    body = await read_body(request, LlamaCompletionRequest)
-    steering = await resolve_steering(state, body.steering)
+    body = state.config.sampling.fill(await read_body(request, LlamaCompletionRequest))
+    steering = await request_steering(state, body)
     choice = await state.run(llama_choice, model, runner, body, steering)
     (generation,) = start_generations(model, runner, [choice.spec])
     ids, n_new = choice.prompt, choice.spec[0].max_tokens
@@ -140,9 +140,11 @@ async def props(request: web.Request) -> web.Response:
     state = request.app[STATE]
     model, runner = state.ready()
     c = model.engine.config
+    settings = state.config.sampling.report()
     return web.json_response({
-        "default_generation_settings": {"n_ctx": runner.context_limit(), "temperature": 0.8,
-                                        "top_k": 40, "top_p": 0.95, "min_p": 0.05},
+        # flat as older llama-servers report them, and under "params" as newer ones do
+        "default_generation_settings": {"n_ctx": runner.context_limit(), **settings,
+                                        "params": settings},
         "total_slots": state.config.parallel,
         "model_path": str(state.config.model_path),
         "model_alias": model.name,

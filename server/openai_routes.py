@@ -20,7 +20,7 @@ from .protocol import (
 )
 from .runner import PromptLogprobs
 from .state import STATE, TOKENS, Model
-from .steering_service import resolve_steering
+from .steering_service import request_steering
 
 
 def _usage(prompt: int, completion: int) -> dict:
@@ -89,8 +89,8 @@ class _CompletionChoice:
 async def completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     model, runner = state.ready()
-    body = await read_body(request, CompletionRequest)
-    steering = await resolve_steering(state, body.steering)
+    body = state.config.sampling.fill(await read_body(request, CompletionRequest))
+    steering = await request_steering(state, body)
     prepared = await state.run(completion_choices, model, runner, body, steering)
     generations = start_generations(model, runner, [c.spec for c in prepared])
     choices = [_CompletionChoice(model, c.echo, c.prompt, body.logprobs) for c in prepared]
@@ -150,8 +150,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     model, runner = state.ready()
-    body = await read_body(request, ChatCompletionRequest)
-    steering = await resolve_steering(state, body.steering)
+    body = state.config.sampling.fill(await read_body(request, ChatCompletionRequest))
+    steering = await request_steering(state, body)
     prepared = await state.run(chat_choices, model, runner, body, steering)
     generations = start_generations(model, runner, [c.spec for c in prepared])
     ids = prepared[0].prompt

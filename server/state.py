@@ -20,13 +20,15 @@ import blake3
 from aiohttp import web
 
 from .. import __version__
-from ..engine.engine import Engine, SeqRequest
+from ..engine.cvec import load_control_vectors
+from ..engine.engine import Engine, SeqRequest, SteeringTerm
 from ..engine.identity import model_key, model_uuid
 from ..engine.loader import load_checkpoint, load_tokenizer
 from ..engine.paths import cache_root
 from ..engine.tokenizer import SpmTokenizer, Tokenizer, TokenType
 from ..engine.weights import Progress
 from .chat import ChatTemplate
+from .defaults import SamplingDefaults
 from .errors import ApiError
 from .metrics import Metrics
 from .runner import Runner
@@ -58,6 +60,13 @@ class ServerConfig:
     # width): 4 Mi floats are 16 MiB as npz, ~80 MB as JSON
     max_feature_values: int = 4 * 1024 * 1024
     workers: int = 2  # the pool for work that must stay off the event loop (ServerState.run)
+    cors_origins: tuple[str, ...] = ()  # normalized (server/cors.py); "*" = any; () = no CORS
+    sampling: SamplingDefaults = SamplingDefaults()  # --temp ... -n: server/defaults.py
+    chat_template: str | None = None  # Jinja source replacing the model's (--chat-template)
+    # llama-server's start-up control vectors: (file, scale), summed; applied to requests that
+    # do not give `steering` (steering_service.request_steering)
+    control_vectors: tuple[tuple[Path, float], ...] = ()
+    control_vector_layers: tuple[int, int] | None = None  # llama.cpp numbering, inclusive
 
 
 @dataclass
@@ -76,6 +85,7 @@ class Model:
     # from below (server/prepare.py): None for a vocabulary without byte fallback, where a run
     # of unknown characters is one token
     max_token_chars: int | None = None
+    default_steering: tuple[SteeringTerm, ...] = ()  # the start-up control vectors
 
 
 def token_chars_bound(tokenizer: Tokenizer) -> int | None:
@@ -106,11 +116,23 @@ def load_model(config: ServerConfig) -> Model:
     name = config.model_alias or config.model_path.name
     fingerprint = "fp_" + blake3.blake3(f"{key}:{__version__}:{eng.dtype}".encode()
                                         ).hexdigest()[:16]
-    template = ChatTemplate.for_model(checkpoint.metadata.get("tokenizer.chat_template"),
-                                      tokenizer.piece(tokenizer.bos_id),
-                                      tokenizer.piece(tokenizer.eos_id))
+    template = ChatTemplate.for_model(
+        config.chat_template or checkpoint.metadata.get("tokenizer.chat_template"),
+        tokenizer.piece(tokenizer.bos_id), tokenizer.piece(tokenizer.eos_id))
     return Model(eng, tokenizer, template, name, key, uuid, fingerprint, int(time.time()),
-                 token_chars_bound(tokenizer))
+                 token_chars_bound(tokenizer), startup_steering(config, eng))
+
+
+def startup_steering(config: ServerConfig, eng: Engine) -> tuple[SteeringTerm, ...]:
+    """--control-vector files summed into one term per layer, added at every position as
+    llama.cpp adds them (ControlVectorError naming the file if one is unusable)."""
+    if not config.control_vectors:
+        return ()
+    c = eng.config
+    directions = load_control_vectors(list(config.control_vectors), c.dim, c.n_layers,
+                                      config.control_vector_layers)
+    return tuple(SteeringTerm(layer, vec, 1.0, every_position=True)
+                 for layer, vec in directions.items())
 
 
 @dataclass

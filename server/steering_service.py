@@ -16,7 +16,7 @@ import asyncio
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import blake3
 import numpy as np
@@ -135,6 +135,26 @@ async def actadd_vector(state: ServerState, add: str, sub: str, source: int,
     return await _save(state, SteeringVector(vid, "actadd", model.key, model.engine.config.dim,
                                              spec, rows=rows.astype(np.float32),
                                              source_layer=source), param)
+
+
+class Steered(Protocol):
+    """A request body with a `steering` field (completions, chat, embeddings, features)."""
+
+    @property
+    def steering(self) -> list[SteeringEntry]: ...
+
+    @property
+    def model_fields_set(self) -> set[str]: ...
+
+
+async def request_steering(state: ServerState, body: Steered) -> tuple[SteeringTerm, ...]:
+    """The steering a request runs with. The rule: a request that gives `steering` gets exactly
+    that (`[]`: none at all); one that omits it gets the server's start-up control vectors
+    (`--control-vector`), as every llama-server request does."""
+    if "steering" in body.model_fields_set:
+        return await resolve_steering(state, body.steering)
+    model, _ = state.ready()
+    return model.default_steering
 
 
 async def resolve_steering(state: ServerState, entries: list[SteeringEntry],

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from . import BUILTIN_MODEL
 from .engine.engine import Engine
@@ -20,7 +22,7 @@ from .engine.weights import DTYPES, Progress
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, default=BUILTIN_MODEL,
+    p.add_argument("-m", "--model", type=Path, default=BUILTIN_MODEL,
                    help="model file: GGUF or llama2.c .bin (default: tiller's built-in model, "
                         f"{BUILTIN_MODEL.stem})")
     p.add_argument("--tokenizer", type=Path,
@@ -28,7 +30,24 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "tokenizer.bin beside a llama2.c model)")
     p.add_argument("--dtype", choices=DTYPES, default="q8_0",
                    help="q8_0: int8 weights and activations (fast); f32: exact fp32 reference")
-    p.add_argument("--threads", type=int, help="compute threads (default: all cores)")
+    p.add_argument("-t", "--threads", type=int, help="compute threads (default: all cores)")
+
+
+# llama-server flags tiller takes so that its command lines run unchanged, but does not act on:
+# (flags, argparse keywords, why). cmd_serve logs one line for each one given.
+IGNORED: list[tuple[tuple[str, ...], dict[str, Any], str]] = [
+    (("--embedding", "--embeddings"), {"action": "store_true"},
+     "embeddings are always on (/v1/embeddings, /embedding)"),
+    (("--metrics",), {"action": "store_true"}, "/metrics is always on"),
+    (("--slots",), {"action": "store_true"}, "/slots is always on"),
+    (("--no-webui",), {"action": "store_true"}, "tiller has no web UI"),
+    (("--jinja",), {"action": "store_true"}, "chat templates are always rendered as Jinja"),
+    (("-cb", "--cont-batching"), {"action": "store_true"}, "batching is always continuous"),
+    (("--timeout", "-to"), {"type": int, "metavar": "N"},
+     "tiller sets no read/write timeout: a request runs until it finishes or its client goes"),
+    (("-ngl", "--n-gpu-layers", "--gpu-layers"), {"metavar": "N"},
+     "tiller runs on the CPU only"),
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,20 +87,26 @@ def build_parser() -> argparse.ArgumentParser:
                          "tokenizer.bin beside the model)")
     cv.add_argument("--progress", action="store_true",
                     help="show the progress bar on stderr even when it is not a terminal")
-    s = sub.add_parser("serve", help="run the HTTP server (OpenAI- and llama.cpp-compatible)")
+    s = sub.add_parser("serve", help="run the HTTP server (OpenAI- and llama.cpp-compatible)",
+                       description="Flags with a short alias are llama-server's (README: Flags).")
     _add_model_args(s)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8080)
-    s.add_argument("--parallel", type=int, default=4, help="sequences decoded together")
-    s.add_argument("--ctx-size", type=int,
+    # NOTE: "-np" and "-ngl" are llama.cpp's multi-letter single-dash flags; argparse takes an
+    # exact match before splitting "-n" + "p", so "-np 4" is --parallel 4 and "-n 4" stays -n
+    s.add_argument("-np", "--parallel", type=int, default=4, help="sequences decoded together")
+    s.add_argument("-c", "--ctx-size", type=int,
                    help="KV-cache tokens shared by all sequences (default: parallel x context)")
     s.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting beyond the running ones; more get 503")
     s.add_argument("--batch-tokens", type=int, default=256,
                    help="tokens per engine step (decode tokens plus prompt chunks)")
     s.add_argument("--api-key", action="append", default=[],
-                   help="require this bearer key (repeat for several)")
-    s.add_argument("--alias", help="model name reported by the API (default: file name)")
+                   help="require this bearer key (repeat, or comma-separate as llama-server)")
+    s.add_argument("-a", "--alias", help="model name reported by the API (default: file name)")
+    s.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let pages from ORIGIN (scheme://host[:port], or * for any) call the "
+                        "API from a browser; repeat for several (default: none)")
     s.add_argument("--steering-dir", type=Path,
                    help="where steering vectors persist (default: <cache root>/steering, the "
                         "cache root being $TILLER_CACHE_DIR or ~/.cache/tiller)")
@@ -98,6 +123,30 @@ def build_parser() -> argparse.ArgumentParser:
                         "(positions x layers x points x width); more is a 400")
     s.add_argument("--workers", type=int, default=2,
                    help="threads for tokenizing, encoding and vector math off the event loop")
+    d = s.add_argument_group("sampling defaults (llama-server's; a request's own fields win)")
+    d.add_argument("-n", "--n-predict", type=int,
+                   help="default and ceiling of the tokens a request generates (-1: no limit)")
+    d.add_argument("--temp", type=float, help="temperature (0 = greedy)")
+    d.add_argument("--top-k", type=int)
+    d.add_argument("--top-p", type=float)
+    d.add_argument("--min-p", type=float)
+    d.add_argument("--seed", type=int, help="-1: random per request")
+    d.add_argument("--repeat-penalty", type=float)
+    t = s.add_mutually_exclusive_group()
+    t.add_argument("--chat-template", metavar="NAME|JINJA",
+                   help="a llama.cpp built-in name (chatml, llama2, llama2-sys, llama3, gemma, "
+                        "phi3, zephyr) or Jinja source, instead of the model's template")
+    t.add_argument("--chat-template-file", type=Path, help="a Jinja chat template file")
+    v = s.add_argument_group("control vectors applied to every request that gives no `steering`")
+    v.add_argument("--control-vector", action="append", default=[], type=Path, metavar="FILE",
+                   help="a llama.cpp control-vector GGUF, at scale 1 (repeat to sum several)")
+    v.add_argument("--control-vector-scaled", action="append", default=[], nargs=2,
+                   metavar=("FILE", "SCALE"), help="a control vector times SCALE")
+    v.add_argument("--control-vector-layer-range", nargs=2, type=int, metavar=("START", "END"),
+                   help="steer only llama.cpp layers START..END (inclusive)")
+    i = s.add_argument_group("llama-server flags accepted and ignored (a log line says why)")
+    for flags, kwargs, why in IGNORED:
+        i.add_argument(*flags, **kwargs, help=f"ignored: {why}")
     return parser
 
 
@@ -250,6 +299,60 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The llama-server flags as ServerConfig fields, checked (ValueError naming the flag)."""
+    from .server.chat import ChatTemplate, template_source
+    from .server.cors import normalize_origins
+    from .server.defaults import SamplingDefaults
+
+    template = None
+    if args.chat_template_file is not None:
+        template = args.chat_template_file.read_text("utf-8")
+    elif args.chat_template is not None:
+        template = template_source(args.chat_template)
+    if template is not None:  # a syntax error stops the server now, not at the first chat
+        try:
+            ChatTemplate(template, "<s>", "</s>")
+        except ValueError as e:
+            name = args.chat_template_file or "--chat-template"
+            raise ValueError(f"{name}: {e}") from None
+    vectors = [(path, 1.0) for path in args.control_vector]
+    for path, scale in args.control_vector_scaled:
+        try:
+            vectors.append((Path(path), float(scale)))
+        except ValueError:
+            raise ValueError(f"--control-vector-scaled {path} {scale}: SCALE must be a "
+                             "number") from None
+    for path, scale in vectors:
+        if not math.isfinite(scale):
+            raise ValueError(f"--control-vector-scaled {path} {scale}: SCALE must be finite")
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such control-vector file")
+    layer_range = args.control_vector_layer_range
+    if layer_range is not None and not 1 <= layer_range[0] <= layer_range[1]:
+        raise ValueError(f"--control-vector-layer-range {layer_range[0]} {layer_range[1]}: "
+                         "expected 1 <= START <= END (llama.cpp's layer numbers)")
+    return {
+        "api_keys": tuple(k.strip() for keys in args.api_key for k in keys.split(",")
+                          if k.strip()),
+        "cors_origins": normalize_origins(args.cors_origin),
+        "sampling": SamplingDefaults.from_flags(args.temp, args.top_k, args.top_p, args.min_p,
+                                                args.seed, args.repeat_penalty, args.n_predict),
+        "chat_template": template,
+        "control_vectors": tuple(vectors),
+        "control_vector_layers": tuple(layer_range) if layer_range is not None else None,
+    }
+
+
+def _log_ignored(args: argparse.Namespace) -> None:
+    log = logging.getLogger("tiller.server")
+    for flags, _, why in IGNORED:
+        # argparse's dest: the first long flag
+        dest = next(f for f in flags if f.startswith("--")).lstrip("-").replace("-", "_")
+        if getattr(args, dest) not in (None, False):
+            log.info("ignoring %s: %s", "/".join(flags), why)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
@@ -265,15 +368,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise TokenizerError(f"{args.tokenizer}: no such tokenizer file")
     if args.alias is None and args.model == BUILTIN_MODEL:
         args.alias = BUILTIN_MODEL.stem
+    options = _serve_options(args)
+    _log_ignored(args)
     config = ServerConfig(model_path=args.model, tokenizer_path=args.tokenizer, dtype=args.dtype,
                           threads=args.threads, parallel=args.parallel, ctx_size=args.ctx_size,
                           max_waiting=args.max_queue, token_budget=args.batch_tokens,
-                          api_keys=tuple(args.api_key), model_alias=args.alias,
+                          model_alias=args.alias,
                           steering_dir=args.steering_dir, steering_store=args.steering_store,
                           steering_max_bytes=args.steering_max_mb * 1024 * 1024,
                           load_progress=progress_bar(delay=LOAD_BAR_DELAY, leave=False),
                           max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-                          max_feature_values=args.max_feature_values, workers=args.workers)
+                          max_feature_values=args.max_feature_values, workers=args.workers,
+                          **options)
     if config.max_body_bytes < 1024:
         raise ValueError("--max-body-mb must allow at least 1 KiB")
     app = create_app(config, on_load_error=_stop_serving)
