@@ -15,7 +15,12 @@ from ..engine.engine import SteeringTerm
 from ..engine.sampling import SamplingParams
 from .chat import ChatTemplateError
 from .errors import ApiError
-from .protocol import ChatCompletionRequest, CompletionRequest, LlamaCompletionRequest
+from .protocol import (
+    ApplyTemplateRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    LlamaCompletionRequest,
+)
 from .runner import GenerationRequest, Runner
 from .state import Model
 from .textstream import normalize_stop
@@ -105,21 +110,29 @@ def chat_prompt(model: Model, body: ChatCompletionRequest,
                 runner: Runner | None = None) -> list[int]:
     """The conversation rendered by the chat template and tokenized; with `runner`, a rendering
     too long for its context is refused before it is tokenized."""
+    text = render_chat(model, body)
+    if runner is not None:
+        check_text_length(model, runner, text, "messages")
+    return model.tokenizer.encode(text, bos=True, special=True)
+
+
+def render_chat(model: Model, body: ChatCompletionRequest | ApplyTemplateRequest,
+                add_generation_prompt: bool = True) -> str:
+    """The conversation as the chat template writes it, without a BOS the template writes
+    first: tokenizing adds BOS (chat, and /completion for /apply-template's text), and
+    templates that write it themselves would get a second one."""
     messages = [m.model_dump(exclude_none=False) for m in body.messages]
     try:
-        text = model.chat_template.render(messages, add_generation_prompt=True,
+        text = model.chat_template.render(messages, add_generation_prompt=add_generation_prompt,
                                           **(body.chat_template_kwargs or {}))
     except ChatTemplateError as e:
         raise ApiError(400, str(e), param="messages") from e
     except TypeError as e:  # a chat_template_kwargs key the template reserves
         raise ApiError(400, f"chat_template_kwargs: {e}", param="chat_template_kwargs") from e
     bos = model.chat_template.bos_token
-    # templates that write BOS themselves would get a second one from the tokenizer; the
-    # special tokens a template writes (<|im_start|>, ...) are tokens, as in llama.cpp
-    text = text.removeprefix(bos) if bos else text
-    if runner is not None:
-        check_text_length(model, runner, text, "messages")
-    return model.tokenizer.encode(text, bos=True, special=True)
+    # NOTE: in chat, the special tokens a template writes (<|im_start|>, ...) are tokens, as in
+    # llama.cpp (chat_prompt tokenizes with special=True)
+    return text.removeprefix(bos) if bos else text
 
 
 def llama_choice(model: Model, runner: Runner, body: LlamaCompletionRequest,
@@ -128,12 +141,19 @@ def llama_choice(model: Model, runner: Runner, body: LlamaCompletionRequest,
     ids = tokenize_prompt(model, body.prompt, runner=runner)
     n_new = max_new_tokens(runner, ids, None if body.n_predict < 0 else body.n_predict,
                            "n_predict")
-    params = sampling(body.temperature, body.top_p, body.top_k, body.min_p,
-                      None if body.seed < 0 else body.seed, body.repeat_penalty,
-                      body.frequency_penalty, body.presence_penalty, body.repeat_last_n)
+    on = body.chain()  # llama.cpp's `samplers`: a sampler left out is not used
+    penalties = "penalties" in on
+    params = sampling(body.temperature if "temperature" in on else 1.0,
+                      body.top_p if "top_p" in on else 1.0, body.top_k if "top_k" in on else 0,
+                      body.min_p if "min_p" in on else 0.0,
+                      None if body.seed < 0 else body.seed,
+                      body.repeat_penalty if penalties else 1.0,
+                      body.frequency_penalty if penalties else 0.0,
+                      body.presence_penalty if penalties else 0.0, body.repeat_last_n)
     stop_ids = frozenset() if body.ignore_eos else model.tokenizer.end_ids
     gen = GenerationRequest(ids, params, n_new, stop_ids,
-                            logprobs=body.n_probs if body.n_probs else None, steering=steering)
+                            logprobs=body.n_probs if body.n_probs else None,
+                            post_sampling_probs=body.post_sampling_probs, steering=steering)
     return Choice((gen, stop_strings(body.stop), False), ids)
 
 
