@@ -24,6 +24,7 @@ from .protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    StreamOptions,
 )
 from .runner import PromptLogprobs
 from .state import STATE, TOKENS, Model
@@ -37,6 +38,19 @@ def _usage(prompt: int, completion: int) -> dict:
 
 def _token_text(model: Model, token: int) -> str:
     return model.tokenizer.piece_bytes(token).decode("utf-8", errors="replace")
+
+
+async def _finish_stream(sse: SSE, finish_chunk: dict | None, options: StreamOptions | None,
+                         usage: dict, timings: dict) -> None:
+    """The end of a stream: the last choice's finish chunk, the usage chunk if asked for, and
+    llama.cpp's `timings` on whichever of them is last; then [DONE]."""
+    assert finish_chunk is not None  # every choice ends with an Outcome
+    last = finish_chunk
+    if options and options.include_usage:
+        await sse.send(finish_chunk)
+        last = {**finish_chunk, "choices": [], "usage": usage}
+    await sse.send({**last, "timings": timings})
+    await sse.send("[DONE]")
 
 
 # /v1/completions ------------------------------------------------------------------------------
@@ -107,6 +121,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
             "system_fingerprint": model.fingerprint}
     outcomes: dict[int, Outcome] = {}
     sse = SSE(request) if body.stream else None
+    finish_chunk: dict | None = None  # held back: llama.cpp's timings go on the last chunk
     if sse:
         await sse.start()
         for i, c in enumerate(choices):
@@ -124,29 +139,32 @@ async def completions(request: web.Request) -> web.StreamResponse:
         elif isinstance(event, Piece):
             fragment = choice.add(event)
             if sse and (event.text or fragment):
-                await sse.send({**head, "choices": [{"index": i, "text": event.text,
-                                                     "logprobs": fragment,
-                                                     "finish_reason": None}]})
+                chunk = {**head, "choices": [{"index": i, "text": event.text,
+                                              "logprobs": fragment, "finish_reason": None}]}
+                if body.timings_per_token:
+                    chunk["timings"] = generations[i].timings()
+                await sse.send(chunk)
         elif isinstance(event, Outcome):
             outcomes[i] = event
             if sse:
-                await sse.send({**head, "choices": [{"index": i, "text": "", "logprobs": None,
-                                                     "finish_reason": event.finish_reason}]})
+                if finish_chunk is not None:
+                    await sse.send(finish_chunk)
+                finish_chunk = {**head, "choices": [{"index": i, "text": "", "logprobs": None,
+                                                     "finish_reason": event.finish_reason}]}
     if sse and sse.failed:
         return sse.response
     prompt_tokens = sum(len(c.prompt_ids) for c in choices[::body.n])
     completion_tokens = sum(o.completion_tokens for o in outcomes.values())
     request[TOKENS] = completion_tokens
     usage = _usage(prompt_tokens, completion_tokens)
+    timings = outcome_timings(outcomes[i] for i in range(len(choices)))
     if sse:
-        if body.stream_options and body.stream_options.include_usage:
-            await sse.send({**head, "choices": [], "usage": usage})
-        await sse.send("[DONE]")
+        await _finish_stream(sse, finish_chunk, body.stream_options, usage, timings)
         return await sse.close()
     return json_response({**head, "choices": [
         {"index": i, "text": c.text, "logprobs": c.logprobs_body(),
          "finish_reason": outcomes[i].finish_reason} for i, c in enumerate(choices)],
-        "usage": usage})
+        "usage": usage, "timings": timings})
 
 
 # /v1/chat/completions -------------------------------------------------------------------------
@@ -228,13 +246,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     usage = _usage(len(ids), completion_tokens)
     timings = outcome_timings(outcomes[i] for i in range(body.n))
     if sse:
-        assert finish_chunk is not None
-        last = finish_chunk
-        if body.stream_options and body.stream_options.include_usage:
-            await sse.send(finish_chunk)
-            last = {**chunk_head, "choices": [], "usage": usage}
-        await sse.send({**last, "timings": timings})
-        await sse.send("[DONE]")
+        await _finish_stream(sse, finish_chunk, body.stream_options, usage, timings)
         return await sse.close()
     return json_response({**head, "object": "chat.completion", "choices": [
         {"index": i, "message": {"role": "assistant", "content": c.text},

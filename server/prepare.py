@@ -9,6 +9,7 @@ for the context by its length alone is refused before it is tokenized (`check_te
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, NamedTuple, cast
 
 from ..engine.engine import SteeringTerm
@@ -50,9 +51,10 @@ def completion_choices(model: Model, runner: Runner, body: CompletionRequest,
         if body.echo:
             echo = prompt if isinstance(prompt, str) else model.tokenizer.decode(ids)
         for j in range(body.n):
-            params = sampling(body.temperature, body.top_p, body.top_k, body.min_p,
-                              choice_seed(body.seed, j), body.repetition_penalty,
-                              body.frequency_penalty, body.presence_penalty)
+            params = chained(sampling(body.temperature, body.top_p, body.top_k, body.min_p,
+                                      choice_seed(body.seed, j), body.repetition_penalty,
+                                      body.frequency_penalty, body.presence_penalty),
+                             body.chain())
             gen = GenerationRequest(ids, params, n_new, model.tokenizer.end_ids,
                                     logprobs=body.logprobs,
                                     prompt_logprobs=body.echo and body.logprobs is not None,
@@ -84,9 +86,9 @@ def chat_choices(model: Model, runner: Runner, body: ChatCompletionRequest,
     top_n = (body.top_logprobs or 0) if body.logprobs else None
     choices = []
     for j in range(body.n):
-        params = sampling(body.temperature, body.top_p, body.top_k, body.min_p,
-                          choice_seed(body.seed, j), body.repetition_penalty,
-                          body.frequency_penalty, body.presence_penalty)
+        params = chained(sampling(body.temperature, body.top_p, body.top_k, body.min_p,
+                                  choice_seed(body.seed, j), body.repetition_penalty,
+                                  body.frequency_penalty, body.presence_penalty), body.chain())
         gen = GenerationRequest(ids, params, n_new, model.tokenizer.end_ids,
                                 logprobs=top_n, steering=steering)
         choices.append(Choice((gen, stop, False), ids))
@@ -141,15 +143,10 @@ def llama_choice(model: Model, runner: Runner, body: LlamaCompletionRequest,
     ids = tokenize_prompt(model, body.prompt, runner=runner)
     n_new = max_new_tokens(runner, ids, None if body.n_predict < 0 else body.n_predict,
                            "n_predict")
-    on = body.chain()  # llama.cpp's `samplers`: a sampler left out is not used
-    penalties = "penalties" in on
-    params = sampling(body.temperature if "temperature" in on else 1.0,
-                      body.top_p if "top_p" in on else 1.0, body.top_k if "top_k" in on else 0,
-                      body.min_p if "min_p" in on else 0.0,
-                      None if body.seed < 0 else body.seed,
-                      body.repeat_penalty if penalties else 1.0,
-                      body.frequency_penalty if penalties else 0.0,
-                      body.presence_penalty if penalties else 0.0, body.repeat_last_n)
+    params = chained(sampling(body.temperature, body.top_p, body.top_k, body.min_p,
+                              None if body.seed < 0 else body.seed, body.repeat_penalty,
+                              body.frequency_penalty, body.presence_penalty,
+                              body.repeat_last_n), body.chain())
     stop_ids = frozenset() if body.ignore_eos else model.tokenizer.end_ids
     gen = GenerationRequest(ids, params, n_new, stop_ids,
                             logprobs=body.n_probs if body.n_probs else None,
@@ -251,6 +248,20 @@ def sampling(temperature: float, top_p: float, top_k: int, min_p: float, seed: i
     except ValueError as e:  # the message starts with the field's name
         field = str(e).split(" ", 1)[0]
         raise ApiError(400, str(e), param=field if field.isidentifier() else None) from e
+
+
+# what turns each of tiller's samplers off, by llama.cpp's name (protocol.LLAMA_CHAIN)
+_OFF: dict[str, dict[str, Any]] = {
+    "penalties": {"repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0},
+    "top_k": {"top_k": 0}, "top_p": {"top_p": 1.0}, "min_p": {"min_p": 0.0},
+    "temperature": {"temperature": 1.0}}
+
+
+def chained(params: SamplingParams, chain: tuple[str, ...]) -> SamplingParams:
+    """llama.cpp's `samplers`: a sampler left out of the chain is not used (without
+    `temperature`, the draw is at temperature 1)."""
+    off = {k: v for name, fields in _OFF.items() if name not in chain for k, v in fields.items()}
+    return replace(params, **off) if off else params
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:

@@ -59,7 +59,52 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingFields(_Body):
+# tiller's sampler chain, in its order (engine/sampling.py), by llama.cpp's sampler names
+LLAMA_CHAIN = ("penalties", "top_k", "top_p", "min_p", "temperature")
+# llama.cpp's samplers tiller does not have: harmless in `samplers` while their fields are off
+ABSENT_SAMPLERS = ("dry", "top_n_sigma", "typ_p", "xtc")
+# llama.cpp's one-letter names (a `samplers` string such as "edkypmxt")
+SAMPLER_CHARS = {"e": "penalties", "d": "dry", "s": "top_n_sigma", "k": "top_k", "y": "typ_p",
+                 "p": "top_p", "m": "min_p", "x": "xtc", "t": "temperature"}
+# llama.cpp's fields of samplers and features tiller lacks, at the values that turn them off
+LLAMA_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "dynatemp_range": (0,), "typical_p": (1,), "dry_multiplier": (0,), "xtc_probability": (0,),
+    "top_n_sigma": (-1,), "mirostat": (0,), "min_keep": (0, 1), "n_indent": (0,),
+    "t_max_predict_ms": (0,), "n_cmpl": (1,)}
+
+
+class LlamaFields(_Body):
+    """llama-server's fields that every generating endpoint of it takes (its web UI sends them
+    to /v1/chat/completions too): `samplers`, `timings_per_token`, and the fields of samplers
+    tiller lacks, accepted only at the values that turn them off."""
+
+    neutral = LLAMA_NEUTRAL
+    samplers: list[str] | str | None = None
+    timings_per_token: bool = False  # `timings` in every streamed chunk
+
+    @field_validator("samplers")
+    @classmethod
+    def _known_samplers(cls, v: list[str] | str | None) -> list[str] | str | None:
+        names = [SAMPLER_CHARS.get(c, c) for c in v] if isinstance(v, str) else v or []
+        for name in names:
+            if name not in LLAMA_CHAIN and name not in ABSENT_SAMPLERS:
+                raise ValueError(f"samplers: unknown sampler {name!r} (llama.cpp's names: "
+                                 f"{', '.join(LLAMA_CHAIN + ABSENT_SAMPLERS)})")
+        chain = [n for n in names if n in LLAMA_CHAIN]
+        if len(set(chain)) < len(chain) or chain != sorted(chain, key=LLAMA_CHAIN.index):
+            raise ValueError(f"samplers: {', '.join(chain)}: this server applies its samplers "
+                             f"once each, in the order {', '.join(LLAMA_CHAIN)}")
+        return v
+
+    def chain(self) -> tuple[str, ...]:
+        """The samplers that run: `samplers` (llama.cpp: one left out is not used) or all."""
+        if self.samplers is None:
+            return LLAMA_CHAIN
+        names = {SAMPLER_CHARS.get(c, c) for c in self.samplers}
+        return tuple(n for n in LLAMA_CHAIN if n in names)
+
+
+class SamplingFields(LlamaFields):
     """Sampling fields shared by the OpenAI-style endpoints (with llama.cpp/vLLM extensions)."""
 
     temperature: float = Field(1.0, ge=0.0, le=100.0, allow_inf_nan=False)
@@ -110,7 +155,6 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     chat_template_kwargs: dict[str, Any] | None = None
-    timings_per_token: bool = False  # llama.cpp's: `timings` in every streamed chunk
     steering: Steering = []
 
 
@@ -127,26 +171,11 @@ class ApplyTemplateResponse(BaseModel):
     prompt: str
 
 
-# tiller's sampler chain, in its order (engine/sampling.py), by llama.cpp's sampler names
-LLAMA_CHAIN = ("penalties", "top_k", "top_p", "min_p", "temperature")
-# llama.cpp's samplers tiller does not have: harmless in `samplers` while their fields are off
-ABSENT_SAMPLERS = ("dry", "top_n_sigma", "typ_p", "xtc")
-# llama.cpp's one-letter names (a `samplers` string such as "edkypmxt")
-SAMPLER_CHARS = {"e": "penalties", "d": "dry", "s": "top_n_sigma", "k": "top_k", "y": "typ_p",
-                 "p": "top_p", "m": "min_p", "x": "xtc", "t": "temperature"}
-# llama.cpp's fields of samplers and features tiller lacks, at the values that turn them off
-LLAMA_NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "dynatemp_range": (0,), "typical_p": (1,), "dry_multiplier": (0,), "xtc_probability": (0,),
-    "top_n_sigma": (-1,), "mirostat": (0,), "min_keep": (0, 1), "n_indent": (0,),
-    "t_max_predict_ms": (0,), "n_cmpl": (1,)}
-
-
-class LlamaCompletionRequest(_Body):
+class LlamaCompletionRequest(LlamaFields):
     """llama.cpp's POST /completion, with its defaults."""
 
     unsupported = ("logit_bias", "grammar", "json_schema", "lora", "response_fields",
                    "return_progress", "multimodal_data")
-    neutral = LLAMA_NEUTRAL
     prompt: str | Annotated[list[int | str], Field(min_length=1)]
     n_predict: int = Field(-1, ge=-1)
     temperature: float = Field(0.8, ge=0.0, le=100.0, allow_inf_nan=False)
@@ -168,30 +197,7 @@ class LlamaCompletionRequest(_Body):
     cache_prompt: bool = True
     id_slot: int = Field(-1, ge=-1)  # no slot keeps anything between requests: any is the same
     return_tokens: bool = False
-    timings_per_token: bool = False
-    samplers: list[str] | str | None = None
     steering: Steering = []
-
-    @field_validator("samplers")
-    @classmethod
-    def _known_samplers(cls, v: list[str] | str | None) -> list[str] | str | None:
-        names = [SAMPLER_CHARS.get(c, c) for c in v] if isinstance(v, str) else v or []
-        for name in names:
-            if name not in LLAMA_CHAIN and name not in ABSENT_SAMPLERS:
-                raise ValueError(f"samplers: unknown sampler {name!r} (llama.cpp's names: "
-                                 f"{', '.join(LLAMA_CHAIN + ABSENT_SAMPLERS)})")
-        chain = [n for n in names if n in LLAMA_CHAIN]
-        if len(set(chain)) < len(chain) or chain != sorted(chain, key=LLAMA_CHAIN.index):
-            raise ValueError(f"samplers: {', '.join(chain)}: this server applies its samplers "
-                             f"once each, in the order {', '.join(LLAMA_CHAIN)}")
-        return v
-
-    def chain(self) -> tuple[str, ...]:
-        """The samplers that run: `samplers` (llama.cpp: one left out is not used) or all."""
-        if self.samplers is None:
-            return LLAMA_CHAIN
-        names = {SAMPLER_CHARS.get(c, c) for c in self.samplers}
-        return tuple(n for n in LLAMA_CHAIN if n in names)
 
 
 class TokenizeRequest(_Body):
@@ -246,6 +252,7 @@ class CompletionResponse(BaseModel):
     system_fingerprint: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    timings: Timings | None = None  # llama.cpp's
 
 
 class ChatDelta(BaseModel):

@@ -115,6 +115,19 @@ async def test_chat_timings_whole_last_chunk_and_per_token(client):
     assert "timings" not in events[-3]  # the finish chunk, no longer the last one
 
 
+async def test_openai_completion_timings(client):
+    request = {"prompt": "Once upon a time", "max_tokens": 5, "temperature": 0, "n": 2}
+    whole = await post(client, "/v1/completions", request)
+    # two choices, each its own sequence: counts summed over them
+    check_timings(whole["timings"], 10, whole["usage"]["completion_tokens"])
+    events = await sse_events(await client.post("/v1/completions", json={
+        **request, "stream": True, "timings_per_token": True}))
+    text = [e for e in events[:-2] if e["choices"][0]["text"]]
+    assert text and all(e["timings"]["prompt_n"] == 5 for e in text)
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+    check_timings(events[-2]["timings"], 10, 10)
+
+
 # prompts of token ids and strings ---------------------------------------------------------------
 
 @pytest.mark.parametrize("prompt,evaluated", [
@@ -260,8 +273,22 @@ async def test_samplers_choose_the_chain(client):
         assert same["content"] == full["content"]
     only = await post(client, "/completion", {**request, "samplers": ["top_k", "temperature"]})
     off = await post(client, "/completion", {**request, "top_p": 1.0, "min_p": 0.0})
-    assert only["content"] == off["content"]
+    assert only["content"] == off["content"] != full["content"]
     assert only["generation_settings"]["samplers"] == ["top_k", "temperature"]
+
+
+async def test_samplers_and_off_fields_in_chat(client):
+    request = {"messages": CHAT, "max_tokens": 12, "seed": 4, "temperature": 1.2, "top_k": 6,
+               "top_p": 0.5}
+    only = await post(client, "/v1/chat/completions", {**request, "samplers": "kt",
+                                                       "typical_p": 1, "dry_multiplier": 0})
+    off = await post(client, "/v1/chat/completions", {**request, "top_p": 1.0})
+    full = await post(client, "/v1/chat/completions", request)
+    assert only["choices"][0]["message"] == off["choices"][0]["message"] != \
+        full["choices"][0]["message"]
+    error = (await post(client, "/v1/chat/completions", {**request, "typical_p": 0.5},
+                        status=400))["error"]
+    assert error["param"] == "typical_p"
 
 
 @pytest.mark.parametrize("fields,param,fragment", [
