@@ -61,7 +61,7 @@ async def completion(request: web.Request) -> web.StreamResponse:
                 probs.append(entry)
             if sse and (event.text or entry):
                 chunk: dict = {"content": event.text, "tokens": [] if event.token is None
-                               else [event.token], "stop": False, "id_slot": 0,
+                               else [event.token], "stop": False, "id_slot": max(body.id_slot, 0),
                                "tokens_predicted": generation.n_tokens,
                                "tokens_evaluated": len(ids)}
                 if entry:

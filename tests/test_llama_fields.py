@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from tiller.server.app import ServerConfig, create_app, load_model
+from tiller.server.generation import _llama_text
 
 from tests.test_server import GOLDEN_TEXT, post, sse_events
 
@@ -178,6 +179,14 @@ async def test_n_probs_in_llama_cpps_shape(client, model):
         assert top[0]["id"] == entry["id"] and top[0]["logprob"] == entry["logprob"]  # greedy
         assert np.exp([t["logprob"] for t in top]).sum() <= 1 + 1e-6
     assert "".join(e["token"] for e in probs) == body["content"]
+
+
+@pytest.mark.parametrize("raw,text", [
+    (b"\xc3", ""), (b"a\xe2\x82", "a"), (b"\xc3\xa1", "\u00e1"), (b"\xa1", "\ufffd"),
+    (b"ab", "ab"), (b"\xf0\x9f\x98", ""), (b"\xf0\x9f\x98\x80", "\U0001f600"),
+])
+def test_token_text_cuts_an_incomplete_character_at_its_end(raw, text):
+    assert _llama_text(raw) == text
 
 
 async def test_post_sampling_probs_are_the_samplers_distribution(client):
