@@ -273,16 +273,21 @@ def _draw_in_id_order(logits: np.ndarray, temperature: float, u: float) -> int:
     token, and id order needs no sort -- O(vocab) instead of a sort of the whole vocabulary,
     which a flat distribution (an untrained or high-temperature model) would otherwise cost.
     """
-    top = logits.max()
-    if top == -np.inf:
+    if logits.max() == -np.inf:
         raise ValueError("all logits are -inf: no token can be sampled")
-    with np.errstate(over="ignore"):  # a tiny temperature: -inf, a weight of 0 (as it should)
-        shifted = (logits.astype(np.float64) - np.float64(top)) / temperature
-    running = np.cumsum(np.exp(shifted))
+    w = _weights(logits, temperature)
+    running = np.cumsum(w)
     i = int(np.searchsorted(running, u * running[-1], side="right"))
     if i >= running.size:  # rounding left the sum short of u * total: the last token with weight
-        i = int(np.flatnonzero(np.exp(shifted) > 0)[-1])
+        i = int(np.flatnonzero(w > 0)[-1])
     return i
+
+
+def _weights(vals: np.ndarray, temperature: float) -> np.ndarray:
+    """Unnormalized float64 softmax weights of `vals` at `temperature` (the largest is 1): the
+    one formula both the draw and `sampling_probs` use."""
+    with np.errstate(over="ignore"):  # a tiny temperature: -inf, a weight of 0 (as it should)
+        return np.exp((vals.astype(np.float64) - np.float64(vals.max())) / temperature)
 
 
 def sample_token(logits: np.ndarray, params: SamplingParams, u: float) -> int:
@@ -301,8 +306,7 @@ def sample_token(logits: np.ndarray, params: SamplingParams, u: float) -> int:
     if _unfiltered(params, logits.size):
         return _draw_in_id_order(logits, params.temperature, u)
     ids, vals, is_sorted = _filter(logits, params)
-    with np.errstate(over="ignore"):  # a tiny temperature: -inf, a weight of 0 (as it should)
-        w = np.exp((vals.astype(np.float64) - np.float64(vals.max())) / params.temperature)
+    w = _weights(vals, params.temperature)
     order, i = _first_passing(vals, w, u * w.sum(), vals.size, strict=True,
                               is_sorted=is_sorted)
     if i < 0:
@@ -311,6 +315,36 @@ def sample_token(logits: np.ndarray, params: SamplingParams, u: float) -> int:
         i = int(np.count_nonzero(w[order] > 0)) - 1
     pos = int(order[i])
     return pos if ids is None else int(ids[pos])
+
+
+def sampling_probs(logits: np.ndarray, params: SamplingParams, token: int, n: int
+                   ) -> tuple[float, list[tuple[int, float]]]:
+    """The distribution `sample_token` draws from, for llama.cpp's `post_sampling_probs`:
+    `token`'s probability and the n most probable candidates as (id, prob), most probable first.
+
+    Takes already-penalized logits. The candidates are the survivors of top_k, top_p and min_p,
+    weighted at the request's temperature and normalized over the survivors alone; tokens the
+    draw can never pick (filtered out, or of weight 0) are not listed and have probability 0.
+    Greedy is the limit of temperature -> 0: the argmax alone, with probability 1.
+    """
+    if not _is_int(n) or n < 0:
+        raise ValueError(f"n must be a non-negative integer, got {n!r}")
+    logits = _check_logits(logits)
+    if params.greedy:
+        best = sample_token(logits, params, 0.0)
+        return float(token == best), [(best, 1.0)][:n]
+    ids, vals, is_sorted = _filter(logits, params)
+    w = _weights(vals, params.temperature)
+    total = w.sum()
+    m = min(n, int(np.count_nonzero(w > 0)))
+    order = np.arange(m) if is_sorted or m == 0 else _top_order(vals, m)
+    top = [(int(pos if ids is None else ids[pos]), float(w[pos] / total)) for pos in order]
+    if ids is None:
+        pos = token if 0 <= token < vals.size else -1
+    else:
+        found = np.flatnonzero(ids == token)
+        pos = int(found[0]) if found.size else -1
+    return (float(w[pos] / total) if pos >= 0 else 0.0), top
 
 
 class Sampler:
@@ -333,6 +367,13 @@ class Sampler:
         if self.params.greedy:
             return sample_token(logits, self.params, 0.0)
         return sample_token(logits, self.params, float(self.rng.random()))
+
+    def probs(self, logits: np.ndarray, token: int, n: int
+              ) -> tuple[float, list[tuple[int, float]]]:
+        """`sampling_probs` for the logits `sample` was just given: call it before `accept`,
+        so that the penalties are the ones the draw saw."""
+        logits = apply_penalties(logits, self.params, self._tokens[: self._n], self.n_prompt)
+        return sampling_probs(logits, self.params, token, n)
 
     def accept(self, token: int) -> None:
         """Record a generated token in the penalty context."""

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,8 @@ class Piece:
     logprob: float | None = None
     top: list[tuple[int, float]] | None = None
     text_offset: int = 0
+    prob: float | None = None  # post_sampling_probs (TokenEvent's)
+    top_probs: list[tuple[int, float]] | None = None
 
 
 @dataclass
@@ -73,6 +76,18 @@ class Generation:
         self.handle = runner.submit(request)
         self.stream = TextStream(tokenizer, stop, at_start=at_start)
         self.done = False
+        # NOTE: the handler's own clock, for timings while the request runs (timings_per_token);
+        # the final timings are the engine thread's, from Finished
+        self.t_submit = time.perf_counter()
+        self.t_first: float | None = None
+        self.n_tokens = 0
+
+    def timings(self) -> dict:
+        """llama.cpp's `timings` so far: the prompt until the first token, generation since."""
+        now = time.perf_counter()
+        first = self.t_first or now
+        return timings(len(self.request.prompt), self.n_tokens, first - self.t_submit,
+                       now - first)
 
     def cancel(self) -> None:
         if not self.done:
@@ -81,7 +96,6 @@ class Generation:
 
     async def events(self) -> AsyncGenerator[Piece | PromptLogprobs | Captured | Outcome, None]:
         stream, request, handle = self.stream, self.request, self.handle
-        n_tokens = 0
         eos = False
         try:
             while True:
@@ -91,13 +105,16 @@ class Generation:
                 elif isinstance(event, TokenEvent):
                     if stream.stopped:
                         continue  # sampled before the runner heard about the stop string
-                    n_tokens += 1
+                    self.n_tokens += 1
+                    if self.t_first is None:
+                        self.t_first = time.perf_counter()
                     if event.token in request.stop_ids:
                         eos = True
                         continue
                     delta = stream.push(event.token)
                     offset = stream.text_offset[-1]
-                    yield Piece(event.token, delta.text, event.logprob, event.top, offset)
+                    yield Piece(event.token, delta.text, event.logprob, event.top, offset,
+                                event.prob, event.top_probs)
                     if delta.stopped:
                         self.runner.finish(handle.id)
                 elif isinstance(event, Finished):
@@ -115,7 +132,7 @@ class Generation:
                         finish, stop_type, word = "stop", "eos", ""
                     else:
                         finish, stop_type, word = "length", "limit", ""
-                    yield Outcome(finish, stop_type, word, event.prompt_tokens, n_tokens,
+                    yield Outcome(finish, stop_type, word, event.prompt_tokens, self.n_tokens,
                                   event.prompt_seconds, event.generate_seconds, event.seed,
                                   stream.text)
                     return
@@ -228,13 +245,65 @@ async def collect_states(model: Model, runner: Runner, prompts: list[list[int]],
                      np.concatenate([c.final for c in p]) if final else None) for p in parts]
 
 
-def token_logprobs(tokenizer: Tokenizer, piece: Piece, with_ids: bool = False) -> dict:
+# timings and probabilities, in the shapes clients read ---------------------------------------
+
+def timings(prompt_n: int, predicted_n: int, prompt_seconds: float,
+            predicted_seconds: float) -> dict:
+    """llama.cpp's `timings` object."""
+    pms, gms = prompt_seconds * 1000, predicted_seconds * 1000
+    return {"prompt_n": prompt_n, "prompt_ms": pms,
+            "prompt_per_token_ms": pms / prompt_n if prompt_n else 0.0,
+            "prompt_per_second": prompt_n / prompt_seconds if prompt_seconds else 0.0,
+            "predicted_n": predicted_n, "predicted_ms": gms,
+            "predicted_per_token_ms": gms / predicted_n if predicted_n else 0.0,
+            "predicted_per_second": predicted_n / predicted_seconds if predicted_seconds
+            else 0.0}
+
+
+def outcome_timings(outcomes: Iterable[Outcome]) -> dict:
+    """The timings of a finished request. NOTE: with n choices (each its own sequence, its
+    prompt computed for each), counts and times are summed over the choices: the rates are per
+    sequence, as one choice's would be."""
+    done = list(outcomes)
+    return timings(sum(o.prompt_tokens for o in done), sum(o.completion_tokens for o in done),
+                   sum(o.prompt_seconds for o in done), sum(o.generate_seconds for o in done))
+
+
+def token_logprobs(tokenizer: Tokenizer, piece: Piece) -> dict:
     """A sampled token's logprob entry with its top alternatives, in the shape OpenAI's chat
-    logprobs use ({token, logprob, bytes, top_logprobs}); llama.cpp's adds each token's id."""
+    logprobs use ({token, logprob, bytes, top_logprobs})."""
     def entry(token: int, lp: float | None) -> dict:
         raw = tokenizer.piece_bytes(token)
-        out = {"token": raw.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(raw)}
-        return {"id": token, **out} if with_ids else out
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(raw)}
     assert piece.token is not None
     return {**entry(piece.token, piece.logprob),
             "top_logprobs": [entry(t, lp) for t, lp in piece.top or []]}
+
+
+def llama_probs(tokenizer: Tokenizer, piece: Piece, post_sampling: bool) -> dict:
+    """One entry of llama.cpp's `completion_probabilities`: {id, token, bytes, logprob,
+    top_logprobs} (the model's distribution), or with `post_sampling` {id, token, bytes, prob,
+    top_probs} (the distribution the sampler chain drew from)."""
+    def entry(token: int, value: float | None) -> dict:
+        raw = tokenizer.piece_bytes(token)
+        return {"id": token, "token": _llama_text(raw), "bytes": list(raw),
+                ("prob" if post_sampling else "logprob"): value}
+    assert piece.token is not None
+    if post_sampling:
+        return {**entry(piece.token, piece.prob),
+                "top_probs": [entry(t, p) for t, p in piece.top_probs or []]}
+    return {**entry(piece.token, piece.logprob),
+            "top_logprobs": [entry(t, lp) for t, lp in piece.top or []]}
+
+
+def _llama_text(raw: bytes) -> str:
+    """A token's text as llama.cpp sends it: a UTF-8 sequence left incomplete at its end is cut
+    off (its validate_utf8), other invalid bytes are replaced; `bytes` keeps them all."""
+    end = len(raw)
+    for i in range(1, min(4, len(raw)) + 1):
+        c = raw[-i]
+        need = 2 if c & 0xE0 == 0xC0 else 3 if c & 0xF0 == 0xE0 else 4 if c & 0xF8 == 0xF0 else 0
+        if i < need:
+            end = len(raw) - i
+            break
+    return raw[:end].decode("utf-8", errors="replace")

@@ -1,4 +1,5 @@
-"""llama.cpp-compatible routes: /completion, /tokenize, /detokenize, /props, /slots."""
+"""llama.cpp-compatible routes: /completion, /tokenize, /detokenize, /apply-template, /props,
+/slots."""
 
 from __future__ import annotations
 
@@ -6,11 +7,20 @@ from aiohttp import web
 
 from .. import __version__
 from .errors import ApiError
-from .generation import Outcome, Piece, merged, start_generations, token_logprobs
+from .generation import (
+    Outcome,
+    Piece,
+    llama_probs,
+    merged,
+    outcome_timings,
+    start_generations,
+)
 from .http import SSE, encode_json, json_bytes, json_response, read_body
 from .openapi import operation
-from .prepare import llama_choice
+from .prepare import llama_choice, render_chat
 from .protocol import (
+    ApplyTemplateRequest,
+    ApplyTemplateResponse,
     DetokenizeRequest,
     DetokenizeResponse,
     LlamaCompletionRequest,
@@ -22,22 +32,15 @@ from .state import STATE, TOKENS, Model
 from .steering_service import request_steering
 
 
-def _timings(o: Outcome) -> dict:
-    pn, gn = o.prompt_tokens, o.completion_tokens
-    pms, gms = o.prompt_seconds * 1000, o.generate_seconds * 1000
-    return {"prompt_n": pn, "prompt_ms": pms, "prompt_per_token_ms": pms / pn if pn else 0.0,
-            "prompt_per_second": pn / o.prompt_seconds if o.prompt_seconds else 0.0,
-            "predicted_n": gn, "predicted_ms": gms,
-            "predicted_per_token_ms": gms / gn if gn else 0.0,
-            "predicted_per_second": gn / o.generate_seconds if o.generate_seconds else 0.0}
-
-
 @operation("llama.cpp completion", LlamaCompletionRequest, LlamaCompletionResponse,
            stream=True)
 async def completion(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     model, runner = state.ready()
     body = state.config.sampling.fill(await read_body(request, LlamaCompletionRequest))
+    if body.id_slot >= state.config.parallel:
+        raise ApiError(400, f"id_slot: {body.id_slot} is no slot of this server (0.."
+                       f"{state.config.parallel - 1}, or -1 for any)", param="id_slot")
     steering = await request_steering(state, body)
     choice = await state.run(llama_choice, model, runner, body, steering)
     (generation,) = start_generations(model, runner, [choice.spec])
@@ -54,14 +57,17 @@ async def completion(request: web.Request) -> web.StreamResponse:
                 tokens.append(event.token)
             entry = None
             if body.n_probs and event.token is not None:
-                entry = token_logprobs(model.tokenizer, event, with_ids=True)
-            if entry:
+                entry = llama_probs(model.tokenizer, event, body.post_sampling_probs)
                 probs.append(entry)
             if sse and (event.text or entry):
-                chunk = {"content": event.text, "tokens": [event.token] if event.token else [],
-                         "stop": False}
+                chunk: dict = {"content": event.text, "tokens": [] if event.token is None
+                               else [event.token], "stop": False, "id_slot": max(body.id_slot, 0),
+                               "tokens_predicted": generation.n_tokens,
+                               "tokens_evaluated": len(ids)}
                 if entry:
                     chunk["completion_probabilities"] = [entry]
+                if body.timings_per_token:
+                    chunk["timings"] = generation.timings()
                 await sse.send(chunk)
         elif isinstance(event, Outcome):
             outcome = event
@@ -69,14 +75,15 @@ async def completion(request: web.Request) -> web.StreamResponse:
         return sse.response
     assert outcome is not None
     request[TOKENS] = outcome.completion_tokens
-    final = {"content": "" if sse else content, "tokens": [] if sse else tokens,
-             "id_slot": 0, "stop": True, "model": model.name,
+    final = {"content": "" if sse else content,
+             "tokens": tokens if body.return_tokens and not sse else [],
+             "id_slot": max(body.id_slot, 0), "stop": True, "model": model.name,
              "tokens_predicted": outcome.completion_tokens, "tokens_evaluated": len(ids),
              "generation_settings": _settings(body, n_new, outcome.seed),
              "prompt": model.tokenizer.decode(ids), "has_new_line": "\n" in content,
              "truncated": False, "stop_type": outcome.stop_type,
              "stopping_word": outcome.stopping_word, "tokens_cached": len(ids) + len(tokens),
-             "timings": _timings(outcome)}
+             "timings": outcome_timings([outcome])}
     if body.n_probs and not sse:
         final["completion_probabilities"] = probs
     if sse:
@@ -91,7 +98,19 @@ def _settings(body: LlamaCompletionRequest, n_predict: int, seed: int) -> dict:
             "repeat_penalty": body.repeat_penalty, "repeat_last_n": body.repeat_last_n,
             "presence_penalty": body.presence_penalty,
             "frequency_penalty": body.frequency_penalty, "stop": body.stop,
-            "n_probs": body.n_probs, "ignore_eos": body.ignore_eos}
+            "n_probs": body.n_probs, "ignore_eos": body.ignore_eos,
+            "post_sampling_probs": body.post_sampling_probs,
+            "timings_per_token": body.timings_per_token, "samplers": list(body.chain())}
+
+
+@operation("llama.cpp apply-template: the chat template's rendering of a conversation",
+           ApplyTemplateRequest, ApplyTemplateResponse)
+async def apply_template(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    model, _ = state.ready()
+    body = await read_body(request, ApplyTemplateRequest)
+    prompt = await state.run(render_chat, model, body, body.add_generation_prompt)
+    return json_response({"prompt": prompt})
 
 
 def _tokens(model: Model, body: TokenizeRequest) -> bytes:
@@ -185,5 +204,6 @@ def add_routes(router: web.UrlDispatcher) -> None:
     router.add_post("/completions", completion)
     router.add_post("/tokenize", tokenize)
     router.add_post("/detokenize", detokenize)
+    router.add_post("/apply-template", apply_template)
     router.add_get("/props", props)
     router.add_get("/slots", slots)

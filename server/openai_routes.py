@@ -8,7 +8,14 @@ from typing import Any
 
 from aiohttp import web
 
-from .generation import Outcome, Piece, merged, start_generations, token_logprobs
+from .generation import (
+    Outcome,
+    Piece,
+    merged,
+    outcome_timings,
+    start_generations,
+    token_logprobs,
+)
 from .http import SSE, json_response, read_body
 from .openapi import operation
 from .prepare import chat_choices, completion_choices
@@ -17,6 +24,7 @@ from .protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    StreamOptions,
 )
 from .runner import PromptLogprobs
 from .state import STATE, TOKENS, Model
@@ -30,6 +38,19 @@ def _usage(prompt: int, completion: int) -> dict:
 
 def _token_text(model: Model, token: int) -> str:
     return model.tokenizer.piece_bytes(token).decode("utf-8", errors="replace")
+
+
+async def _finish_stream(sse: SSE, finish_chunk: dict | None, options: StreamOptions | None,
+                         usage: dict, timings: dict) -> None:
+    """The end of a stream: the last choice's finish chunk, the usage chunk if asked for, and
+    llama.cpp's `timings` on whichever of them is last; then [DONE]."""
+    assert finish_chunk is not None  # every choice ends with an Outcome
+    last = finish_chunk
+    if options and options.include_usage:
+        await sse.send(finish_chunk)
+        last = {**finish_chunk, "choices": [], "usage": usage}
+    await sse.send({**last, "timings": timings})
+    await sse.send("[DONE]")
 
 
 # /v1/completions ------------------------------------------------------------------------------
@@ -100,6 +121,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
             "system_fingerprint": model.fingerprint}
     outcomes: dict[int, Outcome] = {}
     sse = SSE(request) if body.stream else None
+    finish_chunk: dict | None = None  # held back: llama.cpp's timings go on the last chunk
     if sse:
         await sse.start()
         for i, c in enumerate(choices):
@@ -117,32 +139,61 @@ async def completions(request: web.Request) -> web.StreamResponse:
         elif isinstance(event, Piece):
             fragment = choice.add(event)
             if sse and (event.text or fragment):
-                await sse.send({**head, "choices": [{"index": i, "text": event.text,
-                                                     "logprobs": fragment,
-                                                     "finish_reason": None}]})
+                chunk = {**head, "choices": [{"index": i, "text": event.text,
+                                              "logprobs": fragment, "finish_reason": None}]}
+                if body.timings_per_token:
+                    chunk["timings"] = generations[i].timings()
+                await sse.send(chunk)
         elif isinstance(event, Outcome):
             outcomes[i] = event
             if sse:
-                await sse.send({**head, "choices": [{"index": i, "text": "", "logprobs": None,
-                                                     "finish_reason": event.finish_reason}]})
+                if finish_chunk is not None:
+                    await sse.send(finish_chunk)
+                finish_chunk = {**head, "choices": [{"index": i, "text": "", "logprobs": None,
+                                                     "finish_reason": event.finish_reason}]}
     if sse and sse.failed:
         return sse.response
     prompt_tokens = sum(len(c.prompt_ids) for c in choices[::body.n])
     completion_tokens = sum(o.completion_tokens for o in outcomes.values())
     request[TOKENS] = completion_tokens
     usage = _usage(prompt_tokens, completion_tokens)
+    timings = outcome_timings(outcomes[i] for i in range(len(choices)))
     if sse:
-        if body.stream_options and body.stream_options.include_usage:
-            await sse.send({**head, "choices": [], "usage": usage})
-        await sse.send("[DONE]")
+        await _finish_stream(sse, finish_chunk, body.stream_options, usage, timings)
         return await sse.close()
     return json_response({**head, "choices": [
         {"index": i, "text": c.text, "logprobs": c.logprobs_body(),
          "finish_reason": outcomes[i].finish_reason} for i, c in enumerate(choices)],
-        "usage": usage})
+        "usage": usage, "timings": timings})
 
 
 # /v1/chat/completions -------------------------------------------------------------------------
+
+
+class _ChatChoice:
+    """One chat choice's text and logprobs. A token's logprob entry goes out with the chunk that
+    carries its text: text held back (a partial UTF-8 character, the start of a stop string)
+    keeps its tokens' entries pending until it is released, so every chunk with content has
+    the logprobs of exactly the tokens it completes, and tokens whose text a stop string cut
+    away are reported neither streamed nor whole."""
+
+    def __init__(self, model: Model, logprobs: bool) -> None:
+        self.model = model
+        self.logprobs = logprobs
+        self.text = ""
+        self.entries: list[dict] = []
+        self.pending: list[dict] = []
+
+    def add(self, piece: Piece) -> list[dict] | None:
+        """Record a piece; returns the logprob entries of its text (None if it has none)."""
+        if self.logprobs and piece.token is not None:
+            self.pending.append(token_logprobs(self.model.tokenizer, piece))
+        if not piece.text:
+            return None
+        self.text += piece.text
+        out, self.pending = self.pending, []
+        self.entries += out
+        return out
 
 
 @operation("OpenAI chat completion (stream: server-sent events of ChatCompletionChunk)",
@@ -155,12 +206,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     prepared = await state.run(chat_choices, model, runner, body, steering)
     generations = start_generations(model, runner, [c.spec for c in prepared])
     ids = prepared[0].prompt
-    top_n = (body.top_logprobs or 0) if body.logprobs else None
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     head = {"id": rid, "created": int(time.time()), "model": model.name,
             "system_fingerprint": model.fingerprint}
-    texts = [""] * body.n
-    logprobs: list[list[dict]] = [[] for _ in range(body.n)]
+    choices = [_ChatChoice(model, body.logprobs) for _ in range(body.n)]
     outcomes: dict[int, Outcome] = {}
     sse = SSE(request) if body.stream else None
     chunk_head = {**head, "object": "chat.completion.chunk"}
@@ -170,38 +219,40 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             await sse.send({**chunk_head, "choices": [{
                 "index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                 "finish_reason": None}]})
+    finish_chunk: dict | None = None  # held back: llama.cpp's timings go on the last chunk
     async for i, event in merged(generations, sse):
         if isinstance(event, Piece):
-            texts[i] += event.text
-            entry = None
-            if top_n is not None and event.token is not None:
-                entry = token_logprobs(model.tokenizer, event)
-                logprobs[i].append(entry)
-            if sse and (event.text or entry):
-                await sse.send({**chunk_head, "choices": [{
+            entries = choices[i].add(event)
+            if sse and event.text:
+                chunk = {**chunk_head, "choices": [{
                     "index": i, "delta": {"content": event.text},
-                    "logprobs": {"content": [entry]} if entry else None,
-                    "finish_reason": None}]})
+                    "logprobs": {"content": entries} if body.logprobs else None,
+                    "finish_reason": None}]}
+                if body.timings_per_token:
+                    chunk["timings"] = generations[i].timings()
+                await sse.send(chunk)
         elif isinstance(event, Outcome):
             outcomes[i] = event
             if sse:
-                await sse.send({**chunk_head, "choices": [{
+                if finish_chunk is not None:
+                    await sse.send(finish_chunk)
+                finish_chunk = {**chunk_head, "choices": [{
                     "index": i, "delta": {}, "logprobs": None,
-                    "finish_reason": event.finish_reason}]})
+                    "finish_reason": event.finish_reason}]}
     if sse and sse.failed:
         return sse.response
     completion_tokens = sum(o.completion_tokens for o in outcomes.values())
     request[TOKENS] = completion_tokens
     usage = _usage(len(ids), completion_tokens)
+    timings = outcome_timings(outcomes[i] for i in range(body.n))
     if sse:
-        if body.stream_options and body.stream_options.include_usage:
-            await sse.send({**chunk_head, "choices": [], "usage": usage})
-        await sse.send("[DONE]")
+        await _finish_stream(sse, finish_chunk, body.stream_options, usage, timings)
         return await sse.close()
     return json_response({**head, "object": "chat.completion", "choices": [
-        {"index": i, "message": {"role": "assistant", "content": texts[i]},
-         "logprobs": {"content": logprobs[i]} if top_n is not None else None,
-         "finish_reason": outcomes[i].finish_reason} for i in range(body.n)], "usage": usage})
+        {"index": i, "message": {"role": "assistant", "content": c.text},
+         "logprobs": {"content": c.entries} if body.logprobs else None,
+         "finish_reason": outcomes[i].finish_reason} for i, c in enumerate(choices)],
+        "usage": usage, "timings": timings})
 
 
 def add_routes(router: web.UrlDispatcher) -> None:

@@ -9,13 +9,19 @@ for the context by its length alone is refused before it is tokenized (`check_te
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, NamedTuple, cast
 
 from ..engine.engine import SteeringTerm
 from ..engine.sampling import SamplingParams
 from .chat import ChatTemplateError
 from .errors import ApiError
-from .protocol import ChatCompletionRequest, CompletionRequest, LlamaCompletionRequest
+from .protocol import (
+    ApplyTemplateRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    LlamaCompletionRequest,
+)
 from .runner import GenerationRequest, Runner
 from .state import Model
 from .textstream import normalize_stop
@@ -45,9 +51,10 @@ def completion_choices(model: Model, runner: Runner, body: CompletionRequest,
         if body.echo:
             echo = prompt if isinstance(prompt, str) else model.tokenizer.decode(ids)
         for j in range(body.n):
-            params = sampling(body.temperature, body.top_p, body.top_k, body.min_p,
-                              choice_seed(body.seed, j), body.repetition_penalty,
-                              body.frequency_penalty, body.presence_penalty)
+            params = chained(sampling(body.temperature, body.top_p, body.top_k, body.min_p,
+                                      choice_seed(body.seed, j), body.repetition_penalty,
+                                      body.frequency_penalty, body.presence_penalty),
+                             body.chain())
             gen = GenerationRequest(ids, params, n_new, model.tokenizer.end_ids,
                                     logprobs=body.logprobs,
                                     prompt_logprobs=body.echo and body.logprobs is not None,
@@ -79,9 +86,9 @@ def chat_choices(model: Model, runner: Runner, body: ChatCompletionRequest,
     top_n = (body.top_logprobs or 0) if body.logprobs else None
     choices = []
     for j in range(body.n):
-        params = sampling(body.temperature, body.top_p, body.top_k, body.min_p,
-                          choice_seed(body.seed, j), body.repetition_penalty,
-                          body.frequency_penalty, body.presence_penalty)
+        params = chained(sampling(body.temperature, body.top_p, body.top_k, body.min_p,
+                                  choice_seed(body.seed, j), body.repetition_penalty,
+                                  body.frequency_penalty, body.presence_penalty), body.chain())
         gen = GenerationRequest(ids, params, n_new, model.tokenizer.end_ids,
                                 logprobs=top_n, steering=steering)
         choices.append(Choice((gen, stop, False), ids))
@@ -105,21 +112,29 @@ def chat_prompt(model: Model, body: ChatCompletionRequest,
                 runner: Runner | None = None) -> list[int]:
     """The conversation rendered by the chat template and tokenized; with `runner`, a rendering
     too long for its context is refused before it is tokenized."""
+    text = render_chat(model, body)
+    if runner is not None:
+        check_text_length(model, runner, text, "messages")
+    return model.tokenizer.encode(text, bos=True, special=True)
+
+
+def render_chat(model: Model, body: ChatCompletionRequest | ApplyTemplateRequest,
+                add_generation_prompt: bool = True) -> str:
+    """The conversation as the chat template writes it, without a BOS the template writes
+    first: tokenizing adds BOS (chat, and /completion for /apply-template's text), and
+    templates that write it themselves would get a second one."""
     messages = [m.model_dump(exclude_none=False) for m in body.messages]
     try:
-        text = model.chat_template.render(messages, add_generation_prompt=True,
+        text = model.chat_template.render(messages, add_generation_prompt=add_generation_prompt,
                                           **(body.chat_template_kwargs or {}))
     except ChatTemplateError as e:
         raise ApiError(400, str(e), param="messages") from e
     except TypeError as e:  # a chat_template_kwargs key the template reserves
         raise ApiError(400, f"chat_template_kwargs: {e}", param="chat_template_kwargs") from e
     bos = model.chat_template.bos_token
-    # templates that write BOS themselves would get a second one from the tokenizer; the
-    # special tokens a template writes (<|im_start|>, ...) are tokens, as in llama.cpp
-    text = text.removeprefix(bos) if bos else text
-    if runner is not None:
-        check_text_length(model, runner, text, "messages")
-    return model.tokenizer.encode(text, bos=True, special=True)
+    # NOTE: in chat, the special tokens a template writes (<|im_start|>, ...) are tokens, as in
+    # llama.cpp (chat_prompt tokenizes with special=True)
+    return text.removeprefix(bos) if bos else text
 
 
 def llama_choice(model: Model, runner: Runner, body: LlamaCompletionRequest,
@@ -128,12 +143,14 @@ def llama_choice(model: Model, runner: Runner, body: LlamaCompletionRequest,
     ids = tokenize_prompt(model, body.prompt, runner=runner)
     n_new = max_new_tokens(runner, ids, None if body.n_predict < 0 else body.n_predict,
                            "n_predict")
-    params = sampling(body.temperature, body.top_p, body.top_k, body.min_p,
-                      None if body.seed < 0 else body.seed, body.repeat_penalty,
-                      body.frequency_penalty, body.presence_penalty, body.repeat_last_n)
+    params = chained(sampling(body.temperature, body.top_p, body.top_k, body.min_p,
+                              None if body.seed < 0 else body.seed, body.repeat_penalty,
+                              body.frequency_penalty, body.presence_penalty,
+                              body.repeat_last_n), body.chain())
     stop_ids = frozenset() if body.ignore_eos else model.tokenizer.end_ids
     gen = GenerationRequest(ids, params, n_new, stop_ids,
-                            logprobs=body.n_probs if body.n_probs else None, steering=steering)
+                            logprobs=body.n_probs if body.n_probs else None,
+                            post_sampling_probs=body.post_sampling_probs, steering=steering)
     return Choice((gen, stop_strings(body.stop), False), ids)
 
 
@@ -231,6 +248,20 @@ def sampling(temperature: float, top_p: float, top_k: int, min_p: float, seed: i
     except ValueError as e:  # the message starts with the field's name
         field = str(e).split(" ", 1)[0]
         raise ApiError(400, str(e), param=field if field.isidentifier() else None) from e
+
+
+# what turns each of tiller's samplers off, by llama.cpp's name (protocol.LLAMA_CHAIN)
+_OFF: dict[str, dict[str, Any]] = {
+    "penalties": {"repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0},
+    "top_k": {"top_k": 0}, "top_p": {"top_p": 1.0}, "min_p": {"min_p": 0.0},
+    "temperature": {"temperature": 1.0}}
+
+
+def chained(params: SamplingParams, chain: tuple[str, ...]) -> SamplingParams:
+    """llama.cpp's `samplers`: a sampler left out of the chain is not used (without
+    `temperature`, the draw is at temperature 1)."""
+    off = {k: v for name, fields in _OFF.items() if name not in chain for k, v in fields.items()}
+    return replace(params, **off) if off else params
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:

@@ -35,6 +35,9 @@ class _Body(BaseModel):
 
     # fields other servers accept but tiller does not implement: refuse rather than ignore
     unsupported: ClassVar[tuple[str, ...]] = ()
+    # fields of samplers tiller does not have: accepted at the values that turn them off (as
+    # clients send them), refused at any other
+    neutral: ClassVar[dict[str, tuple[Any, ...]]] = {}
 
     @model_validator(mode="before")
     @classmethod
@@ -43,6 +46,11 @@ class _Body(BaseModel):
             for name in cls.unsupported:
                 if data.get(name) not in (None, False, [], {}, ""):
                     raise ValueError(f"{name}: not supported by this server")
+            for name, off in cls.neutral.items():
+                value = data.get(name)
+                if value is not None and (isinstance(value, bool) or value not in off):
+                    raise ValueError(f"{name}: not supported by this server (only "
+                                     f"{' or '.join(map(str, off))}, which turns it off)")
         return data
 
 
@@ -51,7 +59,52 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingFields(_Body):
+# tiller's sampler chain, in its order (engine/sampling.py), by llama.cpp's sampler names
+LLAMA_CHAIN = ("penalties", "top_k", "top_p", "min_p", "temperature")
+# llama.cpp's samplers tiller does not have: harmless in `samplers` while their fields are off
+ABSENT_SAMPLERS = ("dry", "top_n_sigma", "typ_p", "xtc")
+# llama.cpp's one-letter names (a `samplers` string such as "edkypmxt")
+SAMPLER_CHARS = {"e": "penalties", "d": "dry", "s": "top_n_sigma", "k": "top_k", "y": "typ_p",
+                 "p": "top_p", "m": "min_p", "x": "xtc", "t": "temperature"}
+# llama.cpp's fields of samplers and features tiller lacks, at the values that turn them off
+LLAMA_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "dynatemp_range": (0,), "typical_p": (1,), "dry_multiplier": (0,), "xtc_probability": (0,),
+    "top_n_sigma": (-1,), "mirostat": (0,), "min_keep": (0, 1), "n_indent": (0,),
+    "t_max_predict_ms": (0,), "n_cmpl": (1,)}
+
+
+class LlamaFields(_Body):
+    """llama-server's fields that every generating endpoint of it takes (its web UI sends them
+    to /v1/chat/completions too): `samplers`, `timings_per_token`, and the fields of samplers
+    tiller lacks, accepted only at the values that turn them off."""
+
+    neutral = LLAMA_NEUTRAL
+    samplers: list[str] | str | None = None
+    timings_per_token: bool = False  # `timings` in every streamed chunk
+
+    @field_validator("samplers")
+    @classmethod
+    def _known_samplers(cls, v: list[str] | str | None) -> list[str] | str | None:
+        names = [SAMPLER_CHARS.get(c, c) for c in v] if isinstance(v, str) else v or []
+        for name in names:
+            if name not in LLAMA_CHAIN and name not in ABSENT_SAMPLERS:
+                raise ValueError(f"samplers: unknown sampler {name!r} (llama.cpp's names: "
+                                 f"{', '.join(LLAMA_CHAIN + ABSENT_SAMPLERS)})")
+        chain = [n for n in names if n in LLAMA_CHAIN]
+        if len(set(chain)) < len(chain) or chain != sorted(chain, key=LLAMA_CHAIN.index):
+            raise ValueError(f"samplers: {', '.join(chain)}: this server applies its samplers "
+                             f"once each, in the order {', '.join(LLAMA_CHAIN)}")
+        return v
+
+    def chain(self) -> tuple[str, ...]:
+        """The samplers that run: `samplers` (llama.cpp: one left out is not used) or all."""
+        if self.samplers is None:
+            return LLAMA_CHAIN
+        names = {SAMPLER_CHARS.get(c, c) for c in self.samplers}
+        return tuple(n for n in LLAMA_CHAIN if n in names)
+
+
+class SamplingFields(LlamaFields):
     """Sampling fields shared by the OpenAI-style endpoints (with llama.cpp/vLLM extensions)."""
 
     temperature: float = Field(1.0, ge=0.0, le=100.0, allow_inf_nan=False)
@@ -105,10 +158,24 @@ class ChatCompletionRequest(SamplingFields):
     steering: Steering = []
 
 
-class LlamaCompletionRequest(_Body):
+class ApplyTemplateRequest(_Body):
+    """llama.cpp's POST /apply-template: the conversation as /v1/chat/completions takes it."""
+
+    unsupported = ("tools", "tool_choice", "functions")
+    messages: list[ChatMessage] = Field(min_length=1)
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+
+
+class ApplyTemplateResponse(BaseModel):
+    prompt: str
+
+
+class LlamaCompletionRequest(LlamaFields):
     """llama.cpp's POST /completion, with its defaults."""
 
-    unsupported = ("logit_bias", "grammar", "json_schema")
+    unsupported = ("logit_bias", "grammar", "json_schema", "lora", "response_fields",
+                   "return_progress", "multimodal_data")
     prompt: str | Annotated[list[int | str], Field(min_length=1)]
     n_predict: int = Field(-1, ge=-1)
     temperature: float = Field(0.8, ge=0.0, le=100.0, allow_inf_nan=False)
@@ -123,8 +190,13 @@ class LlamaCompletionRequest(_Body):
     stop: list[str] = []
     stream: bool = False
     n_probs: NonNegInt = Field(0, le=20)
+    post_sampling_probs: bool = False
     ignore_eos: bool = False
-    cache_prompt: bool = True  # accepted for compatibility; every prompt is computed afresh
+    # NOTE: a no-op until the prefix cache lands: every prompt is computed afresh, so the
+    # results are the same either way (llama.cpp warns they may differ with it on)
+    cache_prompt: bool = True
+    id_slot: int = Field(-1, ge=-1)  # no slot keeps anything between requests: any is the same
+    return_tokens: bool = False
     steering: Steering = []
 
 
@@ -139,6 +211,17 @@ class DetokenizeRequest(_Body):
 
 
 # responses (for /openapi.json and as the documented shapes) -----------------------------------
+
+
+class Timings(BaseModel):
+    prompt_n: int
+    prompt_ms: float
+    prompt_per_token_ms: float
+    prompt_per_second: float
+    predicted_n: int
+    predicted_ms: float
+    predicted_per_token_ms: float
+    predicted_per_second: float
 
 
 class Usage(BaseModel):
@@ -169,6 +252,7 @@ class CompletionResponse(BaseModel):
     system_fingerprint: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    timings: Timings | None = None  # llama.cpp's
 
 
 class ChatDelta(BaseModel):
@@ -210,6 +294,7 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str
     choices: list[ChatChoice]
     usage: Usage
+    timings: Timings | None = None  # llama.cpp's
 
 
 class ChatChunkChoice(BaseModel):
@@ -227,22 +312,29 @@ class ChatCompletionChunk(BaseModel):
     system_fingerprint: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    # llama.cpp's: on the last chunk, and on every one with timings_per_token
+    timings: Timings | None = None
 
 
-class Timings(BaseModel):
-    prompt_n: int
-    prompt_ms: float
-    prompt_per_token_ms: float
-    prompt_per_second: float
-    predicted_n: int
-    predicted_ms: float
-    predicted_per_token_ms: float
-    predicted_per_second: float
+class LlamaTokenProb(BaseModel):
+    """A token of `completion_probabilities`: `logprob`, or `prob` with post_sampling_probs."""
+
+    id: int
+    token: str
+    bytes: list[int]
+    logprob: float | None = None
+    prob: float | None = None
+
+
+class LlamaTokenProbs(LlamaTokenProb):
+    top_logprobs: list[LlamaTokenProb] | None = None
+    top_probs: list[LlamaTokenProb] | None = None
 
 
 class LlamaCompletionResponse(BaseModel):
     content: str
     tokens: list[int] = []
+    id_slot: int = 0
     model: str
     tokens_predicted: int
     tokens_evaluated: int
@@ -250,7 +342,7 @@ class LlamaCompletionResponse(BaseModel):
     stop_type: Literal["none", "eos", "limit", "word"]
     stopping_word: str
     timings: Timings | None = None
-    completion_probabilities: list[dict[str, Any]] | None = None
+    completion_probabilities: list[LlamaTokenProbs] | None = None
 
 
 class ErrorBody(BaseModel):

@@ -45,6 +45,7 @@ class GenerationRequest:
     max_tokens: int
     stop_ids: frozenset[int] = frozenset()
     logprobs: int | None = None  # None: none; n >= 0: the sampled token's and the top n
+    post_sampling_probs: bool = False  # with logprobs: probabilities after the sampler chain
     prompt_logprobs: bool = False  # logprobs of the prompt tokens too (echo with logprobs)
     steering: tuple[SteeringTerm, ...] = ()  # given to the sequence once, when it is created
     capture_layers: tuple[int, ...] = ()  # blocks whose residual points the prompt reports
@@ -65,6 +66,8 @@ class TokenEvent:
     token: int
     logprob: float | None = None
     top: list[tuple[int, float]] | None = None
+    prob: float | None = None  # post_sampling_probs: probabilities of the draw's distribution
+    top_probs: list[tuple[int, float]] | None = None
 
 
 @dataclass
@@ -331,9 +334,13 @@ class Runner:
         if chunk.sample:
             assert logits is not None  # a sampled chunk asks for logits
             token = job.sampler.sample(logits)  # raises on NaN or +inf logits
-            job.sampler.accept(token)
             sampled = TokenEvent(token)
-            if job.gen.logprobs is not None:
+            if job.gen.logprobs is not None and job.gen.post_sampling_probs:
+                # before accept(): the penalties must be the ones this draw saw
+                sampled.prob, sampled.top_probs = job.sampler.probs(logits, token,
+                                                                    job.gen.logprobs)
+            job.sampler.accept(token)
+            if job.gen.logprobs is not None and not job.gen.post_sampling_probs:
                 sampled.logprob = float(logprobs(logits)[token])
                 sampled.top = top_logprobs(logits, job.gen.logprobs) if job.gen.logprobs else []
             events.append(sampled)

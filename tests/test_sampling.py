@@ -14,6 +14,7 @@ from tiller.engine.sampling import (
     candidates,
     logprobs,
     sample_token,
+    sampling_probs,
     top_logprobs,
 )
 
@@ -472,3 +473,68 @@ def test_other_bad_arguments_raise() -> None:
         apply_penalties(logits, p, np.array([4]), 0)
     with pytest.raises(ValueError, match="n_prompt"):
         apply_penalties(logits, p, np.array([1]), 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# post-sampling probabilities (llama.cpp's post_sampling_probs)
+
+def np_post_sampling(logits: np.ndarray, p: SamplingParams) -> dict[int, float]:
+    """The truncated, tempered distribution in numpy, from the definitions: candidates by
+    descending logit (ties by id), the first top_k, the shortest prefix whose temperature-1
+    softmax mass reaches top_p, those within min_p of the best, then a softmax at the
+    temperature over the survivors alone."""
+    x = logits.astype(np.float64)
+    ids = np.lexsort((np.arange(x.size), -x))
+    ids = ids[np.isfinite(x[ids])]
+    if p.temperature == 0:
+        return {int(ids[0]): 1.0}
+    if p.top_k:
+        ids = ids[: p.top_k]
+    if p.top_p < 1:
+        mass = np.cumsum(np.exp(x[ids] - x[ids[0]]))
+        ids = ids[: int(np.argmax(mass >= p.top_p * mass[-1])) + 1]
+    ids = ids[x[ids] - x[ids[0]] >= (np.log(p.min_p) if p.min_p > 0 else -np.inf)]
+    z = (x[ids] - x[ids[0]]) / p.temperature
+    q = np.exp(z) / np.exp(z).sum()
+    return {int(i): float(v) for i, v in zip(ids, q, strict=True) if v > 0}
+
+
+def test_sampling_probs_match_the_numpy_distribution() -> None:
+    rng = np.random.default_rng(11)
+    for _ in range(300):
+        vocab = int(rng.integers(1, 40))
+        logits = random_logits(rng, vocab)
+        p = random_params(rng, vocab)
+        want = np_post_sampling(logits, p)
+        token = int(rng.integers(vocab))
+        prob, top = sampling_probs(logits, p, token, vocab)
+        assert [t for t, _ in top] == sorted(want, key=lambda t: (-want[t], t))
+        np.testing.assert_allclose([q for _, q in top], [want[t] for t, _ in top], rtol=1e-9)
+        assert prob == pytest.approx(want.get(token, 0.0), rel=1e-9, abs=0)
+        assert sampling_probs(logits, p, token, 2)[1] == top[:2]
+
+
+def test_sampled_tokens_follow_the_reported_probabilities() -> None:
+    logits = np.array([2.0, 1.5, 1.4, 0.3, -1.0, 0.9], np.float32)
+    p = SamplingParams(temperature=0.7, top_k=4, top_p=0.9, seed=3)
+    _, top = sampling_probs(logits, p, 0, 6)
+    probs = np.zeros(6)
+    for t, q in top:
+        probs[t] = q
+    assert_close_to(draw_frequencies(logits, p), probs)
+
+
+def test_sampler_probs_see_the_penalties_of_the_draw() -> None:
+    p = SamplingParams(temperature=1.0, repetition_penalty=2.0, repeat_last_n=-1, seed=1)
+    sampler = Sampler(p, prompt=[0])
+    logits = np.array([2.0, 1.0, 0.5], np.float32)
+    prob, top = sampler.probs(logits, 0, 3)
+    want = np_post_sampling(np.array([1.0, 1.0, 0.5], np.float32), p)  # 2.0 / 2 for token 0
+    assert dict(top) == pytest.approx(want) and prob == pytest.approx(want[0])
+
+
+def test_greedy_post_sampling_is_the_argmax_alone() -> None:
+    logits = np.array([0.5, 3.0, 3.0, 1.0], np.float32)
+    p = SamplingParams(temperature=0.0)
+    assert sampling_probs(logits, p, 1, 5) == (1.0, [(1, 1.0)])
+    assert sampling_probs(logits, p, 2, 0) == (0.0, [])
