@@ -14,6 +14,7 @@ from typing import Any, NamedTuple, cast
 from ..engine.engine import SteeringTerm
 from ..engine.sampling import SamplingParams
 from .chat import ChatTemplateError
+from .constraints import request_grammar
 from .errors import ApiError
 from .protocol import ChatCompletionRequest, CompletionRequest, LlamaCompletionRequest
 from .runner import GenerationRequest, Runner
@@ -37,6 +38,7 @@ def completion_choices(model: Model, runner: Runner, body: CompletionRequest,
     stop = stop_strings(body.stop)
     prompts = _prompts(body)
     check_admissible(runner, len(prompts) * body.n, "n" if body.n > 1 else "prompt")
+    grammar = request_grammar(body)
     choices = []
     for prompt in prompts:
         ids = tokenize_prompt(model, prompt, runner=runner)
@@ -51,7 +53,8 @@ def completion_choices(model: Model, runner: Runner, body: CompletionRequest,
             gen = GenerationRequest(ids, params, n_new, model.tokenizer.end_ids,
                                     logprobs=body.logprobs,
                                     prompt_logprobs=body.echo and body.logprobs is not None,
-                                    steering=steering)
+                                    steering=steering,
+                                    constraint=model.vocabulary.constraint(grammar))
             choices.append(Choice((gen, stop, False), ids, echo))
     return choices
 
@@ -70,6 +73,7 @@ def chat_choices(model: Model, runner: Runner, body: ChatCompletionRequest,
     """OpenAI chat: n choices continuing the conversation rendered by the chat template."""
     stop = stop_strings(body.stop)
     check_admissible(runner, body.n, "n")
+    grammar = request_grammar(body)
     ids = chat_prompt(model, body, runner)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None \
         else body.max_tokens
@@ -83,7 +87,8 @@ def chat_choices(model: Model, runner: Runner, body: ChatCompletionRequest,
                           choice_seed(body.seed, j), body.repetition_penalty,
                           body.frequency_penalty, body.presence_penalty)
         gen = GenerationRequest(ids, params, n_new, model.tokenizer.end_ids,
-                                logprobs=top_n, steering=steering)
+                                logprobs=top_n, steering=steering,
+                                constraint=model.vocabulary.constraint(grammar))
         choices.append(Choice((gen, stop, False), ids))
     return choices
 
@@ -131,9 +136,12 @@ def llama_choice(model: Model, runner: Runner, body: LlamaCompletionRequest,
     params = sampling(body.temperature, body.top_p, body.top_k, body.min_p,
                       None if body.seed < 0 else body.seed, body.repeat_penalty,
                       body.frequency_penalty, body.presence_penalty, body.repeat_last_n)
-    stop_ids = frozenset() if body.ignore_eos else model.tokenizer.end_ids
+    grammar = request_grammar(body)
+    # a grammar's end is the generation's end, ignore_eos or not
+    stop_ids = frozenset() if body.ignore_eos and not grammar else model.tokenizer.end_ids
     gen = GenerationRequest(ids, params, n_new, stop_ids,
-                            logprobs=body.n_probs if body.n_probs else None, steering=steering)
+                            logprobs=body.n_probs if body.n_probs else None, steering=steering,
+                            constraint=model.vocabulary.constraint(grammar))
     return Choice((gen, stop_strings(body.stop), False), ids)
 
 

@@ -30,6 +30,7 @@ import numpy as np
 from ..engine.engine import Engine, SeqRequest, SeqResult, Sequence, SteeringTerm
 from ..engine.kvcache import KV_BLOCK, blocks_for
 from ..engine.sampling import Sampler, SamplingParams, logprobs, top_logprobs
+from .constraints import Constraint, MaskBatch, apply_mask
 from .scheduler import Chunk, FinishReason, Plan, QueueFull, Request, Scheduler
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class GenerationRequest:
     steering: tuple[SteeringTerm, ...] = ()  # given to the sequence once, when it is created
     capture_layers: tuple[int, ...] = ()  # blocks whose residual points the prompt reports
     capture_final: bool = False  # the prompt's stream after the final norm
+    constraint: Constraint | None = None  # structured output: the tokens allowed at each step
 
 
 @dataclass
@@ -129,6 +131,7 @@ class Runner:
                                    max_waiting=max_waiting, kv_capacity=engine.cache.n_blocks,
                                    kv_cost=blocks_for)
         self.stats = StepStats()
+        self.masks = MaskBatch()
         self.on_step: Callable[[float, int], None] | None = None  # (seconds, batch size)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -290,9 +293,10 @@ class Runner:
             return (elapsed + self._run_chunks(chunks[:half], sampled, failed)
                     + self._run_chunks(chunks[half:], sampled, failed))
         elapsed = time.perf_counter() - start
+        masks = self._masks(chunks)
         for chunk, result in zip(chunks, results, strict=True):
             try:
-                token = self._take(chunk, result)
+                token = self._take(chunk, result, masks.get(chunk.request.id))
             except Exception as e:
                 log.exception("sampling failed for %s", chunk.request.id)
                 failed[chunk.request.id] = f"sampling this request failed: {e}"
@@ -300,6 +304,16 @@ class Runner:
             if token is not None:
                 sampled[chunk.request.id] = token
         return elapsed
+
+    def _masks(self, chunks: list[Chunk]) -> dict[str, np.ndarray]:
+        """Allowed tokens of each constrained sequence that samples in this step, by request
+        id (its matcher is where its sampled tokens left it). A matcher in an error state
+        allows nothing, and sampling that request fails alone."""
+        constrained = [c for c in chunks if c.sample and c.request.payload.gen.constraint]
+        if not constrained:
+            return {}
+        allowed = self.masks.compute([c.request.payload.gen.constraint for c in constrained])
+        return {c.request.id: row for c, row in zip(constrained, allowed, strict=True)}
 
     def _seq_request(self, chunk: Chunk) -> SeqRequest:
         job: _Job = chunk.request.payload
@@ -312,9 +326,11 @@ class Runner:
                           capture_layers=job.gen.capture_layers if prefilling else (),
                           capture_final=job.gen.capture_final and prefilling)
 
-    def _take(self, chunk: Chunk, result: SeqResult) -> int | None:
+    def _take(self, chunk: Chunk, result: SeqResult, allowed: np.ndarray | None = None
+              ) -> int | None:
         """A chunk's results: its captures and prompt logprobs, then its sampled token (None if
-        the chunk samples none). Events are posted only once all of them have been computed."""
+        the chunk samples none), drawn from the tokens `allowed` if the request is constrained.
+        Events are posted only once all of them have been computed."""
         request = chunk.request
         job: _Job = request.payload
         events: list[object] = []
@@ -330,7 +346,13 @@ class Runner:
         token = None
         if chunk.sample:
             assert logits is not None  # a sampled chunk asks for logits
-            token = job.sampler.sample(logits)  # raises on NaN or +inf logits
+            constraint = job.gen.constraint
+            # NOTE: the mask only moves logits to -inf, and the sampler draws one uniform per
+            # token as always: a seed gives the same tokens, constrained or not, run after run
+            masked = logits if allowed is None else apply_mask(logits, allowed)
+            token = job.sampler.sample(masked)  # raises on NaN or +inf logits, or none allowed
+            if constraint is not None:
+                constraint.consume(token)
             job.sampler.accept(token)
             sampled = TokenEvent(token)
             if job.gen.logprobs is not None:

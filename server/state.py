@@ -27,6 +27,7 @@ from ..engine.paths import cache_root
 from ..engine.tokenizer import SpmTokenizer, Tokenizer, TokenType
 from ..engine.weights import Progress
 from .chat import ChatTemplate
+from .constraints import Vocabulary
 from .errors import ApiError
 from .metrics import Metrics
 from .runner import Runner
@@ -76,6 +77,11 @@ class Model:
     # from below (server/prepare.py): None for a vocabulary without byte fallback, where a run
     # of unknown characters is one token
     max_token_chars: int | None = None
+    # structured outputs: the vocabulary as llguidance sees it, built on first use
+    vocabulary: Vocabulary = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.vocabulary = Vocabulary(self.tokenizer, self.engine.config.vocab_size)
 
 
 def token_chars_bound(tokenizer: Tokenizer) -> int | None:
