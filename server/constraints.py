@@ -163,6 +163,15 @@ class Constraint:
         self.matcher = matcher
         self.n_vocab = n_vocab
 
+    def apply(self, logits: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+        """A copy of `logits` (vocab,) with the tokens `allowed` (vocab,) bool forbids at -inf.
+
+        NOTE: a matcher in its error state allows only EOS, which would end the request as if
+        its output were complete: it fails the request instead."""
+        if self.matcher.is_error():
+            raise ValueError(f"the grammar failed: {self.matcher.get_error()}")
+        return apply_mask(logits, allowed)
+
     def consume(self, token: int) -> None:
         if not self.matcher.consume_token(token):
             raise ValueError(f"the grammar refused token {token}: {self.matcher.get_error()}")

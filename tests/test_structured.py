@@ -326,6 +326,29 @@ async def test_tools_are_still_refused(client):
     assert "tools" in error["message"]
 
 
+async def test_a_broken_matcher_fails_its_request_alone(client, model, monkeypatch):
+    good = {"prompt": "Once", "n_predict": 60, "grammar": GBNF, "seed": 1}
+    alone = (await post(client, "/completion", good))["content"]
+    real = model.vocabulary.constraint
+
+    def broken(spec):
+        constraint = real(spec)
+        if spec is not None and "broken" in spec.grammar:
+            # a refused token leaves the matcher in its error state, where it allows nothing
+            assert not constraint.matcher.consume_token(
+                model.tokenizer.encode_continuation("x")[0])
+        return constraint
+
+    monkeypatch.setattr(model.vocabulary, "constraint", broken)
+    others = [asyncio.create_task(post(client, "/completion", good)) for _ in range(3)]
+    error = (await post(client, "/completion", {"prompt": "Once", "grammar": 'root ::= "broken"'},
+                        status=500))["error"]
+    assert "sampling this request failed" in error["message"]
+    for task in others:
+        assert (await task)["content"] == alone
+    assert model.engine.cache.used_blocks == 0
+
+
 # the tokenizer bridge ----------------------------------------------------------------------------
 
 def test_bridge_sees_each_token_as_decoded_text(model):
