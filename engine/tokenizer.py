@@ -140,6 +140,12 @@ class Tokenizer(ABC):
         last if `eos`. `special=True` parses special-token texts in `text` as those tokens
         (for text the server renders, such as chat templates); user text keeps the default."""
 
+    def encode_continuation(self, text: str) -> list[int]:
+        """Token ids of `text` as it would continue a text already begun: no BOS, no special
+        tokens, and no SentencePiece dummy prefix (what a grammar's forced bytes become in
+        the middle of a generation)."""
+        return self.encode(text, bos=False)
+
     def _split_special(self, text: str, control: bool) -> list[str | int]:
         """`text` as text fragments and special-token ids, as llama.cpp's tokenizer_st_partition:
         each special token in turn, longest first, is cut out of every text fragment left.
@@ -384,10 +390,15 @@ class SpmTokenizer(Tokenizer):
             ids.append(self.eos_id)
         return ids
 
-    def _encode_fragment(self, text: str, ids: list[int]) -> None:
+    def encode_continuation(self, text: str) -> list[int]:
+        ids: list[int] = []
+        self._encode_fragment(text, ids, prefix=False)
+        return ids
+
+    def _encode_fragment(self, text: str, ids: list[int], prefix: bool = True) -> None:
         # sentencepiece adds no dummy prefix to an empty input.
         if text:
-            text = SPACE + text.replace(" ", SPACE)
+            text = (SPACE if prefix else "") + text.replace(" ", SPACE)
             if self._user_re is None:
                 self._encode_plain(text, ids)
             else:

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple, cast
 from ..engine.engine import SteeringTerm
 from ..engine.sampling import SamplingParams
 from .chat import ChatTemplateError
+from .constraints import request_grammar
 from .errors import ApiError
 from .protocol import (
     ApplyTemplateRequest,
@@ -43,6 +44,7 @@ def completion_choices(model: Model, runner: Runner, body: CompletionRequest,
     stop = stop_strings(body.stop)
     prompts = _prompts(body)
     check_admissible(runner, len(prompts) * body.n, "n" if body.n > 1 else "prompt")
+    grammar = request_grammar(body)
     choices = []
     for prompt in prompts:
         ids = tokenize_prompt(model, prompt, runner=runner)
@@ -58,7 +60,8 @@ def completion_choices(model: Model, runner: Runner, body: CompletionRequest,
             gen = GenerationRequest(ids, params, n_new, model.tokenizer.end_ids,
                                     logprobs=body.logprobs,
                                     prompt_logprobs=body.echo and body.logprobs is not None,
-                                    steering=steering)
+                                    steering=steering,
+                                    constraint=model.vocabulary.constraint(grammar))
             choices.append(Choice((gen, stop, False), ids, echo))
     return choices
 
@@ -77,6 +80,7 @@ def chat_choices(model: Model, runner: Runner, body: ChatCompletionRequest,
     """OpenAI chat: n choices continuing the conversation rendered by the chat template."""
     stop = stop_strings(body.stop)
     check_admissible(runner, body.n, "n")
+    grammar = request_grammar(body)
     ids = chat_prompt(model, body, runner)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None \
         else body.max_tokens
@@ -90,7 +94,8 @@ def chat_choices(model: Model, runner: Runner, body: ChatCompletionRequest,
                                   choice_seed(body.seed, j), body.repetition_penalty,
                                   body.frequency_penalty, body.presence_penalty), body.chain())
         gen = GenerationRequest(ids, params, n_new, model.tokenizer.end_ids,
-                                logprobs=top_n, steering=steering)
+                                logprobs=top_n, steering=steering,
+                                constraint=model.vocabulary.constraint(grammar))
         choices.append(Choice((gen, stop, False), ids))
     return choices
 
@@ -147,10 +152,13 @@ def llama_choice(model: Model, runner: Runner, body: LlamaCompletionRequest,
                               None if body.seed < 0 else body.seed, body.repeat_penalty,
                               body.frequency_penalty, body.presence_penalty,
                               body.repeat_last_n), body.chain())
-    stop_ids = frozenset() if body.ignore_eos else model.tokenizer.end_ids
+    grammar = request_grammar(body)
+    # a grammar's end is the generation's end, ignore_eos or not
+    stop_ids = frozenset() if body.ignore_eos and not grammar else model.tokenizer.end_ids
     gen = GenerationRequest(ids, params, n_new, stop_ids,
                             logprobs=body.n_probs if body.n_probs else None,
-                            post_sampling_probs=body.post_sampling_probs, steering=steering)
+                            post_sampling_probs=body.post_sampling_probs, steering=steering,
+                            constraint=model.vocabulary.constraint(grammar))
     return Choice((gen, stop_strings(body.stop), False), ids)
 
 

@@ -104,7 +104,41 @@ class LlamaFields(_Body):
         return tuple(n for n in LLAMA_CHAIN if n in names)
 
 
-class SamplingFields(LlamaFields):
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's response_format.json_schema: {name, description, schema, strict}."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None  # every schema is enforced, strict or not
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format; llama.cpp's json_object may carry a `schema` of its own."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+
+    @model_validator(mode="after")
+    def _schema_for_type(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('response_format: type "json_schema" needs `json_schema`')
+        return self
+
+
+class ConstraintFields(_Body):
+    """Structured outputs (server/constraints.py): at most one of these per request."""
+
+    response_format: ResponseFormat | None = None
+    json_schema: dict[str, Any] | None = None  # llama.cpp's
+    grammar: str | None = None  # llama.cpp's GBNF
+
+
+
+class SamplingFields(LlamaFields, ConstraintFields):
     """Sampling fields shared by the OpenAI-style endpoints (with llama.cpp/vLLM extensions)."""
 
     temperature: float = Field(1.0, ge=0.0, le=100.0, allow_inf_nan=False)
@@ -148,7 +182,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(SamplingFields):
-    unsupported = ("logit_bias", "tools", "tool_choice", "response_format", "functions")
+    unsupported = ("logit_bias", "tools", "tool_choice", "functions")
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: NonNegInt | None = None
     max_completion_tokens: NonNegInt | None = None
@@ -174,8 +208,9 @@ class ApplyTemplateResponse(BaseModel):
 class LlamaCompletionRequest(LlamaFields):
     """llama.cpp's POST /completion, with its defaults."""
 
-    unsupported = ("logit_bias", "grammar", "json_schema", "lora", "response_fields",
-                   "return_progress", "multimodal_data")
+    unsupported = ("logit_bias", "lora", "response_fields", "return_progress", "multimodal_data")
+    json_schema: dict[str, Any] | None = None
+    grammar: str | None = None
     prompt: str | Annotated[list[int | str], Field(min_length=1)]
     n_predict: int = Field(-1, ge=-1)
     temperature: float = Field(0.8, ge=0.0, le=100.0, allow_inf_nan=False)

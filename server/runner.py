@@ -22,6 +22,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -30,6 +31,7 @@ import numpy as np
 from ..engine.engine import Engine, SeqRequest, SeqResult, Sequence, SteeringTerm
 from ..engine.kvcache import KV_BLOCK, blocks_for
 from ..engine.sampling import Sampler, SamplingParams, logprobs, top_logprobs
+from .constraints import Constraint, MaskBatch
 from .scheduler import Chunk, FinishReason, Plan, QueueFull, Request, Scheduler
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ class GenerationRequest:
     steering: tuple[SteeringTerm, ...] = ()  # given to the sequence once, when it is created
     capture_layers: tuple[int, ...] = ()  # blocks whose residual points the prompt reports
     capture_final: bool = False  # the prompt's stream after the final norm
+    constraint: Constraint | None = None  # structured output: the tokens allowed at each step
 
 
 @dataclass
@@ -132,6 +135,8 @@ class Runner:
                                    max_waiting=max_waiting, kv_capacity=engine.cache.n_blocks,
                                    kv_cost=blocks_for)
         self.stats = StepStats()
+        self.masks = MaskBatch()
+        self._mask_pool = ThreadPoolExecutor(1, thread_name_prefix="tiller-masks")
         self.on_step: Callable[[float, int], None] | None = None  # (seconds, batch size)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -156,6 +161,7 @@ class Runner:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+        self._mask_pool.shutdown(wait=False)
 
     # called from the event loop ------------------------------------------------------------
 
@@ -276,10 +282,16 @@ class Runner:
         sampling one sequence raises (NaN or +inf logits, say), that request alone fails.
         """
         batch = [self._seq_request(chunk) for chunk in chunks]
+        # NOTE: the masks depend only on the tokens sampled so far, so they are computed while
+        # the forward step runs (both release the GIL)
+        constrained = [c for c in chunks if c.sample and c.request.payload.gen.constraint]
+        masks = self._mask_pool.submit(self._masks, constrained) if constrained else None
         start = time.perf_counter()
         try:
             results = self.engine.step(batch)
         except Exception as e:
+            if masks is not None:
+                masks.result()  # a matcher is never used from two threads at once
             elapsed = time.perf_counter() - start
             if len(chunks) == 1:
                 log.exception("engine step failed for %s", chunks[0].request.id)
@@ -293,9 +305,10 @@ class Runner:
             return (elapsed + self._run_chunks(chunks[:half], sampled, failed)
                     + self._run_chunks(chunks[half:], sampled, failed))
         elapsed = time.perf_counter() - start
+        allowed = {} if masks is None else masks.result()
         for chunk, result in zip(chunks, results, strict=True):
             try:
-                token = self._take(chunk, result)
+                token = self._take(chunk, result, allowed.get(chunk.request.id))
             except Exception as e:
                 log.exception("sampling failed for %s", chunk.request.id)
                 failed[chunk.request.id] = f"sampling this request failed: {e}"
@@ -303,6 +316,13 @@ class Runner:
             if token is not None:
                 sampled[chunk.request.id] = token
         return elapsed
+
+    def _masks(self, constrained: list[Chunk]) -> dict[str, np.ndarray]:
+        """Allowed tokens of each constrained sequence that samples in this step, by request
+        id (its matcher is where its sampled tokens left it). A matcher in an error state
+        allows nothing, and sampling that request fails alone."""
+        allowed = self.masks.compute([c.request.payload.gen.constraint for c in constrained])
+        return {c.request.id: row for c, row in zip(constrained, allowed, strict=True)}
 
     def _seq_request(self, chunk: Chunk) -> SeqRequest:
         job: _Job = chunk.request.payload
@@ -315,9 +335,11 @@ class Runner:
                           capture_layers=job.gen.capture_layers if prefilling else (),
                           capture_final=job.gen.capture_final and prefilling)
 
-    def _take(self, chunk: Chunk, result: SeqResult) -> int | None:
+    def _take(self, chunk: Chunk, result: SeqResult, allowed: np.ndarray | None = None
+              ) -> int | None:
         """A chunk's results: its captures and prompt logprobs, then its sampled token (None if
-        the chunk samples none). Events are posted only once all of them have been computed."""
+        the chunk samples none), drawn from the tokens `allowed` if the request is constrained.
+        Events are posted only once all of them have been computed."""
         request = chunk.request
         job: _Job = request.payload
         events: list[object] = []
@@ -333,11 +355,18 @@ class Runner:
         token = None
         if chunk.sample:
             assert logits is not None  # a sampled chunk asks for logits
-            token = job.sampler.sample(logits)  # raises on NaN or +inf logits
+            constraint = job.gen.constraint
+            # NOTE: the mask only moves logits to -inf, and the sampler draws one uniform per
+            # token as always: a seed gives the same tokens, constrained or not, run after run
+            masked = logits if constraint is None or allowed is None \
+                else constraint.apply(logits, allowed)
+            token = job.sampler.sample(masked)  # raises on NaN or +inf logits, or none allowed
+            if constraint is not None:
+                constraint.consume(token)
             sampled = TokenEvent(token)
             if job.gen.logprobs is not None and job.gen.post_sampling_probs:
                 # before accept(): the penalties must be the ones this draw saw
-                sampled.prob, sampled.top_probs = job.sampler.probs(logits, token,
+                sampled.prob, sampled.top_probs = job.sampler.probs(masked, token,
                                                                     job.gen.logprobs)
             job.sampler.accept(token)
             if job.gen.logprobs is not None and not job.gen.post_sampling_probs:

@@ -28,6 +28,7 @@ from ..engine.paths import cache_root
 from ..engine.tokenizer import SpmTokenizer, Tokenizer, TokenType
 from ..engine.weights import Progress
 from .chat import ChatTemplate
+from .constraints import Vocabulary
 from .defaults import SamplingDefaults
 from .errors import ApiError
 from .metrics import Metrics
@@ -86,6 +87,11 @@ class Model:
     # of unknown characters is one token
     max_token_chars: int | None = None
     default_steering: tuple[SteeringTerm, ...] = ()  # the start-up control vectors
+    # structured outputs: the vocabulary as llguidance sees it, built on first use
+    vocabulary: Vocabulary = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.vocabulary = Vocabulary(self.tokenizer, self.engine.config.vocab_size)
 
 
 def token_chars_bound(tokenizer: Tokenizer) -> int | None:
