@@ -1,0 +1,106 @@
+"""Regenerate tiller's built-in model from seeds: corpus -> tokenizer -> train -> export -> check.
+
+    python train/build.py [--threads 1] [--steps N] [--pretrained train/build/pretrained.pt]
+
+Training has two stages: pretraining on the mixed corpus (stories and chats), then a short
+chat stage on chats only.
+
+Intermediate files go to train/build/ (ignored by git); the model goes to
+tiller/models/tiller-tiny.gguf (Q8_0), with an F32 twin in train/build/ that the logit check
+runs on (tiller's f32 engine against torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import check
+import corpus
+import export
+import numpy as np
+import sentencepiece as spm
+import tokenizer
+import torch
+from model import ModelArgs
+from paths import BUILD, NAME, OUT
+
+import train
+
+TRAIN_SEED, HELDOUT_SEED = 1, 2
+TRAIN_DOCS, HELDOUT_DOCS = 40_000, 1_000
+CHAT_SEED, CHAT_DOCS = 3, 10_000
+VOCAB_SIZE = 1024  # the corpus's words fit; sentencepiece refuses much more (too few merges)
+
+
+def stage(what: str, started: float) -> None:
+    print(f"[{time.perf_counter() - started:7.1f}s] {what}", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--steps", type=int, default=train.TrainConfig.steps)
+    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--pretrained", type=Path, help="skip pretraining: start the chat stage "
+                   "from this checkpoint (train/build/pretrained.pt of an earlier run)")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    t0 = time.perf_counter()
+
+    train_docs = corpus.generate(TRAIN_SEED, TRAIN_DOCS)
+    heldout_docs = corpus.generate(HELDOUT_SEED, HELDOUT_DOCS)
+    corpus.write(BUILD / "train.txt", train_docs)
+    corpus.write(BUILD / "heldout.txt", heldout_docs)
+    stage(f"corpus: {len(train_docs)} train and {len(heldout_docs)} held-out documents", t0)
+
+    if a.pretrained is None:
+        sp = tokenizer.train_tokenizer(train_docs, VOCAB_SIZE, BUILD / "tokenizer.model")
+    else:  # the ids the pretrained weights know
+        pretrained, ckpt = train.load(a.pretrained)
+        sp = spm.SentencePieceProcessor(model_proto=ckpt["tokenizer"])
+        (BUILD / "tokenizer.model").write_bytes(ckpt["tokenizer"])
+    train_ids = tokenizer.encode_docs(sp, train_docs)
+    heldout_ids = tokenizer.encode_docs(sp, heldout_docs)
+    np.save(BUILD / "train.npy", train_ids)
+    np.save(BUILD / "heldout.npy", heldout_ids)
+    stage(f"tokenizer: {sp.get_piece_size()} pieces; {len(train_ids):,} train and "
+          f"{len(heldout_ids):,} held-out tokens", t0)
+
+    if a.pretrained is None:
+        config = train.TrainConfig(steps=a.steps)
+        model, stats = train.train(train_ids, heldout_ids,
+                                   ModelArgs(vocab_size=sp.get_piece_size()), config)
+        train.save(model, stats, config, BUILD / "pretrained.pt", sp.serialized_model_proto())
+        stage("pretrained", t0)
+    else:
+        model = pretrained
+        stage(f"pretrained weights and tokenizer from {a.pretrained}", t0)
+
+    # NOTE: the chat stage teaches what the mixed corpus barely rewards: answering a request
+    # (restating its mood, then keeping to it), on chat documents only
+    chat_ids = tokenizer.encode_docs(sp, corpus.generate(CHAT_SEED, CHAT_DOCS, chat_share=1.0))
+    config = train.CHAT_STAGE
+    model, stats = train.train(chat_ids, heldout_ids, model.a, config, init=model)
+    train.save(model, stats, config, BUILD / "model.pt", sp.serialized_model_proto())
+    stage("chat stage trained", t0)
+
+    f32 = BUILD / f"{NAME}-f32.gguf"
+    uid = export.export(model, sp, f32, "f32")
+    export.export(model, sp, a.out, "q8_0")
+    stage(f"exported {a.out} ({a.out.stat().st_size / 1e6:.1f} MB, uuid {uid})", t0)
+
+    n = check.check_tokenizer(str(f32), sp, heldout_docs)
+    ids = heldout_ids.tolist()
+    starts = np.flatnonzero(heldout_ids == tokenizer.BOS_ID)[:4].tolist()
+    worst = check.check_logits(str(f32), model, [ids[s:s + ModelArgs.max_seq_len] for s in starts])
+    stats |= {"tokenizer_docs_checked": n, "logits_max_abs_diff": worst, "uuid": uid}
+    (BUILD / "stats.json").write_text(json.dumps(stats, indent=1))
+    stage(f"checked: tiller's tokenizer = sentencepiece on {n} documents; torch vs tiller f32 "
+          f"logits max |diff| {worst:.2e}", t0)
+
+
+if __name__ == "__main__":
+    main()

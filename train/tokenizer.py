@@ -1,0 +1,45 @@
+"""Train the SentencePiece BPE vocabulary on the corpus, and encode the corpus into token ids.
+
+The trainer is told the Llama normalizer spec that tiller's Tokenizer reproduces (identity
+normalization, a dummy "▁" prefix, whitespace kept as it is) and byte fallback, so that every
+text encodes to the same ids in sentencepiece and in tiller. The ChatML markers are
+user-defined symbols: always single tokens, matched in text before BPE.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+from corpus import IM_END, IM_START
+
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+
+
+def train_tokenizer(docs: list[str], vocab_size: int, out: Path) -> spm.SentencePieceProcessor:
+    """Write out (a .model file) and return the processor. Deterministic for the same docs."""
+    # NOTE: the trainer reads sentences; give it lines (a newline becomes the byte <0x0A>).
+    lines = [line for d in docs for line in d.split("\n") if line]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, model_type="bpe",
+        vocab_size=vocab_size, byte_fallback=True, character_coverage=1.0,
+        user_defined_symbols=[IM_START, IM_END], normalization_rule_name="identity",
+        add_dummy_prefix=True, remove_extra_whitespaces=False, split_digits=True,
+        unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
+        num_threads=1, minloglevel=2)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(model.getvalue())
+    return spm.SentencePieceProcessor(model_proto=model.getvalue())
+
+
+def encode_docs(sp: spm.SentencePieceProcessor, docs: list[str]) -> np.ndarray:
+    """All documents as one stream: BOS, the text's ids, EOS, for each (uint16)."""
+    ids: list[int] = []
+    for piece_ids in sp.encode(docs):
+        ids.append(BOS_ID)
+        ids.extend(piece_ids)
+        ids.append(EOS_ID)
+    return np.array(ids, dtype=np.uint16)
