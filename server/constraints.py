@@ -142,8 +142,12 @@ class _TokenizerView:
         self.eos_token_id = tokenizer.eos_id
         self.bos_token_id = tokenizer.bos_id
         special = (TokenType.CONTROL, TokenType.UNKNOWN)
+        # NOTE: end-of-generation tokens are special whatever their type: ChatML's <|im_end|>
+        # is often USER_DEFINED, and as text it would be valid inside a JSON string, where the
+        # server's stop on it would cut the output short
         self.special_token_ids = [i for i in range(tokenizer.vocab_size)
-                                  if tokenizer.token_type(i) in special]
+                                  if tokenizer.token_type(i) in special
+                                  or i in tokenizer.end_ids]
         self.tokens = [tokenizer.piece_bytes(i) for i in range(tokenizer.vocab_size)]
         for i in self.special_token_ids:
             # NOTE: marked so that a grammar can name them (<|im_end|>) without their text
