@@ -1,7 +1,9 @@
-# tiller: one replica of the CPU inference server. Models are not in the image: mount them
-# read-only at /models and name the files with MODEL and TOKENIZER (docker-compose.yml does).
+# tiller: one replica of the CPU inference server. It serves tiller's built-in model (package
+# data) unless MODEL names a file mounted read-only at /models (and TOKENIZER a llama2.c
+# tokenizer.bin beside it, for .bin models); docker-compose.yml passes them through.
 #
 #   docker build -t tiller .
+#   docker run --rm -p 8080:8080 -v tiller-cache:/cache tiller --parallel 4 --threads 4
 #   docker run --rm -p 8080:8080 -v "$PWD/models:/models:ro" -v tiller-cache:/cache \
 #       -e MODEL=stories15M.bin -e TOKENIZER=tokenizer.bin tiller --parallel 4 --threads 4
 #
@@ -28,8 +30,8 @@ RUN pip install . && rm -rf /src
 RUN useradd --system --uid 10001 --no-create-home --home-dir /nonexistent tiller \
     && mkdir -p /cache /models && chown tiller:tiller /cache
 ENV XDG_CACHE_HOME=/cache \
-    MODEL=model.bin \
-    TOKENIZER=tokenizer.bin \
+    MODEL= \
+    TOKENIZER= \
     API_KEY=
 VOLUME ["/cache"]
 USER tiller
@@ -43,5 +45,5 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=300s --retries=3 \
 # exec: tiller is PID 1, so `docker stop` reaches it as SIGTERM and it shuts down cleanly
 # (open requests get up to 10 s). API_KEY, when set, is required as a bearer token on every
 # route but /health, /v1/models and /models.
-ENTRYPOINT ["/bin/sh", "-c", "exec tiller serve --host 0.0.0.0 --port 8080 --model \"/models/$MODEL\" --tokenizer \"/models/$TOKENIZER\" ${API_KEY:+--api-key \"$API_KEY\"} \"$@\"", "tiller"]
+ENTRYPOINT ["/bin/sh", "-c", "exec tiller serve --host 0.0.0.0 --port 8080 ${MODEL:+--model \"/models/$MODEL\"} ${TOKENIZER:+--tokenizer \"/models/$TOKENIZER\"} ${API_KEY:+--api-key \"$API_KEY\"} \"$@\"", "tiller"]
 CMD []
