@@ -44,3 +44,21 @@ def _one_package():
     yield
     strays = sorted(name for name in sys.modules if name.split(".")[0] in ("engine", "server"))
     assert not strays, f"modules imported outside the tiller package: {strays}"
+
+
+# an in-process server: a module defines `config` (a ServerConfig); these load its model once
+# per module and give each test a client of a fresh app around it
+
+
+@pytest.fixture(scope="module")
+def model(config):
+    from tiller.server.app import load_model
+
+    return load_model(config)
+
+
+@pytest.fixture
+async def client(aiohttp_client, config, model):
+    from tiller.server.app import create_app
+
+    return await aiohttp_client(create_app(config, model=model))

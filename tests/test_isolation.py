@@ -23,7 +23,7 @@ from tiller.engine.kvcache import KV_BLOCK
 from tiller.engine.loader import load_checkpoint
 from tiller.engine.sampling import SamplingParams, apply_penalties, sample_token
 from tiller.engine.tokenizer import SpmTokenizer, Tokenizer
-from tiller.server.app import STATE, ServerConfig, create_app, load_model
+from tiller.server.app import STATE, ServerConfig, create_app
 from tiller.server.runner import Finished, GenerationRequest, Runner, TokenEvent
 
 from tests.test_server import post, sse_events
@@ -320,16 +320,6 @@ def config(shared_models: Path, tmp_path_factory) -> ServerConfig:
     return ServerConfig(model_path=shared_models / "stories260K.bin",
                         tokenizer_path=shared_models / "tok512.bin", parallel=8,
                         token_budget=64, steering_dir=tmp_path_factory.mktemp("steering"))
-
-
-@pytest.fixture(scope="module")
-def model(config):
-    return load_model(config)
-
-
-@pytest.fixture
-async def client(aiohttp_client, config, model):
-    return await aiohttp_client(create_app(config, model=model))
 
 
 async def test_a_repetition_penalty_that_would_poison_the_batch_is_a_400(client):

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from tiller.engine.cvec import ControlVector, write_control_vector
 from tiller.engine.engine import MAX_STEERING_NORM
-from tiller.server.app import ServerConfig, create_app, load_model
+from tiller.server.app import ServerConfig, create_app
 from tiller.server.errors import ApiError
 from tiller.server.features_routes import check_finite, embd_normalize
 from tiller.server.http import MAX_JSON_DEPTH, encode_json, json_depth
@@ -34,16 +34,6 @@ def config(shared_models: Path, tmp_path_factory) -> ServerConfig:
                         tokenizer_path=shared_models / "tok512.bin", parallel=2, max_waiting=4,
                         token_budget=64, max_body_bytes=MIB, max_feature_values=BUDGET,
                         steering_dir=tmp_path_factory.mktemp("steering"))
-
-
-@pytest.fixture(scope="module")
-def model(config):
-    return load_model(config)
-
-
-@pytest.fixture
-async def client(aiohttp_client, config, model):
-    return await aiohttp_client(create_app(config, model=model))
 
 
 def strict_json(text: str) -> object:

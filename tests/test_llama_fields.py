@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiller.server.app import ServerConfig, create_app, load_model
+from tiller.server.app import ServerConfig, create_app
 from tiller.server.generation import _llama_text
 
 from tests.test_server import GOLDEN_TEXT, post, sse_events
@@ -26,16 +26,6 @@ def config(shared_models: Path, tmp_path_factory) -> ServerConfig:
     return ServerConfig(model_path=shared_models / "stories260K.bin",
                         tokenizer_path=shared_models / "tok512.bin", parallel=4,
                         token_budget=64, steering_dir=tmp_path_factory.mktemp("steering"))
-
-
-@pytest.fixture(scope="module")
-def model(config):
-    return load_model(config)
-
-
-@pytest.fixture
-async def client(aiohttp_client, config, model):
-    return await aiohttp_client(create_app(config, model=model))
 
 
 def check_timings(t: dict, prompt_n: int, predicted_n: int) -> None:

@@ -21,16 +21,6 @@ def config(shared_models: Path, tmp_path_factory) -> ServerConfig:
                         token_budget=64, steering_dir=tmp_path_factory.mktemp("steering"))
 
 
-@pytest.fixture(scope="module")
-def model(config):
-    return load_model(config)
-
-
-@pytest.fixture
-async def client(aiohttp_client, config, model):
-    return await aiohttp_client(create_app(config, model=model))
-
-
 def make_client(aiohttp_client, config, model, **changes):
     fields = {**config.__dict__, **changes}
     return aiohttp_client(create_app(ServerConfig(**fields), model=model))

@@ -11,7 +11,7 @@ import pytest
 from tiller.engine.engine import Engine
 from tiller.engine.steering import build_actadd, build_control
 from tiller.engine.tokenizer import SpmTokenizer
-from tiller.server.app import ServerConfig, create_app, load_model
+from tiller.server.app import ServerConfig, create_app
 from tiller.server.steering_dir import DirectoryStore
 from tiller.server.steering_store import SteeringVector, vector_id
 
@@ -26,16 +26,6 @@ def config(shared_models: Path, tmp_path_factory) -> ServerConfig:
                         tokenizer_path=shared_models / "tok512.bin", parallel=8,
                         token_budget=64, dtype="f32",
                         steering_dir=tmp_path_factory.mktemp("steering"))
-
-
-@pytest.fixture(scope="module")
-def model(config):
-    return load_model(config)
-
-
-@pytest.fixture
-async def client(aiohttp_client, config, model):
-    return await aiohttp_client(create_app(config, model=model))
 
 
 @pytest.fixture(scope="module")

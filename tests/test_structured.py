@@ -17,7 +17,7 @@ import jsonschema
 import pytest
 from pydantic import BaseModel, Field
 from tiller.engine.tokenizer import SpmTokenizer
-from tiller.server.app import ServerConfig, create_app, load_model
+from tiller.server.app import ServerConfig, create_app
 from tiller.server.constraints import MaskBatch, Vocabulary, json_schema_grammar
 
 from tests.test_server import GOLDEN_TEXT, post
@@ -139,16 +139,6 @@ def config(request, shared_models: Path, tmp_path_factory) -> ServerConfig:
     return ServerConfig(model_path=shared_models / model_file,
                         tokenizer_path=shared_models / tokenizer_file, parallel=8,
                         token_budget=64, steering_dir=tmp_path_factory.mktemp("steering"))
-
-
-@pytest.fixture(scope="module")
-def model(config):
-    return load_model(config)
-
-
-@pytest.fixture
-async def client(aiohttp_client, config, model):
-    return await aiohttp_client(create_app(config, model=model))
 
 
 @pytest.fixture
