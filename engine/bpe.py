@@ -23,12 +23,10 @@ from collections.abc import Sequence
 from itertools import pairwise
 
 from .pretokenize import PRE_TOKENIZERS, PreTokenizer, Splitter
-from .tokenizer import Tokenizer, TokenizerError, TokenType
+from .tokenizer import PieceCache, Tokenizer, TokenizerError, TokenType
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 # Word-cache bounds: enough for the distinct words of a long prompt, small enough to ignore.
-_CACHE_ENTRIES = 1 << 16
-_CACHE_WORD_CHARS = 64
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
 
@@ -137,7 +135,7 @@ class BpeTokenizer(Tokenizer):
         self._ids = ids
         self._splitter = Splitter(pretok.regexes)
         self._ignore_merges = pretok.ignore_merges
-        self._cache: dict[str, list[int]] = {}
+        self._cache = PieceCache()
 
     # --- encoding ----------------------------------------------------------------------------
 
@@ -159,14 +157,8 @@ class BpeTokenizer(Tokenizer):
     def _encode_fragment(self, text: str, out: list[int]) -> None:
         cache = self._cache
         for word in self._splitter.split(text):
-            word_ids = cache.get(word)
-            if word_ids is None:
-                word_ids = self._encode_word(word)
-                if len(word) <= _CACHE_WORD_CHARS:
-                    if len(cache) >= _CACHE_ENTRIES:
-                        cache.clear()
-                    cache[word] = word_ids
-            out.extend(word_ids)
+            ids = cache.get(word)
+            out.extend(ids if ids is not None else cache.add(word, self._encode_word(word)))
 
     def _encode_word(self, word: str) -> list[int]:
         encoded = codecs.charmap_decode(word.encode("utf-8"), "strict", _DECODING_TABLE)[0]

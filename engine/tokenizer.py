@@ -41,8 +41,6 @@ SPACE = "\u2581"  # "▁", sentencepiece's visible stand-in for a space
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _REPLACEMENT = "\ufffd".encode()
 # Chunk-cache bounds: enough for the distinct words of a long prompt, small enough to ignore.
-_CACHE_ENTRIES = 1 << 16
-_CACHE_CHUNK_CHARS = 64
 
 
 class TokenType(IntEnum):
@@ -61,6 +59,21 @@ class TokenType(IntEnum):
 _MERGEABLE = (TokenType.NORMAL, TokenType.USER_DEFINED, TokenType.UNUSED)
 # Pieces llama.cpp finds in text as whole tokens before tokenizing the rest.
 _SPECIAL_TYPES = (TokenType.CONTROL, TokenType.USER_DEFINED, TokenType.UNKNOWN)
+
+
+class PieceCache(dict[str, list[int]]):
+    """Token ids of text pieces (pre-tokenizer words, whitespace-free chunks) already encoded:
+    bounded, and cleared when full (cheaper than tracking use; text repeats its pieces)."""
+
+    MAX_ENTRIES = 1 << 16
+    MAX_CHARS = 64  # longer pieces are rare: not worth keeping
+
+    def add(self, piece: str, ids: list[int]) -> list[int]:
+        if len(piece) <= self.MAX_CHARS:
+            if len(self) >= self.MAX_ENTRIES:
+                self.clear()
+            self[piece] = ids
+        return ids
 
 
 class TokenizerError(ValueError):
@@ -315,7 +328,7 @@ class SpmTokenizer(Tokenizer):
         boundary = re.compile(f"[^{SPACE}]{SPACE}")
         splittable = not self._unused and not any(boundary.search(t) for t in self._ids)
         self._chunk_re = re.compile(f"{SPACE}+[^{SPACE}]*|[^{SPACE}]+") if splittable else None
-        self._cache: dict[str, list[int]] = {}
+        self._cache = PieceCache()
 
     @classmethod
     def from_llama2c(cls, path: str | os.PathLike[str],
@@ -422,13 +435,7 @@ class SpmTokenizer(Tokenizer):
         cache = self._cache
         for chunk in self._chunk_re.findall(text):
             ids = cache.get(chunk)
-            if ids is None:
-                ids = self._bpe(chunk)
-                if len(chunk) <= _CACHE_CHUNK_CHARS:
-                    if len(cache) >= _CACHE_ENTRIES:
-                        cache.clear()
-                    cache[chunk] = ids
-            out.extend(ids)
+            out.extend(ids if ids is not None else cache.add(chunk, self._bpe(chunk)))
 
     def _bpe(self, text: str) -> list[int]:
         """Score-ordered pair merges over a linked list of symbols (bpe_model.cc's algorithm)."""
