@@ -1,9 +1,12 @@
 """Regenerate tiller's built-in model from seeds: corpus -> tokenizer -> train -> export -> check.
 
     python train/build.py [--threads 1] [--steps N] [--pretrained train/build/pretrained.pt]
+                          [--chat1 train/build/chat1.pt]
 
-Training has two stages: pretraining on the mixed corpus (stories and chats), then a short
-chat stage on chats only.
+Training has three stages: pretraining on the mixed corpus (stories and chats), a short chat
+stage on chats only (all tokens), then a second chat stage on chats whose stories set the
+requested mood in their first sentence, mixed with plain stories, with the loss on assistant
+tokens (and plain stories) only.
 
 Intermediate files go to train/build/ (ignored by git); the model goes to
 tiller/models/tiller-tiny.gguf (Q8_0), with an F32 twin in train/build/ that the logit check
@@ -32,6 +35,7 @@ import train
 TRAIN_SEED, HELDOUT_SEED = 1, 2
 TRAIN_DOCS, HELDOUT_DOCS = 40_000, 1_000
 CHAT_SEED, CHAT_DOCS = 3, 10_000
+CHAT2_SEED, CHAT2_DOCS, CHAT2_SHARE = 5, 10_000, 0.75  # a quarter plain stories
 VOCAB_SIZE = 1024  # the corpus's words fit; sentencepiece refuses much more (too few merges)
 
 
@@ -46,20 +50,24 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--pretrained", type=Path, help="skip pretraining: start the chat stage "
                    "from this checkpoint (train/build/pretrained.pt of an earlier run)")
+    p.add_argument("--chat1", type=Path, help="skip pretraining and the first chat stage: start "
+                   "the second chat stage from this checkpoint (train/build/chat1.pt)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
 
-    train_docs = corpus.generate(TRAIN_SEED, TRAIN_DOCS)
+    # the train corpus only pretraining reads
+    train_docs = corpus.generate(TRAIN_SEED, TRAIN_DOCS if a.chat1 is None else 0)
     heldout_docs = corpus.generate(HELDOUT_SEED, HELDOUT_DOCS)
     corpus.write(BUILD / "train.txt", train_docs)
     corpus.write(BUILD / "heldout.txt", heldout_docs)
     stage(f"corpus: {len(train_docs)} train and {len(heldout_docs)} held-out documents", t0)
 
-    if a.pretrained is None:
+    resume = a.chat1 or a.pretrained
+    if resume is None:
         sp = tokenizer.train_tokenizer(train_docs, VOCAB_SIZE, BUILD / "tokenizer.model")
     else:  # the ids the pretrained weights know
-        pretrained, ckpt = train.load(a.pretrained)
+        pretrained, ckpt = train.load(resume)
         sp = spm.SentencePieceProcessor(model_proto=ckpt["tokenizer"])
         (BUILD / "tokenizer.model").write_bytes(ckpt["tokenizer"])
     train_ids = tokenizer.encode_docs(sp, train_docs)
@@ -69,7 +77,10 @@ def main() -> None:
     stage(f"tokenizer: {sp.get_piece_size()} pieces; {len(train_ids):,} train and "
           f"{len(heldout_ids):,} held-out tokens", t0)
 
-    if a.pretrained is None:
+    if a.chat1 is not None:
+        model = pretrained
+        stage(f"weights after the first chat stage, and tokenizer, from {a.chat1}", t0)
+    elif a.pretrained is None:
         config = train.TrainConfig(steps=a.steps)
         model, stats = train.train(train_ids, heldout_ids,
                                    ModelArgs(vocab_size=sp.get_piece_size()), config)
@@ -79,13 +90,25 @@ def main() -> None:
         model = pretrained
         stage(f"pretrained weights and tokenizer from {a.pretrained}", t0)
 
-    # NOTE: the chat stage teaches what the mixed corpus barely rewards: answering a request
-    # (restating its mood, then keeping to it), on chat documents only
-    chat_ids = tokenizer.encode_docs(sp, corpus.generate(CHAT_SEED, CHAT_DOCS, chat_share=1.0))
-    config = train.CHAT_STAGE
-    model, stats = train.train(chat_ids, heldout_ids, model.a, config, init=model)
+    if a.chat1 is None:
+        # NOTE: the chat stage teaches what the mixed corpus barely rewards: answering a request
+        # (restating its mood, then keeping to it), on chat documents only
+        chat_ids = tokenizer.encode_docs(sp, corpus.generate(CHAT_SEED, CHAT_DOCS, chat_share=1.0))
+        config = train.CHAT_STAGE
+        model, stats = train.train(chat_ids, heldout_ids, model.a, config, init=model)
+        train.save(model, stats, config, BUILD / "chat1.pt", sp.serialized_model_proto())
+        stage("chat stage trained", t0)
+
+    # NOTE: the first chat stage taught the restated mood but not the story's keeping to it
+    # (about half): the second learns only replies (not requests and markers), whose stories
+    # carry the mood from their first sentence, with plain stories mixed in so that they hold
+    chat2_ids = tokenizer.encode_docs(sp, corpus.generate(
+        CHAT2_SEED, CHAT2_DOCS, chat_share=CHAT2_SHARE, mood_opening=True))
+    config = train.CHAT2_STAGE
+    model, stats = train.train(chat2_ids, heldout_ids, model.a, config, init=model,
+                               mask=tokenizer.assistant_mask(sp, chat2_ids))
     train.save(model, stats, config, BUILD / "model.pt", sp.serialized_model_proto())
-    stage("chat stage trained", t0)
+    stage("second chat stage trained", t0)
 
     f32 = BUILD / f"{NAME}-f32.gguf"
     uid = export.export(model, sp, f32, "f32")

@@ -153,14 +153,28 @@ SAD_ENDINGS = [
     "{Name_he} missed {pet} and felt sad for a long time.",
     "It was a sad day, and {name} was upset.",
 ]
+# openings that set the mood in the story's first sentence: chat replies to a request naming a
+# mood (chat stage 2), so the mood is in the story itself from its start and the events follow it
+MOOD_OPENINGS = {
+    "happy": ["Once upon a time, there was a happy little {gender} named {name}.",
+              "{name} was a happy {gender} who loved to play outside.",
+              "One morning, a {gender} named {name} woke up happy and smiled.",
+              "There once was a glad little {gender} named {name}."],
+    "sad": ["Once upon a time, there was a sad little {gender} named {name}.",
+            "{name} was a sad {gender} who often felt lonely.",
+            "One morning, a {gender} named {name} woke up sad and upset.",
+            "There once was a lonely little {gender} named {name}."],
+}
 MOOD_EVENTS = {"happy": HAPPY_EVENTS, "sad": SAD_EVENTS}
 MOOD_ENDINGS = {"happy": HAPPY_ENDINGS, "sad": SAD_ENDINGS}
 
 
 def make_story(rng: random.Random, *, gender: str | None = None, animal: str | None = None,
                mood: str | None = None, name: str | None = None, pet: str | None = None,
-               place: str | None = None, weather: str | None = None) -> Story:
-    """A story whose unspecified attributes are drawn uniformly at random."""
+               place: str | None = None, weather: str | None = None,
+               mood_opening: bool = False) -> Story:
+    """A story whose unspecified attributes are drawn uniformly at random; with mood_opening,
+    its first sentence names the mood (MOOD_OPENINGS)."""
     gender = gender or _pick(rng, GENDERS)
     s = {"gender": gender, "name": name or _pick(rng, NAMES[gender]),
          "animal": animal or _pick(rng, ANIMALS), "pet": pet or _pick(rng, ANIMAL_NAMES),
@@ -189,7 +203,8 @@ def make_story(rng: random.Random, *, gender: str | None = None, animal: str | N
     setting = [fill(_pick(rng, SETTINGS[s["weather"]])), fill(_pick(rng, GO_TO_PLACE))]
     if rng.random() < 0.3:
         setting.reverse()
-    sentences = [fill(_pick(rng, OPENINGS)), *setting, fill(_pick(rng, MEET_ANIMAL)), *middle,
+    openings = MOOD_OPENINGS[mood] if mood_opening else OPENINGS
+    sentences = [fill(_pick(rng, openings)), *setting, fill(_pick(rng, MEET_ANIMAL)), *middle,
                  *(fill(e) for e in events), fill(_pick(rng, MOOD_ENDINGS[mood]))]
     # a paragraph break sometimes, as stories have
     cut = rng.randrange(2, len(sentences)) if rng.random() < 0.4 else None
@@ -280,9 +295,10 @@ def reply_prefix(rng: random.Random, given: dict[str, str]) -> str:
     return _pick(rng, RESTATED_PREFIXES).format(mood=given["mood"], about=about)
 
 
-def make_chat(rng: random.Random) -> str:
+def make_chat(rng: random.Random, mood_opening: bool = False) -> str:
     """A ChatML conversation: optional greeting, one or two story requests with answers and
-    questions about the story just told, optional thanks."""
+    questions about the story just told, optional thanks. With mood_opening, a story answering a
+    request that names a mood sets that mood in its first sentence."""
     parts = []
     if rng.random() < 0.3:
         user, reply = _pick(rng, GREETINGS)
@@ -299,7 +315,7 @@ def make_chat(rng: random.Random) -> str:
         given = {k: asked[k] for k in keys}
         if "name" in given:
             given["gender"] = asked["gender"]
-        story = make_story(rng, **given)
+        story = make_story(rng, **given, mood_opening=mood_opening and "mood" in given)
         request = _pick(rng, REQUESTS[keys]).format(**asked, plural=PLURALS[asked["animal"]])
         parts += [turn("user", request), turn("assistant", reply_prefix(rng, given) + story.text)]
         for _ in range(rng.choice((0, 0, 1, 1, 2))):
@@ -313,13 +329,14 @@ def make_chat(rng: random.Random) -> str:
     return "".join(parts)
 
 
-def make_document(rng: random.Random, chat_share: float = 0.5) -> str:
-    return make_chat(rng) if rng.random() < chat_share else make_story(rng).text
+def make_document(rng: random.Random, chat_share: float = 0.5, mood_opening: bool = False) -> str:
+    return make_chat(rng, mood_opening) if rng.random() < chat_share else make_story(rng).text
 
 
-def generate(seed: int, n_docs: int, chat_share: float = 0.5) -> list[str]:
+def generate(seed: int, n_docs: int, chat_share: float = 0.5,
+             mood_opening: bool = False) -> list[str]:
     rng = random.Random(seed)
-    return [make_document(rng, chat_share) for _ in range(n_docs)]
+    return [make_document(rng, chat_share, mood_opening) for _ in range(n_docs)]
 
 
 def write(path: Path, docs: list[str]) -> None:

@@ -43,3 +43,30 @@ def encode_docs(sp: spm.SentencePieceProcessor, docs: list[str]) -> np.ndarray:
         ids.extend(piece_ids)
         ids.append(EOS_ID)
     return np.array(ids, dtype=np.uint16)
+
+
+def assistant_mask(sp: spm.SentencePieceProcessor, stream: np.ndarray) -> np.ndarray:
+    """Which tokens of an encoded stream a chat stage learns to predict (bool, per token): in a
+    ChatML document, the assistant turns' content and their closing <|im_end|> only (not the
+    user's or system's turns, nor the markers and role names that the template writes); plain
+    stories (documents without <|im_start|>) are all learned."""
+    start, end, newline = (sp.piece_to_id(p) for p in (IM_START, IM_END, "<0x0A>"))
+    assistant = [sp.piece_to_id("assistant")]  # the role name after a marker: one piece
+    mask = np.ones(len(stream), dtype=bool)
+    bos = np.flatnonzero(stream == BOS_ID).tolist() + [len(stream)]
+    for a, b in zip(bos[:-1], bos[1:], strict=True):
+        doc = stream[a:b].tolist()
+        if start not in doc:
+            continue
+        mask[a:b] = False
+        i = 0
+        while i < len(doc):
+            if doc[i] != start:
+                i += 1
+                continue
+            j = doc.index(newline, i) if newline in doc[i:] else len(doc)  # end of the role line
+            k = doc.index(end, j) if end in doc[j:] else len(doc) - 1  # the turn's <|im_end|>
+            if doc[i + 1:j] == assistant:
+                mask[a + j + 1:a + k + 1] = True
+            i = k + 1
+    return mask

@@ -41,13 +41,19 @@ def lr_at(step: int, c: TrainConfig) -> float:
     return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1 + math.cos(math.pi * t))
 
 
-def batches(stream: np.ndarray, c: TrainConfig, rng: np.random.Generator):
-    """Yield (inputs, targets), each (batch, seq_len) int64, windows starting at BOS."""
+def batches(stream: np.ndarray, c: TrainConfig, rng: np.random.Generator,
+            mask: np.ndarray | None = None):
+    """Yield (inputs, targets), each (batch, seq_len) int64, windows starting at BOS. With a
+    mask (bool per stream token), targets the mask leaves out are -100 (no loss)."""
     starts = np.flatnonzero(stream[:len(stream) - c.seq_len - 1] == BOS_ID)
     while True:
         picks = starts[rng.integers(0, len(starts), c.batch)]
         w = np.stack([stream[s:s + c.seq_len + 1] for s in picks]).astype(np.int64)
-        yield torch.from_numpy(w[:, :-1]), torch.from_numpy(w[:, 1:])
+        y = w[:, 1:]
+        if mask is not None:
+            keep = np.stack([mask[s + 1:s + c.seq_len + 1] for s in picks])
+            y = np.where(keep, y, -100)
+        yield torch.from_numpy(w[:, :-1]), torch.from_numpy(np.ascontiguousarray(y))
 
 
 @torch.no_grad()
@@ -69,11 +75,17 @@ def heldout_nll(model: Transformer, stream: np.ndarray, seq_len: int) -> float:
 
 # the chat stage: chat documents only, from the pretrained weights, at a lower rate
 CHAT_STAGE = TrainConfig(steps=200, lr=1e-3, min_lr=1e-4, warmup=20, seed=4321)
+# the second chat stage: from the first one's weights, loss on assistant tokens only (and on plain
+# stories, mixed in so that stories hold), replies whose stories set the mood in their first
+# sentence
+CHAT2_STAGE = TrainConfig(steps=350, lr=1e-3, min_lr=1e-4, warmup=20, seed=5678)
 
 
 def train(train_ids: np.ndarray, heldout_ids: np.ndarray, args: ModelArgs, c: TrainConfig,
-          log_every: int = 100, init: Transformer | None = None) -> tuple[Transformer, dict]:
-    """Train a new model, or continue training `init` (its args win over `args`)."""
+          log_every: int = 100, init: Transformer | None = None,
+          mask: np.ndarray | None = None) -> tuple[Transformer, dict]:
+    """Train a new model, or continue training `init` (its args win over `args`). With a mask
+    (bool per token of train_ids), only the tokens it keeps are predicted with a loss."""
     torch.manual_seed(c.seed)
     model = Transformer(args) if init is None else init.train()
     args = model.a
@@ -82,7 +94,7 @@ def train(train_ids: np.ndarray, heldout_ids: np.ndarray, args: ModelArgs, c: Tr
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=c.lr, betas=(0.9, 0.95), fused=False)
-    data = batches(train_ids, c, np.random.default_rng(c.seed))
+    data = batches(train_ids, c, np.random.default_rng(c.seed), mask)
     print(f"model: {model.n_params() / 1e6:.2f}M parameters, {c.steps} steps of "
           f"{c.batch}x{c.seq_len} tokens ({c.steps * c.batch * c.seq_len / 1e6:.1f}M)", flush=True)
     start = time.perf_counter()
@@ -90,7 +102,7 @@ def train(train_ids: np.ndarray, heldout_ids: np.ndarray, args: ModelArgs, c: Tr
         for g in opt.param_groups:
             g["lr"] = lr_at(step, c)
         x, y = next(data)
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
