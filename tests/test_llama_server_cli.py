@@ -130,13 +130,13 @@ def test_browser_preflight_without_the_key(server):
 
 
 def serve(*args: str) -> subprocess.CompletedProcess[str]:
+    """`tiller serve` on the built-in model (no ../shared needed), run until it exits."""
     return subprocess.run(
-        [sys.executable, "-m", "tiller", "serve", "-m", str(MODEL), "--tokenizer",
-         str(TOKENIZER), "--port", str(free_port()), *args],
+        [sys.executable, "-m", "tiller", "serve", "--port", str(free_port()), *args],
         capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
-def test_a_broken_control_vector_stops_the_server(shared_models, tmp_path):
+def test_a_broken_control_vector_stops_the_server(tmp_path):
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF" + b"\x00" * 12)
     result = serve("--control-vector", str(broken))
