@@ -38,13 +38,10 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,6 +55,7 @@ try:
 except ModuleNotFoundError:  # run as a script: bench/ is on sys.path, the checkout's root is not
     sys.path.insert(0, str(ROOT))
     from train.corpus import MOOD_WORDS, NAMES, PLURALS
+from tests.live_server import free_port, healthy  # noqa: E402  (the root is on sys.path now)
 
 PROMPT = "Once upon a time"
 TEMPERATURE = 0.8
@@ -251,21 +249,6 @@ def verdict(attribute: Attribute, rows: Sequence[Row]) -> str:
 # the server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=2) as response:
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError):  # refused while starting, 503 while loading
-        return False
-
-
 def start_server(port: int, parallel: int, queue: int, log_path: Path, steering_dir: Path
                  ) -> subprocess.Popen[bytes]:
     """`tiller serve` on the built-in model; returns once GET /health is 200."""
@@ -281,7 +264,7 @@ def start_server(port: int, parallel: int, queue: int, log_path: Path, steering_
                                 env=os.environ | {"PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + START_TIMEOUT
     while proc.poll() is None and time.monotonic() < deadline:
-        if _healthy(url):
+        if healthy(url):
             return proc
         time.sleep(0.2)
     stop_server(proc)

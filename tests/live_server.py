@@ -59,7 +59,7 @@ def free_port() -> int:
         return port
 
 
-def _healthy(url: str) -> bool:
+def healthy(url: str) -> bool:
     try:
         with urllib.request.urlopen(url + "/health", timeout=2) as response:
             return bool(response.status == 200)
@@ -87,7 +87,7 @@ def start_server(tmp_path: Path, *extra_args: str, model: Path = MODEL,
         process.url, process.log_path = url, log_path
         deadline = time.monotonic() + timeout
         while process.poll() is None and time.monotonic() < deadline:
-            if _healthy(url):
+            if healthy(url):
                 return url, process
             time.sleep(0.2)
         if process.poll() is None:

@@ -262,15 +262,12 @@ def cmd_features(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .engine.forward import CAPTURE_POINTS
+    from .engine.layers import normalize_block
 
     engine, tokenizer = _load(args)
     n = engine.config.n_layers
     layers = _int_list(args.layers, "--layers") or list(range(n))
-    blocks = []
-    for layer in layers:
-        if not -n <= layer < n:
-            raise ValueError(f"--layers: block {layer} outside 0..{n - 1} (or -{n}..-1)")
-        blocks.append(layer % n)
+    blocks = [normalize_block(layer, n, "--layers: block") for layer in layers]
     tokens = tokenizer.encode(args.input, bos=True)
     if len(tokens) > engine.config.max_seq_len:
         raise ValueError(f"--input: {len(tokens)} tokens exceed the context of "
