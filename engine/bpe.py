@@ -139,26 +139,17 @@ class BpeTokenizer(Tokenizer):
 
     # --- encoding ----------------------------------------------------------------------------
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False,
-               special: bool = False) -> list[int]:
-        ids = [self.bos_id] if bos and self.add_bos else []
+    def _parts(self, text: str, special: bool) -> list[str | int]:
         if _SURROGATES.search(text):
             # Lone surrogates are not UTF-8; llama.cpp reads malformed input as U+FFFD.
             text = _SURROGATES.sub("\ufffd", text)
-        for part in self._split_special(text, control=special) if text else []:
-            if isinstance(part, int):
-                ids.append(part)
-            else:
-                self._encode_fragment(part, ids)
-        if eos:
-            ids.append(self.eos_id)
-        return ids
+        return self._split_special(text, control=special) if text else []
 
-    def _encode_fragment(self, text: str, out: list[int]) -> None:
+    def _encode_fragment(self, text: str, ids: list[int]) -> None:
         cache = self._cache
         for word in self._splitter.split(text):
-            ids = cache.get(word)
-            out.extend(ids if ids is not None else cache.add(word, self._encode_word(word)))
+            known = cache.get(word)
+            ids.extend(known if known is not None else cache.add(word, self._encode_word(word)))
 
     def _encode_word(self, word: str) -> list[int]:
         encoded = codecs.charmap_decode(word.encode("utf-8"), "strict", _DECODING_TABLE)[0]

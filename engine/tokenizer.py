@@ -146,12 +146,28 @@ class Tokenizer(ABC):
 
     # --- encoding ----------------------------------------------------------------------------
 
-    @abstractmethod
     def encode(self, text: str, bos: bool = True, eos: bool = False,
                special: bool = False) -> list[int]:
         """Token ids of `text`: BOS first if `bos` and the vocabulary adds one (`add_bos`), EOS
         last if `eos`. `special=True` parses special-token texts in `text` as those tokens
         (for text the server renders, such as chat templates); user text keeps the default."""
+        ids = [self.bos_id] if bos and self.add_bos else []
+        for part in self._parts(text, special):
+            if isinstance(part, int):
+                ids.append(part)
+            else:
+                self._encode_fragment(part, ids)
+        if eos:
+            ids.append(self.eos_id)
+        return ids
+
+    @abstractmethod
+    def _parts(self, text: str, special: bool) -> list[str | int]:
+        """`text` as the fragments each vocabulary encodes on its own, and special-token ids."""
+
+    @abstractmethod
+    def _encode_fragment(self, text: str, ids: list[int]) -> None:
+        """Append the ids of one text fragment (no special tokens in it) to `ids`."""
 
     def encode_continuation(self, text: str) -> list[int]:
         """Token ids of `text` as it would continue a text already begun: no BOS, no special
@@ -387,21 +403,11 @@ class SpmTokenizer(Tokenizer):
 
     # --- encoding ----------------------------------------------------------------------------
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False,
-               special: bool = False) -> list[int]:
-        """Token ids of `text`: sentencepiece's encode (plus optional BOS/EOS). With `special`,
-        special-token texts become those tokens and every text fragment between them is
-        encoded on its own, with its own dummy prefix, as llama.cpp does."""
-        ids = [self.bos_id] if bos and self.add_bos else []
-        parts = self._split_special(text, control=True) if special else [text]
-        for part in parts:
-            if isinstance(part, int):
-                ids.append(part)
-            else:
-                self._encode_fragment(part, ids)
-        if eos:
-            ids.append(self.eos_id)
-        return ids
+    def _parts(self, text: str, special: bool) -> list[str | int]:
+        """sentencepiece's encode takes the whole text; with `special`, special-token texts
+        become those tokens and each fragment between them is encoded on its own, with its own
+        dummy prefix, as llama.cpp does."""
+        return self._split_special(text, control=True) if special else [text]
 
     def encode_continuation(self, text: str) -> list[int]:
         ids: list[int] = []

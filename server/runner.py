@@ -20,7 +20,6 @@ import itertools
 import logging
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -116,13 +115,12 @@ class _Job:
 
 @dataclass
 class StepStats:
-    """Cumulative numbers for /metrics (read without a lock: ints and floats are atomic)."""
+    """Token totals and the latest step's latency for /metrics, read at scrape time without a
+    lock (ints and floats are atomic); step latency and batch size histograms are observed
+    through `Runner.on_step`."""
 
-    steps: int = 0
-    step_seconds: float = 0.0
     prompt_tokens: int = 0
     generated_tokens: int = 0
-    batch_sizes: Counter = field(default_factory=Counter)  # sequences per step
     last_step_seconds: float = 0.0
 
 
@@ -253,10 +251,7 @@ class Runner:
         failed: dict[str, str] = {}  # request id -> what went wrong, for its handler
         elapsed = self._run_chunks(plan.chunks, sampled, failed)
         s = self.stats
-        s.steps += 1
-        s.step_seconds += elapsed
         s.last_step_seconds = elapsed
-        s.batch_sizes[len(plan.chunks)] += 1
         s.prompt_tokens += sum(len(c.tokens) for c in plan.chunks
                                if c.request.prefilling and c.request.id not in failed)
         s.generated_tokens += len(sampled)
