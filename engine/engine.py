@@ -143,7 +143,7 @@ class Engine:
             x=np.zeros((T, c.dim), f), xb=np.zeros((T, c.dim), f),
             xa=np.zeros((T, max_pad), act_dtype),
             xs=np.zeros((T, max_pad // GROUP_SIZE if q8 else 0), f),
-            xc=np.zeros((T, max_pad // 4 if q8 else 0), np.int32),
+            xc=np.zeros((T, max_pad // GROUP_SIZE if q8 else 0), np.int32),
             qkv=np.zeros((T, c.dim + 2 * c.kv_dim), f), att=np.zeros((T, c.dim), f),
             proj=np.zeros((T, c.dim), f), h13=np.zeros((T, 2 * c.hidden_dim), f),
             hact=np.zeros((T, c.hidden_dim), f),

@@ -73,7 +73,7 @@ def _capture_final(final_out, final_rows, x, w, eps):
 @njit(**K._opts)
 def _inputs(ws, T, n):
     """The workspace's matmul-input buffers for T rows of padded width n."""
-    return ws.xa[:T, :n], ws.xs[:T, :n // 32], ws.xc[:T, :n // 4]  # xs, xc: (T, 0) in f32
+    return ws.xa[:T, :n], ws.xs[:T, :n // 32], ws.xc[:T, :n // 32]  # xs, xc: (T, 0) in f32
 
 
 @njit(**K._opts)
@@ -102,8 +102,8 @@ def forward_step(w, ws, dims, eps, tokens, positions, seq_index, block_tables, k
     proj = ws.proj[:T]
     h13 = ws.h13[:T]
     hact = ws.hact[:T]
-    xa_d, xs_d, xc_d = _inputs(ws, T, w.wqkv.shape[2])  # inputs of width dim
-    xa_h, xs_h, xc_h = _inputs(ws, T, w.w2.shape[2])  # inputs of width hidden_dim
+    xa_d, xs_d, xc_d = _inputs(ws, T, K.in_width(w.wqkv[0]))  # inputs of width dim
+    xa_h, xs_h, xc_h = _inputs(ws, T, K.in_width(w.w2[0]))  # inputs of width hidden_dim
     steering = _any_steering(steer_index)
     K.embed(x, tokens, w.embedding, w.embedding_scales)
     for layer in range(n_layers):
@@ -143,6 +143,6 @@ def forward_step(w, ws, dims, eps, tokens, positions, seq_index, block_tables, k
             xb[n_out, :] = x[t]
             n_out += 1
     if n_out > 0:
-        xa, xs, xc = _inputs(ws, n_out, w.classifier.shape[1])
+        xa, xs, xc = _inputs(ws, n_out, K.in_width(w.classifier))
         K.norm_load(att[:n_out], xb[:n_out], w.final_norm, eps, xa, xs, xc)
         K.linear(logits[:n_out], xa, xs, xc, w.classifier, w.classifier_scales)

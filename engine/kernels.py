@@ -16,14 +16,20 @@ from numba.extending import overload
 
 from .config import GROUP_SIZE
 from .kvcache import KV_BLOCK
-from .simd import make_tile
+from .simd import ROW_BLOCK, make_qtile, make_tile
 
-TILE_ROWS = 4
+TILE_ROWS = 4  # f32 tiles: weight rows x activation rows
 TILE_COLS = 4
+Q8_BLOCKS = 4  # Q8_0 tiles: 16-row blocks x activation rows (registers: 2 x 4 x 3 + 4 + 1)
+Q8_COLS = 3
 
 _tile = make_tile(TILE_ROWS, TILE_COLS)
 _tile_col = make_tile(TILE_ROWS, 1)
 _tile_one = make_tile(1, 1)
+_qtile = make_qtile(Q8_BLOCKS, Q8_COLS)
+_qtile_col = make_qtile(Q8_BLOCKS, 1)
+_qtile_row = make_qtile(1, Q8_COLS)
+_qtile_one = make_qtile(1, 1)
 
 _opts: dict[str, Any] = {"nogil": True, "cache": True}
 
@@ -39,31 +45,62 @@ def _is_q8(a):
     return lambda a: answer
 
 
+@njit(**_opts)
+def _q8_blocks(out, x, xs, xc, w, ws, rb0, n_blocks):
+    """The Q8_0 tiles of blocks rb0..rb0+n_blocks-1 (n_blocks is Q8_BLOCKS, or fewer at the
+    end of the matrix) for every activation row."""
+    T = x.shape[0]
+    if n_blocks == Q8_BLOCKS:
+        b0 = 0
+        while b0 + Q8_COLS <= T:
+            _qtile(out, x, xs, xc, w, ws, rb0, b0)
+            b0 += Q8_COLS
+        while b0 < T:
+            _qtile_col(out, x, xs, xc, w, ws, rb0, b0)
+            b0 += 1
+    else:
+        for rb in range(rb0, rb0 + n_blocks):
+            b0 = 0
+            while b0 + Q8_COLS <= T:
+                _qtile_row(out, x, xs, xc, w, ws, rb, b0)
+                b0 += Q8_COLS
+            while b0 < T:
+                _qtile_one(out, x, xs, xc, w, ws, rb, b0)
+                b0 += 1
+
+
 @njit(parallel=True, **_opts)
 def linear(out, x, xs, xc, w, ws):
-    """out (T, d) = x (T, n) @ w (d, n).T  -- Q8_0 (x int8 with scales xs and corrections xc,
-    w uint8+128 with scales ws) or f32 (xs, xc, ws unused).
+    """out (T, d) = x (T, n) @ w.T  -- Q8_0 (x int8 with scales xs and group corrections xc,
+    w uint8+128 interleaved (d16/16, n/4, 64) with scales ws (d16/16, n/32, 16), see
+    engine/simd.py) or f32 (w (d, n); xs, xc, ws unused).
 
-    Weight rows are read once per call: a tile keeps TILE_ROWS rows in registers for TILE_COLS
+    Weight rows are read once per call: a tile keeps its weight rows in registers for several
     activation rows at a time.
     """
     T = x.shape[0]
-    d = w.shape[0]
-    n_blocks = (d + TILE_ROWS - 1) // TILE_ROWS
-    for blk in prange(n_blocks):
-        r0 = blk * TILE_ROWS
-        if r0 + TILE_ROWS <= d:
-            b0 = 0
-            while b0 + TILE_COLS <= T:
-                _tile(out, x, xs, xc, w, ws, r0, b0)
-                b0 += TILE_COLS
-            while b0 < T:
-                _tile_col(out, x, xs, xc, w, ws, r0, b0)
-                b0 += 1
-        else:
-            for r in range(r0, d):
-                for b in range(T):
-                    _tile_one(out, x, xs, xc, w, ws, r, b)
+    d = out.shape[1]
+    if is_q8(w):
+        n_rb = w.shape[0]
+        for item in prange((n_rb + Q8_BLOCKS - 1) // Q8_BLOCKS):
+            rb0 = item * Q8_BLOCKS
+            _q8_blocks(out, x, xs, xc, w, ws, rb0, min(Q8_BLOCKS, n_rb - rb0))
+    else:
+        n_blocks = (d + TILE_ROWS - 1) // TILE_ROWS
+        for blk in prange(n_blocks):
+            r0 = blk * TILE_ROWS
+            if r0 + TILE_ROWS <= d:
+                b0 = 0
+                while b0 + TILE_COLS <= T:
+                    _tile(out, x, xs, xc, w, ws, r0, b0)
+                    b0 += TILE_COLS
+                while b0 < T:
+                    _tile_col(out, x, xs, xc, w, ws, r0, b0)
+                    b0 += 1
+            else:
+                for r in range(r0, d):
+                    for b in range(T):
+                        _tile_one(out, x, xs, xc, w, ws, r, b)
 
 
 # 1.5 * 2**23: adding and subtracting it rounds a float32 of magnitude < 2**22 to the nearest
@@ -108,10 +145,12 @@ def _quantize_row(x, q, s):
 
 @njit(**_opts)
 def _corrections(q, c):
-    """c (n_pad/4,) int32 = -128 * sum of each 4 consecutive q: cancels the weights' +128."""
-    for k in range(c.shape[0]):
-        c[k] = -128 * (np.int32(q[4 * k]) + np.int32(q[4 * k + 1]) + np.int32(q[4 * k + 2])
-                       + np.int32(q[4 * k + 3]))
+    """c (n_pad/32,) int32 = -128 * sum of each group of q: cancels the weights' +128."""
+    for g in range(c.shape[0]):
+        total = np.int32(0)
+        for k in range(g * GROUP_SIZE, (g + 1) * GROUP_SIZE):
+            total += np.int32(q[k])
+        c[g] = -128 * total
 
 
 @njit(**_opts)
@@ -163,17 +202,46 @@ def add_norm_load(x, y, xb, w, eps, xa, xs, xc):
         _load_row(xb[t], xa[t], xs[t], xc[t])
 
 
+def in_width(w):
+    """The padded input width n of one weight matrix, whatever its layout."""
+    return w.shape[1] * 4 if w.ndim == 3 else w.shape[1]
+
+
+@overload(in_width)
+def _in_width(w):
+    if w.ndim == 3:  # Q8_0 interleaved: (rows16/16, n/4, 64)
+        return lambda w: w.shape[1] * 4
+    return lambda w: w.shape[1]
+
+
+def embedding_value(emb, scales, tok, j):
+    """Element (tok, j) of an embedding in any of the engine's layouts, as float32."""
+    raise NotImplementedError("only inside kernels")
+
+
+@overload(embedding_value)
+def _embedding_value(emb, scales, tok, j):
+    if emb.dtype == types.float32:
+        return lambda emb, scales, tok, j: emb[tok, j]
+    if emb.ndim == 3:  # interleaved: the classifier's layout
+        def interleaved(emb, scales, tok, j):
+            rb, i = tok // ROW_BLOCK, tok % ROW_BLOCK
+            return (np.float32(np.int32(emb[rb, j // 4, 4 * i + j % 4]) - 128)
+                    * scales[rb, j // GROUP_SIZE, i])
+        return interleaved
+    return lambda emb, scales, tok, j: (np.float32(np.int32(emb[tok, j]) - 128)
+                                        * scales[tok, j // GROUP_SIZE])
+
+
 @njit(parallel=True, **_opts)
 def embed(x, tokens, emb, emb_scales):
-    """x (T, dim) = rows of the embedding (Q8_0 rows are dequantized: (u8 - 128) * scale)."""
+    """x (T, dim) = rows of the embedding (Q8_0 rows are dequantized: (u8 - 128) * scale),
+    row-major (vocab, n) or interleaved (vocab16/16, n/4, 64) when it is the classifier."""
     T, dim = x.shape
     for t in prange(T):
         tok = tokens[t]
         for j in range(dim):
-            if is_q8(emb):
-                x[t, j] = np.float32(np.int32(emb[tok, j]) - 128) * emb_scales[tok, j // GROUP_SIZE]
-            else:
-                x[t, j] = emb[tok, j]
+            x[t, j] = embedding_value(emb, emb_scales, tok, j)
 
 
 @njit(**_opts)

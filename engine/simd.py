@@ -1,24 +1,25 @@
 """Dot-product tiles written as LLVM vector IR, called from numba kernels as intrinsics.
 
-Numba's auto-vectorizer gives up on 32-wide int8 groups (it widens int8 products to int64), so
+Numba's auto-vectorizer gives up on int8 dot products (it widens int8 products to int64), so
 the inner loops of the matmuls are emitted by hand here. Writing the IR ourselves also fixes the
 floating-point evaluation order: every output element is computed by the same sequence of
-operations whatever the tile it falls in, the batch size or the thread count, which is what
-makes logits batch-invariant. All float operations are plain IEEE ops (`fma` is the correctly
-rounded fused intrinsic), so the portable path gives the same bits as the VNNI one.
+operations whatever the tile it falls in, the batch size, the thread count or the instruction
+set, which is what makes logits batch-invariant and every path give the same bits.
 
-A tile computes `out[b0+j, r0+i] = dot(w[r0+i], x[b0+j])` for i < rows, j < cols, keeping every
-weight chunk it loads in registers for all `cols` activation rows.
+Q8_0 (see engine/weights.py for the layout): weights are uint8 `w + 128`, interleaved in blocks
+of ROW_BLOCK = 16 rows: w3[rb, k, 4 i + j] = w[16 rb + i, 4 k + j] + 128, scales
+ws3[rb, g, i] = ws[16 rb + i, g]. One 64-byte vector then holds one 4-byte quad of 16 rows:
+VNNI's `vpdpbusd` with a broadcast activation quad adds 16 rows' quad dot products at once,
+and it is AMX's B-operand layout too. The contract, for output (b, r), groups g = 0, 1, ...:
+    isum_g = xc[b, g] + sum_{k<32} w_u8[r, 32 g + k] * x[b, 32 g + k]      (exact int32)
+    acc    = fma(float(isum_g), ws[r, g] * xs[b, g], acc)                   (acc starts at 0)
+where xc[b, g] = -128 * sum of the group's activations cancels the +128 exactly (the activation
+quantizer computes it, engine/kernels.py). Integer sums are exact in any order, so each path
+(VNNI, AMX, the portable IR) may form isum_g however it likes; the float steps are the same.
 
-Q8_0 layout (see engine/weights.py): weights are stored as uint8 `w + 128` so that VNNI's
-`vpdpbusd` (unsigned x signed bytes) applies; the offset is removed exactly by starting each
-integer sum at `xc = -128 * sum(x)` over the lane's four activations, which the activation
-quantizer computes once per row (engine/kernels.py). Rows are padded with zero groups to a
-multiple of Q8_CHUNK.
-Per 64-byte chunk (two groups) and lane k (16 lanes, lanes 0-7 group 2c, 8-15 group 2c+1):
-    isum[k] = sum_{i<4} w[64c + 4k + i] * x[64c + 4k + i]            (exact int32)
-    acc[k]  = fma(float(isum[k]), ws[g(k)] * xs[g(k)], acc[k])
-and the 16 lanes are summed by a fixed pairwise tree at the end.
+f32: a tile keeps `rows` weight rows in registers for `cols` activation rows; per 16-float
+chunk c, lane k: acc[k] = fma(w[16 c + k], x[16 c + k], acc[k]), the lanes summed at the end by
+a fixed pairwise tree.
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 LANES = 16
-Q8_CHUNK = 64  # int8 values per step of the Q8_0 tile: one 512-bit vector, two groups
+ROW_BLOCK = 16  # Q8_0 weight rows interleaved together: one int32 lane each
+Q8_CHUNK = 64  # Q8_0 rows are padded to a multiple of this many values (two groups)
 F32_CHUNK = 16  # float32 values per step of the f32 tile
+QUADS = 8  # 4-byte quads per group of 32
 
 _i8, _i32, _f32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
 _v64i8 = ir.VectorType(_i8, Q8_CHUNK)
@@ -43,16 +46,26 @@ _v16i32 = ir.VectorType(_i32, LANES)
 _v16f = ir.VectorType(_f32, LANES)
 
 
+SIMD_CHOICES = ("vnni", "generic")
+
+
 def _target_has_vnni() -> bool:
-    """True when numba compiles for a CPU with AVX512-VNNI (numba's target, not just the host)."""
-    if os.environ.get("TILLER_SIMD", "").lower() == "generic":
+    """True when numba compiles for a CPU with AVX512-VNNI (numba's target, not just the host);
+    TILLER_SIMD=generic forces the portable IR, =vnni insists on VNNI."""
+    choice = os.environ.get("TILLER_SIMD", "").lower()
+    if choice and choice not in SIMD_CHOICES:
+        raise ValueError(f"TILLER_SIMD must be one of {SIMD_CHOICES}, got {choice!r}")
+    if choice == "generic":
         return False
     # a pinned target (e.g. portable caches): trust only its features
     if numba.config.CPU_NAME:  # type: ignore[attr-defined]
         features = numba.config.CPU_FEATURES or ""  # type: ignore[attr-defined]
     else:
         features = llvm.get_host_cpu_features().flatten()
-    return "+avx512vnni" in features.split(",")
+    has = "+avx512vnni" in features.split(",")
+    if choice == "vnni" and not has:
+        raise ValueError("TILLER_SIMD=vnni, but the compile target has no AVX512-VNNI")
+    return has
 
 
 HAS_VNNI = _target_has_vnni()
@@ -112,29 +125,8 @@ def _load_vec(builder: ir.IRBuilder, ptr: ir.Value, index: ir.Value, vec_type: i
     return builder.load(builder.bitcast(elem, vec_type.as_pointer()), align=1)
 
 
-def _q8_body(builder, w_rows, ws_rows, x_rows, xs_rows, xc_rows, acc_slots, c, vnni):
-    index = builder.mul(c, ir.Constant(c.type, Q8_CHUNK))
-    sindex = builder.mul(c, ir.Constant(c.type, 2))
-    lindex = builder.mul(c, ir.Constant(c.type, LANES))
-    spread = _mask([0] * 8 + [1] * 8)
-    v2f = ir.VectorType(_f32, 2)
-    w_vecs = [_load_vec(builder, p, index, _v64i8) for p in w_rows]
-    w_scales = [builder.shuffle_vector(v, v, spread)
-                for v in (_load_vec(builder, p, sindex, v2f) for p in ws_rows)]
-    for j, (xp, xsp, xcp) in enumerate(zip(x_rows, xs_rows, xc_rows, strict=True)):
-        x_vec = _load_vec(builder, xp, index, _v64i8)
-        start = _load_vec(builder, xcp, lindex, _v16i32)  # cancels the weights' +128
-        xsv = _load_vec(builder, xsp, sindex, v2f)
-        x_scale = builder.shuffle_vector(xsv, xsv, spread)
-        for i, (w_vec, w_scale) in enumerate(zip(w_vecs, w_scales, strict=True)):
-            isum = _dpbusd(builder, start, w_vec, x_vec, vnni)
-            slot = acc_slots[i][j]
-            scaled = builder.fmul(w_scale, x_scale)
-            builder.store(_fma(builder, builder.sitofp(isum, _v16f), scaled, builder.load(slot)),
-                          slot)
-
-
 def _f32_body(builder, w_rows, ws_rows, x_rows, xs_rows, xc_rows, acc_slots, c, vnni):
+    """acc[i][j] += w[r_i] * x[b_j] over one 16-float chunk c, lane by lane."""
     index = builder.mul(c, ir.Constant(c.type, F32_CHUNK))
     w_vecs = [_load_vec(builder, p, index, _v16f) for p in w_rows]
     for j, xp in enumerate(x_rows):
@@ -144,24 +136,24 @@ def _f32_body(builder, w_rows, ws_rows, x_rows, xs_rows, xc_rows, acc_slots, c, 
             builder.store(_fma(builder, w_vec, x_vec, builder.load(slot)), slot)
 
 
-def make_tile(rows: int, cols: int, vnni: bool = HAS_VNNI):
-    """An intrinsic tile(out, x, xs, xc, w, ws, r0, b0) computing a rows x cols block of out.
+def _unreachable(context, builder, signature, args):
+    """The codegen of a tile called with the other dtype's weights: `linear` types both of its
+    branches for either dtype, and is_q8's constant removes the wrong one, so this never runs."""
+    return context.get_dummy_value()
 
-    Q8_0: x int8 (T, n), xs float32 (T, n/32), xc int32 (T, n/4), w uint8 (d, n), ws float32
-    (d, n/32), n a multiple of Q8_CHUNK. f32: x and w float32 with n a multiple of F32_CHUNK;
-    xs, xc and ws are ignored.
-    out is float32 (T, d). No bounds checks: the caller guarantees r0+rows <= d, b0+cols <= T.
+
+def make_tile(rows: int, cols: int, vnni: bool = HAS_VNNI):
+    """An f32 intrinsic tile(out, x, xs, xc, w, ws, r0, b0) computing a rows x cols block of
+    out (T, d) = x (T, n) @ w (d, n).T, n a multiple of F32_CHUNK; xs, xc and ws are ignored.
+    No bounds checks: the caller guarantees r0+rows <= d, b0+cols <= T.
     """
 
     @intrinsic
     def tile(typingctx, out, x, xs, xc, w, ws, r0, b0):
-        if isinstance(w, types.Array) and w.dtype == types.uint8:
-            body, chunk = _q8_body, Q8_CHUNK
-        elif isinstance(w, types.Array) and w.dtype == types.float32:
-            body, chunk = _f32_body, F32_CHUNK
-        else:
-            return None
+        body, chunk = _f32_body, F32_CHUNK
         sig = types.void(out, x, xs, xc, w, ws, r0, b0)
+        if not (isinstance(w, types.Array) and w.dtype == types.float32):
+            return sig, _unreachable
 
         def codegen(context, builder, signature, args):
             out_a, x_a, xs_a, xc_a, w_a, ws_a = (
@@ -194,3 +186,106 @@ def make_tile(rows: int, cols: int, vnni: bool = HAS_VNNI):
         return sig, codegen
 
     return tile
+
+
+def _broadcast(builder: ir.IRBuilder, value: ir.Value, vec_type: ir.VectorType) -> ir.Value:
+    """value in every lane of vec_type."""
+    one = builder.insert_element(ir.Constant(vec_type, None), value, ir.Constant(_i32, 0))
+    return builder.shuffle_vector(one, one, _mask([0] * vec_type.count))
+
+
+def _load_scalar(builder: ir.IRBuilder, ptr: ir.Value, index: ir.Value, ty: ir.Type):
+    elem = builder.gep(ptr, [index])
+    return builder.load(builder.bitcast(elem, ty.as_pointer()), align=1)
+
+
+def _store_rows(builder: ir.IRBuilder, value: ir.Value, row_ptr: ir.Value, r0: ir.Value,
+                d: ir.Value) -> None:
+    """out_row[r0:r0+16] = value, only the lanes with r0 + lane < d (the last block's tail)."""
+    intp = r0.type
+    full = builder.icmp_signed("<=", builder.add(r0, ir.Constant(intp, LANES)), d)
+    with builder.if_else(full) as (then, otherwise):
+        with then:
+            ptr = builder.bitcast(builder.gep(row_ptr, [r0]), _v16f.as_pointer())
+            builder.store(value, ptr, align=1)
+        with otherwise:
+            for k in range(LANES):
+                r = builder.add(r0, ir.Constant(intp, k))
+                with builder.if_then(builder.icmp_signed("<", r, d)):
+                    builder.store(builder.extract_element(value, ir.Constant(_i32, k)),
+                                  builder.gep(row_ptr, [r]))
+
+
+def make_qtile(blocks: int, cols: int, vnni: bool = HAS_VNNI):
+    """A Q8_0 intrinsic qtile(out, x, xs, xc, w, ws, rb0, b0): out[b0+j, 16 (rb0+i) + k] for
+    i < blocks, j < cols, k < 16 (rows >= d of the last block are not written).
+
+    x int8 (T, n), xs float32 (T, n/32), xc int32 (T, n/32), w uint8 (d16/16, n/4, 64), ws
+    float32 (d16/16, n/32, 16); out float32 (T, d). n a multiple of 32. No bounds checks: the
+    caller guarantees rb0+blocks <= d16/16 and b0+cols <= T. Every output follows the module's
+    contract; the int32 sums run in two chains (even and odd quads) for latency's sake.
+    """
+
+    @intrinsic
+    def qtile(typingctx, out, x, xs, xc, w, ws, rb0, b0):
+        sig = types.void(out, x, xs, xc, w, ws, rb0, b0)
+        if not (isinstance(w, types.Array) and w.dtype == types.uint8 and w.ndim == 3):
+            return sig, _unreachable
+
+        def codegen(context, builder, signature, args):
+            out_a, x_a, xs_a, xc_a, w_a, ws_a = (
+                context.make_array(t)(context, builder, v)
+                for t, v in zip(signature.args[:6], args[:6], strict=True))
+            rb_v = context.cast(builder, args[6], signature.args[6], types.intp)
+            b_v = context.cast(builder, args[7], signature.args[7], types.intp)
+            intp = rb_v.type
+            blocks_idx = [builder.add(rb_v, ir.Constant(intp, i)) for i in range(blocks)]
+            cols_idx = [builder.add(b_v, ir.Constant(intp, j)) for j in range(cols)]
+            w_ptrs = [_row_ptr(builder, w_a, r) for r in blocks_idx]
+            ws_ptrs = [_row_ptr(builder, ws_a, r) for r in blocks_idx]
+            x_ptrs = [_row_ptr(builder, x_a, b) for b in cols_idx]
+            xs_ptrs = [_row_ptr(builder, xs_a, b) for b in cols_idx]
+            xc_ptrs = [_row_ptr(builder, xc_a, b) for b in cols_idx]
+            n_groups = builder.extract_value(xs_a.shape, 1)
+            zero_f = ir.Constant(_v16f, [0.0] * LANES)
+            zero_i = ir.Constant(_v16i32, [0] * LANES)
+            acc_slots = [[cgutils.alloca_once_value(builder, zero_f) for _ in range(cols)]
+                         for _ in range(blocks)]
+            with cgutils.for_range(builder, n_groups) as loop:
+                g = loop.index
+                starts = [_broadcast(builder, _load_scalar(builder, p, g, _i32), _v16i32)
+                          for p in xc_ptrs]
+                isums = [[[starts[j], zero_i] for j in range(cols)] for _ in range(blocks)]
+                for q in range(QUADS):
+                    k = builder.add(builder.mul(g, ir.Constant(intp, QUADS)), ir.Constant(intp, q))
+                    w_vecs = [_load_vec(builder, p, builder.mul(k, ir.Constant(intp, 64)),
+                                        _v64i8) for p in w_ptrs]
+                    for j, xp in enumerate(x_ptrs):
+                        quad = _load_scalar(builder, xp, builder.mul(k, ir.Constant(intp, 4)),
+                                            _i32)
+                        x_vec = builder.bitcast(_broadcast(builder, quad, _v16i32), _v64i8)
+                        for i, w_vec in enumerate(w_vecs):
+                            chain = isums[i][j]
+                            chain[q % 2] = _dpbusd(builder, chain[q % 2], w_vec, x_vec, vnni)
+                w_scales = [_load_vec(builder, p, builder.mul(g, ir.Constant(intp, LANES)), _v16f)
+                            for p in ws_ptrs]
+                x_scales = [_broadcast(builder, _load_scalar(builder, p, g, _f32), _v16f)
+                            for p in xs_ptrs]
+                for i in range(blocks):
+                    for j in range(cols):
+                        isum = builder.add(isums[i][j][0], isums[i][j][1])
+                        scaled = builder.fmul(w_scales[i], x_scales[j])
+                        slot = acc_slots[i][j]
+                        builder.store(_fma(builder, builder.sitofp(isum, _v16f), scaled,
+                                           builder.load(slot)), slot)
+            d = builder.extract_value(out_a.shape, 1)
+            for i, rb in enumerate(blocks_idx):
+                r0 = builder.mul(rb, ir.Constant(intp, ROW_BLOCK))
+                for j, b in enumerate(cols_idx):
+                    _store_rows(builder, builder.load(acc_slots[i][j]),
+                                _row_ptr(builder, out_a, b), r0, d)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return qtile

@@ -1,9 +1,12 @@
 """The engine's weight layout, built once at load from a checkpoint's named tensors.
 
 Layout (see engine/simd.py for why):
-- Matrices are row-major [out, in] with rows zero-padded to a multiple of the tile chunk (64
-  values in Q8_0, 16 in f32). Q8_0 values are stored as uint8 `q + 128` with float32 scales per
-  group of 32 (pad groups have scale 0); f32 matrices have scales of shape (..., rows, 0).
+- Matrices [out, in] have their rows zero-padded to a multiple of the tile chunk (64 values in
+  Q8_0, 16 in f32). f32 matrices are row-major, with scales of shape (..., rows, 0).
+- Q8_0 values are stored as uint8 `q + 128` with float32 scales per group of 32 (pad groups and
+  pad rows have scale 0), interleaved in blocks of 16 rows: values (..., rows16/16, in/4, 64)
+  with [rb, k, 4 i + j] = row 16 rb + i, column 4 k + j, scales (..., rows16/16, in/32, 16).
+  An embedding that is not the classifier stays row-major (vocab, in): it is only looked up.
 - q, k and v projections are fused into one `wqkv` matrix (rows: q, then k, then v), and w1/w3
   into `w13` (rows: w1, then w3), so a layer makes three weight passes instead of five.
 - The embedding is the classifier matrix when the model shares them; rows are dequantized on
@@ -21,13 +24,16 @@ import numpy as np
 from .config import GROUP_SIZE, ModelConfig, rope_tables
 from .dequant import Packed
 from .quant import QTensor, dequantize_q8_0, n_groups, quantize_q8_0
-from .simd import F32_CHUNK, Q8_CHUNK
+from .simd import F32_CHUNK, Q8_CHUNK, ROW_BLOCK
 
 DTYPES = ("q8_0", "f32")
+# NOTE: bump when the arrays of Weights change shape or meaning (caches of built weights key on it)
+LAYOUT_VERSION = 2  # 2: Q8_0 matrices interleaved in 16-row blocks
 
 
 class Weights(NamedTuple):
-    embedding: np.ndarray  # (vocab, dim_pad) uint8 | float32
+    # Q8_0 matrices below are interleaved (see the module docstring); shapes are given row-major
+    embedding: np.ndarray  # (vocab, dim_pad) uint8 | float32; the classifier's when shared
     embedding_scales: np.ndarray  # (vocab, dim_pad/32) float32 | (vocab, 0)
     attn_norm: np.ndarray  # (L, dim)
     wqkv: np.ndarray  # (L, dim + 2 kv_dim, dim_pad)
@@ -68,11 +74,39 @@ def _count(t: Tensor) -> int:
     return t.shape[0] if len(t.shape) == 3 else 1
 
 
+def interleave(values: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row-major Q8_0 (..., rows, n) uint8 and (..., rows, n/32) scales -> the interleaved
+    layout (..., rows16/16, n/4, 64) and (..., rows16/16, n/32, 16); pad rows are zeros."""
+    *lead, rows, n = values.shape
+    blocks = -(-rows // ROW_BLOCK)
+    pad = blocks * ROW_BLOCK - rows
+    if pad:
+        values = np.concatenate([values, np.full((*lead, pad, n), 128, np.uint8)], axis=-2)
+        scales = np.concatenate([scales, np.zeros((*lead, pad, scales.shape[-1]), np.float32)],
+                                axis=-2)
+    v = values.reshape(*lead, blocks, ROW_BLOCK, n // 4, 4).swapaxes(-3, -2)
+    s = scales.reshape(*lead, blocks, ROW_BLOCK, scales.shape[-1]).swapaxes(-2, -1)
+    return (np.ascontiguousarray(v).reshape(*lead, blocks, n // 4, 4 * ROW_BLOCK),
+            np.ascontiguousarray(s))
+
+
+def deinterleave(values: np.ndarray, scales: np.ndarray,
+                 rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """interleave's inverse, the first `rows` rows."""
+    *lead, blocks, quads, _ = values.shape
+    v = values.reshape(*lead, blocks, quads, ROW_BLOCK, 4).swapaxes(-3, -2)
+    v = v.reshape(*lead, blocks * ROW_BLOCK, quads * 4)[..., :rows, :]
+    s = scales.swapaxes(-2, -1).reshape(*lead, blocks * ROW_BLOCK, scales.shape[-2])
+    return v, s[..., :rows, :]
+
+
 def _matrix(tensors: Mapping[str, Tensor], names: list[str], dtype: str,
-            done: Callable[[str, int], None]) -> tuple[np.ndarray, np.ndarray]:
+            done: Callable[[str, int], None],
+            row_major: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate the [.., rows_i, n] tensors `names` along rows into the engine's padded
-    layout. Packed tensors are decoded straight into the result a layer at a time (no float32
-    copy of a quantized matrix); arrays and QTensors are copied in."""
+    layout (Q8_0 interleaved unless row_major). Packed tensors are decoded straight into the
+    result a layer at a time (no float32 copy of a quantized matrix); arrays and QTensors are
+    copied in."""
     parts = [tensors[name] for name in names]
 
     def one(tensor: str) -> None:  # a Packed reports each tensor of the file it decodes
@@ -107,7 +141,7 @@ def _matrix(tensors: Mapping[str, Tensor], names: list[str], dtype: str,
             scales[..., r:r + k, :n_groups(n)] = q.scales
             done(name, _count(p))
         r += k
-    return values, scales
+    return (values, scales) if row_major else interleave(values, scales)
 
 
 def build_weights(config: ModelConfig, tensors: Mapping[str, Tensor], dtype: str,
@@ -133,7 +167,8 @@ def build_weights(config: ModelConfig, tensors: Mapping[str, Tensor], dtype: str
 
     classifier, classifier_scales = _matrix(t, matrices[:1], dtype, done)
     if "classifier" in t:
-        embedding, embedding_scales = _matrix(t, ["token_embedding"], dtype, done)
+        embedding, embedding_scales = _matrix(t, ["token_embedding"], dtype, done,
+                                              row_major=True)
     else:
         embedding, embedding_scales = classifier, classifier_scales
     wqkv, wqkv_s = _matrix(t, ["wq", "wk", "wv"], dtype, done)
@@ -171,23 +206,26 @@ def dequantized(weights: Weights, config: ModelConfig) -> dict[str, np.ndarray]:
     """The float32 tensors the engine actually computes with, in checkpoint names (for tests)."""
     dim, kv, hidden = config.dim, config.kv_dim, config.hidden_dim
 
-    def unpack(values: np.ndarray, scales: np.ndarray, n: int) -> np.ndarray:
+    def unpack(values: np.ndarray, scales: np.ndarray, n: int, rows: int) -> np.ndarray:
         if values.dtype == np.float32:
             return values[..., :n].copy()
+        if values is not weights.embedding or config.shared_classifier:
+            values, scales = deinterleave(values, scales, rows)
         q = (values.astype(np.int16) - 128).astype(np.int8)
         return dequantize_q8_0(q, scales)[..., :n]
 
-    wqkv = unpack(weights.wqkv, weights.wqkv_scales, dim)
-    w13 = unpack(weights.w13, weights.w13_scales, dim)
+    vocab = config.vocab_size
+    wqkv = unpack(weights.wqkv, weights.wqkv_scales, dim, dim + 2 * kv)
+    w13 = unpack(weights.w13, weights.w13_scales, dim, 2 * hidden)
     out = {
-        "token_embedding": unpack(weights.embedding, weights.embedding_scales, dim),
+        "token_embedding": unpack(weights.embedding, weights.embedding_scales, dim, vocab),
         "attn_norm": weights.attn_norm, "ffn_norm": weights.ffn_norm,
         "final_norm": weights.final_norm,
         "wq": wqkv[:, :dim], "wk": wqkv[:, dim:dim + kv], "wv": wqkv[:, dim + kv:],
-        "wo": unpack(weights.wo, weights.wo_scales, dim),
+        "wo": unpack(weights.wo, weights.wo_scales, dim, dim),
         "w1": w13[:, :hidden], "w3": w13[:, hidden:],
-        "w2": unpack(weights.w2, weights.w2_scales, hidden),
+        "w2": unpack(weights.w2, weights.w2_scales, hidden, dim),
     }
     if not config.shared_classifier:
-        out["classifier"] = unpack(weights.classifier, weights.classifier_scales, dim)
+        out["classifier"] = unpack(weights.classifier, weights.classifier_scales, dim, vocab)
     return out

@@ -8,24 +8,25 @@ from numba import njit
 from tiller.engine import kernels as K
 from tiller.engine.config import GROUP_SIZE
 from tiller.engine.quant import quantize_q8_0
-from tiller.engine.simd import HAS_VNNI, make_tile
+from tiller.engine.simd import HAS_VNNI, make_qtile
+from tiller.engine.weights import deinterleave, interleave
 
 RNG = np.random.default_rng(1234)
 
 
 def q8_operands(d: int, n: int, T: int):
-    """Random Q8_0 operands in the engine layout (n a multiple of 64), plus int8 weights."""
+    """Random Q8_0 operands: int8 weights and their engine layout (uint8+128, interleaved)."""
     w = RNG.integers(-127, 128, (d, n), dtype=np.int8)
     ws = RNG.random((d, n // GROUP_SIZE), dtype=np.float32)
     x = RNG.integers(-127, 128, (T, n), dtype=np.int8)
     xs = RNG.random((T, n // GROUP_SIZE), dtype=np.float32)
-    w_u8 = (w.astype(np.int16) + 128).astype(np.uint8)
-    return w, ws, x, xs, w_u8
+    w3, ws3 = interleave((w.astype(np.int16) + 128).astype(np.uint8), ws)
+    return w, ws, x, xs, w3, ws3
 
 
 def corrections(x):
-    """-128 * sum of each four consecutive activations: cancels the weights' +128 exactly."""
-    return (-128 * x.astype(np.int32).reshape(x.shape[0], -1, 4).sum(-1)).astype(np.int32)
+    """-128 * sum of each group of activations: cancels the weights' +128 exactly."""
+    return (-128 * x.astype(np.int32).reshape(x.shape[0], -1, GROUP_SIZE).sum(-1)).astype(np.int32)
 
 
 def q8_matmul_numpy(w, ws, x, xs):
@@ -38,13 +39,28 @@ def q8_matmul_numpy(w, ws, x, xs):
     return (dots * ws[None].astype(np.float64) * xs[:, None].astype(np.float64)).sum(-1)
 
 
-@pytest.mark.parametrize("d,n,T", [(4, 64, 1), (13, 192, 7), (64, 128, 16), (6, 64, 5)])
+def test_interleaved_layout_puts_16_rows_of_a_quad_in_64_bytes():
+    w = RNG.integers(0, 256, (21, 64), dtype=np.uint8)
+    ws = RNG.random((21, 2), dtype=np.float32)
+    w3, ws3 = interleave(w, ws)
+    assert w3.shape == (2, 16, 64) and ws3.shape == (2, 2, 16)
+    for r, k in [(0, 0), (5, 7), (17, 63), (20, 33)]:
+        assert w3[r // 16, k // 4, 4 * (r % 16) + k % 4] == w[r, k]
+        assert ws3[r // 16, k // 32, r % 16] == ws[r, k // 32]
+    assert (w3[1, :, 4 * 5:] == 128).all() and not ws3[1, :, 5:].any()  # pad rows: zero weights
+    back, back_s = deinterleave(w3, ws3, 21)
+    assert np.array_equal(back, w) and np.array_equal(back_s, ws)
+
+
+@pytest.mark.parametrize("d,n,T", [(4, 64, 1), (13, 192, 7), (64, 128, 16), (6, 64, 5),
+                                   (100, 256, 4), (80, 64, 3)])
 def test_q8_linear_matches_exact_integer_matmul(d, n, T):
-    w, ws, x, xs, w_u8 = q8_operands(d, n, T)
-    out = np.zeros((T, d), np.float32)
-    K.linear(out, x, xs, corrections(x), w_u8, ws)
+    w, ws, x, xs, w3, ws3 = q8_operands(d, n, T)
+    out = np.full((T, d + 3), 7.0, np.float32)  # columns >= d must stay untouched
+    K.linear(out[:, :d], x, xs, corrections(x), w3, ws3)
     ref = q8_matmul_numpy(w, ws, x, xs)
-    np.testing.assert_allclose(out, ref, rtol=2e-6, atol=2e-6 * np.abs(ref).max())
+    np.testing.assert_allclose(out[:, :d], ref, rtol=2e-6, atol=2e-6 * np.abs(ref).max())
+    assert (out[:, d:] == 7.0).all()
 
 
 @pytest.mark.parametrize("d,n,T", [(5, 16, 3), (32, 96, 9)])
@@ -59,32 +75,32 @@ def test_f32_linear_matches_numpy(d, n, T):
 
 
 def test_linear_rows_are_batch_invariant_bitwise():
-    # each output row must not depend on which tile (4x4, 4x1, 1x1) computed it
-    w, ws, x, xs, w_u8 = q8_operands(10, 256, 11)
-    batch = np.zeros((11, 10), np.float32)
-    K.linear(batch, x, xs, corrections(x), w_u8, ws)
+    # each output row must not depend on which tile (4x3, 4x1, 1x3, 1x1 blocks) computed it
+    w, ws, x, xs, w3, ws3 = q8_operands(90, 256, 11)
+    batch = np.zeros((11, 90), np.float32)
+    K.linear(batch, x, xs, corrections(x), w3, ws3)
     for t in range(11):
-        alone = np.zeros((1, 10), np.float32)
-        K.linear(alone, x[t:t + 1].copy(), xs[t:t + 1].copy(), corrections(x[t:t + 1]), w_u8, ws)
+        alone = np.zeros((1, 90), np.float32)
+        K.linear(alone, x[t:t + 1].copy(), xs[t:t + 1].copy(), corrections(x[t:t + 1]), w3, ws3)
         assert np.array_equal(alone[0], batch[t])
 
 
-_generic_tile = make_tile(1, 1, vnni=False)
+_generic_tile = make_qtile(1, 1, vnni=False)
 
 
 @njit
 def _linear_generic(out, x, xs, xc, w, ws):
-    for r in range(w.shape[0]):
+    for rb in range(w.shape[0]):
         for b in range(x.shape[0]):
-            _generic_tile(out, x, xs, xc, w, ws, r, b)
+            _generic_tile(out, x, xs, xc, w, ws, rb, b)
 
 
 def test_portable_path_gives_the_same_bits_as_vnni():
-    w, ws, x, xs, w_u8 = q8_operands(12, 320, 6)
-    fast = np.zeros((6, 12), np.float32)
-    K.linear(fast, x, xs, corrections(x), w_u8, ws)
-    portable = np.zeros((6, 12), np.float32)
-    _linear_generic(portable, x, xs, corrections(x), w_u8, ws)
+    w, ws, x, xs, w3, ws3 = q8_operands(75, 320, 6)
+    fast = np.zeros((6, 75), np.float32)
+    K.linear(fast, x, xs, corrections(x), w3, ws3)
+    portable = np.zeros((6, 75), np.float32)
+    _linear_generic(portable, x, xs, corrections(x), w3, ws3)
     assert np.array_equal(fast, portable), f"VNNI in use: {HAS_VNNI}"
 
 
@@ -101,7 +117,7 @@ def test_activation_quantizer_follows_engine_quant_exactly(n):
     n_pad = -(-n // 64) * 64
     xa = np.full((5, n_pad), 99, np.int8)
     xs = np.full((5, n_pad // GROUP_SIZE), 99, np.float32)
-    xc = np.full((5, n_pad // 4), 99, np.int32)
+    xc = np.full((5, n_pad // GROUP_SIZE), 99, np.int32)
     K.load_activations(x, xa, xs, xc)
     ref = quantize_q8_0(x)
     assert np.array_equal(xc, corrections(xa))
