@@ -19,7 +19,7 @@ import numpy as np
 
 from .config import GROUP_SIZE, ModelConfig
 from .forward import CAPTURE_POINTS, Workspace, forward_step
-from .kvcache import CacheFull, KVCache, blocks_for
+from .kvcache import KV_BLOCK, CacheFull, KVCache, blocks_for
 from .weights import Progress, Weights, build_weights, padded
 
 __all__ = ["CAPTURE_POINTS", "MAX_STEERING_NORM", "BatchError", "CacheFull", "Engine",
@@ -147,7 +147,7 @@ class Engine:
             qkv=np.zeros((T, c.dim + 2 * c.kv_dim), f), att=np.zeros((T, c.dim), f),
             proj=np.zeros((T, c.dim), f), h13=np.zeros((T, 2 * c.hidden_dim), f),
             hact=np.zeros((T, c.hidden_dim), f),
-            scores=np.zeros((n_threads, c.max_seq_len), f),
+            scores=np.zeros((n_threads, blocks_for(c.max_seq_len) * KV_BLOCK), f),
         )
 
     @classmethod

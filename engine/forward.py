@@ -42,7 +42,7 @@ class Workspace(NamedTuple):
     proj: np.ndarray  # (T, dim)
     h13: np.ndarray  # (T, 2 hidden)
     hact: np.ndarray  # (T, hidden)
-    scores: np.ndarray  # (n_threads, max_seq_len)
+    scores: np.ndarray  # (n_threads, max_seq_len rounded up to KV blocks)
 
 
 @njit(**K._opts)

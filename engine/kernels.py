@@ -16,7 +16,7 @@ from numba.extending import overload
 
 from .config import GROUP_SIZE
 from .kvcache import KV_BLOCK
-from .simd import ROW_BLOCK, make_qtile, make_tile
+from .simd import ROW_BLOCK, exp_sum, make_qtile, make_scores, make_tile, make_weighted_sum
 
 TILE_ROWS = 4  # f32 tiles: weight rows x activation rows
 TILE_COLS = 4
@@ -268,17 +268,8 @@ def rope_store_kv(qkv, positions, cos, sin, n_heads, n_kv_heads, head_dim, k_cac
         p = positions[t]
         _rope_row(qkv[t], p, cos, sin, n_heads + n_kv_heads, head_dim)
         blk = block_tables[seq_index[t], p // KV_BLOCK]
-        k_cache[layer, blk, p % KV_BLOCK, :] = qkv[t, dim:dim + kv_dim]
+        k_cache[layer, blk, :, p % KV_BLOCK] = qkv[t, dim:dim + kv_dim]
         v_cache[layer, blk, p % KV_BLOCK, :] = qkv[t, dim + kv_dim:dim + 2 * kv_dim]
-
-
-@njit(nogil=True, cache=True, fastmath=True)
-def _dot(a, b):
-    """a (n,) . b (n,); one compiled summation order for every call, so still batch-invariant."""
-    total = np.float32(0.0)
-    for i in range(a.shape[0]):
-        total += a[i] * b[i]
-    return total
 
 
 @njit(nogil=True, cache=True, fastmath=True)
@@ -288,12 +279,69 @@ def _axpy(y, a, x):
         y[i] += a * x[i]
 
 
+SCORE_BLOCKS = 4  # KV blocks scored together: independent fma chains
+
+_scores4 = make_scores(SCORE_BLOCKS)
+_scores1 = make_scores(1)
+# attention's weighted sums of values, one per head width the models use (16-lane chunks)
+_wsum2 = make_weighted_sum(2)
+_wsum4 = make_weighted_sum(4)
+_wsum8 = make_weighted_sum(8)
+
+
+@njit(**_opts)
+def _scores(att, q, k_cache, layer, table, n_blocks, k0):
+    """att[:16 n_blocks] = q . k for every position of the sequence's first n_blocks blocks.
+
+    Each score is the same fma chain over the head's dimensions whichever call computes it
+    (engine/simd.py), so it depends neither on the batch nor on the chunking; lanes past the
+    sequence's end are computed from stale cache rows and ignored by the caller.
+    """
+    b = 0
+    while b + SCORE_BLOCKS <= n_blocks:
+        _scores4(att, q, k_cache, layer, table, b, k0)
+        b += SCORE_BLOCKS
+    while b < n_blocks:
+        _scores1(att, q, k_cache, layer, table, b, k0)
+        b += 1
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def _scale_max(att, n, scale):
+    """att[:n] *= scale, returning the new max (fastmath vectorizes it; a max is exact in any
+    order and the products are single roundings)."""
+    top = np.float32(-np.inf)
+    for p in range(n):
+        v = att[p] * scale
+        att[p] = v
+        top = v if v > top else top
+    return top
+
+
+@njit(**_opts)
+def _weighted_values(o, a, v_cache, layer, table, n_pos, k0):
+    """o (head_dim,) = sum over p < n_pos of a[p] * the value at position p, in order."""
+    hd = o.shape[0]
+    if hd == 32:
+        _wsum2(o, a, v_cache, layer, table, n_pos, k0)
+    elif hd == 64:
+        _wsum4(o, a, v_cache, layer, table, n_pos, k0)
+    elif hd == 128:
+        _wsum8(o, a, v_cache, layer, table, n_pos, k0)
+    else:  # other head widths: the same order, in plain numba
+        o[:] = 0
+        for p in range(n_pos):
+            _axpy(o, a[p], v_cache[layer, table[p // KV_BLOCK], p % KV_BLOCK, k0:k0 + hd])
+
+
 @njit(parallel=True, **_opts)
 def attention(out, qkv, k_cache, v_cache, layer, positions, seq_index, block_tables,
               n_heads, n_kv_heads, head_dim, scratch):
     """out (T, dim): causal grouped-query attention of each token over its sequence's cache.
 
-    scratch (n_threads, max_seq_len) f32 holds one thread's attention scores.
+    k_cache (L, blocks, kv_dim, KV_BLOCK) (transposed blocks), v_cache (L, blocks, KV_BLOCK,
+    kv_dim); scratch (n_threads, max_seq_len rounded up to blocks) f32 holds one thread's
+    attention scores.
     """
     T = qkv.shape[0]
     kv_mul = n_heads // n_kv_heads
@@ -306,23 +354,13 @@ def attention(out, qkv, k_cache, v_cache, layer, positions, seq_index, block_tab
         table = block_tables[seq_index[t]]
         q0 = h * head_dim
         k0 = (h // kv_mul) * head_dim
-        q = qkv[t, q0:q0 + head_dim]
-        top = -np.inf
+        _scores(att, qkv[t, q0:q0 + head_dim], k_cache, layer, table,
+                (n_pos + KV_BLOCK - 1) // KV_BLOCK, k0)
+        top = _scale_max(att, n_pos, scale)
+        total = exp_sum(att, n_pos, top)
         for p in range(n_pos):
-            score = _dot(q, k_cache[layer, table[p // KV_BLOCK], p % KV_BLOCK, k0:k0 + head_dim])
-            score *= scale
-            att[p] = score
-            top = max(top, score)
-        total = np.float32(0.0)
-        for p in range(n_pos):
-            e = np.float32(math.exp(att[p] - top))
-            att[p] = e
-            total += e
-        o = out[t, q0:q0 + head_dim]
-        o[:] = 0
-        for p in range(n_pos):
-            _axpy(o, att[p] / total,
-                  v_cache[layer, table[p // KV_BLOCK], p % KV_BLOCK, k0:k0 + head_dim])
+            att[p] = att[p] / total
+        _weighted_values(out[t, q0:q0 + head_dim], att, v_cache, layer, table, n_pos, k0)
 
 
 @njit(**_opts)

@@ -25,9 +25,10 @@ class KVCache:
     def __init__(self, config: ModelConfig, n_blocks: int) -> None:
         if n_blocks <= 0:
             raise ValueError(f"n_blocks must be positive, got {n_blocks}")
-        shape = (config.n_layers, n_blocks, KV_BLOCK, config.kv_dim)
-        self.k = np.zeros(shape, np.float32)
-        self.v = np.zeros(shape, np.float32)
+        # NOTE: keys are stored transposed within a block, (kv_dim, KV_BLOCK), so attention
+        # scores a block's 16 positions as one vector per head dimension (engine/kernels.py)
+        self.k = np.zeros((config.n_layers, n_blocks, config.kv_dim, KV_BLOCK), np.float32)
+        self.v = np.zeros((config.n_layers, n_blocks, KV_BLOCK, config.kv_dim), np.float32)
         self.n_blocks = n_blocks
         # handed out from the end, so low block ids are reused first (better locality)
         self._free = list(range(n_blocks - 1, -1, -1))

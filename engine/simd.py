@@ -289,3 +289,154 @@ def make_qtile(blocks: int, cols: int, vnni: bool = HAS_VNNI):
         return sig, codegen
 
     return qtile
+
+
+def make_scores(blocks: int):
+    """An intrinsic scores(att, q, k_cache, layer, table, b0, k0): for the KV blocks
+    b = b0..b0+blocks-1 of a sequence (block ids in table), att[16 b + i] = sum over d of
+    q[d] * k_cache[layer, table[b], k0 + d, i], d = 0, 1, ... in order, one fma chain per block
+    (keys transposed per block: k_cache (L, n_blocks, kv_dim, 16)); the same operations for
+    a block whichever call computes it. q is a contiguous (head_dim,) float32 array.
+    """
+
+    @intrinsic
+    def scores(typingctx, att, q, k_cache, layer, table, b0, k0):
+        sig = types.void(att, q, k_cache, layer, table, b0, k0)
+
+        def codegen(context, builder, signature, args):
+            att_a, q_a, k_a, table_a = (
+                context.make_array(signature.args[i])(context, builder, args[i])
+                for i in (0, 1, 2, 4))
+            layer_v, b0_v, k0_v = (context.cast(builder, args[i], signature.args[i], types.intp)
+                                   for i in (3, 5, 6))
+            intp = layer_v.type
+            s0, s1, s2 = (builder.extract_value(k_a.strides, i) for i in range(3))
+            table_t = signature.args[4].dtype
+            base = builder.add(builder.ptrtoint(k_a.data, intp), builder.mul(layer_v, s0))
+            base = builder.add(base, builder.mul(k0_v, s2))
+            block_ptrs = []
+            for j in range(blocks):
+                bj = builder.add(b0_v, ir.Constant(intp, j))
+                blk = builder.load(builder.gep(table_a.data, [bj]))
+                blk = context.cast(builder, blk, table_t, types.intp)
+                block_ptrs.append(builder.add(base, builder.mul(blk, s1)))
+            hd = builder.extract_value(q_a.shape, 0)
+            slots = [cgutils.alloca_once_value(builder, ir.Constant(_v16f, [0.0] * LANES))
+                     for _ in range(blocks)]
+            with cgutils.for_range(builder, hd) as loop:
+                d = loop.index
+                qd = _broadcast(builder, builder.load(builder.gep(q_a.data, [d])), _v16f)
+                row = builder.mul(d, s2)
+                for j in range(blocks):
+                    ptr = builder.inttoptr(builder.add(block_ptrs[j], row), _v16f.as_pointer())
+                    kv = builder.load(ptr, align=4)
+                    builder.store(_fma(builder, qd, kv, builder.load(slots[j])), slots[j])
+            for j in range(blocks):
+                at = builder.mul(builder.add(b0_v, ir.Constant(intp, j)), ir.Constant(intp, LANES))
+                ptr = builder.bitcast(builder.gep(att_a.data, [at]), _v16f.as_pointer())
+                builder.store(builder.load(slots[j]), ptr, align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return scores
+
+
+def make_weighted_sum(chunks: int):
+    """An intrinsic weighted_sum(o, a, v_cache, layer, table, n_pos, k0): o[c] = sum over
+    p < n_pos (in order, one fma chain per 16 lanes) of a[p] * v_cache[layer, table[p // 16],
+    p % 16, k0 + c] for c < 16 chunks; o and a contiguous float32."""
+
+    @intrinsic
+    def weighted_sum(typingctx, o, a, v_cache, layer, table, n_pos, k0):
+        sig = types.void(o, a, v_cache, layer, table, n_pos, k0)
+
+        def codegen(context, builder, signature, args):
+            o_a, a_a, v_a, table_a = (
+                context.make_array(signature.args[i])(context, builder, args[i])
+                for i in (0, 1, 2, 4))
+            layer_v, n_v, k0_v = (context.cast(builder, args[i], signature.args[i], types.intp)
+                                  for i in (3, 5, 6))
+            intp = layer_v.type
+            s0, s1, s2 = (builder.extract_value(v_a.strides, i) for i in range(3))
+            table_t = signature.args[4].dtype
+            base = builder.add(builder.ptrtoint(v_a.data, intp), builder.mul(layer_v, s0))
+            base = builder.add(base, builder.mul(k0_v, ir.Constant(intp, 4)))
+            slots = [cgutils.alloca_once_value(builder, ir.Constant(_v16f, [0.0] * LANES))
+                     for _ in range(chunks)]
+            block = ir.Constant(intp, LANES)
+            with cgutils.for_range(builder, n_v) as loop:
+                p = loop.index
+                blk = builder.load(builder.gep(table_a.data, [builder.sdiv(p, block)]))
+                blk = context.cast(builder, blk, table_t, types.intp)
+                row = builder.add(builder.add(base, builder.mul(blk, s1)),
+                                  builder.mul(builder.srem(p, block), s2))
+                ap = _broadcast(builder, builder.load(builder.gep(a_a.data, [p])), _v16f)
+                for c in range(chunks):
+                    addr = builder.add(row, ir.Constant(intp, 4 * LANES * c))
+                    vv = builder.load(builder.inttoptr(addr, _v16f.as_pointer()), align=4)
+                    builder.store(_fma(builder, ap, vv, builder.load(slots[c])), slots[c])
+            for c in range(chunks):
+                ptr = builder.bitcast(builder.gep(o_a.data, [ir.Constant(intp, LANES * c)]),
+                                      _v16f.as_pointer())
+                builder.store(builder.load(slots[c]), ptr, align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return weighted_sum
+
+
+_EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
+             1.6666665459e-1, 5.0000001201e-1)  # Cephes expf on [-ln2/2, ln2/2]
+
+
+def _vexp(builder: ir.IRBuilder, x: ir.Value) -> ir.Value:
+    """exp of 16 lanes with x in [-87.3, 0] (clamped), Cephes' expf to about 1 ulp: plain IEEE
+    operations, so every lane, call and CPU gives the same bits."""
+    def const(v: float) -> ir.Constant:
+        return ir.Constant(_v16f, [v] * LANES)
+
+    lo = builder.fcmp_ordered("<", x, const(-87.3))
+    x = builder.select(lo, const(-87.3), x)
+    rnd = const(12582912.0)  # 1.5 * 2**23: round to nearest, as kernels._ROUND
+    n = builder.fsub(builder.fadd(builder.fmul(x, const(1.44269504088896341)), rnd), rnd)
+    r = builder.fsub(builder.fsub(x, builder.fmul(n, const(0.693359375))),
+                     builder.fmul(n, const(-2.12194440e-4)))
+    p = const(_EXP_POLY[0])
+    for c in _EXP_POLY[1:]:
+        p = builder.fadd(builder.fmul(p, r), const(c))
+    y = builder.fadd(builder.fadd(builder.fmul(builder.fmul(p, r), r), r), const(1.0))
+    bits = builder.shl(builder.add(builder.fptosi(n, _v16i32), ir.Constant(_v16i32, [127] * LANES)),
+                       ir.Constant(_v16i32, [23] * LANES))
+    return builder.fmul(y, builder.bitcast(bits, _v16f))
+
+
+@intrinsic
+def exp_sum(typingctx, a, n, top):
+    """a[p] = exp(a[p] - top) for p < n (a's length a multiple of 16 and >= n; lanes past n
+    become 0), returning their sum: 16 lane sums in order, then the fixed pairwise tree."""
+    sig = types.float32(a, n, top)
+
+    def codegen(context, builder, signature, args):
+        a_a = context.make_array(signature.args[0])(context, builder, args[0])
+        n_v = context.cast(builder, args[1], signature.args[1], types.intp)
+        top_v = context.cast(builder, args[2], signature.args[2], types.float32)
+        intp = n_v.type
+        chunks = builder.sdiv(builder.add(n_v, ir.Constant(intp, LANES - 1)),
+                              ir.Constant(intp, LANES))
+        lanes = ir.Constant(_v16i32, list(range(LANES)))
+        top_b = _broadcast(builder, top_v, _v16f)
+        slot = cgutils.alloca_once_value(builder, ir.Constant(_v16f, [0.0] * LANES))
+        with cgutils.for_range(builder, chunks) as loop:
+            at = builder.mul(loop.index, ir.Constant(intp, LANES))
+            ptr = builder.bitcast(builder.gep(a_a.data, [at]), _v16f.as_pointer())
+            e = _vexp(builder, builder.fsub(builder.load(ptr, align=4), top_b))
+            left = builder.trunc(builder.sub(n_v, at), _i32)
+            keep = builder.icmp_signed("<", lanes, _broadcast(builder, left, _v16i32))
+            e = builder.select(keep, e, ir.Constant(_v16f, [0.0] * LANES))
+            builder.store(e, ptr, align=4)
+            builder.store(builder.fadd(builder.load(slot), e), slot)
+        return _reduce_lanes(builder, builder.load(slot))
+
+    return sig, codegen

@@ -8,7 +8,7 @@ from numba import njit
 from tiller.engine import kernels as K
 from tiller.engine.config import GROUP_SIZE
 from tiller.engine.quant import quantize_q8_0
-from tiller.engine.simd import HAS_VNNI, make_qtile
+from tiller.engine.simd import HAS_VNNI, exp_sum, make_qtile
 from tiller.engine.weights import deinterleave, interleave
 
 RNG = np.random.default_rng(1234)
@@ -148,8 +148,8 @@ def test_rope_rotates_pairs_and_stores_kv_in_the_right_block():
     positions = np.array([0, 1, 17], np.int32)  # 17: second block of its sequence
     seq_index = np.array([0, 0, 1], np.int32)
     block_tables = np.array([[3, 0], [1, 2]], np.int32)
-    k_cache = np.zeros((2, 4, K.KV_BLOCK, kv_dim), np.float32)
-    v_cache = np.zeros_like(k_cache)
+    k_cache = np.zeros((2, 4, kv_dim, K.KV_BLOCK), np.float32)  # keys transposed per block
+    v_cache = np.zeros((2, 4, K.KV_BLOCK, kv_dim), np.float32)
     freqs = 1.0 / 10000.0 ** (np.arange(0, hd, 2) / hd)
     ang = np.arange(32)[:, None] * freqs[None]
     K.rope_store_kv(qkv, positions, np.cos(ang).astype(np.float32),
@@ -169,6 +169,52 @@ def test_rope_rotates_pairs_and_stores_kv_in_the_right_block():
     # token t's k and v land in layer 1, block block_tables[seq, p // 16], row p % 16
     for t, (p, s) in enumerate(zip(positions, seq_index, strict=True)):
         blk = block_tables[s, p // K.KV_BLOCK]
-        assert np.array_equal(k_cache[1, blk, p % K.KV_BLOCK], qkv[t, dim:dim + kv_dim])
+        assert np.array_equal(k_cache[1, blk, :, p % K.KV_BLOCK], qkv[t, dim:dim + kv_dim])
         assert np.array_equal(v_cache[1, blk, p % K.KV_BLOCK], qkv[t, dim + kv_dim:])
     assert not k_cache[0].any()
+
+
+@njit
+def _exp_sum(a, n, top):
+    return exp_sum(a, n, top)
+
+
+def test_exp_sum_matches_numpy_exp_and_zeroes_the_tail():
+    a = np.concatenate([-np.linspace(0, 100, 40), np.full(8, 5.0)]).astype(np.float32)
+    want = np.exp(a[:37].astype(np.float64) - 1.5)
+    total = _exp_sum(a, 37, np.float32(1.5))
+    np.testing.assert_allclose(a[:37], want, rtol=3e-7, atol=1e-37)
+    assert not a[37:].any()  # past n: zero, left out of the sum
+    np.testing.assert_allclose(total, want.sum(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("head_dim,n_heads,n_kv", [(64, 4, 2), (8, 2, 2)])
+def test_attention_matches_numpy_over_paged_transposed_keys(head_dim, n_heads, n_kv):
+    dim, kv_dim = n_heads * head_dim, n_kv * head_dim
+    positions = np.array([0, 15, 16, 40, 3], np.int32)  # block edges and a second sequence
+    seq_index = np.array([0, 0, 0, 0, 1], np.int32)
+    block_tables = np.array([[5, 2, 7], [1, 0, 0]], np.int32)
+    keys = RNG.standard_normal((2, 48, kv_dim), dtype=np.float32)  # per sequence, by position
+    values = RNG.standard_normal((2, 48, kv_dim), dtype=np.float32)
+    k_cache = np.full((1, 8, kv_dim, K.KV_BLOCK), np.nan, np.float32)  # stale rows: NaN
+    v_cache = np.full((1, 8, K.KV_BLOCK, kv_dim), np.nan, np.float32)
+    for s in range(2):
+        for p in range(48 if s == 0 else 16):
+            blk = block_tables[s, p // K.KV_BLOCK]
+            k_cache[0, blk, :, p % K.KV_BLOCK] = keys[s, p]
+            v_cache[0, blk, p % K.KV_BLOCK] = values[s, p]
+    for s in range(2):  # positions past each query's own are stale for it: make them huge
+        k_cache[0, block_tables[s, 2 if s == 0 else 0], :, 9:] = 1e30 if s == 0 else np.nan
+    qkv = RNG.standard_normal((5, dim + 2 * kv_dim), dtype=np.float32)
+    out = np.zeros((5, dim), np.float32)
+    K.attention(out, qkv, k_cache, v_cache, 0, positions, seq_index, block_tables, n_heads,
+                n_kv, head_dim, np.zeros((2, 48), np.float32))
+    for t, (p, s) in enumerate(zip(positions, seq_index, strict=True)):
+        for h in range(n_heads):
+            kh = (h // (n_heads // n_kv)) * head_dim
+            q = qkv[t, h * head_dim:(h + 1) * head_dim].astype(np.float64)
+            sc = keys[s, :p + 1, kh:kh + head_dim] @ q / np.sqrt(head_dim)
+            w = np.exp(sc - sc.max())
+            ref = (w / w.sum()) @ values[s, :p + 1, kh:kh + head_dim]
+            np.testing.assert_allclose(out[t, h * head_dim:(h + 1) * head_dim], ref, rtol=1e-5,
+                                       atol=1e-5)
