@@ -177,29 +177,71 @@ def rmsnorm_row(out, x, w, eps):
         out[j] = w[j] * (inv * x[j])
 
 
+# NOTE: row-wise kernels run serially below this many rows (decode steps): their work is then
+# a few microseconds, less than a parallel region's fork and join barrier, which on a busy
+# machine can also wait for a descheduled worker. Each row is the same code either way.
+PARALLEL_ROWS = 8
+
+
+@njit(**_opts)
+def _norm_load_row(xb, x, w, eps, xa, xs, xc):
+    rmsnorm_row(xb, x, w, eps)
+    _load_row(xb, xa, xs, xc)
+
+
+@njit(**_opts)
+def _add_norm_load_row(x, y, xb, w, eps, xa, xs, xc):
+    x += y
+    rmsnorm_row(xb, x, w, eps)
+    _load_row(xb, xa, xs, xc)
+
+
 @njit(parallel=True, **_opts)
-def load_activations(x, xa, xs, xc):
-    """Matmul input from x (T, n): see _load_row."""
+def _load_activations_par(x, xa, xs, xc):
     for t in prange(x.shape[0]):
         _load_row(x[t], xa[t], xs[t], xc[t])
 
 
+@njit(**_opts)
+def load_activations(x, xa, xs, xc):
+    """Matmul input from x (T, n): see _load_row."""
+    if x.shape[0] >= PARALLEL_ROWS:
+        _load_activations_par(x, xa, xs, xc)
+    else:
+        for t in range(x.shape[0]):
+            _load_row(x[t], xa[t], xs[t], xc[t])
+
+
 @njit(parallel=True, **_opts)
+def _norm_load_par(xb, x, w, eps, xa, xs, xc):
+    for t in prange(x.shape[0]):
+        _norm_load_row(xb[t], x[t], w, eps, xa[t], xs[t], xc[t])
+
+
+@njit(**_opts)
 def norm_load(xb, x, w, eps, xa, xs, xc):
     """xb = rmsnorm(x) * w, then loaded as matmul input (one parallel region for both)."""
-    for t in prange(x.shape[0]):
-        rmsnorm_row(xb[t], x[t], w, eps)
-        _load_row(xb[t], xa[t], xs[t], xc[t])
+    if x.shape[0] >= PARALLEL_ROWS:
+        _norm_load_par(xb, x, w, eps, xa, xs, xc)
+    else:
+        for t in range(x.shape[0]):
+            _norm_load_row(xb[t], x[t], w, eps, xa[t], xs[t], xc[t])
 
 
 @njit(parallel=True, **_opts)
+def _add_norm_load_par(x, y, xb, w, eps, xa, xs, xc):
+    for t in prange(x.shape[0]):
+        _add_norm_load_row(x[t], y[t], xb[t], w, eps, xa[t], xs[t], xc[t])
+
+
+@njit(**_opts)
 def add_norm_load(x, y, xb, w, eps, xa, xs, xc):
     """x += y (the residual add), then norm_load of the new x."""
-    for t in prange(x.shape[0]):
-        row = x[t]
-        row += y[t]
-        rmsnorm_row(xb[t], row, w, eps)
-        _load_row(xb[t], xa[t], xs[t], xc[t])
+    if x.shape[0] >= PARALLEL_ROWS:
+        _add_norm_load_par(x, y, xb, w, eps, xa, xs, xc)
+    else:
+        for t in range(x.shape[0]):
+            _add_norm_load_row(x[t], y[t], xb[t], w, eps, xa[t], xs[t], xc[t])
 
 
 def in_width(w):
@@ -373,18 +415,39 @@ def _swiglu_row(out, h13):
             * h13[hidden + j]
 
 
+@njit(**_opts)
+def _swiglu_load_row(hact, h13, xa, xs, xc):
+    _swiglu_row(hact, h13)
+    _load_row(hact, xa, xs, xc)
+
+
 @njit(parallel=True, **_opts)
+def _swiglu_load_par(hact, h13, xa, xs, xc):
+    for t in prange(h13.shape[0]):
+        _swiglu_load_row(hact[t], h13[t], xa[t], xs[t], xc[t])
+
+
+@njit(**_opts)
 def swiglu_load(hact, h13, xa, xs, xc):
     """hact = swiglu(h13) row by row, then loaded as the w2 matmul input."""
-    for t in prange(h13.shape[0]):
-        _swiglu_row(hact[t], h13[t])
-        _load_row(hact[t], xa[t], xs[t], xc[t])
+    if h13.shape[0] >= PARALLEL_ROWS:
+        _swiglu_load_par(hact, h13, xa, xs, xc)
+    else:
+        for t in range(h13.shape[0]):
+            _swiglu_load_row(hact[t], h13[t], xa[t], xs[t], xc[t])
 
 
 @njit(parallel=True, **_opts)
+def _add_into_par(x, y):
+    for t in prange(x.shape[0]):
+        x[t] += y[t]
+
+
+@njit(**_opts)
 def add_into(x, y):
     """x (T, n) += y (T, n)"""
-    T, n = x.shape
-    for t in prange(T):
-        for j in range(n):
-            x[t, j] += y[t, j]
+    if x.shape[0] >= PARALLEL_ROWS:
+        _add_into_par(x, y)
+    else:
+        for t in range(x.shape[0]):
+            x[t] += y[t]
