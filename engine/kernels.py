@@ -20,7 +20,7 @@ from .simd import ROW_BLOCK, exp_sum, make_qtile, make_scores, make_tile, make_w
 
 TILE_ROWS = 4  # f32 tiles: weight rows x activation rows
 TILE_COLS = 4
-Q8_BLOCKS = 4  # Q8_0 tiles: 16-row blocks x activation rows (registers: 2 x 4 x 3 + 4 + 1)
+Q8_BLOCKS = 4  # Q8_0 tiles: 16-row blocks x activation rows (29 of 32 zmm registers)
 Q8_COLS = 3
 
 _tile = make_tile(TILE_ROWS, TILE_COLS)

@@ -223,8 +223,12 @@ def make_qtile(blocks: int, cols: int, vnni: bool = HAS_VNNI):
     x int8 (T, n), xs float32 (T, n/32), xc int32 (T, n/32), w uint8 (d16/16, n/4, 64), ws
     float32 (d16/16, n/32, 16); out float32 (T, d). n a multiple of 32. No bounds checks: the
     caller guarantees rb0+blocks <= d16/16 and b0+cols <= T. Every output follows the module's
-    contract; the int32 sums run in two chains (even and odd quads) for latency's sake.
+    contract.
     """
+
+    # two int32 chains per output vector (even and odd quads) hide vpdpbusd's latency when
+    # the registers allow: 32 zmm hold the chains, the float accumulators, weights and x
+    chains = 2 if 3 * blocks * cols + blocks + 1 <= 32 else 1
 
     @intrinsic
     def qtile(typingctx, out, x, xs, xc, w, ws, rb0, b0):
@@ -255,7 +259,8 @@ def make_qtile(blocks: int, cols: int, vnni: bool = HAS_VNNI):
                 g = loop.index
                 starts = [_broadcast(builder, _load_scalar(builder, p, g, _i32), _v16i32)
                           for p in xc_ptrs]
-                isums = [[[starts[j], zero_i] for j in range(cols)] for _ in range(blocks)]
+                isums = [[[starts[j], zero_i][:chains] for j in range(cols)]
+                         for _ in range(blocks)]
                 for q in range(QUADS):
                     k = builder.add(builder.mul(g, ir.Constant(intp, QUADS)), ir.Constant(intp, q))
                     w_vecs = [_load_vec(builder, p, builder.mul(k, ir.Constant(intp, 64)),
@@ -266,14 +271,17 @@ def make_qtile(blocks: int, cols: int, vnni: bool = HAS_VNNI):
                         x_vec = builder.bitcast(_broadcast(builder, quad, _v16i32), _v64i8)
                         for i, w_vec in enumerate(w_vecs):
                             chain = isums[i][j]
-                            chain[q % 2] = _dpbusd(builder, chain[q % 2], w_vec, x_vec, vnni)
+                            c = q % chains
+                            chain[c] = _dpbusd(builder, chain[c], w_vec, x_vec, vnni)
                 w_scales = [_load_vec(builder, p, builder.mul(g, ir.Constant(intp, LANES)), _v16f)
                             for p in ws_ptrs]
                 x_scales = [_broadcast(builder, _load_scalar(builder, p, g, _f32), _v16f)
                             for p in xs_ptrs]
                 for i in range(blocks):
                     for j in range(cols):
-                        isum = builder.add(isums[i][j][0], isums[i][j][1])
+                        isum = isums[i][j][0]
+                        for part in isums[i][j][1:]:
+                            isum = builder.add(isum, part)
                         scaled = builder.fmul(w_scales[i], x_scales[j])
                         slot = acc_slots[i][j]
                         builder.store(_fma(builder, builder.sitofp(isum, _v16f), scaled,
