@@ -300,18 +300,38 @@ def _rope_row(v, p, cos, sin, n_heads, head_dim):
             v[base + 2 * i + 1] = v0 * s + v1 * c
 
 
-@njit(parallel=True, **_opts)
-def rope_store_kv(qkv, positions, cos, sin, n_heads, n_kv_heads, head_dim, k_cache, v_cache,
-                  layer, seq_index, block_tables):
-    """rope, then each token's k and v into its sequence's cache block."""
+@njit(**_opts)
+def _rope_store_row(qkv, t, positions, cos, sin, n_heads, n_kv_heads, head_dim, k_cache,
+                    v_cache, layer, seq_index, block_tables):
     dim = n_heads * head_dim
     kv_dim = n_kv_heads * head_dim
+    p = positions[t]
+    _rope_row(qkv[t], p, cos, sin, n_heads + n_kv_heads, head_dim)
+    blk = block_tables[seq_index[t], p // KV_BLOCK]
+    k_cache[layer, blk, :, p % KV_BLOCK] = qkv[t, dim:dim + kv_dim]
+    v_cache[layer, blk, p % KV_BLOCK, :] = qkv[t, dim + kv_dim:dim + 2 * kv_dim]
+
+
+@njit(parallel=True, **_opts)
+def _rope_store_kv_par(qkv, positions, cos, sin, n_heads, n_kv_heads, head_dim, k_cache,
+                       v_cache, layer, seq_index, block_tables):
     for t in prange(qkv.shape[0]):
-        p = positions[t]
-        _rope_row(qkv[t], p, cos, sin, n_heads + n_kv_heads, head_dim)
-        blk = block_tables[seq_index[t], p // KV_BLOCK]
-        k_cache[layer, blk, :, p % KV_BLOCK] = qkv[t, dim:dim + kv_dim]
-        v_cache[layer, blk, p % KV_BLOCK, :] = qkv[t, dim + kv_dim:dim + 2 * kv_dim]
+        _rope_store_row(qkv, t, positions, cos, sin, n_heads, n_kv_heads, head_dim, k_cache,
+                        v_cache, layer, seq_index, block_tables)
+
+
+@njit(**_opts)
+def rope_store_kv(qkv, positions, cos, sin, n_heads, n_kv_heads, head_dim, k_cache, v_cache,
+                  layer, seq_index, block_tables):
+    """rope, then each token's k and v into its sequence's cache block (serial below
+    PARALLEL_ROWS rows)."""
+    if qkv.shape[0] >= PARALLEL_ROWS:
+        _rope_store_kv_par(qkv, positions, cos, sin, n_heads, n_kv_heads, head_dim, k_cache,
+                           v_cache, layer, seq_index, block_tables)
+    else:
+        for t in range(qkv.shape[0]):
+            _rope_store_row(qkv, t, positions, cos, sin, n_heads, n_kv_heads, head_dim,
+                            k_cache, v_cache, layer, seq_index, block_tables)
 
 
 @njit(nogil=True, cache=True, fastmath=True)

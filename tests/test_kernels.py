@@ -218,3 +218,21 @@ def test_attention_matches_numpy_over_paged_transposed_keys(head_dim, n_heads, n
             ref = (w / w.sum()) @ values[s, :p + 1, kh:kh + head_dim]
             np.testing.assert_allclose(out[t, h * head_dim:(h + 1) * head_dim], ref, rtol=1e-5,
                                        atol=1e-5)
+
+
+def test_tiller_simd_chooses_the_path_and_refuses_unknown_names(monkeypatch):
+    from tiller.engine import simd
+
+    monkeypatch.setenv("TILLER_SIMD", "generic")
+    assert simd._target_has_vnni() is False
+    monkeypatch.setenv("TILLER_SIMD", "avx9000")
+    with pytest.raises(ValueError, match="TILLER_SIMD must be one of"):
+        simd._target_has_vnni()
+    monkeypatch.setenv("TILLER_SIMD", "vnni")
+    import llvmlite.binding as llvm
+
+    if "+avx512vnni" in llvm.get_host_cpu_features().flatten().split(","):
+        assert simd._target_has_vnni() is True
+    else:
+        with pytest.raises(ValueError, match="no AVX512-VNNI"):
+            simd._target_has_vnni()
