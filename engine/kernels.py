@@ -419,7 +419,7 @@ def attention(out, qkv, k_cache, v_cache, layer, positions, seq_index, block_tab
         _scores(att, qkv[t, q0:q0 + head_dim], k_cache, layer, table,
                 (n_pos + KV_BLOCK - 1) // KV_BLOCK, k0)
         top = _scale_max(att, n_pos, scale)
-        total = exp_sum(att, n_pos, top)
+        total = exp_sum(att, n_pos, top)  # type: ignore[call-arg, var-annotated]
         for p in range(n_pos):
             att[p] = att[p] / total
         _weighted_values(out[t, q0:q0 + head_dim], att, v_cache, layer, table, n_pos, k0)
