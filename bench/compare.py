@@ -258,20 +258,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU {cpu_model()}, {args.threads} threads, tiller matmul path: "
           f"{'VNNI' if simd.HAS_VNNI else 'portable IR'}; peer {bin_dir.parent.parent}")
     buf = np.ones(BANDWIDTH_BYTES // 8, np.int64)
+    header = (f"| {'shape':12s} | {'case':12s} | {'tiller tok/s':>12s} | "
+              f"{'llama.cpp tok/s':>15s} | {'ratio':>6s} | {'target':>7s} |")
     results = {}
-    for name in names:
+    failed = 0
+    for name in names:  # each shape's rows as soon as they are measured
         path = args.cache_dir / f"{name}-random-q8_0.gguf"
         if not path.is_file():
             write_gguf(path, SHAPES[name])
         load = os.getloadavg()[0]
-        results[name] = compare_model(name, path, bin_dir, args.threads, args.reps, buf)
-        results[name]["load"] = (load, os.getloadavg()[0])
-    print()
-    print(f"| {'shape':12s} | {'case':12s} | {'tiller tok/s':>12s} | {'llama.cpp tok/s':>15s} | "
-          f"{'ratio':>6s} | {'target':>6s} |")
-    print(f"|{'-' * 14}|{'-' * 14}|{'-' * 14}|{'-' * 17}|{'-' * 8}|{'-' * 8}|")
-    failed = 0
-    for name, r in results.items():
+        r = results[name] = compare_model(name, path, bin_dir, args.threads, args.reps, buf)
+        r["load"] = (load, os.getloadavg()[0])
+        print(f"\n{header}\n|{'-' * 14}|{'-' * 14}|{'-' * 14}|{'-' * 17}|{'-' * 8}|{'-' * 9}|")
         for case in r["tiller"]:
             ours, peer = r["tiller"][case], r["llama.cpp"][case]
             target = TARGETS.get((case, name))
@@ -281,13 +279,11 @@ def main(argv: list[str] | None = None) -> int:
                 failed += not ok
                 mark = f"{target:.1f} {'ok' if ok else 'MISS'}"
             print(f"| {name:12s} | {case:12s} | {ours:12.1f} | {peer:15.1f} | "
-                  f"{ours / peer:6.2f} | {mark:>6s} |")
-    print()
-    for name, r in results.items():
+                  f"{ours / peer:6.2f} | {mark:>7s} |")
         stream = r["weight_bytes"] * r["tiller"]["decode B=1"] / r["bandwidth"]
         print(f"{name}: memory read bandwidth {r['bandwidth'] / 1e9:.1f} GB/s; tiller B=1 streams "
               f"{stream * 100:.0f}% of it; load average {r['load'][0]:.1f} -> {r['load'][1]:.1f}; "
-              f"llama.cpp buffers: {'; '.join(r['buffers'])}")
+              f"llama.cpp buffers: {'; '.join(r['buffers'])}", flush=True)
         if name == "tinyllama":
             failed += stream < TARGET_STREAM
     if args.json:
