@@ -68,6 +68,7 @@ class ServerConfig:
     # do not give `steering` (steering_service.request_steering)
     control_vectors: tuple[tuple[Path, float], ...] = ()
     control_vector_layers: tuple[int, int] | None = None  # llama.cpp numbering, inclusive
+    webui: bool = True  # the playground page at / (server/webui_routes.py); --no-webui: off
 
 
 @dataclass

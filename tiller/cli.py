@@ -40,7 +40,6 @@ IGNORED: list[tuple[tuple[str, ...], dict[str, Any], str]] = [
      "embeddings are always on (/v1/embeddings, /embedding)"),
     (("--metrics",), {"action": "store_true"}, "/metrics is always on"),
     (("--slots",), {"action": "store_true"}, "/slots is always on"),
-    (("--no-webui",), {"action": "store_true"}, "tiller has no web UI"),
     (("--jinja",), {"action": "store_true"}, "chat templates are always rendered as Jinja"),
     (("-cb", "--cont-batching"), {"action": "store_true"}, "batching is always continuous"),
     (("--timeout", "-to"), {"type": int, "metavar": "N"},
@@ -121,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-feature-values", type=int, default=4 * 1024 * 1024,
                    help="numbers one /v1/features or embeddings response may hold "
                         "(positions x layers x points x width); more is a 400")
+    s.add_argument("--no-webui", action="store_true",
+                   help="do not serve the steering playground page at / (llama-server's flag)")
     s.add_argument("--workers", type=int, default=2,
                    help="threads for tokenizing, encoding and vector math off the event loop")
     d = s.add_argument_group("sampling defaults (llama-server's; a request's own fields win)")
@@ -376,7 +377,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           load_progress=progress_bar(delay=LOAD_BAR_DELAY, leave=False),
                           max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                           max_feature_values=args.max_feature_values, workers=args.workers,
-                          **options)
+                          webui=not args.no_webui, **options)
     if config.max_body_bytes < 1024:
         raise ValueError("--max-body-mb must allow at least 1 KiB")
     app = create_app(config, on_load_error=_stop_serving)
