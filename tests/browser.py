@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,8 @@ def artifacts_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def browser_session(executable: str) -> Iterator:
+@contextmanager
+def launched(executable: str) -> Iterator:
     """A running headless Chromium (a Playwright Browser) for a module's tests."""
     from playwright.sync_api import sync_playwright
 

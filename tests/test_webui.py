@@ -21,10 +21,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from tiller import BUILTIN_MODEL
 
-from tests.browser import artifacts_dir, browser_session, chromium_path
+from tests.browser import artifacts_dir, chromium_path, launched
 from tests.live_server import ServerProcess, start_server
+from tiller import BUILTIN_MODEL
 
 SEED = 7
 PROMPT = "Tell me a story about a dog named Max."
@@ -41,7 +41,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 @pytest.fixture(scope="module")
 def browser(server: ServerProcess) -> Iterator:
-    yield from browser_session(chromium_path())
+    with launched(chromium_path()) as b:
+        yield b
 
 
 @pytest.fixture(scope="module")

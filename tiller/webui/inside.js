@@ -29,15 +29,19 @@ async function measure(data, point, layers, vectorId) {
   }));
 }
 
+/**
+ * NOTE: colours are relative within each block (row): the stream's size grows with depth and
+ * the first position's state is often far larger than the rest, which would leave every other
+ * cell of a shared scale blank. The values themselves are on hover.
+ */
 function heatmap(out, values, point, signed, vectorLabel) {
   const map = clear($("heatmap"));
-  const finite = values.flat().filter((v) => v !== null);
-  const top = Math.max(1e-9, ...finite.map(Math.abs));
   const table = h("table", {class: "heat", dataset: {point}});
   table.append(h("tr", {}, h("th", {}, "block"),
     ...out.pieces.map((p, i) => h("th", {class: "piece", title: `position ${i}`}, p))));
   values.forEach((row, i) => {
     const block = out.layers[i];
+    const top = Math.max(1e-9, ...row.filter((v) => v !== null).map(Math.abs));
     table.append(h("tr", {}, h("th", {}, String(block)), ...row.map((v, pos) => {
       const cell = h("td", {tabindex: "0", dataset: {block: String(block), pos: String(pos)}});
       if (v === null) {
