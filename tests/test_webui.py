@@ -208,6 +208,56 @@ def test_completion_mode_and_model_output_is_text_not_html(page, server: ServerP
     assert page.evaluate("() => window.hacked") is None
 
 
+def test_stop_keeps_a_prefix_and_errors_are_messages(page, server: ServerProcess):
+    page.select_option("#mode", "completion")
+    set_seed(page)
+    page.fill("#max-tokens", "400")
+    # the tiny model writes faster than a test can look: Esc is pressed from inside the page
+    # once the first 40 characters have arrived (the key handler is the page's own)
+    page.evaluate("""() => new MutationObserver((_, observer) => {
+        const m = document.querySelector('.message.assistant.streaming .body');
+        if (m && m.textContent.length >= 40) {
+            observer.disconnect();
+            window.stoppedAt = m.textContent.length;
+            document.dispatchEvent(new KeyboardEvent('keydown', {key: 'Escape'}));
+        }
+    }).observe(document.querySelector('#messages'),
+               {subtree: true, childList: true, characterData: true})""")
+    page.fill("#chat-input", "Once upon a time")
+    page.press("#chat-input", "Control+Enter")
+    page.wait_for_selector(".message.assistant:not(.streaming)")
+    assert page.evaluate("() => window.stoppedAt") >= 40
+    assert page.is_enabled("#chat-send") and page.is_hidden("#chat-error")
+    reference = api_json(server, "/v1/completions", {
+        "prompt": "Once upon a time", "seed": SEED, "temperature": 0.8, "top_p": 0.95,
+        "max_tokens": 400})["choices"][0]["text"]
+    shown = words(page.inner_text(".message.assistant .body"))
+    assert words(reference).startswith(shown) and len(shown) < len(words(reference))
+    # a request the server refuses: its message, naming the field, where the answer would be
+    page.fill("#temperature", "-1")
+    page.fill("#chat-input", "Once")
+    page.click("#chat-send")
+    page.wait_for_selector("#chat-error:not([hidden])")
+    assert "temperature" in page.inner_text("#chat-error")
+
+
+def test_themes_and_keyboard(page, shots: Path):
+    theme = page.get_attribute("html", "data-theme")
+    background = page.evaluate("() => getComputedStyle(document.body).backgroundColor")
+    page.keyboard.press("Alt+t")
+    assert page.get_attribute("html", "data-theme") == {"light": "dark", "dark": "light"}[theme]
+    assert page.evaluate("() => getComputedStyle(document.body).backgroundColor") != background
+    page.keyboard.press("Alt+3")
+    assert page.get_attribute("#tab-sweep", "aria-selected") == "true"
+    assert page.is_visible("#view-sweep") and page.is_hidden("#view-chat")
+    page.keyboard.press("ArrowRight")  # the focused tab list moves on
+    assert page.get_attribute("#tab-inside", "aria-selected") == "true"
+    page.screenshot(path=str(shots / "theme-toggled.png"))
+    page.reload()  # the choice is remembered
+    page.wait_for_selector("body[data-ready=true]")
+    assert page.get_attribute("html", "data-theme") != theme
+
+
 # steering -----------------------------------------------------------------------------------
 
 

@@ -8,9 +8,10 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from tiller import BUILTIN_MODEL
 from tiller.server.app import ServerConfig, create_app
 from tiller.server.webui_routes import load_assets, webui_dir
+
+from tiller import BUILTIN_MODEL
 
 KEY = "sk-webui"
 
