@@ -306,6 +306,31 @@ def test_create_vector_attach_and_side_by_side(page, server: ServerProcess, shot
         assert json.loads(page.get_attribute(column, "data-tokens")) == tokens
 
 
+def test_a_mean_vector_from_pasted_pairs(page, server: ServerProcess):
+    positive = ["I am so happy today.", "What a wonderful, joyful day!"]
+    negative = ["I am so sad today.", "What a terrible, gloomy day."]
+    page.select_option("#create-method", "mean")
+    page.fill("#create-positive", "\n".join(positive))
+    page.fill("#create-negative", "\n".join(negative) + "\n")  # blank lines are not prompts
+    page.fill("#create-layers", "2-3")
+    page.click("#create-submit")
+    expected = api_json(server, "/v1/steering", {"method": "mean", "positive": positive,
+                                                 "negative": negative, "layers": [2, 3]})
+    row = page.wait_for_selector(f"#vectors li[data-id='{expected['id']}']")
+    assert "mean of 2 pairs" in row.inner_text() and "layers 2-3" in row.inner_text()
+    row.query_selector("button.attach").click()
+    page.fill("li.attachment input.scale-value", "-1.5")
+    page.press("li.attachment input.scale-value", "Enter")
+    page.fill("#max-tokens", "4")
+    with page.expect_request("**/v1/chat/completions") as sent:
+        page.fill("#chat-input", "Hi")
+        page.click("#chat-send")
+    assert sent.value.post_data_json["steering"] == [
+        {"vector": expected["id"], "layers": [2, 3], "scale": -1.5}]
+    page.wait_for_selector(".message.assistant:not(.streaming)")
+    assert page.is_hidden("#chat-error")
+
+
 def test_hover_a_token_for_its_readout(page, server: ServerProcess, shots: Path):
     vid = api_json(server, "/v1/steering",
                    {"method": "actadd", "add": "happy", "sub": "sad", "layer": 2})["id"]
@@ -396,6 +421,23 @@ def test_upload_a_control_vector_gguf(page, server: ServerProcess, shots: Path,
     status, raw = api(server, f"/v1/steering/{expected['id']}?format=npy")
     np.testing.assert_array_equal(np.load(io.BytesIO(raw)), vectors)
     page.screenshot(path=str(shots / "imported.png"))
+    # downloaded from the page: the bytes the API serves, and a file the gguf package reads
+    with page.expect_download() as download:
+        page.click(f"#vectors li[data-id='{expected['id']}'] button:has-text('.gguf')")
+    saved = tmp_path / "downloaded.gguf"
+    download.value.save_as(saved)
+    status, raw = api(server, f"/v1/steering/{expected['id']}?format=gguf")
+    assert saved.read_bytes() == raw
+    reader = gguf.GGUFReader(str(saved))
+    tensors = {t.name: np.array(t.data) for t in reader.tensors}
+    np.testing.assert_array_equal(tensors["direction.2"], vectors[0])
+    # deleted from the page (a second click confirms): gone from the list and the store
+    delete = f"#vectors li[data-id='{expected['id']}'] button.danger"
+    page.click(delete)
+    assert page.inner_text(delete) == "Sure?"
+    page.click(delete)
+    page.wait_for_selector(f"#vectors li[data-id='{expected['id']}']", state="detached")
+    assert api(server, f"/v1/steering/{expected['id']}")[0] == 404
     # a file that is no control vector: the server's message, shown in the panel
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf file")
