@@ -40,6 +40,12 @@ function readoutChoice() {
   return {info, layer: layers[0]};
 }
 
+function legendSwatch(v) {
+  const el = h("span", {class: "swatch"});
+  el.style.background = diverging(v);
+  return el;
+}
+
 async function colour(runs, signal) {
   const choice = readoutChoice();
   if (!choice) return;
@@ -51,6 +57,10 @@ async function colour(runs, signal) {
     layer, unit, nLayers, r.steering, signal)));
   const generated = values.map((v, i) => v.slice(runs[i].ids.length));
   const top = Math.max(1e-9, ...generated.flat().map(Math.abs));
+  $("readout-legend").replaceChildren(
+    `projection on ${vectorName(info)} at layer ${layer}: `,
+    legendSwatch(-1), ` −${top.toFixed(2)} `, legendSwatch(0), " 0 ", legendSwatch(1),
+    ` +${top.toFixed(2)} (both columns on one scale; hover a token for its value)`);
   runs.forEach((r, i) => {
     const spans = r.el.querySelectorAll(".token[data-token]");
     spans.forEach((span, k) => {
@@ -75,6 +85,7 @@ export async function runCompare(event) {
   controller = mine;
   ranOnce = true;
   showError($("compare-error"), null);
+  clear($("readout-legend"));
   busy(true);
   try {
     const params = sampling();
