@@ -473,6 +473,51 @@ def test_heatmap_of_norms_and_the_logit_lens_note(page, server: ServerProcess, s
     assert "offers no logit_lens point" in page.inner_text("#lens")
 
 
+def test_the_logit_lens_table_appears_when_advertised(page, server: ServerProcess,
+                                                      shots: Path):
+    """A server that lists a `logit_lens` point (branch interventions): the page asks for it and
+    shows each block's top token per position, the top-k on hover. The answer is made up here
+    in the shape that branch describes (top-k tokens and logprobs per layer and position)."""
+    def advertise(route):
+        spec = json.loads(route.fetch().body())
+        points = spec["components"]["schemas"]["FeaturesRequest"]["properties"]["points"]
+        points["items"]["enum"].append("logit_lens")
+        route.fulfill(status=200, content_type="application/json", body=json.dumps(spec))
+
+    asked: list[dict] = []
+
+    def lens(route):
+        body = route.request.post_data_json
+        if body.get("points") != ["logit_lens"]:
+            return route.continue_()
+        asked.append(body)
+        n = len(body["input"])
+        data = [[[{"token": f"<b{b}p{p}>", "logprob": -0.5}, {"token": "x", "logprob": -2.0}]
+                 for p in range(n)] for b in range(2)]
+        route.fulfill(status=200, content_type="application/json", body=json.dumps({
+            "model": "m", "tokens": body["input"], "pieces": ["?"] * n, "layers": [0, 1],
+            "points": ["logit_lens"], "positions": list(range(n)), "data": {"logit_lens": data}}))
+
+    page.route("**/openapi.json", advertise)
+    page.route("**/v1/features", lens)
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    page.click("#tab-inside")
+    assert "logit_lens" not in page.inner_text("#heat-point")  # a table, not a heatmap point
+    page.fill("#heat-prompt", "Once upon a time")
+    page.click("#heat-run")
+    page.wait_for_selector("table.lens-table td")
+    page.screenshot(path=str(shots / "logit-lens.png"))
+    ids = api_json(server, "/tokenize", {"content": "Once upon a time",
+                                         "add_special": True})["tokens"]
+    assert asked and asked[0]["input"] == ids
+    cells = page.locator("table.lens-table td")
+    assert cells.count() == 2 * len(ids)
+    assert cells.nth(len(ids) + 1).inner_text() == "<b1p1>"  # text, never markup
+    cells.nth(0).hover()
+    assert '"x" -2.000' in page.inner_text("#tooltip")
+
+
 def test_advertised_entry_fields_are_offered_and_sent(page, server: ServerProcess,
                                                       shots: Path):
     """A server whose /openapi.json lists `op` and `positions` on steering entries (branch

@@ -32,7 +32,8 @@ async function measure(data, point, layers, vectorId) {
 /**
  * NOTE: colours are relative within each block (row): the stream's size grows with depth and
  * the first position's state is often far larger than the rest, which would leave every other
- * cell of a shared scale blank. The values themselves are on hover.
+ * cell of a shared scale blank. Norms run from the row's smallest to its largest, projections
+ * from -max|v| to +max|v|. The values themselves are on hover.
  */
 function heatmap(out, values, point, signed, vectorLabel) {
   const map = clear($("heatmap"));
@@ -41,7 +42,10 @@ function heatmap(out, values, point, signed, vectorLabel) {
     ...out.pieces.map((p, i) => h("th", {class: "piece", title: `position ${i}`}, p))));
   values.forEach((row, i) => {
     const block = out.layers[i];
-    const top = Math.max(1e-9, ...row.filter((v) => v !== null).map(Math.abs));
+    const known = row.filter((v) => v !== null);
+    const top = Math.max(1e-9, ...known.map(Math.abs));
+    const low = Math.min(...known);
+    const span = Math.max(1e-9, top - low);
     table.append(h("tr", {}, h("th", {}, String(block)), ...row.map((v, pos) => {
       const cell = h("td", {tabindex: "0", dataset: {block: String(block), pos: String(pos)}});
       if (v === null) {
@@ -50,7 +54,7 @@ function heatmap(out, values, point, signed, vectorLabel) {
         return cell;
       }
       cell.style.background = signed ? diverging(v / top)
-        : `hsla(265, 70%, 55%, ${(0.05 + 0.9 * (v / top)).toFixed(3)})`;
+        : `hsla(265, 70%, 55%, ${(0.05 + 0.9 * ((v - low) / span)).toFixed(3)})`;
       cell.dataset.value = v.toFixed(4);
       tooltipFor(cell, `block ${block} ${point} · position ${pos} ` +
         `${JSON.stringify(out.pieces[pos])} · ${signed ? `projection on ${vectorLabel}` : "norm"}` +
