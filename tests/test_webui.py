@@ -100,6 +100,17 @@ def completion_reference(server: ServerProcess, ids: list[int], steering: list, 
     return out["content"], out["tokens"]
 
 
+def slow_network(page, bytes_per_second: int = 8000) -> None:
+    """Chromium's network throttling (DevTools protocol) for this page: the tiny model writes
+    a whole answer in a few milliseconds, which a fast loopback hands over in one read; at a
+    slow link's pace the page has to show it as it arrives."""
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Network.enable")
+    cdp.send("Network.emulateNetworkConditions", {
+        "offline": False, "latency": 0, "downloadThroughput": bytes_per_second,
+        "uploadThroughput": -1})
+
+
 def set_seed(page, seed: int = SEED) -> None:
     page.fill("#seed", str(seed))
 
@@ -161,29 +172,33 @@ def test_model_identity_is_shown(page, server: ServerProcess):
 def test_chat_streams_the_servers_answer(page, server: ServerProcess, shots: Path):
     set_seed(page)
     page.fill("#max-tokens", "120")
-    # record the reply's length at every change: streamed text arrives in many steps
+    slow_network(page)
+    # record the reply's length at every change, and whether it was still streaming then
     page.evaluate("""() => {
-        window.lengths = [];
+        window.seen = [];
         new MutationObserver(() => {
-            const m = document.querySelector('.message.assistant .body');
-            if (m) window.lengths.push(m.textContent.length);
+            const m = document.querySelector('.message.assistant');
+            if (m) window.seen.push([m.querySelector('.body').textContent.length,
+                                     m.classList.contains('streaming')]);
         }).observe(document.querySelector('#messages'),
-                   {subtree: true, childList: true, characterData: true});
+                   {subtree: true, childList: true, characterData: true, attributes: true});
     }""")
     page.fill("#chat-input", PROMPT)
     page.press("#chat-input", "Control+Enter")  # keyboard: Ctrl+Enter sends
-    page.wait_for_selector(".message.assistant.streaming", timeout=30000)
-    page.screenshot(path=str(shots / "chat-streaming.png"))
     page.wait_for_selector(".message.assistant:not(.streaming)", timeout=60000)
     page.screenshot(path=str(shots / "chat-done.png"))
-    lengths = page.evaluate("() => window.lengths")
-    growth = sorted(set(lengths))
-    assert len(growth) >= 5, lengths  # the text grew in steps, not at once
+    final = len(page.inner_text(".message.assistant .body"))
+    seen = page.evaluate("() => window.seen")
+    # the text grew on the page while the answer was still streaming, in many steps
+    growing = {length for length, streaming in seen if streaming and 0 < length < final}
+    assert len(growing) >= 5, seen
+    deltas = int(page.get_attribute(".message.assistant", "data-deltas"))
     reference = api_json(server, "/v1/chat/completions", {
         "messages": [{"role": "user", "content": PROMPT}], "seed": SEED, "temperature": 0.8,
         "top_p": 0.95, "max_tokens": 120})
     text = reference["choices"][0]["message"]["content"]
     assert words(page.inner_text(".message.assistant .body")) == words(text)
+    assert deltas >= reference["usage"]["completion_tokens"] // 2
     # context use: this exchange's tokens, from the stream's usage chunk
     used = reference["usage"]["total_tokens"]
     assert page.inner_text("#context").startswith(f"context {used} /")
@@ -212,8 +227,9 @@ def test_stop_keeps_a_prefix_and_errors_are_messages(page, server: ServerProcess
     page.select_option("#mode", "completion")
     set_seed(page)
     page.fill("#max-tokens", "400")
-    # the tiny model writes faster than a test can look: Esc is pressed from inside the page
-    # once the first 40 characters have arrived (the key handler is the page's own)
+    slow_network(page)
+    # Esc is pressed from inside the page once the first 40 characters have arrived (the key
+    # handler is the page's own)
     page.evaluate("""() => new MutationObserver((_, observer) => {
         const m = document.querySelector('.message.assistant.streaming .body');
         if (m && m.textContent.length >= 40) {

@@ -74,7 +74,8 @@ async function send(event) {
   }
   input.value = "";
   const out = bubble("assistant", "");
-  out.parentElement.classList.add("streaming");
+  const bubbleEl = out.parentElement;
+  bubbleEl.classList.add("streaming");
   const paint = painter(out);
   let reply = "";
   controller = new AbortController();
@@ -84,14 +85,17 @@ async function send(event) {
       if (chunk.usage) emit("usage", chunk.usage);
       const choice = chunk.choices?.[0];
       const delta = mode === "chat" ? choice?.delta?.content : choice?.text;
-      if (delta) reply = paint(delta);
+      if (delta) {
+        reply = paint(delta);
+        bubbleEl.dataset.deltas = String(Number(bubbleEl.dataset.deltas ?? 0) + 1);
+      }
     }, controller.signal);
   } catch (e) {
     if (e.name !== "AbortError") showError($("chat-error"), e);
   } finally {
     controller = null;
     busy(false);
-    out.parentElement.classList.remove("streaming");
+    bubbleEl.classList.remove("streaming");
     out.replaceChildren(renderMarkdown(reply));
     if (mode === "chat") messages.push({role: "assistant", content: reply});
     input.focus();
