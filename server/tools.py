@@ -1,0 +1,448 @@
+"""Tool calls on chat: which format a template's model writes calls in, the prompt that offers
+the tools, the grammar that forces a call, and the parser that finds calls in the output.
+
+Formats (as llama.cpp's `common/chat.cpp` and vLLM's tool parsers tell them apart, by the
+template's source):
+
+- `hermes` (Qwen 2.5, Hermes 2/3; the template mentions `<tool_call>`): each call is
+  `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, several in a row for
+  parallel calls, with text around them.
+- `llama3` (Llama 3.1-3.3; the template writes `"parameters": ` or `<|python_tag|>`): the reply
+  *starts* with `{"name": ..., "parameters": {...}}`, optionally after `<|python_tag|>`; several
+  objects may follow, separated by `;` or whitespace (the template renders only one back).
+- `generic`, for every other template (ChatML without tools, as the built-in model's, Gemma,
+  ...): as llama.cpp's generic handler, the tools and the expected output form go into a system
+  message that tiller adds, and the conversation's past calls and results are written as text
+  (templates without tool support drop `tool_calls`, and some refuse the `tool` role). The form
+  is Hermes's, so one parser serves both.
+
+`tool_choice` "required" or a named function constrains generation with llguidance (a Lark
+grammar of the call in the template's format, its arguments by the tool's schema), so the
+output always parses; "auto" parses free output, where a call that does not parse (bad JSON,
+an unknown name, no `arguments` object) stays content; "none" offers the tools (in native
+formats) and parses nothing.
+
+The parser is incremental, for streaming, and the non-streamed reply is what it gives for the
+whole text, so both agree. A call is released once its text is complete and valid (the closing
+tag, or the JSON object's end), as one event; text that might still become a call marker is
+held back. Whitespace next to a call is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import string
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import llguidance
+
+from .chat import ChatTemplate, normalize_messages
+from .constraints import GrammarSpec, JSON_OPTIONS
+from .errors import ApiError
+
+__all__ = ["ContentDelta", "ToolCall", "ToolCallParser", "ToolFormat", "ToolRequest",
+           "detect_format", "parse_output", "tool_request"]
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+PYTHON_TAG = "<|python_tag|>"
+_ID_CHARS = string.ascii_letters + string.digits
+
+
+class ToolFormat(Enum):
+    HERMES = "hermes"
+    LLAMA3 = "llama3"
+    GENERIC = "generic"
+
+
+def detect_format(template: ChatTemplate) -> ToolFormat:
+    """The call format the template's model was trained on, from its source (llama.cpp looks
+    for the same markers)."""
+    source = template.source
+    if OPEN in source:
+        return ToolFormat.HERMES
+    if PYTHON_TAG in source or ("<|start_header_id|>" in source and '"parameters": ' in source):
+        return ToolFormat.LLAMA3
+    return ToolFormat.GENERIC
+
+
+# --- the request ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ToolRequest:
+    """A request's tools, checked: `choice` is "auto", "none", "required" or a tool's name."""
+
+    tools: list[dict[str, Any]]  # [{"type": "function", "function": {name, description, ...}}]
+    choice: str
+    parallel: bool
+    format: ToolFormat
+    names: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def forced(self) -> bool:
+        """A call is required (and grammar-enforced)."""
+        return self.choice not in ("auto", "none")
+
+    @property
+    def parses(self) -> bool:
+        return self.choice != "none"
+
+
+def tool_request(tools: list[Any] | None, choice: Any, parallel: bool,
+                 template: ChatTemplate) -> ToolRequest | None:
+    """The checked tools of a request (400s naming `tools` or `tool_choice`); None without
+    tools. `tools` and `choice` are the pydantic models of protocol.py or plain dicts."""
+    if not tools:
+        if choice not in (None, "none", "auto"):
+            raise ApiError(400, "tool_choice: a tool call is required but no `tools` are given",
+                           param="tool_choice")
+        return None
+    dumped = [t if isinstance(t, dict) else t.model_dump(by_alias=True, exclude_none=True)
+              for t in tools]
+    names: list[str] = []
+    for i, tool in enumerate(dumped):
+        fn = tool["function"]
+        if fn["name"] in names:
+            raise ApiError(400, f"tools[{i}].function.name: {fn['name']!r} is given twice",
+                           param="tools")
+        names.append(fn["name"])
+        _check_schema(fn.get("parameters"), i)
+    if choice is None:
+        name = "auto"
+    elif isinstance(choice, str):
+        name = choice
+    else:
+        fn_choice = choice["function"] if isinstance(choice, dict) else choice.function
+        name = fn_choice["name"] if isinstance(fn_choice, dict) else fn_choice.name
+        if name not in names:
+            raise ApiError(400, f"tool_choice: no tool named {name!r} in `tools` "
+                           f"({', '.join(names)})", param="tool_choice")
+    return ToolRequest(dumped, name, parallel, detect_format(template), frozenset(names))
+
+
+def _check_schema(parameters: Any, index: int) -> None:
+    """The tool's arguments schema must be one llguidance compiles: it is the grammar of the
+    arguments when a call is forced (the same rule as response_format's schemas)."""
+    if parameters is None:
+        return
+    where = f"tools[{index}].function.parameters"
+    if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
+        raise ApiError(400, f"{where}: must be a JSON schema of an object",
+                       param="tools", code="invalid_tool_schema")
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(parameters))
+    error = llguidance.LLMatcher.validate_grammar(grammar)
+    if error and not error.startswith("WARNING"):
+        raise ApiError(400, f"{where}: {error}", param="tools", code="invalid_tool_schema")
+
+
+def _arguments_schema(tool: dict[str, Any]) -> dict[str, Any]:
+    return tool["function"].get("parameters") or {"type": "object"}
+
+
+def _call_schema(req: ToolRequest, key: str) -> dict[str, Any]:
+    """The JSON schema of one call: {"name": <a tool>, key: <its arguments>}, name first."""
+    options = [{"type": "object",
+                "properties": {"name": {"const": t["function"]["name"]},
+                               key: _arguments_schema(t)},
+                "required": ["name", key], "additionalProperties": False}
+               for t in req.tools if req.choice == "required"
+               or t["function"]["name"] == req.choice]
+    schema: dict[str, Any] = options[0] if len(options) == 1 else {"anyOf": options}
+    return {**schema, "x-guidance": JSON_OPTIONS}
+
+
+def tool_grammar(req: ToolRequest) -> GrammarSpec | None:
+    """The grammar of a forced call (None unless tool_choice is "required" or a name): one call,
+    or one or more with parallel_tool_calls, in the template's format."""
+    if not req.forced:
+        return None
+    if req.format is ToolFormat.LLAMA3:
+        # NOTE: one call: Llama 3.1's template refuses to render several back
+        body = json.dumps(_call_schema(req, "parameters"))
+        return GrammarSpec(llguidance.LLMatcher.grammar_from_lark(
+            f"%llguidance {{}}\nstart: %json {body}\n"), "tool_choice")
+    body = json.dumps(_call_schema(req, "arguments"))
+    repeat = ' ("\\n" call)*' if req.parallel else ""
+    lark = (f"%llguidance {{}}\nstart: call{repeat}\n"
+            f'call: "{OPEN}\\n" %json {body} "\\n{CLOSE}"\n')
+    return GrammarSpec(llguidance.LLMatcher.grammar_from_lark(lark), "tool_choice")
+
+
+# --- the prompt ----------------------------------------------------------------------------
+
+
+def render_messages(template: ChatTemplate, messages: list[dict[str, Any]],
+                    req: ToolRequest | None, add_generation_prompt: bool,
+                    extra: dict[str, Any]) -> str:
+    """The conversation through the template, with the tools offered in the template's way
+    (native formats) or in a system message (generic)."""
+    if req is None:
+        return template.render(messages, add_generation_prompt=add_generation_prompt, **extra)
+    if req.format is not ToolFormat.GENERIC:
+        return template.render(messages, add_generation_prompt=add_generation_prompt,
+                               tools=req.tools, **extra)
+    chat = _written_as_text(normalize_messages(messages))
+    if req.choice != "none":
+        chat = _with_system(chat, generic_instructions(req))
+    return template.render(chat, add_generation_prompt=add_generation_prompt, **extra)
+
+
+def generic_instructions(req: ToolRequest) -> str:
+    """The system text of the generic format: the tools, and how to call them. NOTE: short,
+    because it costs context on every request (~170 tokens on the built-in model, plus the
+    tools)."""
+    tools = "\n".join(json.dumps({k: v for k, v in t["function"].items()
+                                  if k != "strict" and v != ""}, ensure_ascii=False)
+                      for t in req.tools)
+    if req.choice == "required":
+        rule = "Call a tool."
+    elif req.forced:
+        rule = f"Call {req.choice}."
+    else:
+        rule = "Call a tool if it helps, else answer."
+    many = "one block per call" if req.parallel else "one call at a time"
+    return (f"Tools:\n<tools>\n{tools}\n</tools>\n{rule} Write a call ({many}) as:\n"
+            f'{OPEN}\n{{"name": <tool name>, "arguments": <JSON object>}}\n{CLOSE}')
+
+
+def _with_system(chat: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
+    """The instructions after the first system message's text, or as a new first message (as
+    llama.cpp's add_system)."""
+    if chat and chat[0]["role"] == "system":
+        first = chat[0]
+        return [{**first, "content": f"{first['content']}\n\n{text}"}, *chat[1:]]
+    return [{"role": "system", "content": text}, *chat]
+
+
+def _written_as_text(chat: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Past calls as Hermes blocks in the assistant's content, and tool results as a user
+    message of <tool_response> blocks (consecutive results in one), for templates that know
+    neither (minja's tool-call polyfills do the same)."""
+    out: list[dict[str, Any]] = []
+    for message in chat:
+        if message.get("tool_calls"):
+            blocks = [_call_block(c["function"]["name"], c["function"]["arguments"])
+                      for c in message["tool_calls"]]
+            text = "\n".join(filter(None, [message["content"], *blocks]))
+            out.append({"role": "assistant", "content": text})
+        elif message["role"] == "tool":
+            block = f"<tool_response>\n{message['content']}\n</tool_response>"
+            if out and out[-1].get("tool_results"):
+                out[-1]["content"] += "\n" + block
+            else:
+                out.append({"role": "user", "content": block, "tool_results": True})
+        else:
+            out.append(message)
+    for message in out:
+        message.pop("tool_results", None)
+    return out
+
+
+def _call_block(name: str, arguments: str) -> str:
+    try:
+        args = json.loads(arguments)
+    except json.JSONDecodeError:
+        args = arguments  # written as the client sent it; the model sees what it said
+    body = json.dumps({"name": name, "arguments": args}, ensure_ascii=False)
+    return f"{OPEN}\n{body}\n{CLOSE}"
+
+
+# --- the output ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ContentDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    index: int
+    id: str
+    name: str
+    arguments: str  # a JSON object, as text
+
+    def as_openai(self) -> dict[str, Any]:
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.name, "arguments": self.arguments}}
+
+
+Event = ContentDelta | ToolCall
+
+
+def call_id() -> str:
+    """OpenAI's form: call_ and 24 random letters and digits."""
+    return "call_" + "".join(secrets.choice(_ID_CHARS) for _ in range(24))
+
+
+class ToolCallParser:
+    """Generated text in (push, then finish), content and complete calls out."""
+
+    def __init__(self, fmt: ToolFormat, names: frozenset[str]) -> None:
+        self.format = fmt
+        self.names = names
+        self.calls: list[ToolCall] = []
+        self._pending = ""  # text not yet released
+        self._in_call = False  # tagged formats: inside <tool_call>
+        self._head = True  # llama3: still at the start of the reply, where calls may be
+        self._space = ""  # whitespace after released content: sent if more content follows
+        self._after_call = False  # whitespace right after a call is dropped
+
+    def push(self, text: str) -> list[Event]:
+        self._pending += text
+        if self.format is ToolFormat.LLAMA3:
+            return self._json_calls(final=False)
+        return self._tagged(final=False)
+
+    def finish(self) -> list[Event]:
+        """The end of the reply: release what was held back."""
+        events = (self._json_calls(final=True) if self.format is ToolFormat.LLAMA3
+                  else self._tagged(final=True))
+        if self._space:
+            events.append(ContentDelta(self._space))
+            self._space = ""
+        return events
+
+    # tagged: <tool_call> ... </tool_call> -------------------------------------------------
+
+    def _tagged(self, final: bool) -> list[Event]:
+        events: list[Event] = []
+        while True:
+            text = self._pending
+            if not self._in_call:
+                start = text.find(OPEN)
+                if start < 0:
+                    keep = 0 if final else _partial_suffix(text, OPEN)
+                    events += self._content(text[:len(text) - keep])
+                    self._pending = text[len(text) - keep:]
+                    return events
+                events += self._content(text[:start])
+                self._pending = text[start:]
+                self._in_call = True
+                continue
+            end = text.find(CLOSE)
+            if end < 0 and not final:
+                return events
+            # NOTE: a reply that ends inside a call without its closing tag still counts if the
+            # call is complete (llama.cpp's parser accepts it too)
+            consumed = len(text) if end < 0 else end + len(CLOSE)
+            call = self._call(text[len(OPEN):end if end >= 0 else len(text)], "arguments")
+            self._in_call = False
+            self._pending = text[consumed:]
+            if call is None:
+                events += self._content(text[:consumed])
+            else:
+                events.append(call)
+
+    # llama3: {"name": ..., "parameters": ...} at the start ---------------------------------
+
+    def _json_calls(self, final: bool) -> list[Event]:
+        events: list[Event] = []
+        while self._head:
+            text = self._pending.lstrip()
+            if self.calls:
+                text = text.removeprefix(";").lstrip()
+            if not final and PYTHON_TAG.startswith(text):
+                return events  # nothing yet, or the start of the tag: wait
+            text = text.removeprefix(PYTHON_TAG).lstrip()
+            if not final and not text:
+                return events
+            end = _json_end(text) if text.startswith("{") else -1
+            if end < 0 and text.startswith("{") and not final:
+                return events  # the object is not finished yet
+            call = self._call(text[:end], "parameters") if end > 0 else None
+            if call is None:
+                self._head = False
+                if self.calls:
+                    self._pending = text
+            else:
+                events.append(call)
+                self._pending = text[end:]
+        events += self._content(self._pending)
+        self._pending = ""
+        return events
+
+    # shared ---------------------------------------------------------------------------------
+
+    def _call(self, body: str, key: str) -> ToolCall | None:
+        """A call from its JSON text, or None when it is not a valid call of a known tool."""
+        try:
+            obj = json.loads(body)
+        except json.JSONDecodeError:
+            return None
+        if not isinstance(obj, dict) or obj.get("name") not in self.names:
+            return None
+        # either key in either format: models mix them up
+        args = obj.get(key, obj.get("arguments" if key == "parameters" else "parameters"))
+        if isinstance(args, str):  # some models write the arguments as a JSON string
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError:
+                return None
+        if not isinstance(args, dict):
+            return None
+        call = ToolCall(len(self.calls), call_id(), obj["name"],
+                        json.dumps(args, ensure_ascii=False))
+        self.calls.append(call)
+        self._space = ""  # whitespace before a call is dropped
+        self._after_call = True
+        return call
+
+    def _content(self, text: str) -> list[Event]:
+        """Release content; trailing whitespace waits until more content follows it (a call
+        next drops it), and whitespace right after a call is dropped."""
+        if self._after_call:
+            text = text.lstrip()
+            if not text:
+                return []
+            self._after_call = False
+        body = text.rstrip()
+        if not body:
+            self._space += text
+            return []
+        out = self._space + body
+        self._space = text[len(body):]
+        return [ContentDelta(out)]
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `marker`."""
+    for n in range(min(len(text), len(marker) - 1), 0, -1):
+        if marker.startswith(text[-n:]):
+            return n
+    return 0
+
+
+def _json_end(text: str) -> int:
+    """Index just after the JSON object `text` starts with, or -1 while it is unfinished."""
+    depth = 0
+    in_string = escaped = False
+    for i, ch in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return -1
+
+
+def parse_output(fmt: ToolFormat, names: frozenset[str], text: str
+                 ) -> tuple[str | None, list[ToolCall]]:
+    """A whole reply: its content (None when only calls) and its calls."""
+    parser = ToolCallParser(fmt, names)
+    events = parser.push(text) + parser.finish()
+    content = "".join(e.text for e in events if isinstance(e, ContentDelta))
+    return (content or None) if parser.calls else content, parser.calls
