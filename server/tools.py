@@ -39,7 +39,7 @@ from typing import Any
 
 import llguidance
 
-from .chat import ChatTemplate, normalize_messages
+from .chat import ChatTemplate, ChatTemplateError, normalize_messages
 from .constraints import GrammarSpec, JSON_OPTIONS
 from .errors import ApiError
 
@@ -195,7 +195,8 @@ def generic_instructions(req: ToolRequest) -> str:
     because it costs context on every request (~170 tokens on the built-in model, plus the
     tools)."""
     tools = "\n".join(json.dumps({k: v for k, v in t["function"].items()
-                                  if k != "strict" and v != ""}, ensure_ascii=False)
+                                  if k != "strict" and v != ""}, ensure_ascii=False,
+                                 separators=(",", ":"))
                       for t in req.tools)
     if req.choice == "required":
         rule = "Call a tool."
@@ -244,8 +245,9 @@ def _written_as_text(chat: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _call_block(name: str, arguments: str) -> str:
     try:
         args = json.loads(arguments)
-    except json.JSONDecodeError:
-        args = arguments  # written as the client sent it; the model sees what it said
+    except json.JSONDecodeError as e:
+        raise ChatTemplateError(f"arguments of tool call {name!r} are not valid JSON: {e}"
+                                ) from e
     body = json.dumps({"name": name, "arguments": args}, ensure_ascii=False)
     return f"{OPEN}\n{body}\n{CLOSE}"
 
@@ -288,8 +290,9 @@ class ToolCallParser:
         self._pending = ""  # text not yet released
         self._in_call = False  # tagged formats: inside <tool_call>
         self._head = True  # llama3: still at the start of the reply, where calls may be
-        self._space = ""  # whitespace after released content: sent if more content follows
+        self._space = ""  # trailing whitespace of the content: sent if more content follows
         self._after_call = False  # whitespace right after a call is dropped
+        self._released = False  # some content went out
 
     def push(self, text: str) -> list[Event]:
         self._pending += text
@@ -301,9 +304,9 @@ class ToolCallParser:
         """The end of the reply: release what was held back."""
         events = (self._json_calls(final=True) if self.format is ToolFormat.LLAMA3
                   else self._tagged(final=True))
-        if self._space:
+        if self._space and not self._after_call:
             events.append(ContentDelta(self._space))
-            self._space = ""
+        self._space = ""
         return events
 
     # tagged: <tool_call> ... </tool_call> -------------------------------------------------
@@ -387,24 +390,27 @@ class ToolCallParser:
         call = ToolCall(len(self.calls), call_id(), obj["name"],
                         json.dumps(args, ensure_ascii=False))
         self.calls.append(call)
-        self._space = ""  # whitespace before a call is dropped
         self._after_call = True
         return call
 
     def _content(self, text: str) -> list[Event]:
-        """Release content; trailing whitespace waits until more content follows it (a call
-        next drops it), and whitespace right after a call is dropped."""
+        """Release content. Whitespace around calls: what precedes a call waits and goes out
+        only between two pieces of content ("A <call> B" -> "A B"), what follows one is
+        dropped."""
         if self._after_call:
             text = text.lstrip()
             if not text:
                 return []
             self._after_call = False
+            if not self._released:
+                self._space = ""
         body = text.rstrip()
         if not body:
             self._space += text
             return []
         out = self._space + body
         self._space = text[len(body):]
+        self._released = True
         return [ContentDelta(out)]
 
 

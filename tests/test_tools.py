@@ -1,0 +1,444 @@
+"""Tool calls on chat: the parser of each format (whole and streamed), rendering with real
+templates against plain jinja2 as transformers' apply_chat_template renders them, a round trip
+with the official openai SDK on the built-in model (arguments checked with jsonschema), and the
+400s of bad tool requests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jsonschema
+import pytest
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tiller.server.app import ServerConfig, create_app
+from tiller.server.chat import ChatTemplate
+from tiller.server.tools import (
+    ContentDelta,
+    ToolCall,
+    ToolCallParser,
+    ToolFormat,
+    detect_format,
+    parse_output,
+    render_messages,
+    tool_request,
+)
+
+from tests.test_server import post
+from tiller import BUILTIN_MODEL
+
+NAMES = frozenset({"get_weather", "add"})
+HERMES, LLAMA3, GENERIC = ToolFormat.HERMES, ToolFormat.LLAMA3, ToolFormat.GENERIC
+
+# NOTE: small schemas with bounded strings: the built-in model's context is 512 tokens, and its
+# vocabulary of 1024 spends about one token per 1.5 characters of the tools' JSON
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10}},
+           "required": ["city"], "additionalProperties": False}
+ADD = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                        "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+       "required": ["a", "b"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather",
+                                           "description": "Weather of a city",
+                                           "parameters": WEATHER, "strict": True}},
+         {"type": "function", "function": {"name": "add", "description": "Add two numbers",
+                                           "parameters": ADD}}]
+TIME = {"type": "object", "properties": {}, "additionalProperties": False}
+# what the built-in model is offered: two tools fit its context with a round trip
+SDK_TOOLS = [TOOLS[0], {"type": "function", "function": {"name": "get_time",
+                                                         "parameters": TIME}}]
+SCHEMAS = {"get_weather": WEATHER, "add": ADD, "get_time": TIME}
+
+
+def streamed(fmt: ToolFormat, text: str, step: int = 1) -> tuple[str, list[ToolCall]]:
+    """The text pushed `step` characters at a time: content deltas joined, and the calls."""
+    parser = ToolCallParser(fmt, NAMES)
+    events = []
+    for i in range(0, len(text), step):
+        events += parser.push(text[i:i + step])
+    events += parser.finish()
+    return "".join(e.text for e in events if isinstance(e, ContentDelta)), \
+        [e for e in events if isinstance(e, ToolCall)]
+
+
+def calls_of(calls: list[ToolCall]) -> list[tuple[str, Any]]:
+    return [(c.name, json.loads(c.arguments)) for c in calls]
+
+
+# --- parsing -------------------------------------------------------------------------------
+
+W = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+A = '{"name": "add", "arguments": {"a": 1, "b": 2}}'
+PARIS = ("get_weather", {"city": "Paris"})
+ONE_TWO = ("add", {"a": 1, "b": 2})
+
+TAGGED_CASES = [
+    # (output, content, calls)
+    (f"<tool_call>\n{W}\n</tool_call>", None, [PARIS]),
+    (f"Let me look.\n<tool_call>\n{W}\n</tool_call>", "Let me look.", [PARIS]),
+    (f"<tool_call>\n{W}\n</tool_call>\n<tool_call>\n{A}\n</tool_call>", None, [PARIS, ONE_TWO]),
+    (f"A <tool_call>{W}</tool_call> and <tool_call>{A}</tool_call> done.",
+     "A and done.", [PARIS, ONE_TWO]),
+    ("\n<tool_call>" + A + "</tool_call>\n\nNow.\n", "Now.\n", [ONE_TWO]),
+    # no closing tag at the end of the reply: the call is complete, so it counts
+    (f"<tool_call>\n{W}\n", None, [PARIS]),
+    # arguments as a JSON string, and "parameters" for "arguments": models do both
+    ('<tool_call>{"name": "add", "arguments": "{\\"a\\": 1, \\"b\\": 2}"}</tool_call>', None,
+     [ONE_TWO]),
+    ('<tool_call>{"name": "add", "parameters": {"a": 1, "b": 2}}</tool_call>', None, [ONE_TWO]),
+    # malformed: stays content, whole
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": }\n</tool_call>',
+     '<tool_call>\n{"name": "get_weather", "arguments": {"city": }\n</tool_call>', []),
+    ('<tool_call>{"name": "launch", "arguments": {}}</tool_call>',
+     '<tool_call>{"name": "launch", "arguments": {}}</tool_call>', []),
+    ('<tool_call>{"name": "add"}</tool_call>', '<tool_call>{"name": "add"}</tool_call>', []),
+    ('<tool_call>{"name": "add", "arguments": [1, 2]}</tool_call>',
+     '<tool_call>{"name": "add", "arguments": [1, 2]}</tool_call>', []),
+    (f"<tool_call>\n{W[:-9]}", f"<tool_call>\n{W[:-9]}", []),  # cut off (max_tokens)
+    # a malformed call before a good one: each judged alone
+    (f"<tool_call>oops</tool_call><tool_call>{A}</tool_call>", "<tool_call>oops</tool_call>",
+     [ONE_TWO]),
+    # text that only looks like the start of a marker
+    ("a < b and <tool_ x", "a < b and <tool_ x", []),
+    ("Hello!\n", "Hello!\n", []),
+    ("", "", []),
+]
+
+
+@pytest.mark.parametrize("fmt", [HERMES, GENERIC])
+@pytest.mark.parametrize(("text", "content", "calls"), TAGGED_CASES)
+def test_parse_tagged(fmt: ToolFormat, text: str, content: str | None, calls: list) -> None:
+    got_content, got_calls = parse_output(fmt, NAMES, text)
+    assert (got_content, calls_of(got_calls)) == (content, calls)
+    for step in (1, 3, 7):  # streamed in pieces: the same content and calls
+        text_streamed, calls_streamed = streamed(fmt, text, step)
+        assert text_streamed == (content or "")
+        assert calls_of(calls_streamed) == calls
+    assert [c.index for c in got_calls] == list(range(len(calls)))
+    for call in got_calls:
+        assert call.id.startswith("call_") and len(call.id) == 29
+    assert len({c.id for c in got_calls}) == len(got_calls)
+
+
+LLAMA_CASES = [
+    ('{"name": "get_weather", "parameters": {"city": "Paris"}}', None, [PARIS]),
+    ('<|python_tag|>{"name": "add", "parameters": {"a": 1, "b": 2}}', None, [ONE_TWO]),
+    ('\n {"type": "function", "name": "add", "parameters": {"a": 1, "b": 2}}', None, [ONE_TWO]),
+    ('{"name": "add", "parameters": {"a": 1, "b": 2}}; {"name": "get_weather", "parameters": '
+     '{"city": "Paris"}}', None, [ONE_TWO, PARIS]),
+    ('{"name": "add", "parameters": {"a": 1, "b": 2}}\nThat adds them.', "That adds them.",
+     [ONE_TWO]),
+    # a call only at the start of the reply (as llama.cpp's trigger): later JSON is content
+    ('Sure: {"name": "add", "parameters": {"a": 1, "b": 2}}',
+     'Sure: {"name": "add", "parameters": {"a": 1, "b": 2}}', []),
+    ('{"answer": 42}', '{"answer": 42}', []),
+    ('{"name": "add", "parameters": {"a": 1', '{"name": "add", "parameters": {"a": 1', []),
+    ('{"name": "nope", "parameters": {}}', '{"name": "nope", "parameters": {}}', []),
+    ("<|python", "<|python", []),
+    ("Just text.", "Just text.", []),
+]
+
+
+@pytest.mark.parametrize(("text", "content", "calls"), LLAMA_CASES)
+def test_parse_llama3(text: str, content: str | None, calls: list) -> None:
+    got_content, got_calls = parse_output(LLAMA3, NAMES, text)
+    assert (got_content, calls_of(got_calls)) == (content, calls)
+    for step in (1, 4):
+        text_streamed, calls_streamed = streamed(LLAMA3, text, step)
+        assert text_streamed == (content or "")
+        assert calls_of(calls_streamed) == calls
+
+
+def test_marker_prefixes_are_held_back_and_content_streams() -> None:
+    parser = ToolCallParser(HERMES, NAMES)
+    assert parser.push("It is") == [ContentDelta("It is")]
+    assert parser.push(" sunny <tool") == [ContentDelta(" sunny")]  # " <tool" may be a call
+    assert parser.push("s>") == [ContentDelta(" <tools>")]  # it was not
+    assert parser.push("\n<tool_call>\n" + A[:10]) == []  # whitespace, then a call: held
+    events = parser.push(A[10:] + "\n</tool_call>")
+    assert [type(e) for e in events] == [ToolCall]  # the newline before the call is dropped
+    assert parser.finish() == []
+
+
+# --- rendering against plain jinja2 --------------------------------------------------------
+
+def hf_render(source: str, messages: list[dict], tools: list[dict] | None, **special: str) -> str:
+    """What transformers' apply_chat_template renders: its sandbox, flags, filter and globals
+    (transformers/utils/chat_template_utils.py), the messages and tools as given."""
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
+               sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(source).render(messages=messages, tools=tools,
+                                          add_generation_prompt=True, **special)
+
+
+# the conversation as an OpenAI client sends it, and as transformers users write it
+OPENAI_CHAT = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [{
+        "id": "call_abc", "type": "function",
+        "function": {"name": "get_weather",
+                     "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "call_abc",
+     "content": [{"type": "text", "text": "18 degrees, sunny"}]},
+]
+HF_CHAT = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [{
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+    {"role": "tool", "content": "18 degrees, sunny"},
+]
+HF_TOOLS = [{"type": "function", "function": {k: v for k, v in t["function"].items()
+                                              if k != "strict"}} for t in TOOLS]
+TEMPLATES = {"qwen2.5": ("Qwen-Qwen2.5-7B-Instruct.jinja", "", "<|im_end|>", HERMES),
+             "llama3.1": ("meta-llama-Llama-3.1-8B-Instruct.jinja", "<|begin_of_text|>",
+                          "<|eot_id|>", LLAMA3),
+             "gemma2": ("google-gemma-2-2b-it.jinja", "<bos>", "<eos>", GENERIC),
+             "mistral-nemo": ("mistralai-Mistral-Nemo-Instruct-2407.jinja", "<s>", "</s>",
+                              GENERIC)}
+
+
+@pytest.fixture(scope="module")
+def template_dir(shared_models: Path) -> Path:
+    directory = shared_models / "chat-templates"
+    if not directory.is_dir():
+        pytest.skip(f"chat templates not found at {directory}")
+    return directory
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_format_detection(template_dir: Path, name: str) -> None:
+    file, bos, eos, fmt = TEMPLATES[name]
+    assert detect_format(ChatTemplate((template_dir / file).read_text(), bos, eos)) is fmt
+
+
+@pytest.mark.parametrize("name", ["qwen2.5", "llama3.1"])
+def test_rendering_matches_transformers(template_dir: Path, name: str) -> None:
+    file, bos, eos, _ = TEMPLATES[name]
+    source = (template_dir / file).read_text()
+    template = ChatTemplate(source, bos, eos)
+    req = tool_request(TOOLS, "auto", True, template)
+    ours = render_messages(template, OPENAI_CHAT, req, True, {})
+    assert ours == hf_render(source, HF_CHAT, HF_TOOLS, bos_token=bos, eos_token=eos)
+    # the tools (their schemas), the call and its result are all in the prompt
+    assert '"maxLength": 10' in ours and "Add two numbers" in ours
+    assert "18 degrees, sunny" in ours
+    assert '"city": "Paris"' in ours
+
+
+def test_generic_format_writes_tools_calls_and_results_as_text() -> None:
+    chatml = ChatTemplate.for_model(None, "<s>", "</s>")
+    assert detect_format(chatml) is GENERIC
+    req = tool_request(TOOLS, "required", False, chatml)
+    chat = [{"role": "system", "content": "Be brief."}, *OPENAI_CHAT,
+            {"role": "tool", "tool_call_id": "call_abc", "content": "wind 5 km/h"}]
+    prompt = render_messages(chatml, chat, req, True, {})
+    system = prompt[:prompt.index("<|im_end|>")]
+    assert system.startswith("<|im_start|>system\nBe brief.\n\nTools:\n<tools>\n")
+    for tool in TOOLS:  # each tool's name, description and schema, as JSON
+        fn = tool["function"]
+        line = json.dumps({"name": fn["name"], "description": fn["description"],
+                           "parameters": fn["parameters"]}, separators=(",", ":"))
+        assert line in system
+    assert "Call a tool." in system and "one call at a time" in system
+    assert prompt.endswith(
+        "<|im_start|>user\nWeather in Paris?<|im_end|>\n"
+        "<|im_start|>assistant\n<tool_call>\n"
+        '{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+        "</tool_call><|im_end|>\n"
+        "<|im_start|>user\n<tool_response>\n18 degrees, sunny\n</tool_response>\n"
+        "<tool_response>\nwind 5 km/h\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\n")
+    # tool_choice "none": the tools are not offered, the history still reads as text
+    none = render_messages(chatml, OPENAI_CHAT, tool_request(TOOLS, "none", True, chatml),
+                           True, {})
+    assert "<tools>" not in none and "<tool_response>" in none
+
+
+# --- through the openai SDK on the built-in model ----------------------------------------
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> ServerConfig:
+    return ServerConfig(model_path=BUILTIN_MODEL, parallel=4, token_budget=64,
+                        steering_dir=tmp_path_factory.mktemp("steering"))
+
+
+@pytest.fixture
+async def sdk(aiohttp_server, config, model):
+    openai = pytest.importorskip("openai")
+    server = await aiohttp_server(create_app(config, model=model))
+    return openai.AsyncOpenAI(base_url=f"http://{server.host}:{server.port}/v1",
+                              api_key="unused", max_retries=0)
+
+
+QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def check_calls(calls: list[dict], names: set[str]) -> None:
+    assert calls
+    for call in calls:
+        assert call["type"] == "function" and call["id"].startswith("call_")
+        assert call["function"]["name"] in names
+        jsonschema.validate(json.loads(call["function"]["arguments"]),
+                            SCHEMAS[call["function"]["name"]])
+
+
+async def accumulate(stream) -> tuple[str | None, list[dict], str | None]:
+    """A streamed reply put together as OpenAI's docs show: content joined, tool-call deltas
+    merged by index (id, type and name from the first, arguments appended)."""
+    content: str | None = None
+    calls: dict[int, dict] = {}
+    finish = None
+    async for chunk in stream:
+        for choice in chunk.choices:
+            delta = choice.delta
+            if delta.content:
+                content = (content or "") + delta.content
+            for tc in delta.tool_calls or []:
+                call = calls.setdefault(tc.index, {"id": None, "type": None, "function": {
+                    "name": "", "arguments": ""}})
+                call["id"] = tc.id or call["id"]
+                call["type"] = tc.type or call["type"]
+                if tc.function and tc.function.name:
+                    call["function"]["name"] += tc.function.name
+                if tc.function and tc.function.arguments:
+                    call["function"]["arguments"] += tc.function.arguments
+            finish = choice.finish_reason or finish
+    return content, [calls[i] for i in sorted(calls)], finish
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("choice", ["required", "named"])
+async def test_sdk_round_trip(sdk, stream: bool, choice: str) -> None:
+    tool_choice: Any = "required" if choice == "required" else {
+        "type": "function", "function": {"name": "get_weather"}}
+    answers: list[str] = []
+    for seed in range(3):
+        # NOTE: one call, so that the round trip fits the built-in model's context
+        args = {"model": "any", "tools": SDK_TOOLS, "seed": seed}
+        first = {"tool_choice": tool_choice, "parallel_tool_calls": False}
+        if stream:
+            content, calls, finish = await accumulate(await sdk.chat.completions.create(
+                messages=QUESTION, stream=True, **first, **args))
+        else:
+            reply = await sdk.chat.completions.create(messages=QUESTION, **first, **args)
+            message = reply.choices[0].message
+            content, finish = message.content, reply.choices[0].finish_reason
+            calls = [c.model_dump() for c in message.tool_calls or []]
+        assert finish == "tool_calls" and content is None and len(calls) == 1
+        check_calls(calls, {"get_weather"} if choice == "named" else set(SCHEMAS))
+        # the call and its result go back; the model answers
+        history = [*QUESTION, {"role": "assistant", "content": None, "tool_calls": calls},
+                   *({"role": "tool", "tool_call_id": c["id"], "content": "18 degrees"}
+                     for c in calls)]
+        if stream:
+            content, calls, finish = await accumulate(await sdk.chat.completions.create(
+                messages=history, stream=True, **args))
+        else:
+            reply = await sdk.chat.completions.create(messages=history, **args)
+            message = reply.choices[0].message
+            content, finish = message.content, reply.choices[0].finish_reason
+            calls = [c.model_dump() for c in message.tool_calls or []]
+        assert finish in ("stop", "length", "tool_calls")
+        if finish == "tool_calls":
+            check_calls(calls, set(SCHEMAS))  # auto: a call again, or an answer
+        else:
+            assert not calls
+            answers.append(content or "")
+    assert any(answers), answers  # the tiny model sometimes ends at once, not every time
+
+
+async def test_streamed_and_whole_agree_and_parallel_calls_validate(sdk) -> None:
+    for seed in range(4):
+        args = {"model": "any", "messages": QUESTION, "tools": SDK_TOOLS, "seed": seed,
+                "tool_choice": "required", "temperature": 1.5}
+        reply = await sdk.chat.completions.create(**args)
+        content, calls, finish = await accumulate(
+            await sdk.chat.completions.create(stream=True, **args))
+        whole = [c.model_dump() for c in reply.choices[0].message.tool_calls or []]
+        assert [c["function"] for c in calls] == [c["function"] for c in whole]
+        assert finish == reply.choices[0].finish_reason
+        if finish == "tool_calls":
+            check_calls(whole, set(SCHEMAS))
+
+
+async def test_auto_and_none_on_the_built_in_model(client) -> None:
+    # auto: the tiny model writes what it writes; the reply is well formed either way
+    for choice in ("auto", "none"):
+        reply = await post(client, "/v1/chat/completions", {
+            "messages": QUESTION, "tools": SDK_TOOLS, "tool_choice": choice, "seed": 3,
+            "max_tokens": 40})
+        message = reply["choices"][0]["message"]
+        if reply["choices"][0]["finish_reason"] == "tool_calls":
+            check_calls(message["tool_calls"], set(SCHEMAS))
+        else:
+            assert isinstance(message["content"], str) and "tool_calls" not in message
+    # "none" without a tools list is the plain chat
+    plain = await post(client, "/v1/chat/completions", {"messages": QUESTION, "seed": 3,
+                                                        "max_tokens": 20})
+    none = await post(client, "/v1/chat/completions", {"messages": QUESTION, "seed": 3,
+                                                       "max_tokens": 20, "tool_choice": "none"})
+    assert none["choices"][0]["message"] == plain["choices"][0]["message"]
+
+
+async def test_apply_template_offers_the_tools(client) -> None:
+    prompt = (await post(client, "/apply-template", {
+        "messages": OPENAI_CHAT, "tools": TOOLS}))["prompt"]
+    assert "<tools>" in prompt and "<tool_response>\n18 degrees, sunny" in prompt
+
+
+# --- bad requests --------------------------------------------------------------------------
+
+BAD = [
+    ("/v1/chat/completions", {"tools": TOOLS, "tool_choice": {
+        "type": "function", "function": {"name": "launch"}}}, "tool_choice", "no tool named"),
+    ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice", "no `tools`"),
+    ("/v1/chat/completions", {"tool_choice": "sometimes", "tools": TOOLS}, "tool_choice", ""),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": 5}}}]}, "tools",
+     "properties must be an object"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "string"}}}]}, "tools", "schema of an object"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {
+            "x": {"type": "array", "uniqueItems": True}}}}}]}, "tools", "uniqueItems"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {
+        "name": "bad name!"}}]}, "tools", "pattern"),
+    ("/v1/chat/completions", {"tools": [{"type": "retrieval"}]}, "tools", ""),
+    ("/v1/chat/completions", {"tools": [TOOLS[0], TOOLS[0]]}, "tools", "given twice"),
+    ("/v1/chat/completions", {"tools": TOOLS, "tool_choice": "required",
+                              "response_format": {"type": "json_object"}}, "tool_choice",
+     "response_format"),
+    ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions", "not supported"),
+    ("/v1/chat/completions", {"repeat_penalty": 1.2, "repetition_penalty": 1.1},
+     "repeat_penalty", "give one of them"),
+    ("/v1/chat/completions", {"messages": [
+        {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {
+            "name": "add", "arguments": "{oops"}}]}], "tools": TOOLS}, "messages",
+     "not valid JSON"),
+    ("/v1/completions", {"prompt": "hi", "tools": TOOLS}, "tools", "/v1/chat/completions"),
+    ("/v1/completions", {"prompt": "hi", "tool_choice": "auto"}, "tool_choice",
+     "/v1/chat/completions"),
+    ("/completion", {"prompt": "hi", "tools": TOOLS}, "tools", "/v1/chat/completions"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "param", "message"), BAD)
+async def test_bad_tool_requests(client, path: str, body: dict, param: str,
+                                 message: str) -> None:
+    if path == "/v1/chat/completions":
+        body = {"messages": QUESTION, **body}
+    error = (await post(client, path, body, status=400))["error"]
+    assert error["param"] == param, error
+    assert message in error["message"]
