@@ -262,7 +262,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     async for i, event in merged(generations, sse):
         if isinstance(event, Piece | Outcome):
             deltas = choices[i].add(event) if isinstance(event, Piece) else choices[i].finish()
-            for delta, entries in deltas if sse else ():
+            for delta, entries in deltas:
+                if sse is None:
+                    break
                 chunk = {**chunk_head, "choices": [{
                     "index": i, "delta": delta,
                     "logprobs": {"content": entries} if body.logprobs else None,

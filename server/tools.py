@@ -40,7 +40,7 @@ from typing import Any
 import llguidance
 
 from .chat import ChatTemplate, ChatTemplateError, normalize_messages
-from .constraints import GrammarSpec, JSON_OPTIONS
+from .constraints import JSON_OPTIONS, GrammarSpec
 from .errors import ApiError
 
 __all__ = ["ContentDelta", "ToolCall", "ToolCallParser", "ToolFormat", "ToolRequest",
