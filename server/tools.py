@@ -132,8 +132,11 @@ def _check_schema(parameters: Any, index: int) -> None:
     if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
         raise ApiError(400, f"{where}: must be a JSON schema of an object",
                        param="tools", code="invalid_tool_schema")
-    grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(parameters))
-    error = llguidance.LLMatcher.validate_grammar(grammar)
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(parameters))
+        error = llguidance.LLMatcher.validate_grammar(grammar)
+    except ValueError as e:
+        error = str(e)
     if error and not error.startswith("WARNING"):
         raise ApiError(400, f"{where}: {error}", param="tools", code="invalid_tool_schema")
 
@@ -163,12 +166,12 @@ def tool_grammar(req: ToolRequest) -> GrammarSpec | None:
         # NOTE: one call: Llama 3.1's template refuses to render several back
         body = json.dumps(_call_schema(req, "parameters"))
         return GrammarSpec(llguidance.LLMatcher.grammar_from_lark(
-            f"%llguidance {{}}\nstart: %json {body}\n"), "tool_choice")
+            f"%llguidance {{}}\nstart: %json {body}\n"), "tools")
     body = json.dumps(_call_schema(req, "arguments"))
     repeat = ' ("\\n" call)*' if req.parallel else ""
     lark = (f"%llguidance {{}}\nstart: call{repeat}\n"
             f'call: "{OPEN}\\n" %json {body} "\\n{CLOSE}"\n')
-    return GrammarSpec(llguidance.LLMatcher.grammar_from_lark(lark), "tool_choice")
+    return GrammarSpec(llguidance.LLMatcher.grammar_from_lark(lark), "tools")
 
 
 # --- the prompt ----------------------------------------------------------------------------

@@ -20,9 +20,11 @@ from tiller.server.tools import (
     ToolCall,
     ToolCallParser,
     ToolFormat,
+    ToolRequest,
     detect_format,
     parse_output,
     render_messages,
+    tool_grammar,
     tool_request,
 )
 
@@ -161,6 +163,50 @@ def test_marker_prefixes_are_held_back_and_content_streams() -> None:
     assert parser.finish() == []
 
 
+# --- forced-call grammars ------------------------------------------------------------------
+
+def accepts(model, grammar, text: str) -> bool:
+    """Whether the grammar's matcher takes `text` (as the built-in model's tokens) and may end
+    there."""
+    from tiller.server.constraints import Vocabulary
+    matcher = Vocabulary(model.tokenizer, model.engine.config.vocab_size).constraint(grammar)
+    assert matcher is not None
+    tokens = model.tokenizer.encode_continuation(text)
+    return all(matcher.matcher.consume_token(t) for t in tokens) \
+        and matcher.matcher.is_accepting()
+
+
+@pytest.mark.parametrize("fmt", [HERMES, GENERIC, LLAMA3])
+def test_forced_grammars_take_exactly_the_calls_the_parser_reads(model, fmt: ToolFormat) -> None:
+    def grammar(choice: str, parallel: bool):
+        req = ToolRequest(TOOLS, choice, parallel, fmt, frozenset(SCHEMAS) - {"get_time"})
+        spec = tool_grammar(req)
+        assert spec is not None
+        return spec
+
+    key = "parameters" if fmt is LLAMA3 else "arguments"
+    paris = f'{{"name": "get_weather", "{key}": {{"city": "Paris"}}}}'
+    add = f'{{"name": "add", "{key}": {{"a": 1, "b": 2}}}}'
+    if fmt is LLAMA3:
+        one, two = paris, f"{paris}; {add}"
+    else:
+        one = f"<tool_call>\n{paris}\n</tool_call>"
+        two = f"{one}\n<tool_call>\n{add}\n</tool_call>"
+    for text, calls in ((one, [PARIS]), (two, [PARIS, ONE_TWO])):
+        assert calls_of(parse_output(fmt, NAMES, text)[1]) == calls
+    assert accepts(model, grammar("required", True), one)
+    assert accepts(model, grammar("get_weather", False), one)
+    assert not accepts(model, grammar("add", True), one)  # named: only that tool
+    # several calls only with parallel_tool_calls, and never in Llama 3's format
+    assert accepts(model, grammar("required", True), two) is (fmt is not LLAMA3)
+    assert not accepts(model, grammar("required", False), two)
+    # arguments held to the schema (maxLength 10; no extra keys), text around refused
+    assert not accepts(model, grammar("required", True), one.replace("Paris", "Paris" * 3))
+    assert not accepts(model, grammar("required", True),
+                       one.replace('"Paris"', '"Paris", "x": 1'))
+    assert not accepts(model, grammar("required", True), "Sure. " + one)
+
+
 # --- rendering against plain jinja2 --------------------------------------------------------
 
 def hf_render(source: str, messages: list[dict], tools: list[dict] | None, **special: str) -> str:
@@ -235,6 +281,20 @@ def test_rendering_matches_transformers(template_dir: Path, name: str) -> None:
     assert '"maxLength": 10' in ours and "Add two numbers" in ours
     assert "18 degrees, sunny" in ours
     assert '"city": "Paris"' in ours
+
+
+@pytest.mark.parametrize("name", ["gemma2", "mistral-nemo"])
+def test_generic_format_on_templates_with_other_conventions(template_dir: Path,
+                                                             name: str) -> None:
+    # Gemma has no system role and refuses the tool role; Mistral wants alternating turns and
+    # 9-character call ids: written as text, the conversation renders on both
+    file, bos, eos, _ = TEMPLATES[name]
+    template = ChatTemplate((template_dir / file).read_text(), bos, eos)
+    prompt = render_messages(template, OPENAI_CHAT, tool_request(TOOLS, "auto", True, template),
+                             True, {})
+    assert "<tools>" in prompt and "Weather in Paris?" in prompt
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}' in prompt
+    assert "<tool_response>\n18 degrees, sunny\n</tool_response>" in prompt
 
 
 def test_generic_format_writes_tools_calls_and_results_as_text() -> None:
@@ -390,6 +450,18 @@ async def test_auto_and_none_on_the_built_in_model(client) -> None:
     none = await post(client, "/v1/chat/completions", {"messages": QUESTION, "seed": 3,
                                                        "max_tokens": 20, "tool_choice": "none"})
     assert none["choices"][0]["message"] == plain["choices"][0]["message"]
+
+
+async def test_response_format_wins_over_auto_tools(client) -> None:
+    # the reply is the response the format asks for: never parsed as a call
+    schema = {"type": "object", "properties": {"name": {"const": "add"}, "arguments": ADD},
+              "required": ["name", "arguments"], "additionalProperties": False}
+    reply = await post(client, "/v1/chat/completions", {
+        "messages": QUESTION, "tools": SDK_TOOLS[:1], "seed": 1, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "call", "schema": schema}}})
+    choice = reply["choices"][0]
+    assert choice["finish_reason"] == "stop" and "tool_calls" not in choice["message"]
+    jsonschema.validate(json.loads(choice["message"]["content"]), schema)
 
 
 async def test_apply_template_offers_the_tools(client) -> None:
