@@ -29,7 +29,7 @@ from .protocol import (
 from .runner import PromptLogprobs
 from .state import STATE, TOKENS, Model
 from .steering_service import request_steering
-from .tools import ContentDelta, ToolCall, ToolCallParser, ToolRequest
+from .tools import ArgumentsDelta, CallStart, ContentDelta, Event, ToolCallParser, ToolRequest
 
 
 def _usage(prompt: int, completion: int) -> dict:
@@ -180,14 +180,14 @@ class _ChatChoice:
 
     With tools, the text goes through the tool-call parser (server/tools.py): content deltas
     come out as content, each complete call as two deltas, as OpenAI streams them (index, id,
-    type and name first, then the arguments)."""
+    type and name first, then fragments of the arguments)."""
 
     def __init__(self, model: Model, logprobs: bool, tools: ToolRequest | None = None) -> None:
         self.model = model
         self.logprobs = logprobs
         self.text = ""
-        self.calls: list[ToolCall] = []
-        self.parser = None if tools is None else ToolCallParser(tools.format, tools.names)
+        self.parser = None if tools is None else ToolCallParser(
+            tools.format, tools.names, stream_arguments=tools.forced)
         self.entries: list[dict] = []
         self.pending: list[dict] = []
 
@@ -206,28 +206,29 @@ class _ChatChoice:
         return [] if self.parser is None else self._deltas(self.parser.finish())
 
     def finish_reason(self, outcome: Outcome) -> str:
-        return "tool_calls" if self.calls and outcome.finish_reason == "stop" \
+        calls = self.parser is not None and self.parser.calls
+        return "tool_calls" if calls and outcome.finish_reason == "stop" \
             else outcome.finish_reason
 
     def message(self) -> dict:
-        if not self.calls:
+        if self.parser is None or not self.parser.calls:
             return {"role": "assistant", "content": self.text}
         return {"role": "assistant", "content": self.text or None,
-                "tool_calls": [c.as_openai() for c in self.calls]}
+                "tool_calls": [c.as_openai() for c in self.parser.calls]}
 
-    def _deltas(self, events: list[ContentDelta | ToolCall]) -> list[tuple[dict, list[dict]]]:
+    def _deltas(self, events: list[Event]) -> list[tuple[dict, list[dict]]]:
         out: list[tuple[dict, list[dict]]] = []
         for event in events:
             if isinstance(event, ContentDelta):
                 self.text += event.text
                 out.append(({"content": event.text}, []))
-            else:
-                self.calls.append(event)
+            elif isinstance(event, CallStart):
                 out.append(({"tool_calls": [{
                     "index": event.index, "id": event.id, "type": "function",
                     "function": {"name": event.name, "arguments": ""}}]}, []))
+            elif isinstance(event, ArgumentsDelta):
                 out.append(({"tool_calls": [{
-                    "index": event.index, "function": {"arguments": event.arguments}}]}, []))
+                    "index": event.index, "function": {"arguments": event.text}}]}, []))
         if out:
             entries, self.pending = self.pending, []
             self.entries += entries

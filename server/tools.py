@@ -23,14 +23,17 @@ an unknown name, no `arguments` object) stays content; "none" offers the tools (
 formats) and parses nothing.
 
 The parser is incremental, for streaming, and the non-streamed reply is what it gives for the
-whole text, so both agree. A call is released once its text is complete and valid (the closing
-tag, or the JSON object's end), as one event; text that might still become a call marker is
-held back. Whitespace next to a call is dropped.
+whole text, so both agree. Text that might still become a call marker is held back. Under
+"auto" a call is released once its text is complete and valid (the closing tag, or the JSON
+object's end), since a malformed one must stay content; a forced call, valid by construction,
+starts as soon as its head (`{"name": "...", "arguments": {`) is written and its arguments
+stream as they are generated, as OpenAI's do. Whitespace next to a call is dropped.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import string
 from dataclasses import dataclass, field
@@ -43,8 +46,9 @@ from .chat import ChatTemplate, ChatTemplateError, normalize_messages
 from .constraints import JSON_OPTIONS, GrammarSpec
 from .errors import ApiError
 
-__all__ = ["ContentDelta", "ToolCall", "ToolCallParser", "ToolFormat", "ToolRequest",
-           "detect_format", "parse_output", "tool_request"]
+__all__ = ["ArgumentsDelta", "CallStart", "ContentDelta", "ToolCall", "ToolCallParser",
+           "ToolFormat", "ToolRequest", "detect_format", "parse_output", "render_messages",
+           "tool_grammar", "tool_request"]
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
@@ -264,6 +268,23 @@ class ContentDelta:
 
 
 @dataclass(frozen=True)
+class CallStart:
+    """A call begins: its index in the reply, id and tool name."""
+
+    index: int
+    id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class ArgumentsDelta:
+    """More of the arguments' JSON text of call `index`."""
+
+    index: int
+    text: str
+
+
+@dataclass
 class ToolCall:
     index: int
     id: str
@@ -275,7 +296,12 @@ class ToolCall:
                 "function": {"name": self.name, "arguments": self.arguments}}
 
 
-Event = ContentDelta | ToolCall
+Event = ContentDelta | CallStart | ArgumentsDelta
+
+# the head of a call written name first, up to the `{` of its arguments (which the lookahead
+# requires, so that a head is taken only once its arguments are known to be an object)
+_HEAD = {key: re.compile(rf'\s*\{{\s*"name"\s*:\s*"([A-Za-z0-9_-]+)"\s*,\s*"{key}"\s*:\s*(?=\{{)')
+         for key in ("arguments", "parameters")}
 
 
 def call_id() -> str:
@@ -284,14 +310,27 @@ def call_id() -> str:
 
 
 class ToolCallParser:
-    """Generated text in (push, then finish), content and complete calls out."""
+    """Generated text in (push, then finish), content and calls out; `calls` holds the calls
+    so far, each with the arguments sent for it.
 
-    def __init__(self, fmt: ToolFormat, names: frozenset[str]) -> None:
+    `stream_arguments` (for forced calls, whose text the grammar makes valid): a call starts as
+    soon as its head (`{"name": "...", "arguments": `) is complete, and its arguments follow as
+    they are written; a call cut short (max_tokens) then keeps the arguments it has, as OpenAI's
+    do. Otherwise (auto) a call is released only once its whole text is known to be valid, so
+    that a malformed one can stay content.
+    """
+
+    def __init__(self, fmt: ToolFormat, names: frozenset[str],
+                 stream_arguments: bool = False) -> None:
         self.format = fmt
         self.names = names
+        self.stream_arguments = stream_arguments
         self.calls: list[ToolCall] = []
+        self._key = "parameters" if fmt is ToolFormat.LLAMA3 else "arguments"
         self._pending = ""  # text not yet released
         self._in_call = False  # tagged formats: inside <tool_call>
+        self._open: ToolCall | None = None  # a call whose arguments are streaming
+        self._args_at = 0  # where the open call's arguments start in _pending
         self._head = True  # llama3: still at the start of the reply, where calls may be
         self._space = ""  # trailing whitespace of the content: sent if more content follows
         self._after_call = False  # whitespace right after a call is dropped
@@ -329,25 +368,46 @@ class ToolCallParser:
                 self._pending = text[start:]
                 self._in_call = True
                 continue
+            if self._open is not None or self._start_streaming(len(OPEN), events):
+                end = self._stream_arguments(events, final)
+                if end < 0:
+                    return events
+                close = text.find(CLOSE, end)
+                if close < 0 and not final:
+                    return events
+                self._close_open()
+                self._in_call = False
+                self._pending = text[len(text) if close < 0 else close + len(CLOSE):]
+                continue
             end = text.find(CLOSE)
             if end < 0 and not final:
                 return events
             # NOTE: a reply that ends inside a call without its closing tag still counts if the
             # call is complete (llama.cpp's parser accepts it too)
             consumed = len(text) if end < 0 else end + len(CLOSE)
-            call = self._call(text[len(OPEN):end if end >= 0 else len(text)], "arguments")
+            call = self._whole_call(text[len(OPEN):end if end >= 0 else len(text)])
             self._in_call = False
             self._pending = text[consumed:]
-            if call is None:
-                events += self._content(text[:consumed])
-            else:
-                events.append(call)
+            events += self._content(text[:consumed]) if call is None else call
 
     # llama3: {"name": ..., "parameters": ...} at the start ---------------------------------
 
     def _json_calls(self, final: bool) -> list[Event]:
         events: list[Event] = []
         while self._head:
+            if self._open is not None:
+                end = self._stream_arguments(events, final)
+                if end < 0:
+                    if final:
+                        self._close_open()
+                        self._head, self._pending = False, ""
+                    return events
+                rest = self._pending[end:].lstrip()
+                if not rest and not final:
+                    return events  # the call's closing brace is still to come
+                self._close_open()
+                self._pending = rest.removeprefix("}")
+                continue
             text = self._pending.lstrip()
             if self.calls:
                 text = text.removeprefix(";").lstrip()
@@ -356,25 +416,68 @@ class ToolCallParser:
             text = text.removeprefix(PYTHON_TAG).lstrip()
             if not final and not text:
                 return events
+            if text.startswith("{") and self.stream_arguments:
+                saved, self._pending = self._pending, text
+                if self._start_streaming(0, events):
+                    continue
+                self._pending = saved
             end = _json_end(text) if text.startswith("{") else -1
             if end < 0 and text.startswith("{") and not final:
                 return events  # the object is not finished yet
-            call = self._call(text[:end], "parameters") if end > 0 else None
+            call = self._whole_call(text[:end]) if end > 0 else None
             if call is None:
                 self._head = False
                 if self.calls:
                     self._pending = text
             else:
-                events.append(call)
+                events += call
                 self._pending = text[end:]
         events += self._content(self._pending)
         self._pending = ""
         return events
 
-    # shared ---------------------------------------------------------------------------------
+    # calls ----------------------------------------------------------------------------------
 
-    def _call(self, body: str, key: str) -> ToolCall | None:
-        """A call from its JSON text, or None when it is not a valid call of a known tool."""
+    def _new_call(self, name: str, arguments: str) -> ToolCall:
+        call = ToolCall(len(self.calls), call_id(), name, arguments)
+        self.calls.append(call)
+        return call
+
+    def _start_streaming(self, at: int, events: list[Event]) -> bool:
+        """With stream_arguments: open a call if its head is complete at `at` in _pending."""
+        if not self.stream_arguments:
+            return False
+        head = _HEAD[self._key].match(self._pending, at)
+        if head is None or head.group(1) not in self.names:
+            return False
+        self._open = self._new_call(head.group(1), "")
+        self._args_at = head.end()
+        events.append(CallStart(self._open.index, self._open.id, self._open.name))
+        return True
+
+    def _stream_arguments(self, events: list[Event], final: bool) -> int:
+        """Send the open call's new argument text; returns where its arguments end in
+        _pending, or -1 while they go on (at the end of the reply: what there is)."""
+        call = self._open
+        assert call is not None
+        args = self._pending[self._args_at:]
+        end = _json_end(args)
+        upto = len(args) if end < 0 else end
+        if upto > len(call.arguments):
+            events.append(ArgumentsDelta(call.index, args[len(call.arguments):upto]))
+            call.arguments = args[:upto]
+        if end < 0 and final:
+            self._close_open()
+            self._in_call, self._pending = False, ""
+        return -1 if end < 0 else self._args_at + end
+
+    def _close_open(self) -> None:
+        self._open = None
+        self._after_call = True
+
+    def _whole_call(self, body: str) -> list[Event] | None:
+        """A complete call's events from its JSON text, or None when it is not a valid call
+        of a known tool."""
         try:
             obj = json.loads(body)
         except json.JSONDecodeError:
@@ -382,7 +485,8 @@ class ToolCallParser:
         if not isinstance(obj, dict) or obj.get("name") not in self.names:
             return None
         # either key in either format: models mix them up
-        args = obj.get(key, obj.get("arguments" if key == "parameters" else "parameters"))
+        args = obj.get(self._key, obj.get("parameters" if self._key == "arguments"
+                                          else "arguments"))
         if isinstance(args, str):  # some models write the arguments as a JSON string
             try:
                 args = json.loads(args)
@@ -390,11 +494,12 @@ class ToolCallParser:
                 return None
         if not isinstance(args, dict):
             return None
-        call = ToolCall(len(self.calls), call_id(), obj["name"],
-                        json.dumps(args, ensure_ascii=False))
-        self.calls.append(call)
+        call = self._new_call(obj["name"], json.dumps(args, ensure_ascii=False))
         self._after_call = True
-        return call
+        return [CallStart(call.index, call.id, call.name),
+                ArgumentsDelta(call.index, call.arguments)]
+
+    # content --------------------------------------------------------------------------------
 
     def _content(self, text: str) -> list[Event]:
         """Release content. Whitespace around calls: what precedes a call waits and goes out
@@ -448,10 +553,10 @@ def _json_end(text: str) -> int:
     return -1
 
 
-def parse_output(fmt: ToolFormat, names: frozenset[str], text: str
-                 ) -> tuple[str | None, list[ToolCall]]:
+def parse_output(fmt: ToolFormat, names: frozenset[str], text: str,
+                 stream_arguments: bool = False) -> tuple[str | None, list[ToolCall]]:
     """A whole reply: its content (None when only calls) and its calls."""
-    parser = ToolCallParser(fmt, names)
+    parser = ToolCallParser(fmt, names, stream_arguments)
     events = parser.push(text) + parser.finish()
     content = "".join(e.text for e in events if isinstance(e, ContentDelta))
     return (content or None) if parser.calls else content, parser.calls

@@ -16,6 +16,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tiller.server.app import ServerConfig, create_app
 from tiller.server.chat import ChatTemplate
 from tiller.server.tools import (
+    ArgumentsDelta,
+    CallStart,
     ContentDelta,
     ToolCall,
     ToolCallParser,
@@ -53,15 +55,25 @@ SDK_TOOLS = [TOOLS[0], {"type": "function", "function": {"name": "get_time",
 SCHEMAS = {"get_weather": WEATHER, "add": ADD, "get_time": TIME}
 
 
-def streamed(fmt: ToolFormat, text: str, step: int = 1) -> tuple[str, list[ToolCall]]:
-    """The text pushed `step` characters at a time: content deltas joined, and the calls."""
-    parser = ToolCallParser(fmt, NAMES)
+def streamed(fmt: ToolFormat, text: str, step: int = 1, stream_arguments: bool = False
+             ) -> tuple[str, list[ToolCall]]:
+    """The text pushed `step` characters at a time: content deltas joined, and the calls put
+    together from their events as a client does (which must agree with the parser's own)."""
+    parser = ToolCallParser(fmt, NAMES, stream_arguments)
     events = []
     for i in range(0, len(text), step):
         events += parser.push(text[i:i + step])
     events += parser.finish()
-    return "".join(e.text for e in events if isinstance(e, ContentDelta)), \
-        [e for e in events if isinstance(e, ToolCall)]
+    calls: list[ToolCall] = []
+    for e in events:
+        if isinstance(e, CallStart):
+            assert e.index == len(calls)
+            calls.append(ToolCall(e.index, e.id, e.name, ""))
+        elif isinstance(e, ArgumentsDelta):
+            assert e.index == len(calls) - 1 and e.text
+            calls[-1].arguments += e.text
+    assert calls == parser.calls
+    return "".join(e.text for e in events if isinstance(e, ContentDelta)), calls
 
 
 def calls_of(calls: list[ToolCall]) -> list[tuple[str, Any]]:
@@ -152,6 +164,39 @@ def test_parse_llama3(text: str, content: str | None, calls: list) -> None:
         assert calls_of(calls_streamed) == calls
 
 
+# calls in the form the grammars write them (name first, arguments an object)
+VALID = [(HERMES, text, calls) for text, _, calls in TAGGED_CASES[:5]] + [
+    (LLAMA3, text, calls) for text, _, calls in (LLAMA_CASES[i] for i in (0, 1, 3, 4))]
+
+
+@pytest.mark.parametrize(("fmt", "text", "calls"), VALID)
+def test_forced_calls_stream_their_arguments(fmt: ToolFormat, text: str, calls: list) -> None:
+    # what a grammar lets through parses the same with the arguments streamed
+    whole = parse_output(fmt, NAMES, text, stream_arguments=True)
+    assert calls_of(whole[1]) == calls
+    parser = ToolCallParser(fmt, NAMES, stream_arguments=True)
+    fragments = []
+    for ch in text:
+        fragments += [e for e in parser.push(ch) if isinstance(e, ArgumentsDelta)]
+    parser.finish()
+    assert calls_of(parser.calls) == calls
+    # character by character, each call's arguments come in as many pieces
+    assert len(fragments) == sum(len(c.arguments) for c in parser.calls)
+    for step in (1, 5):
+        assert calls_of(streamed(fmt, text, step, stream_arguments=True)[1]) == calls
+
+
+def test_a_forced_call_cut_short_keeps_its_arguments_so_far() -> None:
+    parser = ToolCallParser(HERMES, NAMES, stream_arguments=True)
+    assert parser.push('<tool_call>\n{"name": "add", "arguments": ') == []
+    # the head and the start of an object start the call
+    events = parser.push('{"a": 1,')
+    assert [type(e) for e in events] == [CallStart, ArgumentsDelta]
+    assert events[1] == ArgumentsDelta(0, '{"a": 1,')
+    assert parser.finish() == []
+    assert [(c.name, c.arguments) for c in parser.calls] == [("add", '{"a": 1,')]
+
+
 def test_marker_prefixes_are_held_back_and_content_streams() -> None:
     parser = ToolCallParser(HERMES, NAMES)
     assert parser.push("It is") == [ContentDelta("It is")]
@@ -159,7 +204,8 @@ def test_marker_prefixes_are_held_back_and_content_streams() -> None:
     assert parser.push("s>") == [ContentDelta(" <tools>")]  # it was not
     assert parser.push("\n<tool_call>\n" + A[:10]) == []  # whitespace, then a call: held
     events = parser.push(A[10:] + "\n</tool_call>")
-    assert [type(e) for e in events] == [ToolCall]  # the newline before the call is dropped
+    # the newline before the call is dropped
+    assert [type(e) for e in events] == [CallStart, ArgumentsDelta]
     assert parser.finish() == []
 
 
