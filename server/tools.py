@@ -36,9 +36,9 @@ import json
 import re
 import secrets
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, Literal
 
 import llguidance
 
@@ -77,22 +77,24 @@ def detect_format(template: ChatTemplate) -> ToolFormat:
 
 @dataclass(frozen=True)
 class ToolRequest:
-    """A request's tools, checked: `choice` is "auto", "none", "required" or a tool's name."""
+    """A request's tools, checked. `mode` is tool_choice's "auto", "none", "required", or
+    "named" with the tool's `name`."""
 
     tools: list[dict[str, Any]]  # [{"type": "function", "function": {name, description, ...}}]
-    choice: str
+    mode: Literal["auto", "none", "required", "named"]
     parallel: bool
     format: ToolFormat
-    names: frozenset[str] = field(default_factory=frozenset)
+    names: frozenset[str]
+    name: str | None = None
 
     @property
     def forced(self) -> bool:
         """A call is required (and grammar-enforced)."""
-        return self.choice not in ("auto", "none")
+        return self.mode in ("required", "named")
 
     @property
     def parses(self) -> bool:
-        return self.choice != "none"
+        return self.mode != "none"
 
 
 def tool_request(tools: list[Any] | None, choice: Any, parallel: bool,
@@ -114,17 +116,19 @@ def tool_request(tools: list[Any] | None, choice: Any, parallel: bool,
                            param="tools")
         names.append(fn["name"])
         _check_schema(fn.get("parameters"), i)
-    if choice is None:
-        name = "auto"
-    elif isinstance(choice, str):
-        name = choice
-    else:
-        fn_choice = choice["function"] if isinstance(choice, dict) else choice.function
-        name = fn_choice["name"] if isinstance(fn_choice, dict) else fn_choice.name
-        if name not in names:
-            raise ApiError(400, f"tool_choice: no tool named {name!r} in `tools` "
-                           f"({', '.join(names)})", param="tool_choice")
-    return ToolRequest(dumped, name, parallel, detect_format(template), frozenset(names))
+    fmt = detect_format(template)
+    if choice is None or isinstance(choice, str):
+        mode = choice or "auto"
+        if mode not in ("auto", "none", "required"):
+            raise ApiError(400, f"tool_choice: {mode!r} is none of auto, none, required",
+                           param="tool_choice")
+        return ToolRequest(dumped, mode, parallel, fmt, frozenset(names))
+    fn_choice = choice["function"] if isinstance(choice, dict) else choice.function
+    name = fn_choice["name"] if isinstance(fn_choice, dict) else fn_choice.name
+    if name not in names:
+        raise ApiError(400, f"tool_choice: no tool named {name!r} in `tools` "
+                       f"({', '.join(names)})", param="tool_choice")
+    return ToolRequest(dumped, "named", parallel, fmt, frozenset(names), name)
 
 
 def _check_schema(parameters: Any, index: int) -> None:
@@ -155,8 +159,8 @@ def _call_schema(req: ToolRequest, key: str) -> dict[str, Any]:
                 "properties": {"name": {"const": t["function"]["name"]},
                                key: _arguments_schema(t)},
                 "required": ["name", key], "additionalProperties": False}
-               for t in req.tools if req.choice == "required"
-               or t["function"]["name"] == req.choice]
+               for t in req.tools if req.mode == "required"
+               or t["function"]["name"] == req.name]
     schema: dict[str, Any] = options[0] if len(options) == 1 else {"anyOf": options}
     return {**schema, "x-guidance": JSON_OPTIONS}
 
@@ -192,7 +196,7 @@ def render_messages(template: ChatTemplate, messages: list[dict[str, Any]],
         return template.render(messages, add_generation_prompt=add_generation_prompt,
                                tools=req.tools, **extra)
     chat = _written_as_text(normalize_messages(messages))
-    if req.choice != "none":
+    if req.mode != "none":
         chat = _with_system(chat, generic_instructions(req))
     return template.render(chat, add_generation_prompt=add_generation_prompt, **extra)
 
@@ -205,10 +209,10 @@ def generic_instructions(req: ToolRequest) -> str:
                                   if k != "strict" and v != ""}, ensure_ascii=False,
                                  separators=(",", ":"))
                       for t in req.tools)
-    if req.choice == "required":
+    if req.mode == "required":
         rule = "Call a tool."
-    elif req.forced:
-        rule = f"Call {req.choice}."
+    elif req.mode == "named":
+        rule = f"Call {req.name}."
     else:
         rule = "Call a tool if it helps, else answer."
     many = "one block per call" if req.parallel else "one call at a time"

@@ -225,7 +225,9 @@ def accepts(model, grammar, text: str) -> bool:
 @pytest.mark.parametrize("fmt", [HERMES, GENERIC, LLAMA3])
 def test_forced_grammars_take_exactly_the_calls_the_parser_reads(model, fmt: ToolFormat) -> None:
     def grammar(choice: str, parallel: bool):
-        req = ToolRequest(TOOLS, choice, parallel, fmt, frozenset(SCHEMAS) - {"get_time"})
+        names = frozenset(SCHEMAS) - {"get_time"}
+        req = (ToolRequest(TOOLS, "required", parallel, fmt, names) if choice == "required"
+               else ToolRequest(TOOLS, "named", parallel, fmt, names, choice))
         spec = tool_grammar(req)
         assert spec is not None
         return spec
@@ -251,6 +253,17 @@ def test_forced_grammars_take_exactly_the_calls_the_parser_reads(model, fmt: Too
     assert not accepts(model, grammar("required", True),
                        one.replace('"Paris"', '"Paris", "x": 1'))
     assert not accepts(model, grammar("required", True), "Sure. " + one)
+
+
+def test_a_tool_may_be_named_like_a_tool_choice_mode() -> None:
+    chatml = ChatTemplate.for_model(None, "<s>", "</s>")
+    tools = [{"type": "function", "function": {"name": name, "parameters": TIME}}
+             for name in ("auto", "required")]
+    named = tool_request(tools, {"type": "function", "function": {"name": "required"}}, True,
+                         chatml)
+    assert named is not None and (named.mode, named.name) == ("named", "required")
+    assert "Call required." in render_messages(chatml, QUESTION, named, True, {})
+    assert tool_request(tools, "required", True, chatml).mode == "required"
 
 
 # --- rendering against plain jinja2 --------------------------------------------------------
@@ -535,6 +548,8 @@ BAD = [
         "name": "bad name!"}}]}, "tools", "pattern"),
     ("/v1/chat/completions", {"tools": [{"type": "retrieval"}]}, "tools", ""),
     ("/v1/chat/completions", {"tools": [TOOLS[0], TOOLS[0]]}, "tools", "given twice"),
+    ("/v1/chat/completions", {"tools": TOOLS, "tool_choice": {"type": "function", "function": {
+        "name": "required"}}}, "tool_choice", "no tool named 'required'"),
     ("/v1/chat/completions", {"tools": TOOLS, "tool_choice": "required",
                               "response_format": {"type": "json_object"}}, "tool_choice",
      "response_format"),
