@@ -187,7 +187,7 @@ class _ChatChoice:
         self.logprobs = logprobs
         self.text = ""
         self.parser = None if tools is None else ToolCallParser(
-            tools.format, tools.names, stream_arguments=tools.forced)
+            tools.format, tools.names, stream_arguments=tools.forced, parallel=tools.parallel)
         self.entries: list[dict] = []
         self.pending: list[dict] = []
 

@@ -321,14 +321,16 @@ class ToolCallParser:
     soon as its head (`{"name": "...", "arguments": `) is complete, and its arguments follow as
     they are written; a call cut short (max_tokens) then keeps the arguments it has, as OpenAI's
     do. Otherwise (auto) a call is released only once its whole text is known to be valid, so
-    that a malformed one can stay content.
+    that a malformed one can stay content. Without `parallel`, calls after the first are
+    content too: the client asked for one at most.
     """
 
     def __init__(self, fmt: ToolFormat, names: frozenset[str],
-                 stream_arguments: bool = False) -> None:
+                 stream_arguments: bool = False, parallel: bool = True) -> None:
         self.format = fmt
         self.names = names
         self.stream_arguments = stream_arguments
+        self.parallel = parallel
         self.calls: list[ToolCall] = []
         self._key = "parameters" if fmt is ToolFormat.LLAMA3 else "arguments"
         self._pending = ""  # text not yet released
@@ -449,7 +451,7 @@ class ToolCallParser:
 
     def _start_streaming(self, at: int, events: list[Event]) -> bool:
         """With stream_arguments: open a call if its head is complete at `at` in _pending."""
-        if not self.stream_arguments:
+        if not self.stream_arguments or (self.calls and not self.parallel):
             return False
         head = _HEAD[self._key].match(self._pending, at)
         if head is None or head.group(1) not in self.names:
@@ -486,7 +488,8 @@ class ToolCallParser:
             obj = json.loads(body)
         except json.JSONDecodeError:
             return None
-        if not isinstance(obj, dict) or obj.get("name") not in self.names:
+        if not isinstance(obj, dict) or obj.get("name") not in self.names \
+                or (self.calls and not self.parallel):
             return None
         # either key in either format: models mix them up
         args = obj.get(self._key, obj.get("parameters" if self._key == "arguments"
@@ -558,9 +561,10 @@ def _json_end(text: str) -> int:
 
 
 def parse_output(fmt: ToolFormat, names: frozenset[str], text: str,
-                 stream_arguments: bool = False) -> tuple[str | None, list[ToolCall]]:
+                 stream_arguments: bool = False, parallel: bool = True
+                 ) -> tuple[str | None, list[ToolCall]]:
     """A whole reply: its content (None when only calls) and its calls."""
-    parser = ToolCallParser(fmt, names, stream_arguments)
+    parser = ToolCallParser(fmt, names, stream_arguments, parallel)
     events = parser.push(text) + parser.finish()
     content = "".join(e.text for e in events if isinstance(e, ContentDelta))
     return (content or None) if parser.calls else content, parser.calls

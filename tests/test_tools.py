@@ -186,6 +186,17 @@ def test_forced_calls_stream_their_arguments(fmt: ToolFormat, text: str, calls: 
         assert calls_of(streamed(fmt, text, step, stream_arguments=True)[1]) == calls
 
 
+@pytest.mark.parametrize("fmt", [HERMES, LLAMA3])
+def test_without_parallel_calls_only_the_first_is_a_call(fmt: ToolFormat) -> None:
+    text = (f"<tool_call>{W}</tool_call>\n<tool_call>{A}</tool_call>" if fmt is HERMES
+            else f"{W}; {A}".replace('"arguments"', '"parameters"'))
+    rest = f"<tool_call>{A}</tool_call>" if fmt is HERMES \
+        else A.replace('"arguments"', '"parameters"')
+    for stream_arguments in (False, True):
+        content, calls = parse_output(fmt, NAMES, text, stream_arguments, parallel=False)
+        assert (content, calls_of(calls)) == (rest, [PARIS])
+
+
 def test_a_forced_call_cut_short_keeps_its_arguments_so_far() -> None:
     parser = ToolCallParser(HERMES, NAMES, stream_arguments=True)
     assert parser.push('<tool_call>\n{"name": "add", "arguments": ') == []
