@@ -203,7 +203,7 @@ def render_messages(template: ChatTemplate, messages: list[dict[str, Any]],
 
 def generic_instructions(req: ToolRequest) -> str:
     """The system text of the generic format: the tools, and how to call them. NOTE: short,
-    because it costs context on every request (~170 tokens on the built-in model, plus the
+    because it costs context on every request (~130 tokens on the built-in model, plus the
     tools)."""
     tools = "\n".join(json.dumps({k: v for k, v in t["function"].items()
                                   if k != "strict" and v != ""}, ensure_ascii=False,
