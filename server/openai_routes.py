@@ -178,9 +178,9 @@ class _ChatChoice:
     every chunk with content has the logprobs of exactly the tokens it completes, and tokens
     whose text a stop string cut away are reported neither streamed nor whole.
 
-    With tools, the text goes through the tool-call parser (server/tools.py): content deltas
-    come out as content, each complete call as two deltas, as OpenAI streams them (index, id,
-    type and name first, then fragments of the arguments)."""
+    With tools, the text goes through the tool-call parser (server/tools.py): content comes out
+    as content, and each call as OpenAI streams one: a delta with its index, id, type and name,
+    then deltas with fragments of its arguments."""
 
     def __init__(self, model: Model, logprobs: bool, tools: ToolRequest | None = None) -> None:
         self.model = model
