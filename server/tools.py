@@ -149,20 +149,33 @@ def _check_schema(parameters: Any, index: int) -> None:
         raise ApiError(400, f"{where}: {error}", param="tools", code="invalid_tool_schema")
 
 
-def _arguments_schema(tool: dict[str, Any]) -> dict[str, Any]:
-    return tool["function"].get("parameters") or {"type": "object"}
+# OpenAI: a function without parameters takes none (an empty object, not any object)
+_NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
+_DEFS = ("$defs", "definitions")
 
 
 def _call_schema(req: ToolRequest, key: str) -> dict[str, Any]:
-    """The JSON schema of one call: {"name": <a tool>, key: <its arguments>}, name first."""
-    options = [{"type": "object",
-                "properties": {"name": {"const": t["function"]["name"]},
-                               key: _arguments_schema(t)},
-                "required": ["name", key], "additionalProperties": False}
-               for t in req.tools if req.mode == "required"
-               or t["function"]["name"] == req.name]
+    """The JSON schema of one call: {"name": <a tool>, key: <its arguments>}, name first.
+
+    NOTE: each tool's `$defs` (pydantic's schemas have them) move to the root, where their
+    `#/$defs/...` references point once the schema is nested in the call's."""
+    options = []
+    defs: dict[str, dict[str, Any]] = {k: {} for k in _DEFS}
+    for t in req.tools:
+        fn = t["function"]
+        if req.mode == "named" and fn["name"] != req.name:
+            continue
+        arguments = dict(fn.get("parameters") or _NO_PARAMETERS)
+        for k in _DEFS:
+            for name, definition in (arguments.pop(k, None) or {}).items():
+                if defs[k].setdefault(name, definition) != definition:
+                    raise ApiError(400, f"tools: two tools define {k}/{name} differently; "
+                                   "rename one", param="tools", code="invalid_tool_schema")
+        options.append({"type": "object",
+                        "properties": {"name": {"const": fn["name"]}, key: arguments},
+                        "required": ["name", key], "additionalProperties": False})
     schema: dict[str, Any] = options[0] if len(options) == 1 else {"anyOf": options}
-    return {**schema, "x-guidance": JSON_OPTIONS}
+    return {**schema, **{k: v for k, v in defs.items() if v}, "x-guidance": JSON_OPTIONS}
 
 
 def tool_grammar(req: ToolRequest) -> GrammarSpec | None:

@@ -15,6 +15,7 @@ import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tiller.server.app import ServerConfig, create_app
 from tiller.server.chat import ChatTemplate
+from tiller.server.errors import ApiError
 from tiller.server.tools import (
     ArgumentsDelta,
     CallStart,
@@ -264,6 +265,31 @@ def test_forced_grammars_take_exactly_the_calls_the_parser_reads(model, fmt: Too
     assert not accepts(model, grammar("required", True),
                        one.replace('"Paris"', '"Paris", "x": 1'))
     assert not accepts(model, grammar("required", True), "Sure. " + one)
+
+
+def test_forced_grammars_resolve_pydantic_defs_and_take_no_arguments_as_none(model) -> None:
+    chatml = ChatTemplate.for_model(None, "<s>", "</s>")
+    # as openai.pydantic_function_tool writes a model with a nested model: refs into $defs
+    city = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}},
+            "required": ["name"], "additionalProperties": False}
+    visit = {"type": "object", "properties": {"city": {"$ref": "#/$defs/City"}},
+             "required": ["city"], "additionalProperties": False, "$defs": {"City": city}}
+    tools = [{"type": "function", "function": {"name": "visit", "parameters": visit}},
+             {"type": "function", "function": {"name": "now"}}]
+    req = tool_request(tools, "required", True, chatml)
+    assert req is not None
+    grammar = tool_grammar(req)
+    visit_call = '<tool_call>\n{"name": "visit", "arguments": {"city": {"name": "Oslo"}}}\n'
+    assert accepts(model, grammar, visit_call + "</tool_call>")
+    assert not accepts(model, grammar, visit_call.replace("Oslo", "Oslo" * 3) + "</tool_call>")
+    assert accepts(model, grammar, '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>')
+    assert not accepts(model, grammar,
+                       '<tool_call>\n{"name": "now", "arguments": {"x": 1}}\n</tool_call>')
+    clash = [tools[0], {"type": "function", "function": {"name": "other", "parameters": {
+        **visit, "$defs": {"City": {"type": "string"}}}}}]
+    with pytest.raises(ApiError) as e:
+        tool_grammar(tool_request(clash, "required", True, chatml))
+    assert e.value.param == "tools" and "$defs/City" in e.value.message
 
 
 def test_a_tool_may_be_named_like_a_tool_choice_mode() -> None:
