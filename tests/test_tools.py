@@ -31,6 +31,7 @@ from tiller.server.tools import (
     tool_request,
 )
 
+from tests.live_server import start_server
 from tests.test_server import post
 from tiller import BUILTIN_MODEL
 
@@ -513,6 +514,49 @@ async def test_sdk_round_trip(sdk, stream: bool, choice: str) -> None:
             assert not calls
             answers.append(content or "")
     assert any(answers), answers  # the tiny model sometimes ends at once, not every time
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """`tiller serve` on the built-in model, as a user starts it (its GGUF is its tokenizer)."""
+    url, process = start_server(tmp_path_factory.mktemp("tools"), "--threads", "1",
+                                model=BUILTIN_MODEL, tokenizer=BUILTIN_MODEL)
+    yield url
+    process.stop()
+
+
+def test_round_trip_against_tiller_serve(served: str) -> None:
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=served + "/v1", api_key="unused", max_retries=0)
+    args: dict[str, Any] = {"model": "tiller-tiny", "tools": SDK_TOOLS, "seed": 7}
+    for stream in (False, True):
+        first = client.chat.completions.create(
+            messages=QUESTION, tool_choice="required", parallel_tool_calls=False,
+            stream=stream, **args)
+        if stream:
+            calls: dict[int, dict] = {}
+            finish = None
+            for chunk in first:  # accumulated as OpenAI's docs show
+                for choice in chunk.choices:
+                    for tc in choice.delta.tool_calls or []:
+                        call = calls.setdefault(tc.index, {"id": tc.id, "type": tc.type,
+                                                           "function": {"name": "",
+                                                                        "arguments": ""}})
+                        call["function"]["name"] += tc.function.name or ""
+                        call["function"]["arguments"] += tc.function.arguments or ""
+                    finish = choice.finish_reason or finish
+            made = [calls[i] for i in sorted(calls)]
+        else:
+            made = [c.model_dump() for c in first.choices[0].message.tool_calls or []]
+            finish = first.choices[0].finish_reason
+        assert finish == "tool_calls" and len(made) == 1
+        check_calls(made, set(SCHEMAS))
+        answer = client.chat.completions.create(messages=[
+            *QUESTION, {"role": "assistant", "content": None, "tool_calls": made},
+            {"role": "tool", "tool_call_id": made[0]["id"], "content": "18 degrees"}],
+            tool_choice="none", max_tokens=30, **args)
+        assert answer.choices[0].message.tool_calls is None
+        assert isinstance(answer.choices[0].message.content, str)
 
 
 async def test_streamed_and_whole_agree_and_parallel_calls_validate(sdk) -> None:
