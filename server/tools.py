@@ -38,7 +38,7 @@ import secrets
 import string
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import llguidance
 
@@ -75,13 +75,16 @@ def detect_format(template: ChatTemplate) -> ToolFormat:
 # --- the request ---------------------------------------------------------------------------
 
 
+Mode = Literal["auto", "none", "required", "named"]
+
+
 @dataclass(frozen=True)
 class ToolRequest:
     """A request's tools, checked. `mode` is tool_choice's "auto", "none", "required", or
     "named" with the tool's `name`."""
 
     tools: list[dict[str, Any]]  # [{"type": "function", "function": {name, description, ...}}]
-    mode: Literal["auto", "none", "required", "named"]
+    mode: Mode
     parallel: bool
     format: ToolFormat
     names: frozenset[str]
@@ -122,7 +125,7 @@ def tool_request(tools: list[Any] | None, choice: Any, parallel: bool,
         if mode not in ("auto", "none", "required"):
             raise ApiError(400, f"tool_choice: {mode!r} is none of auto, none, required",
                            param="tool_choice")
-        return ToolRequest(dumped, mode, parallel, fmt, frozenset(names))
+        return ToolRequest(dumped, cast(Mode, mode), parallel, fmt, frozenset(names))
     fn_choice = choice["function"] if isinstance(choice, dict) else choice.function
     name = fn_choice["name"] if isinstance(fn_choice, dict) else fn_choice.name
     if name not in names:
