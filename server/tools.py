@@ -10,6 +10,10 @@ template's source):
 - `llama3` (Llama 3.1-3.3; the template writes `"parameters": ` or `<|python_tag|>`): the reply
   *starts* with `{"name": ..., "parameters": {...}}`, optionally after `<|python_tag|>`; several
   objects may follow, separated by `;` or whitespace (the template renders only one back).
+- `mistral` (Mistral Nemo; the template writes `[TOOL_CALLS]`): the reply starts with a JSON
+  array of calls, `[{"name": ..., "arguments": {...}}, ...]`, after `[TOOL_CALLS]` (a control
+  token, so usually not in the text); call ids are 9 letters and digits, as its template
+  demands when the calls come back.
 - `generic`, for every other template (ChatML without tools, as the built-in model's, Gemma,
   ...): as llama.cpp's generic handler, the tools and the expected output form go into a system
   message that tiller adds, and the conversation's past calls and results are written as text
@@ -52,12 +56,14 @@ __all__ = ["ArgumentsDelta", "CallStart", "ContentDelta", "ToolCall", "ToolCallP
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
+MISTRAL_TAG = "[TOOL_CALLS]"
 _ID_CHARS = string.ascii_letters + string.digits
 
 
 class ToolFormat(Enum):
     HERMES = "hermes"
     LLAMA3 = "llama3"
+    MISTRAL = "mistral"
     GENERIC = "generic"
 
 
@@ -69,6 +75,8 @@ def detect_format(template: ChatTemplate) -> ToolFormat:
         return ToolFormat.HERMES
     if PYTHON_TAG in source or ("<|start_header_id|>" in source and '"parameters": ' in source):
         return ToolFormat.LLAMA3
+    if MISTRAL_TAG in source:
+        return ToolFormat.MISTRAL
     return ToolFormat.GENERIC
 
 
@@ -191,6 +199,13 @@ def tool_grammar(req: ToolRequest) -> GrammarSpec | None:
         body = json.dumps(_call_schema(req, "parameters"))
         return GrammarSpec(llguidance.LLMatcher.grammar_from_lark(
             f"%llguidance {{}}\nstart: %json {body}\n"), "tools")
+    if req.format is ToolFormat.MISTRAL:
+        call = _call_schema(req, "arguments")
+        root = {k: call.pop(k) for k in (*_DEFS, "x-guidance") if k in call}
+        array = {"type": "array", "items": call, "minItems": 1,
+                 **({} if req.parallel else {"maxItems": 1}), **root}
+        return GrammarSpec(llguidance.LLMatcher.grammar_from_lark(
+            f"%llguidance {{}}\nstart: %json {json.dumps(array)}\n"), "tools")
     body = json.dumps(_call_schema(req, "arguments"))
     repeat = ' ("\\n" call)*' if req.parallel else ""
     lark = (f"%llguidance {{}}\nstart: call{repeat}\n"
@@ -324,8 +339,11 @@ _HEAD = {key: re.compile(rf'\s*\{{\s*"name"\s*:\s*"([A-Za-z0-9_-]+)"\s*,\s*"{key
          for key in ("arguments", "parameters")}
 
 
-def call_id() -> str:
-    """OpenAI's form: call_ and 24 random letters and digits."""
+def call_id(fmt: ToolFormat = ToolFormat.GENERIC) -> str:
+    """OpenAI's form, call_ and 24 random letters and digits; 9 letters and digits for Mistral
+    (its template refuses other ids)."""
+    if fmt is ToolFormat.MISTRAL:
+        return "".join(secrets.choice(_ID_CHARS) for _ in range(9))
     return "call_" + "".join(secrets.choice(_ID_CHARS) for _ in range(24))
 
 
@@ -360,18 +378,22 @@ class ToolCallParser:
 
     def push(self, text: str) -> list[Event]:
         self._pending += text
-        if self.format is ToolFormat.LLAMA3:
-            return self._json_calls(final=False)
-        return self._tagged(final=False)
+        return self._parse(final=False)
 
     def finish(self) -> list[Event]:
         """The end of the reply: release what was held back."""
-        events = (self._json_calls(final=True) if self.format is ToolFormat.LLAMA3
-                  else self._tagged(final=True))
+        events = self._parse(final=True)
         if self._space and not self._after_call:
             events.append(ContentDelta(self._space))
         self._space = ""
         return events
+
+    def _parse(self, final: bool) -> list[Event]:
+        if self.format is ToolFormat.LLAMA3:
+            return self._json_calls(final)
+        if self.format is ToolFormat.MISTRAL:
+            return self._array_calls(final)
+        return self._tagged(final)
 
     # tagged: <tool_call> ... </tool_call> -------------------------------------------------
 
@@ -458,10 +480,51 @@ class ToolCallParser:
         self._pending = ""
         return events
 
+    # mistral: [TOOL_CALLS][{...}, ...] at the start ----------------------------------------
+
+    def _array_calls(self, final: bool) -> list[Event]:
+        """NOTE: the array is released whole, forced or not (no argument streaming)."""
+        events: list[Event] = []
+        if self._head:
+            text = self._pending.lstrip()
+            if not final and MISTRAL_TAG.startswith(text):
+                return events  # nothing yet, "[" of either the tag or the array: wait
+            text = text.removeprefix(MISTRAL_TAG).lstrip()
+            end = _json_end(text) if text.startswith("[") else -1
+            if not final and (not text or (text.startswith("[") and end < 0)):
+                return events
+            self._head = False
+            calls = self._array(text[:end]) if end > 0 else None
+            if calls is not None:
+                events += calls
+                self._pending = text[end:]
+        events += self._content(self._pending)
+        self._pending = ""
+        return events
+
+    def _array(self, body: str) -> list[Event] | None:
+        """The events of a JSON array of valid calls, or None (then it is all content)."""
+        try:
+            items = json.loads(body)
+        except json.JSONDecodeError:
+            return None
+        if not isinstance(items, list) or not items or (len(items) > 1 and not self.parallel):
+            return None
+        checked = [self._checked(item) for item in items]
+        if any(c is None for c in checked):
+            return None
+        events: list[Event] = []
+        for name, args in (c for c in checked if c is not None):
+            call = self._new_call(name, json.dumps(args, ensure_ascii=False))
+            events += [CallStart(call.index, call.id, call.name),
+                       ArgumentsDelta(call.index, call.arguments)]
+        self._after_call = True
+        return events
+
     # calls ----------------------------------------------------------------------------------
 
     def _new_call(self, name: str, arguments: str) -> ToolCall:
-        call = ToolCall(len(self.calls), call_id(), name, arguments)
+        call = ToolCall(len(self.calls), call_id(self.format), name, arguments)
         self.calls.append(call)
         return call
 
@@ -504,8 +567,17 @@ class ToolCallParser:
             obj = json.loads(body)
         except json.JSONDecodeError:
             return None
-        if not isinstance(obj, dict) or obj.get("name") not in self.names \
-                or (self.calls and not self.parallel):
+        checked = self._checked(obj)
+        if checked is None or (self.calls and not self.parallel):
+            return None
+        call = self._new_call(checked[0], json.dumps(checked[1], ensure_ascii=False))
+        self._after_call = True
+        return [CallStart(call.index, call.id, call.name),
+                ArgumentsDelta(call.index, call.arguments)]
+
+    def _checked(self, obj: Any) -> tuple[str, dict[str, Any]] | None:
+        """(name, arguments) of a parsed call object naming a known tool, or None."""
+        if not isinstance(obj, dict) or obj.get("name") not in self.names:
             return None
         # either key in either format: models mix them up
         args = obj.get(self._key, obj.get("parameters" if self._key == "arguments"
@@ -515,12 +587,7 @@ class ToolCallParser:
                 args = json.loads(args)
             except json.JSONDecodeError:
                 return None
-        if not isinstance(args, dict):
-            return None
-        call = self._new_call(obj["name"], json.dumps(args, ensure_ascii=False))
-        self._after_call = True
-        return [CallStart(call.index, call.id, call.name),
-                ArgumentsDelta(call.index, call.arguments)]
+        return (obj["name"], args) if isinstance(args, dict) else None
 
     # content --------------------------------------------------------------------------------
 
