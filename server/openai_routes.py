@@ -29,7 +29,8 @@ from .protocol import (
 from .runner import PromptLogprobs
 from .state import STATE, TOKENS, Model
 from .steering_service import request_steering
-from .tools import ArgumentsDelta, CallStart, ContentDelta, Event, ToolCallParser, ToolRequest
+from .tool_parser import ArgumentsDelta, CallStart, ContentDelta, Event, ToolCallParser
+from .tools import ToolRequest
 
 
 def _usage(prompt: int, completion: int) -> dict:

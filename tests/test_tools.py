@@ -16,16 +16,18 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tiller.server.app import ServerConfig, create_app
 from tiller.server.chat import ChatTemplate
 from tiller.server.errors import ApiError
-from tiller.server.tools import (
+from tiller.server.tool_parser import (
     ArgumentsDelta,
     CallStart,
     ContentDelta,
     ToolCall,
     ToolCallParser,
+    parse_output,
+)
+from tiller.server.tools import (
     ToolFormat,
     ToolRequest,
     detect_format,
-    parse_output,
     render_messages,
     tool_grammar,
     tool_request,
