@@ -38,6 +38,8 @@ class _Body(BaseModel):
     # fields of samplers tiller does not have: accepted at the values that turn them off (as
     # clients send them), refused at any other
     neutral: ClassVar[dict[str, tuple[Any, ...]]] = {}
+    # fields that only chat serves (tool calls): refused elsewhere, saying where they work
+    chat_only: ClassVar[tuple[str, ...]] = ()
 
     @model_validator(mode="before")
     @classmethod
@@ -46,6 +48,10 @@ class _Body(BaseModel):
             for name in cls.unsupported:
                 if data.get(name) not in (None, False, [], {}, ""):
                     raise ValueError(f"{name}: not supported by this server")
+            for name in cls.chat_only:
+                if data.get(name) not in (None, [], ""):
+                    raise ValueError(f"{name}: tool calls are served on /v1/chat/completions "
+                                     "only")
             for name, off in cls.neutral.items():
                 value = data.get(name)
                 if value is not None and (isinstance(value, bool) or value not in off):
@@ -148,6 +154,10 @@ class SamplingFields(LlamaFields, ConstraintFields):
     frequency_penalty: Penalty = 0.0
     presence_penalty: Penalty = 0.0
     repetition_penalty: RepetitionPenalty = 1.0
+    # llama.cpp's names, which its server takes on the OpenAI routes too: repeat_penalty is
+    # repetition_penalty (give one of them), repeat_last_n the penalties' window (-1: all)
+    repeat_penalty: RepetitionPenalty | None = None
+    repeat_last_n: int = Field(-1, ge=-1, lt=2**31)
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: Stop = None
     n: int = Field(1, ge=1, le=16)
@@ -156,9 +166,21 @@ class SamplingFields(LlamaFields, ConstraintFields):
     model: str | None = None
     user: str | None = None
 
+    @model_validator(mode="after")
+    def _repeat_penalty_alias(self) -> SamplingFields:
+        if self.repeat_penalty is not None:
+            if "repetition_penalty" in self.model_fields_set \
+                    and self.repetition_penalty != self.repeat_penalty:
+                raise ValueError("repeat_penalty: llama.cpp's name of repetition_penalty; give "
+                                 "one of them")
+            # NOTE: assigned, so it counts as given: a server's --repeat-penalty must not win
+            self.repetition_penalty = self.repeat_penalty
+        return self
+
 
 class CompletionRequest(SamplingFields):
     unsupported = ("suffix", "logit_bias", "best_of")
+    chat_only = ("tools", "tool_choice")
     prompt: Prompt
     max_tokens: NonNegInt | None = 16
     logprobs: int | None = Field(None, ge=0, le=20)
@@ -181,8 +203,46 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
 
-class ChatCompletionRequest(SamplingFields):
-    unsupported = ("logit_bias", "tools", "tool_choice", "functions")
+# tool calls (server/tools.py) -------------------------------------------------------------------
+
+ToolName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]  # OpenAI's rule
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    name: ToolName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of an object
+    strict: bool | None = None  # a forced call is always held to the schema
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    name: ToolName
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["function"]
+    function: FunctionName
+
+
+class ToolFields(_Body):
+    """OpenAI's tools: `tool_choice` defaults to "auto" when tools are given."""
+
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+
+class ChatCompletionRequest(SamplingFields, ToolFields):
+    unsupported = ("logit_bias", "functions", "function_call")
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: NonNegInt | None = None
     max_completion_tokens: NonNegInt | None = None
@@ -192,10 +252,10 @@ class ChatCompletionRequest(SamplingFields):
     steering: Steering = []
 
 
-class ApplyTemplateRequest(_Body):
+class ApplyTemplateRequest(ToolFields):
     """llama.cpp's POST /apply-template: the conversation as /v1/chat/completions takes it."""
 
-    unsupported = ("tools", "tool_choice", "functions")
+    unsupported = ("functions", "function_call")
     messages: list[ChatMessage] = Field(min_length=1)
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
@@ -209,6 +269,7 @@ class LlamaCompletionRequest(LlamaFields):
     """llama.cpp's POST /completion, with its defaults."""
 
     unsupported = ("logit_bias", "lora", "response_fields", "return_progress", "multimodal_data")
+    chat_only = ("tools", "tool_choice")
     json_schema: dict[str, Any] | None = None
     grammar: str | None = None
     prompt: str | Annotated[list[int | str], Field(min_length=1)]
@@ -290,9 +351,33 @@ class CompletionResponse(BaseModel):
     timings: Timings | None = None  # llama.cpp's
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class TopLogprob(BaseModel):
@@ -311,14 +396,15 @@ class ChatChoiceLogprobs(BaseModel):
 
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # None: only tool calls
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ChatResponseMessage
     logprobs: ChatChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -336,7 +422,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     logprobs: ChatChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
 
 
 class ChatCompletionChunk(BaseModel):
