@@ -341,7 +341,8 @@ class Engine:
             self._check_direction(f"steering[{i}]", v)
         elif not term.plain:
             with np.errstate(over="ignore", invalid="ignore"):
-                norm = float(np.abs(term.scale) * np.linalg.norm(v.astype(np.float64), axis=-1).max())
+                norm = float(abs(term.scale)
+                             * np.linalg.norm(v.astype(np.float64), axis=-1).max())
             if norm > MAX_STEERING_NORM:
                 raise EngineError(f"steering[{i}]: a norm of {norm:.3g}; at most "
                                   f"{MAX_STEERING_NORM:.0e} is allowed, or the residual stream "

@@ -47,6 +47,7 @@ class Condition:
     threshold: float
     comparison: Literal["greater", "less"] = "greater"
     scope: Literal["prompt", "token"] = "prompt"
+    label: int = -1  # the caller's name for it (the server's steering entry), for reports
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,7 @@ from .runner import (
     FinishReason,
     GenerationRequest,
     PromptLogprobs,
+    PromptReadings,
     Runner,
     TokenEvent,
 )
@@ -49,6 +50,7 @@ class Piece:
     text_offset: int = 0
     prob: float | None = None  # post_sampling_probs (TokenEvent's)
     top_probs: list[tuple[int, float]] | None = None
+    event: TokenEvent | None = None  # the sampled token's readouts, hidden states, conditions
 
 
 @dataclass
@@ -62,6 +64,7 @@ class Outcome:
     generate_seconds: float
     seed: int
     text: str
+    decisions: list[tuple[int, float, bool]] = field(default_factory=list)  # Finished's
 
 
 class Generation:
@@ -94,13 +97,14 @@ class Generation:
             self.done = True
             self.runner.cancel(self.handle.id)
 
-    async def events(self) -> AsyncGenerator[Piece | PromptLogprobs | Captured | Outcome, None]:
+    async def events(self) -> AsyncGenerator[
+            Piece | PromptLogprobs | PromptReadings | Captured | Outcome, None]:
         stream, request, handle = self.stream, self.request, self.handle
         eos = False
         try:
             while True:
                 event = await handle.queue.get()
-                if isinstance(event, PromptLogprobs | Captured):
+                if isinstance(event, PromptLogprobs | PromptReadings | Captured):
                     yield event
                 elif isinstance(event, TokenEvent):
                     if stream.stopped:
@@ -114,7 +118,7 @@ class Generation:
                     delta = stream.push(event.token)
                     offset = stream.text_offset[-1]
                     yield Piece(event.token, delta.text, event.logprob, event.top, offset,
-                                event.prob, event.top_probs)
+                                event.prob, event.top_probs, event)
                     if delta.stopped:
                         self.runner.finish(handle.id)
                 elif isinstance(event, Finished):
@@ -134,7 +138,7 @@ class Generation:
                         finish, stop_type, word = "length", "limit", ""
                     yield Outcome(finish, stop_type, word, event.prompt_tokens, self.n_tokens,
                                   event.prompt_seconds, event.generate_seconds, event.seed,
-                                  stream.text)
+                                  stream.text, event.decisions)
                     return
         finally:
             self.cancel()

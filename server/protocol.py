@@ -173,6 +173,9 @@ class CompletionRequest(SamplingFields):
             raise ValueError("prompt: token lists must not be empty")
         return v
     steering: Steering = []
+    readouts: Readouts = []
+    readout_prompt: bool = False  # readouts of the prompt tokens too
+    hidden_states: HiddenStates | None = None
 
 
 class ChatMessage(BaseModel):
@@ -190,6 +193,9 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     chat_template_kwargs: dict[str, Any] | None = None
     steering: Steering = []
+    readouts: Readouts = []
+    readout_prompt: bool = False
+    hidden_states: HiddenStates | None = None
 
 
 class ApplyTemplateRequest(_Body):
@@ -233,6 +239,9 @@ class LlamaCompletionRequest(LlamaFields):
     id_slot: int = Field(-1, ge=-1)  # no slot keeps anything between requests: any is the same
     return_tokens: bool = False
     steering: Steering = []
+    readouts: Readouts = []
+    readout_prompt: bool = False
+    hidden_states: HiddenStates | None = None
 
 
 class TokenizeRequest(_Body):
@@ -409,15 +418,43 @@ class ModelList(BaseModel):
 MAX_STEERING_ENTRIES = 16
 
 
+Direction = Annotated[list[float], Field(min_length=1, max_length=65536)]
+Op = Literal["add", "ablate", "clamp", "cap"]
+# "all", "prompt", "generated", or [start, end) of absolute positions
+Scope = Literal["all", "prompt", "generated"] | Annotated[list[int], Field(min_length=2,
+                                                                           max_length=2)]
+
+
+class SteeringCondition(_Body):
+    """CAST's condition (`when`): the cosine of the stream at `layer` with `vector` (a stored
+    control vector's direction at that layer, or a list of floats), compared with `threshold`.
+    scope "prompt": decided once from the mean prompt stream, the entry then acts on the
+    generated tokens if it holds; "token": decided for each token (layer <= the entry's)."""
+
+    vector: str | Direction
+    layer: int
+    threshold: float = Field(ge=-1.0, le=1.0, allow_inf_nan=False)
+    comparison: Literal["greater", "less"] = "greater"
+    scope: Literal["prompt", "token"] = "prompt"
+
+
 class SteeringEntry(_Body):
     """One steering entry of a request: a stored vector, or ActAdd inline (llama.cpp's flags).
 
     Stored: {"vector": id, "layers" | "layer", "scale"}. Inline: {"add", "sub", "source_layer",
-    "layer", "mul"} -- built once per model and kept in the store under its content id.
-    Layers are tiller's: l = the stream entering block l, n_layers = after the last block;
-    negative numbers count from the end (-1 = after the last block).
+    "layer", "mul"} -- built once per model and kept in the store under its content id; or
+    {"direction": [floats], "layer"}. Layers are tiller's: l = the stream entering block l,
+    n_layers = after the last block; negative numbers count from the end (-1 = after the last
+    block). `op` (add, ablate, clamp, cap; `value` for clamp and cap), `norm_match`,
+    `positions` and `when` apply to any entry (engine/interventions.py).
     """
 
+    direction: Direction | None = None
+    op: Op = "add"
+    value: float | None = Field(None, ge=-1e6, le=1e6, allow_inf_nan=False)
+    norm_match: bool = False
+    positions: Scope | None = None
+    when: SteeringCondition | None = None
     vector: str | None = None
     layers: list[int] | None = Field(None, max_length=1024)
     layer: int | None = None
@@ -430,10 +467,19 @@ class SteeringEntry(_Body):
     @model_validator(mode="after")
     def _one_form(self) -> SteeringEntry:
         inline = self.add is not None or self.sub is not None
-        if self.vector is None and not inline:
-            raise ValueError("an entry needs `vector` (a stored id) or `add` and `sub`")
-        if self.vector is not None and inline:
-            raise ValueError("an entry takes `vector` or `add`/`sub`, not both")
+        forms = (self.vector is not None) + inline + (self.direction is not None)
+        if forms == 0:
+            raise ValueError("an entry needs `vector` (a stored id), `direction` or `add` and "
+                             "`sub`")
+        if forms > 1:
+            raise ValueError("an entry takes one of `vector`, `direction` or `add`/`sub`")
+        if self.direction is not None and self.layer is None and not self.layers:
+            raise ValueError("a `direction` entry needs `layer` (or `layers`)")
+        if self.op in ("clamp", "cap") and self.value is None:
+            raise ValueError(f"op {self.op!r} needs `value`")
+        if isinstance(self.positions, list) and not 0 <= self.positions[0] < self.positions[1]:
+            raise ValueError(f"positions: [{self.positions[0]}, {self.positions[1]}) is an "
+                             "empty range (start must be >= 0 and below end)")
         if inline and (self.add is None or self.sub is None):
             raise ValueError("inline ActAdd needs both `add` and `sub`")
         if inline and self.layer is None:
@@ -442,6 +488,29 @@ class SteeringEntry(_Body):
 
 
 Steering = Annotated[list[SteeringEntry], Field(max_length=MAX_STEERING_ENTRIES)]
+
+
+class ReadoutSpec(_Body):
+    """A readout: the projection of the hidden state at block `layer`'s `point` on a direction
+    (a stored control vector's, or a list of floats), reported per token under `name`."""
+
+    name: str = Field(min_length=1, max_length=128)
+    vector: str | Direction
+    layer: int  # a block, as /v1/features: negative from the end
+    point: Literal["resid_pre", "attn_out", "mlp_out", "resid_post"] = "resid_pre"
+
+
+MAX_READOUTS = 16
+Readouts = Annotated[list[ReadoutSpec], Field(max_length=MAX_READOUTS)]
+
+
+class HiddenStates(_Body):
+    """Hidden states returned with a completion, base64 float32 with their shapes."""
+
+    layers: list[int] = Field(min_length=1, max_length=1024)  # blocks, as /v1/features
+    points: list[Literal["resid_pre", "attn_out", "mlp_out", "resid_post"]] = Field(
+        default_factory=lambda: ["resid_post"], min_length=1, max_length=4)
+    positions: Literal["prompt", "generated", "all"] = "generated"
 
 
 class SteeringCreateRequest(_Body):
