@@ -127,22 +127,22 @@ def reference_edit(case: Case, decisions: dict[int, bool], gates: dict, sums: di
     return edit
 
 
-def reference(weights, case: Case):
-    """Teacher-forced logits, captures and prompt decisions of the case, in numpy."""
+def reference(weights, case: Case, config=CONFIG):
+    """Teacher-forced logits, captures, prompt decisions and token conditions of the case."""
     decisions: dict[int, bool] = {}
     gates: dict = {}
     sums: dict = {}
     if any(t.when is not None and t.when.scope == "prompt" for t in case.terms):
         # the prompt alone first: the decision needs its mean stream, and the entry may sit at
         # an earlier layer than its condition
-        reference_forward(weights, CONFIG, case.prompt, edit=reference_edit(
+        reference_forward(weights, config, case.prompt, edit=reference_edit(
             case, decisions, gates, sums))
         for i, term in enumerate(case.terms):
             w = term.when
             if w is not None and w.scope == "prompt":
                 c = _cos(sums[i], w.vector)
                 decisions[i] = c < w.threshold if w.comparison == "less" else c > w.threshold
-    ref = reference_forward(weights, CONFIG, case.prompt + case.generated,
+    ref = reference_forward(weights, config, case.prompt + case.generated,
                             edit=reference_edit(case, decisions, gates, sums))
     return ref, decisions, gates
 
