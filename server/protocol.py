@@ -472,7 +472,7 @@ class SteeringEntry(_Body):
             raise ValueError("an entry needs `vector` (a stored id), `direction` or `add` and "
                              "`sub`")
         if forms > 1:
-            raise ValueError("an entry takes one of `vector`, `direction` or `add`/`sub`")
+            raise ValueError("an entry takes `vector`, `direction` or `add`/`sub`, not both")
         if self.direction is not None and self.layer is None and not self.layers:
             raise ValueError("a `direction` entry needs `layer` (or `layers`)")
         if self.op in ("clamp", "cap") and self.value is None:

@@ -10,13 +10,13 @@ import base64
 
 import numpy as np
 import pytest
-from tiller import BUILTIN_MODEL
 from tiller.engine.engine import Condition, Engine, SteeringTerm
 from tiller.server.app import ServerConfig
 
 from tests.test_engine import reference_weights
 from tests.test_interventions import Case, reference
 from tests.test_server import post, sse_events
+from tiller import BUILTIN_MODEL
 
 
 @pytest.fixture(scope="module")
