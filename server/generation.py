@@ -224,20 +224,24 @@ async def _merged(generations: list[Generation]) -> AsyncIterator[tuple[int, Any
 
 async def collect_states(model: Model, runner: Runner, prompts: list[list[int]],
                          blocks: Sequence[int], steering: tuple[SteeringTerm, ...] = (),
-                         final: bool = False) -> list[Captured]:
+                         final: bool = False,
+                         each: Sequence[tuple[SteeringTerm, ...]] | None = None
+                         ) -> list[Captured]:
     """Hidden states of each prompt: `states` (len(CAPTURE_POINTS), len(blocks), T, dim) and,
     with `final`, the stream after the final norm (T, dim). Computed as requests with
     max_tokens=0 in the shared batch, in waves of --parallel prompts that share steps.
+    `each`: every prompt's own steering (instead of `steering` for all).
 
     NOTE: waves, because submitting every prompt at once would need --parallel + --max-queue
     places: a long input list would be a 503 on an idle server, retried forever.
     """
     for ids in prompts:
         max_new_tokens(runner, ids, 0)
+    steerings = list(each) if each is not None else [steering] * len(prompts)
     specs = [(GenerationRequest(ids, SamplingParams(temperature=0.0), 0,
                                 capture_layers=tuple(blocks), capture_final=final,
-                                steering=steering), (), False)
-             for ids in prompts]
+                                steering=steer), (), False)
+             for ids, steer in zip(prompts, steerings, strict=True)]
     parts: list[list[Captured]] = [[] for _ in prompts]
     wave = max(1, runner.scheduler.max_running)
     for start in range(0, len(specs), wave):

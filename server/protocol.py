@@ -580,21 +580,56 @@ def _no_empty_prompt(value: Any, field: str) -> Any:
     return value
 
 
+FeaturePoint = Literal["resid_pre", "attn_out", "mlp_out", "resid_post", "logit_lens"]
+FeaturePositions = Literal["all", "last"] | Annotated[list[int], Field(min_length=1)]
+MAX_FEATURE_INPUTS = 64
+
+
+def _no_empty_positions(v: Any) -> Any:
+    if isinstance(v, list) and not v:
+        raise ValueError("positions: must not be an empty list")
+    return v
+
+
+class FeatureInput(_Body):
+    """One input of a batched /v1/features request, with its own positions and steering
+    (omitted: the request's)."""
+
+    input: NonEmptyStr | TokenIds
+    positions: FeaturePositions | None = None
+    steering: Steering | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input(cls, v: Any) -> Any:
+        return _no_empty_prompt(v, "input")
+
+    @field_validator("positions", mode="before")
+    @classmethod
+    def _positions(cls, v: Any) -> Any:
+        return _no_empty_positions(v)
+
+
 class FeaturesRequest(_Body):
-    """POST /v1/features: hidden states of one input, as a PyTorch forward hook would see them.
+    """POST /v1/features: hidden states of one input (`input`) or of several run in one shared
+    batch (`inputs`, each with its own positions and steering), as a PyTorch forward hook would
+    see them.
 
     `layers` are block indices (0..n_layers-1, negative from the end: -1 = the last block);
     `resid_pre` of block l is the stream entering it (steering's layer l), `resid_post` the
     stream leaving it (steering's layer l + 1), `attn_out`/`mlp_out` the block's attention and
-    MLP outputs before their residual adds. `positions`: "all", "last" or token indices
-    (negative from the end).
+    MLP outputs before their residual adds; `logit_lens`: the `top_k` tokens and logprobs of
+    `resid_post` read through the final norm and classifier. `positions`: "all", "last" or
+    token indices (negative from the end).
     """
 
-    input: NonEmptyStr | TokenIds
+    input: NonEmptyStr | TokenIds | None = None
+    inputs: list[FeatureInput] | None = Field(None, min_length=1, max_length=MAX_FEATURE_INPUTS)
     layers: list[int] | None = Field(None, min_length=1, max_length=1024)
-    points: list[CapturePoint] = Field(default_factory=_default_points, min_length=1,
+    points: list[FeaturePoint] = Field(default_factory=_default_points, min_length=1,
                                        max_length=16)
-    positions: Literal["all", "last"] | Annotated[list[int], Field(min_length=1)] = "all"
+    positions: FeaturePositions = "all"
+    top_k: int = Field(5, ge=1, le=20)  # logit_lens
     format: Literal["json", "npz", "safetensors"] = "json"
     steering: Steering = []
     model: str | None = None
@@ -607,9 +642,13 @@ class FeaturesRequest(_Body):
     @field_validator("positions", mode="before")
     @classmethod
     def _positions(cls, v: Any) -> Any:
-        if isinstance(v, list) and not v:
-            raise ValueError("positions: must not be an empty list")
-        return v
+        return _no_empty_positions(v)
+
+    @model_validator(mode="after")
+    def _one_input_form(self) -> FeaturesRequest:
+        if (self.input is None) == (self.inputs is None):
+            raise ValueError("input: give `input` (one) or `inputs` (a batch), not both")
+        return self
 
 
 class EmbeddingsRequest(_Body):
@@ -668,15 +707,38 @@ class LlamaEmbeddingRequest(_Body):
         return self
 
 
-class FeaturesResponse(BaseModel):
-    model: str
+class LogitLens(BaseModel):
+    """Per layer and position, the top_k tokens: (len(layers), len(positions), top_k)."""
+
+    ids: list[list[list[int]]]
+    tokens: list[list[list[str]]]
+    logprobs: list[list[list[float]]]
+
+
+class FeaturesResult(BaseModel):
     tokens: list[int]
     pieces: list[str]
     layers: list[int]
-    points: list[CapturePoint]
+    points: list[FeaturePoint]
     positions: list[int]
     shape: list[int]  # (len(layers), len(positions), dim) for every point
     data: dict[str, list[list[list[float]]]]
+    logit_lens: LogitLens | None = None
+
+
+class FeaturesResponse(BaseModel):
+    """One input: FeaturesResult's fields beside `model`; a batch (`inputs`): `results`."""
+
+    model: str
+    tokens: list[int] | None = None
+    pieces: list[str] | None = None
+    layers: list[int] | None = None
+    points: list[FeaturePoint] | None = None
+    positions: list[int] | None = None
+    shape: list[int] | None = None
+    data: dict[str, list[list[list[float]]]] | None = None
+    logit_lens: LogitLens | None = None
+    results: list[FeaturesResult] | None = None
 
 
 class EmbeddingData(BaseModel):

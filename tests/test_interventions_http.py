@@ -13,6 +13,7 @@ import pytest
 from tiller.engine.engine import Condition, Engine, SteeringTerm
 from tiller.server.app import ServerConfig
 
+from tests.reference import reference_forward, rmsnorm
 from tests.test_engine import reference_weights
 from tests.test_interventions import Case, reference
 from tests.test_server import post, sse_events
@@ -236,3 +237,66 @@ async def test_bad_input_is_a_400_naming_the_field(client, offline, change, para
     out = await post(client, route, {**base, "max_tokens": 2, **change(d)}, status=400)
     assert out["error"]["param"] == param, out
     assert words in out["error"]["message"], out
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64) - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+async def test_logit_lens_equals_the_reference(client, model, offline):
+    config, weights = offline
+    ids = model.tokenizer.encode("Once upon a time, there was a little dog", bos=True)
+    out = await post(client, "/v1/features", {"input": ids, "layers": [1, -1],
+                                              "points": ["logit_lens", "resid_post"],
+                                              "positions": [2, -1], "top_k": 4})
+    ref = reference_forward(weights, config, ids)
+    classifier = weights.get("classifier", weights["token_embedding"])
+    lens = out["logit_lens"]
+    for j, block in enumerate((1, config.n_layers - 1)):
+        h = ref["resid_post"][block][[2, len(ids) - 1]]
+        lp = _log_softmax(rmsnorm(h, weights["final_norm"], config.norm_eps) @ classifier.T)
+        want = np.argsort(-lp, axis=-1, kind="stable")[:, :4]
+        assert lens["ids"][j] == want.tolist()
+        np.testing.assert_allclose(lens["logprobs"][j], np.take_along_axis(lp, want, -1),
+                                   atol=1e-4)
+        assert lens["tokens"][j][0][0] == model.tokenizer.piece_bytes(
+            int(want[0, 0])).decode("utf-8", "replace")
+    # the last block's lens is the model's own next-token distribution
+    np.testing.assert_allclose(lens["logprobs"][1][1], np.sort(_log_softmax(
+        ref["logits"][-1]))[::-1][:4], atol=1e-4)
+
+
+async def test_a_features_batch_equals_each_input_alone(client, offline):
+    config, _ = offline
+    d = vec(7, config.dim).tolist()
+    inputs = [{"input": "Once upon a time"},
+              {"input": "The cat sat", "positions": "last",
+               "steering": [{"direction": d, "layer": 2, "op": "ablate"}]},
+              {"input": [1, 50, 60, 70], "steering": [{"direction": d, "layer": 1,
+                                                       "scale": 3.0, "positions": [1, 3]}]}]
+    common = {"layers": [0, 2], "points": ["resid_pre", "mlp_out", "logit_lens"], "top_k": 3}
+    batch = await post(client, "/v1/features", {"inputs": inputs, **common})
+    assert len(batch["results"]) == 3
+    for item, got in zip(inputs, batch["results"], strict=True):
+        alone = await post(client, "/v1/features", {**item, **common})
+        assert got == {k: v for k, v in alone.items() if k != "model"}
+    # the second input's own steering changed its states, and only its own
+    plain = await post(client, "/v1/features", {"input": "The cat sat", "positions": "last",
+                                                **common})
+    assert plain["data"]["mlp_out"] != batch["results"][1]["data"]["mlp_out"]
+    assert batch["results"][0] == {k: v for k, v in (await post(
+        client, "/v1/features", {"input": "Once upon a time", **common})).items()
+        if k != "model"}
+
+
+async def test_features_batch_errors_name_the_input(client):
+    out = await post(client, "/v1/features", {"inputs": [{"input": "a"}, {"input": ""}]},
+                     status=400)
+    assert out["error"]["param"] == "inputs", out
+    out = await post(client, "/v1/features", {"input": "a", "inputs": [{"input": "b"}]},
+                     status=400)
+    assert "not both" in out["error"]["message"]
+    out = await post(client, "/v1/features", {"inputs": [{"input": "a", "positions": [9]}]},
+                     status=400)
+    assert out["error"]["param"] == "positions" and "9" in out["error"]["message"], out
