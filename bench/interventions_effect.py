@@ -236,7 +236,7 @@ async def run(url: str, tokens: int, prompts: int) -> dict[str, Any]:
 
 def report(result: dict[str, Any]) -> None:
     a, c = result["ablation"], result["cast"]
-    print(f"ablation ({a['prompts']} corpus stories cut before their last mood word): mean "
+    print(f"ablation ({a['prompts']} corpus stories cut before their first mood word): mean "
           "P(the happy word) / P(happy or sad word)")
     print(f"  {'':<10} {'happy stories':>14} {'sad stories':>12}")
     for label in ("unsteered", "ablated", "subspace"):

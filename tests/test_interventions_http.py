@@ -300,3 +300,31 @@ async def test_features_batch_errors_name_the_input(client):
     out = await post(client, "/v1/features", {"inputs": [{"input": "a", "positions": [9]}]},
                      status=400)
     assert out["error"]["param"] == "positions" and "9" in out["error"]["message"], out
+
+
+async def test_the_python_client_gives_readings_as_numpy(client, offline):
+    from tiller_client import AsyncClient
+
+    config, _ = offline
+    js, _ = entries(config.dim)
+    body = {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0, "steering": js,
+            "readouts": readouts(config.dim), "readout_prompt": True, "hidden_states": HIDDEN}
+    raw = (await post(client, "/v1/completions", body))["choices"][0]
+    async with AsyncClient(str(client.make_url("")).rstrip("/")) as tc:
+        done = await tc.complete("Once upon a time", max_tokens=8, temperature=0, steering=js,
+                                 readouts=body["readouts"], readout_prompt=True,
+                                 hidden_states=HIDDEN)
+        r = done.choices[0].readings
+        assert r is not None and r.layers == [0, 3] and r.points == HIDDEN["points"]
+        np.testing.assert_array_equal(r.projection("mood"), raw["readouts"]["mood"]["projection"])
+        np.testing.assert_array_equal(r.prompt_readouts["mlp"]["cosine"],
+                                      raw["prompt_readouts"]["mlp"]["cosine"])
+        np.testing.assert_array_equal(r.hidden_states["generated"],
+                                      decode(raw["hidden_states"]["generated"]))
+        assert r.hidden_states["prompt"].shape == (2, 2, 5, config.dim)
+        assert r.conditions == raw["steering_conditions"]
+        stream = await tc.stream_complete("Once upon a time", max_tokens=8, temperature=0,
+                                          steering=js, readouts=body["readouts"])
+        parts = [c.readings.projection("mood") async for c in stream if c.readings
+                 and c.readings.readouts]
+    np.testing.assert_array_equal(np.concatenate(parts), r.projection("mood"))
