@@ -173,17 +173,14 @@ def step_arrays(seqs: list[SeqInterventions | None], positions: np.ndarray, star
         pos = positions[starts[s]:starts[s + 1]]
         cvecs = [vec(c.vector) for c in si.conditions]
         gate_of: dict[tuple[int, int], int] = {}  # (token, cond) -> gate row
-        for c, cond in enumerate(si.conditions):
-            if cond.scope == "prompt":
-                if c in si.decisions:
-                    continue
-                for i in np.nonzero(pos < si.prompt_len)[0]:
+        for c, condition in enumerate(si.conditions):
+            if condition.scope == "prompt" and c not in si.decisions:
+                for j in np.nonzero(pos < si.prompt_len)[0].tolist():
                     layout.sums[s].append((c, len(sums)))
-                    sums.append((cond.layer, t0 + int(i), len(sums)))
+                    sums.append((condition.layer, t0 + j, len(sums)))
         for k, op in enumerate(si.ops):
             cond = si.conditions[op.cond] if op.cond >= 0 else None
-            for i, p in enumerate(pos):
-                p = int(p)
+            for i, p in enumerate(pos.tolist()):
                 if not op.start <= p < op.end or (op.rows and p >= len(op.vector)):
                     continue
                 gate = -1

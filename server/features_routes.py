@@ -38,6 +38,7 @@ from .protocol import (
     EmbeddingsRequest,
     EmbeddingsResponse,
     FeatureInput,
+    FeaturePoint,
     FeaturesRequest,
     FeaturesResponse,
     LlamaEmbeddingRequest,
@@ -214,7 +215,7 @@ class _FeatureRequest(NamedTuple):
     ids: list[int]
     layers: list[int]
     positions: list[int]
-    points: list[str]
+    points: list[FeaturePoint]
 
 
 def _prepare_features(state: ServerState, model: Model, runner: Runner,

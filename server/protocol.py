@@ -504,12 +504,16 @@ MAX_READOUTS = 16
 Readouts = Annotated[list[ReadoutSpec], Field(max_length=MAX_READOUTS)]
 
 
+def _resid_post() -> list[Any]:
+    return ["resid_post"]
+
+
 class HiddenStates(_Body):
     """Hidden states returned with a completion, base64 float32 with their shapes."""
 
     layers: list[int] = Field(min_length=1, max_length=1024)  # blocks, as /v1/features
     points: list[Literal["resid_pre", "attn_out", "mlp_out", "resid_post"]] = Field(
-        default_factory=lambda: ["resid_post"], min_length=1, max_length=4)
+        default_factory=lambda: _resid_post(), min_length=1, max_length=4)
     positions: Literal["prompt", "generated", "all"] = "generated"
 
 
@@ -626,7 +630,7 @@ class FeaturesRequest(_Body):
     input: NonEmptyStr | TokenIds | None = None
     inputs: list[FeatureInput] | None = Field(None, min_length=1, max_length=MAX_FEATURE_INPUTS)
     layers: list[int] | None = Field(None, min_length=1, max_length=1024)
-    points: list[FeaturePoint] = Field(default_factory=_default_points, min_length=1,
+    points: list[FeaturePoint] = Field(default_factory=lambda: _resid_post(), min_length=1,
                                        max_length=16)
     positions: FeaturePositions = "all"
     top_k: int = Field(5, ge=1, le=20)  # logit_lens

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..engine.cvec import ControlVector, read_control_vector, write_control_vector
 from ..engine.engine import Condition, EngineError, Readout, SteeringTerm
+from ..engine.interventions import Positions
 from ..engine.layers import capture_blocks, normalize_block, normalize_layer, stream_at
 from ..engine.steering import actadd_tokens, check_control_request, directions_from_states
 from .errors import ApiError
@@ -171,7 +172,8 @@ async def resolve_steering(state: ServerState, entries: list[SteeringEntry],
         base = await _entry_terms(state, model, e, where, field)
         when = None if e.when is None else await _condition(state, model, e.when, i,
                                                             f"{where}.when", field)
-        positions = tuple(e.positions) if isinstance(e.positions, list) else e.positions
+        positions: Positions = ((e.positions[0], e.positions[1])
+                                if isinstance(e.positions, list) else e.positions)
         if e.op != "add" and any(not t.every_position and t.vectors.ndim == 2
                                  and t.vectors.shape[0] != 1 for t in base):
             raise ApiError(400, f"{where}.op: {e.op} needs a direction; an ActAdd vector has "
