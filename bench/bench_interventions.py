@@ -44,15 +44,15 @@ def _unit(rng: np.random.Generator, dim: int) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def intervention(i: int, n_layers: int, dim: int, prompt: int, rng: np.random.Generator
-                 ) -> tuple[list[SteeringTerm], list[Readout]]:
+def intervention(i: int, n_layers: int, dim: int, prompt: int, context: int,
+                 rng: np.random.Generator) -> tuple[list[SteeringTerm], list[Readout]]:
     """Request i's scoped operator and two readouts; layers and kinds vary across the batch."""
     layer = 1 + i % n_layers
     d = _unit(rng, dim)
     kinds = [
         dict(op="ablate", positions="generated"),
         dict(op="clamp", value=1.0, positions="generated", norm_match=True),
-        dict(op="cap", value=0.5, positions=(prompt, 10**4)),
+        dict(op="cap", value=0.5, positions=(prompt, context)),
         dict(op="add", scale=2.0, positions="generated",
              when=Condition(_unit(rng, dim), layer - 1, 0.0, scope="token")),
     ]
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     vocab = config.vocab_size
     plain: list[Sequence] = [engine.new_sequence() for _ in range(BATCH)]
-    sets = [intervention(i, config.n_layers, config.dim, PROMPT_TOKENS, rng)
+    sets = [intervention(i, config.n_layers, config.dim, PROMPT_TOKENS, config.max_seq_len, rng)
             for i in range(BATCH)]
     steered: list[Sequence] = [engine.new_sequence(t, r, prompt_len=PROMPT_TOKENS)
                                for t, r in sets]
