@@ -155,7 +155,7 @@ class ChoiceReadings:
                     name: {"projection": [_finite(x) for x in pr[:, k, 0]],
                            "cosine": [_finite(x) for x in pr[:, k, 1]]}
                     for k, name in enumerate(s.names)}
-        if s.layers:
+        if s.layers and (final or s.positions != "prompt"):
             hs: dict[str, Any] = {"layers": list(s.layers), "points": list(s.points)}
             dim_shape = (len(s.points), len(s.layers), 0)
             if s.positions != "prompt":
