@@ -221,8 +221,7 @@ class Engine:
         for i, term in enumerate(terms):
             if term.plain:
                 continue
-            rows = term.op == "add" and not term.every_position and \
-                np.asarray(term.vectors).ndim == 2 and term.vectors.shape[0] != 1
+            rows = term.op == "add" and not term.every_position  # ActAdd: row p at position p
             v = np.asarray(term.vectors, np.float32)
             v = v.reshape(-1, c.dim) if rows else v.reshape(c.dim)
             if term.op == "add":

@@ -650,7 +650,9 @@ class FeaturesRequest(_Body):
 
     @model_validator(mode="after")
     def _one_input_form(self) -> FeaturesRequest:
-        if (self.input is None) == (self.inputs is None):
+        if self.input is None and self.inputs is None:
+            raise ValueError("input: Field required (`input`, or `inputs` for a batch)")
+        if self.input is not None and self.inputs is not None:
             raise ValueError("input: give `input` (one) or `inputs` (a batch), not both")
         return self
 

@@ -75,7 +75,7 @@ def _operate(x: np.ndarray, term: SteeringTerm, p: int) -> np.ndarray:
     before = np.linalg.norm(x)
     v = np.asarray(term.vectors, np.float64)
     if term.op == "add":
-        if v.ndim == 2 and v.shape[0] > 1 and not term.every_position:
+        if not term.every_position:  # ActAdd rows: row p at position p
             v = v[p]
         x = x + term.scale * v.reshape(-1)
     else:
@@ -112,8 +112,7 @@ def reference_edit(case: Case, decisions: dict[int, bool], gates: dict, sums: di
                 continue
             start, end = _scope(term, P)
             for t, p in enumerate(int(p) for p in positions):
-                rows = term.op == "add" and not term.every_position and \
-                    np.asarray(term.vectors).ndim == 2 and len(term.vectors) > 1
+                rows = term.op == "add" and not term.every_position
                 if not start <= p < end or (rows and p >= len(term.vectors)):
                     continue
                 w = term.when
@@ -216,6 +215,8 @@ CASES = {
     "add_prompt": [control(2, 11, scale=-1.5, positions="prompt")],
     "add_range_norm_match": [control(1, 12, positions=(4, 11), norm_match=True)],
     "actadd_range": [SteeringTerm(1, rand(13, 7, DIM), 1.5, positions=(2, 12))],
+    "actadd_one_row_generated": [SteeringTerm(2, rand(34, 1, DIM), 2.0, positions=(0, 5),
+                                              norm_match=True)],
     "ablate": [control(1, 14, op="ablate"), control(3, 14, op="ablate")],
     "ablate_norm_match_prompt": [control(2, 15, op="ablate", norm_match=True,
                                          positions="prompt")],
