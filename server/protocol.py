@@ -281,7 +281,48 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
-class CompletionChoice(BaseModel):
+class ReadoutSeries(BaseModel):
+    """One readout per token: the projection on the unit direction, and the cosine."""
+
+    projection: list[float | None]
+    cosine: list[float | None]
+
+
+class EncodedArray(BaseModel):
+    """base64 of little-endian float32, with its shape (points, layers, tokens, dim)."""
+
+    shape: list[int]
+    dtype: Literal["float32"]
+    data: str
+
+
+class HiddenStatesOut(BaseModel):
+    layers: list[int]
+    points: list[str]
+    generated: EncodedArray | None = None
+    prompt: EncodedArray | None = None
+
+
+class ConditionReport(BaseModel):
+    """A CAST decision: once per prompt (scope "prompt"), or per generated token ("token")."""
+
+    entry: int
+    scope: Literal["prompt", "token"]
+    layer: int | None = None
+    similarity: float | list[float | None]
+    fired: bool | list[bool | None]
+
+
+class Readings(BaseModel):
+    """What a choice reads besides its text (readouts, hidden_states, CAST's decisions)."""
+
+    readouts: dict[str, ReadoutSeries] | None = None
+    prompt_readouts: dict[str, ReadoutSeries] | None = None
+    hidden_states: HiddenStatesOut | None = None
+    steering_conditions: list[ConditionReport] | None = None
+
+
+class CompletionChoice(Readings):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
@@ -323,7 +364,7 @@ class ChatResponseMessage(BaseModel):
     content: str
 
 
-class ChatChoice(BaseModel):
+class ChatChoice(Readings):
     index: int
     message: ChatResponseMessage
     logprobs: ChatChoiceLogprobs | None = None
@@ -341,7 +382,7 @@ class ChatCompletionResponse(BaseModel):
     timings: Timings | None = None  # llama.cpp's
 
 
-class ChatChunkChoice(BaseModel):
+class ChatChunkChoice(Readings):
     index: int
     delta: ChatDelta
     logprobs: ChatChoiceLogprobs | None = None
@@ -375,7 +416,7 @@ class LlamaTokenProbs(LlamaTokenProb):
     top_probs: list[LlamaTokenProb] | None = None
 
 
-class LlamaCompletionResponse(BaseModel):
+class LlamaCompletionResponse(Readings):
     content: str
     tokens: list[int] = []
     id_slot: int = 0

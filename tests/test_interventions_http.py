@@ -328,3 +328,12 @@ async def test_the_python_client_gives_readings_as_numpy(client, offline):
         parts = [c.readings.projection("mood") async for c in stream if c.readings
                  and c.readings.readouts]
     np.testing.assert_array_equal(np.concatenate(parts), r.projection("mood"))
+
+
+async def test_the_openapi_document_describes_the_new_fields(client):
+    doc = await (await client.get("/openapi.json")).json()
+    text = str(doc)
+    for name in ("readouts", "readout_prompt", "hidden_states", "norm_match", "when",
+                 "steering_conditions", "logit_lens", "inputs", "top_k"):
+        assert f"'{name}'" in text, name
+    assert "'ablate'" in text and "'cap'" in text and "'generated'" in text
