@@ -228,7 +228,15 @@ def _prepare_features(state: ServerState, model: Model, runner: Runner,
         block_index(model, b, f"layers[{i}]") for i, b in enumerate(body.layers)]
     points = list(dict.fromkeys(body.points))  # repeated names once, in the order given
     dim = model.engine.config.dim
-    width = sum(dim if p != "logit_lens" else 2 * body.top_k for p in points)
+    n_points = sum(p != "logit_lens" for p in points)
+    lens = 2 * body.top_k if "logit_lens" in points else 0  # ids and logprobs
+    width = n_points * dim + lens
+
+    def what(n: int) -> str:
+        if lens:
+            return (f"positions x layers x (points x width + 2 x top_k) = {n} x {len(layers)} "
+                    f"x ({n_points} x {dim} + 2 x {body.top_k})")
+        return f"positions x layers x points x width = {n} x {len(layers)} x {n_points} x {dim}"
     batch = body.inputs is not None
     given = body.inputs if body.inputs is not None else [
         FeatureInput.model_construct(input=body.input, positions=body.positions)]
@@ -238,15 +246,13 @@ def _prepare_features(state: ServerState, model: Model, runner: Runner,
         where = f"inputs[{i}]." if batch else ""
         wanted = item.positions if item.positions is not None else body.positions
         if isinstance(wanted, list):  # known before the input is tokenized
-            check_budget(state, total + len(wanted) * len(layers) * width,
-                         f"positions x layers x values per position = {len(wanted)} x "
-                         f"{len(layers)} x {width}", f"{where}positions")
+            check_budget(state, total + len(wanted) * len(layers) * width, what(len(wanted)),
+                         f"{where}positions")
         assert item.input is not None  # one of input and inputs: checked by the model
         ids = input_ids(model, runner, item.input, f"{where}input")
         positions = token_positions(wanted, len(ids))
         total += len(positions) * len(layers) * width
-        check_budget(state, total, f"positions x layers x values per position = "
-                     f"{len(positions)} x {len(layers)} x {width}", f"{where}positions")
+        check_budget(state, total, what(len(positions)), f"{where}positions")
         out.append(_FeatureRequest(ids, layers, positions, points))
     return out
 
