@@ -14,7 +14,10 @@ Hooks are plain arguments:
 - final capture: tokens with final_rows[t] >= 0 get the stream after the final norm (what the
   classifier reads, embeddings' default) in final_out[final_rows[t]];
 - logits: tokens with want_logits[t] get the final norm and classifier, their rows of `logits`
-  in token order; other tokens (the inside of a prefill) skip them.
+  in token order; other tokens (the inside of a prefill) skip them;
+- interventions (`iv`, engine/interventions.py): at each stream layer, conditions read the
+  stream first, then the additions above, then the ops (ablate, clamp, cap, gated or scoped
+  additions); readouts read each capture point. Empty tables cost nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
+from . import interventions as IV
 from . import kernels as K
 
 CAPTURE_POINTS = ("resid_pre", "attn_out", "mlp_out", "resid_post")
@@ -88,7 +92,7 @@ def _any_steering(steer_index):
 @njit(**K._opts)
 def forward_step(w, ws, dims, eps, tokens, positions, seq_index, block_tables, k_cache, v_cache,
                  steer_index, steer_vecs, cap_slot, cap_rows, cap_out, final_rows, final_out,
-                 want_logits, logits):
+                 want_logits, logits, iv):
     """Run every layer for T tokens; see the module docstring for the hook arguments.
 
     dims = (n_layers, dim, hidden_dim, n_heads, n_kv_heads, head_dim)
@@ -105,13 +109,21 @@ def forward_step(w, ws, dims, eps, tokens, positions, seq_index, block_tables, k
     xa_d, xs_d, xc_d = _inputs(ws, T, w.wqkv.shape[2])  # inputs of width dim
     xa_h, xs_h, xc_h = _inputs(ws, T, w.w2.shape[2])  # inputs of width hidden_dim
     steering = _any_steering(steer_index)
+    intervening = IV.any_interventions(iv)
+    reading = IV.any_readouts(iv)
     K.embed(x, tokens, w.embedding, w.embedding_scales)
     for layer in range(n_layers):
+        if intervening:
+            IV.observe(x, iv, layer)
         if steering:
             _steer(x, steer_index, steer_vecs, layer)
+        if intervening:
+            IV.apply_ops(x, iv, layer)
         slot = cap_slot[layer]
         if slot >= 0:
             _capture(cap_out, 0, slot, cap_rows, x)
+        if reading:
+            IV.readout(x, iv, layer * 4)
         # attention
         K.norm_load(xb, x, w.attn_norm[layer], eps, xa_d, xs_d, xc_d)
         K.linear(qkv, xa_d, xs_d, xc_d, w.wqkv[layer], w.wqkv_scales[layer])
@@ -123,6 +135,8 @@ def forward_step(w, ws, dims, eps, tokens, positions, seq_index, block_tables, k
         K.linear(proj, xa_d, xs_d, xc_d, w.wo[layer], w.wo_scales[layer])
         if slot >= 0:
             _capture(cap_out, 1, slot, cap_rows, proj)
+        if reading:
+            IV.readout(proj, iv, layer * 4 + 1)
         # feed-forward: the residual add is fused with its norm and quantization
         K.add_norm_load(x, proj, xb, w.ffn_norm[layer], eps, xa_d, xs_d, xc_d)
         K.linear(h13, xa_d, xs_d, xc_d, w.w13[layer], w.w13_scales[layer])
@@ -130,11 +144,19 @@ def forward_step(w, ws, dims, eps, tokens, positions, seq_index, block_tables, k
         K.linear(proj, xa_h, xs_h, xc_h, w.w2[layer], w.w2_scales[layer])
         if slot >= 0:
             _capture(cap_out, 2, slot, cap_rows, proj)
+        if reading:
+            IV.readout(proj, iv, layer * 4 + 2)
         K.add_into(x, proj)
         if slot >= 0:
             _capture(cap_out, 3, slot, cap_rows, x)
+        if reading:
+            IV.readout(x, iv, layer * 4 + 3)
+    if intervening:
+        IV.observe(x, iv, n_layers)
     if steering:
         _steer(x, steer_index, steer_vecs, n_layers)
+    if intervening:
+        IV.apply_ops(x, iv, n_layers)
     _capture_final(final_out, final_rows, x, w.final_norm, eps)
     # classifier, only for the tokens whose logits are wanted, in token order
     n_out = 0

@@ -26,7 +26,8 @@ from .protocol import (
     CompletionResponse,
     StreamOptions,
 )
-from .runner import PromptLogprobs
+from .readings import prepare_readings
+from .runner import PromptLogprobs, PromptReadings
 from .state import STATE, TOKENS, Model
 from .steering_service import request_steering
 from .tool_parser import ArgumentsDelta, CallStart, ContentDelta, Event, ToolCallParser
@@ -115,6 +116,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     body = state.config.sampling.fill(await read_body(request, CompletionRequest))
     steering = await request_steering(state, body)
     prepared = await state.run(completion_choices, model, runner, body, steering)
+    prepared, readings = await prepare_readings(state, body, steering, prepared)
     generations = start_generations(model, runner, [c.spec for c in prepared])
     choices = [_CompletionChoice(model, c.echo, c.prompt, body.logprobs) for c in prepared]
     rid = f"cmpl-{uuid.uuid4().hex}"
@@ -138,11 +140,15 @@ async def completions(request: web.Request) -> web.StreamResponse:
                 await sse.send({**head, "choices": [{
                     "index": i, "text": choice.text, "logprobs": choice.logprobs_body(),
                     "finish_reason": None}]})
+        elif isinstance(event, PromptReadings):
+            readings[i].add_prompt(event)
         elif isinstance(event, Piece):
             fragment = choice.add(event)
+            read = readings[i].add(event)
             if sse and (event.text or fragment):
                 chunk = {**head, "choices": [{"index": i, "text": event.text,
-                                              "logprobs": fragment, "finish_reason": None}]}
+                                              "logprobs": fragment, "finish_reason": None,
+                                              **(read or {})}]}
                 if body.timings_per_token:
                     chunk["timings"] = generations[i].timings()
                 await sse.send(chunk)
@@ -152,7 +158,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
                 if finish_chunk is not None:
                     await sse.send(finish_chunk)
                 finish_chunk = {**head, "choices": [{"index": i, "text": "", "logprobs": None,
-                                                     "finish_reason": event.finish_reason}]}
+                                                     "finish_reason": event.finish_reason,
+                                                     **readings[i].tail(event.decisions)}]}
     if sse and sse.failed:
         return sse.response
     prompt_tokens = sum(len(c.prompt_ids) for c in choices[::body.n])
@@ -165,7 +172,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
         return await sse.close()
     return json_response({**head, "choices": [
         {"index": i, "text": c.text, "logprobs": c.logprobs_body(),
-         "finish_reason": outcomes[i].finish_reason} for i, c in enumerate(choices)],
+         "finish_reason": outcomes[i].finish_reason,
+         **readings[i].body(outcomes[i].decisions)} for i, c in enumerate(choices)],
         "usage": usage, "timings": timings})
 
 
@@ -245,6 +253,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = state.config.sampling.fill(await read_body(request, ChatCompletionRequest))
     steering = await request_steering(state, body)
     prepared = await state.run(chat_choices, model, runner, body, steering)
+    prepared, readings = await prepare_readings(state, body, steering, prepared)
     generations = start_generations(model, runner, [c.spec for c in prepared])
     ids = prepared[0].prompt
     rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -262,15 +271,21 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 "finish_reason": None}]})
     finish_chunk: dict | None = None  # held back: llama.cpp's timings go on the last chunk
     async for i, event in merged(generations, sse):
-        if isinstance(event, Piece | Outcome):
+        if isinstance(event, PromptReadings):
+            readings[i].add_prompt(event)
+        elif isinstance(event, Piece | Outcome):
             deltas = choices[i].add(event) if isinstance(event, Piece) else choices[i].finish()
+            read = readings[i].add(event) if isinstance(event, Piece) else None
+            if read and not deltas:  # NOTE: text the tool parser holds back has readings too
+                deltas = [({}, [])]
             for delta, entries in deltas:
                 if sse is None:
                     break
                 chunk = {**chunk_head, "choices": [{
                     "index": i, "delta": delta,
                     "logprobs": {"content": entries} if body.logprobs else None,
-                    "finish_reason": None}]}
+                    "finish_reason": None, **(read or {})}]}
+                read = None
                 if body.timings_per_token:
                     chunk["timings"] = generations[i].timings()
                 await sse.send(chunk)
@@ -281,7 +296,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                     await sse.send(finish_chunk)
                 finish_chunk = {**chunk_head, "choices": [{
                     "index": i, "delta": {}, "logprobs": None,
-                    "finish_reason": choices[i].finish_reason(event)}]}
+                    "finish_reason": choices[i].finish_reason(event),
+                    **readings[i].tail(event.decisions)}]}
     if sse and sse.failed:
         return sse.response
     completion_tokens = sum(o.completion_tokens for o in outcomes.values())
@@ -294,7 +310,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return json_response({**head, "object": "chat.completion", "choices": [
         {"index": i, "message": c.message(),
          "logprobs": {"content": c.entries} if body.logprobs else None,
-         "finish_reason": c.finish_reason(outcomes[i])} for i, c in enumerate(choices)],
+         "finish_reason": c.finish_reason(outcomes[i]),
+         **readings[i].body(outcomes[i].decisions)} for i, c in enumerate(choices)],
         "usage": usage, "timings": timings})
 
 

@@ -14,6 +14,7 @@ mode additionally reads `name + "_q8"` entries: (int8 values, float32 scales) pa
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ LAYER_MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 CAPTURE_NAMES = ("resid_pre", "attn_out", "mlp_out", "resid_post")
 
 Steering = dict[int, np.ndarray]
+Edit = Callable[[int, np.ndarray, np.ndarray], np.ndarray]  # (layer, x (T, dim), positions)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,7 +236,8 @@ def _steering_rows(vec: np.ndarray, positions: np.ndarray) -> np.ndarray:
 
 def _forward_chunk(weights: dict[str, Any], config: ModelConfig, tokens: np.ndarray,
                    cache: KVCache, linear: _Linear, steering: Steering,
-                   captures: dict[str, np.ndarray] | None) -> np.ndarray:
+                   captures: dict[str, np.ndarray] | None, edit: Edit | None = None
+                   ) -> np.ndarray:
     """Runs `tokens` at positions cache.length.. against the cache -> logits (T, vocab).
 
     Appends the chunk's keys and values to the cache; fills `captures` (L, T, dim) if given.
@@ -245,6 +248,8 @@ def _forward_chunk(weights: dict[str, Any], config: ModelConfig, tokens: np.ndar
     end = start + t
     x = linear.embed(tokens)                                                # (T, dim)
     for layer in range(config.n_layers):
+        if edit is not None:
+            x = edit(layer, x, positions)
         if layer in steering:
             x = x + _steering_rows(steering[layer], positions)
         if captures is not None:
@@ -274,6 +279,8 @@ def _forward_chunk(weights: dict[str, Any], config: ModelConfig, tokens: np.ndar
             captures["mlp_out"][layer] = mlp_out
             captures["resid_post"][layer] = x
     cache.length = end
+    if edit is not None:
+        x = edit(config.n_layers, x, positions)
     if config.n_layers in steering:  # after the last layer, before the final norm
         x = x + _steering_rows(steering[config.n_layers], positions)
     x = rmsnorm(x, weights["final_norm"], config.norm_eps)
@@ -291,13 +298,15 @@ def _check_tokens(tokens: Any, config: ModelConfig) -> np.ndarray:
 
 def reference_forward(weights: dict[str, Any], config: ModelConfig, tokens: list[int], *,
                       quantized: bool = False, steering: Steering | None = None,
-                      capture: bool = True) -> dict[str, np.ndarray]:
+                      capture: bool = True, edit: Edit | None = None) -> dict[str, np.ndarray]:
     """All positions of one sequence from position 0 (teacher forcing).
 
     Returns `logits` (T, vocab) and, when `capture`, the residual-stream tensors (L, T, dim):
     `resid_pre` (entering layer l, after its steering addition), `attn_out` (after wo, before
     the residual add), `mlp_out` (after w2, before the residual add), `resid_post` (leaving l).
     `steering` maps layer -> (T_s, dim) added at positions 0..T_s-1, or (dim,) added everywhere.
+    `edit(layer, x, positions) -> x` rewrites the stream entering each layer (0..n_layers)
+    before `steering` is added (any intervention, written by the test).
     """
     toks = _check_tokens(tokens, config)
     if len(toks) > config.max_seq_len:
@@ -309,7 +318,7 @@ def reference_forward(weights: dict[str, Any], config: ModelConfig, tokens: list
                     for name in CAPTURE_NAMES}
     cache = KVCache.empty(config, t)
     logits = _forward_chunk(weights, config, toks, cache, _Linear(weights, quantized),
-                            _check_steering(steering, config), captures)
+                            _check_steering(steering, config), captures, edit)
     return {"logits": logits, **(captures or {})}
 
 
