@@ -150,5 +150,5 @@ def forward_step(w, ws, dims, eps, tokens, positions, seq_index, block_tables, k
             n_out += 1
     if n_out > 0:
         xa, xs, xc = _inputs(ws, n_out, w.classifier.shape[1])
-        K.norm_load(att[:n_out], xb[:n_out], w.final_norm, eps, xa, xs, xc)
+        K.norm_load(att[:n_out, :dim], xb[:n_out], w.final_norm, eps, xa, xs, xc)
         K.linear(logits[:n_out], xa, xs, xc, w.classifier, w.classifier_scales)
