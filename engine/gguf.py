@@ -472,8 +472,6 @@ def _expected(config: ModelConfig) -> dict[str, tuple[str, int | None, tuple[int
             out[f"blk.{layer}.{part}.weight"] = (ours, layer, shapes[ours][1:])
         for part, ours in ARCH_VECTORS.get(config.arch, {}).items():
             out[f"blk.{layer}.{part}"] = (ours, layer, shapes[ours][1:])
-    if config.rope_factors:  # read into the config already; checked here as a tensor
-        out["rope_freqs.weight"] = ("rope_freqs", None, (config.head_dim // 2,))
     return out
 
 
@@ -545,6 +543,8 @@ def load_gguf(path: str | os.PathLike[str]) -> Checkpoint:
     shared = "output.weight" not in f.tensors
     config = _config(f, arch, _vocab_size(f), shared)
     expected = _expected(config)
+    if "rope_freqs.weight" in f.tensors:  # read into config.rope_factors; checked as a tensor
+        expected["rope_freqs.weight"] = ("rope_freqs", None, (config.head_dim // 2,))
     _check_tensors(f, config, expected)
     by_name: dict[str, list[TensorInfo]] = {}
     stacked: set[str] = set()
