@@ -20,6 +20,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as T
 from tiller.engine.config import ModelConfig, llama3_rope_factors
+from tiller.engine.engine import Engine, SeqRequest
 
 import tests.reference as reference
 
@@ -213,3 +214,41 @@ def prompt(spec: Spec, n: int = 12) -> list[int]:
     rng = np.random.default_rng(1000 + spec.seed)
     lo, hi = (259, VOCAB_SIZE) if spec.vocab == "spm" else (0, VOCAB_SIZE - 3)
     return [int(t) for t in rng.integers(lo, hi, n)]
+
+
+# -----------------------------------------------------------------------------------------------
+# comparing with llama.cpp's runs (tests/test_llamacpp_fixtures.py, bench/arch_table.py)
+
+
+def greedy(engine: Engine, prompt: list[int], steps: int) -> list[int]:
+    """`steps` argmax tokens after `prompt` (one prefill step, then one token a step)."""
+    seq = engine.new_sequence()
+    logits = engine.step([SeqRequest(seq, prompt)])[0].logits
+    out: list[int] = []
+    for step in range(steps):
+        out.append(int(np.argmax(logits)))
+        if step + 1 < steps:
+            logits = engine.step([SeqRequest(seq, [out[-1]])])[0].logits
+    engine.release(seq)
+    return out
+
+
+def agreeing(a: list[int], b: list[int]) -> int:
+    """How many tokens two greedy runs share from the start."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                min(len(a), len(b)))
+
+
+def logit_difference(engine: Engine, request: dict[str, Any], run: dict[str, Any]
+                     ) -> tuple[float, float]:
+    """max |tiller - llama.cpp| over the top logits a fixture recorded, and the largest of
+    them; tiller reads llama.cpp's tokens, so a late divergence cannot hide a difference."""
+    prompt, tokens = request["prompt"], run["tokens"]
+    rows = engine.forward_all(prompt + tokens[:-1]).logits
+    diff, scale = 0.0, 0.0
+    for step, kept in run["logits"].items():
+        got = rows[len(prompt) - 1 + int(step)][kept["ids"]]
+        want = np.array(kept["logits"], np.float32)
+        diff = max(diff, float(np.abs(got - want).max()))
+        scale = max(scale, float(np.abs(want).max()))
+    return diff, scale
