@@ -360,7 +360,10 @@ def load_llama2c(path: str | os.PathLike[str]) -> Checkpoint:
     size = path.stat().st_size
     version, params, shared, group_size = _parse_header(path, size)
     try:
-        config = ModelConfig(**params, shared_classifier=shared)
+        p = params
+        config = ModelConfig(p["dim"], p["hidden_dim"], p["n_layers"], p["n_heads"],
+                             p["n_kv_heads"], p["vocab_size"], p["max_seq_len"],
+                             shared_classifier=shared)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from e
     fmt, file_group_size = _pick_layout(path, version, config, group_size, size)
