@@ -361,8 +361,9 @@ def load_llama2c(path: str | os.PathLike[str]) -> Checkpoint:
     version, params, shared, group_size = _parse_header(path, size)
     try:
         p = params
-        config = ModelConfig(p["dim"], p["hidden_dim"], p["n_layers"], p["n_heads"],
-                             p["n_kv_heads"], p["vocab_size"], p["max_seq_len"],
+        config = ModelConfig(dim=p["dim"], hidden_dim=p["hidden_dim"], n_layers=p["n_layers"],
+                             n_heads=p["n_heads"], n_kv_heads=p["n_kv_heads"],
+                             vocab_size=p["vocab_size"], max_seq_len=p["max_seq_len"],
                              shared_classifier=shared)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from e

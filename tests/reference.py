@@ -435,9 +435,9 @@ def random_weights(config: ModelConfig, seed: int = 0, *, shared_classifier: boo
     if not shared_classifier:
         weights["classifier"] = mat(v, d)
     if config.arch == "qwen2":
-        weights |= {"bq": (0.5 * rng.standard_normal((L, q))).astype(np.float32),
-                    "bk": (0.5 * rng.standard_normal((L, kv))).astype(np.float32),
-                    "bv": (0.5 * rng.standard_normal((L, kv))).astype(np.float32)}
+        weights |= {"bq": (0.1 * rng.standard_normal((L, q))).astype(np.float32),
+                    "bk": (0.1 * rng.standard_normal((L, kv))).astype(np.float32),
+                    "bv": (0.1 * rng.standard_normal((L, kv))).astype(np.float32)}
     if config.arch == "qwen3":
         weights |= {"q_norm": norm(L, config.head_dim), "k_norm": norm(L, config.head_dim)}
     return weights

@@ -3,10 +3,11 @@ what llama-cpp-python 0.3.36 computed (bench/llamacpp_fixtures.py) on the random
 of tests/arch_models.py, quantized by llama.cpp's own quantizer.
 
 The model files are not in git. F32 is regenerated from its spec and must hash to the file
-llama.cpp ran; Q8_0 and Q5_0 are regenerated with gguf.quants (llama.cpp's reference
-quantizers, the ones llama_model_quantize uses without an importance matrix) and every tensor
-must hash to llama.cpp's. K-quant files are checked when $TILLER_PEER_DIR/llcpp-fixtures (made
-by the fixture script) has them, and skipped otherwise.
+llama.cpp ran; files whose tensors are all F32/Q8_0/Q5_0/Q4_0 (llama.cpp's Q8_0 files) are
+regenerated with gguf.quants (llama.cpp's reference quantizers, the ones llama_model_quantize
+uses without an importance matrix) and every tensor must hash to llama.cpp's. Files with other
+types (Q5_0's recipe puts Q6_K in output.weight; the K-quants) are checked when
+$TILLER_PEER_DIR/llcpp-fixtures (made by the fixture script) has them, and skipped otherwise.
 
 Checked: greedy tokens for 64 steps, and the logits llama.cpp ranked highest at a few steps,
 with tiller fed llama.cpp's own tokens (so a late divergence cannot hide a logit difference).
@@ -29,15 +30,16 @@ import tests.arch_models as am
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "llamacpp"
-REGENERABLE = ("F32", "Q8_0", "Q5_0")
-# NOTE: how close tiller's f32 engine comes to llama.cpp on each file, as max |logit
-# difference| over the recorded top logits, relative to the largest logit. On F32 files both
-# compute in float32 (llama.cpp's KV cache set to F32); on quantized ones llama.cpp also
-# quantizes the activations of each matmul (Q8_0 or Q8_K), which tiller's f32 mode does not.
-LOGIT_TOLERANCE = {"F32": 1e-4, "Q8_0": 2e-2, "Q5_0": 3e-2, "Q4_K_M": 3e-2, "Q6_K": 2e-2}
-# greedy tokens that must agree from the start (random models have close logits: a quantized
-# run may take another path after a near tie)
-AGREEING_TOKENS = {"F32": 64, "Q8_0": 8, "Q5_0": 8, "Q4_K_M": 8, "Q6_K": 8}
+# types gguf.quants quantizes as llama.cpp's reference quantizers do (bit for bit)
+REGENERABLE = {"F32", "Q8_0", "Q5_0", "Q4_0"}
+# NOTE: how close tiller's f32 engine comes to llama.cpp, as max |logit difference| over the
+# recorded top logits relative to the largest logit. On F32 files both compute in float32
+# (llama.cpp's KV cache set to F32): measured 5e-7. On quantized files llama.cpp also quantizes
+# the activations of each matmul (to Q8_0 or Q8_K) and tiller's f32 mode does not: measured
+# 0.5% to 2%. Greedy tokens must then agree only at first: random models have near ties, and
+# one flipped by that rounding sends the two runs apart (3/64 on qwen2 Q8_0, 64/64 on others).
+LOGIT_TOLERANCE = {"F32": 1e-5, "Q8_0": 3e-2, "Q5_0": 3e-2, "Q4_K_M": 3e-2, "Q6_K": 3e-2}
+AGREEING_TOKENS = {"F32": 64, "Q8_0": 1, "Q5_0": 1, "Q4_K_M": 1, "Q6_K": 1}
 
 
 def peer_models() -> Path:
@@ -65,8 +67,8 @@ def model_files(tmp_path_factory):
             path = am.write(root / f"{arch}-F32.gguf", spec)
             assert am.sha256(path) == want["sha256"]
             return path
-        if quant in REGENERABLE:
-            types = {name: T[t] for name, (t, _) in want["tensors"].items()}
+        types = {name: T[t] for name, (t, _) in want["tensors"].items()}
+        if {t.name for t in types.values()} <= REGENERABLE:
             path = am.write(root / f"{arch}-{quant}.gguf", spec, types)
             assert am.tensor_hashes(path) == want["tensors"]
             return path
