@@ -1,4 +1,4 @@
-"""GGUF files (versions 2 and 3): Llama-architecture models and their SentencePiece vocabulary.
+"""GGUF files (versions 2 and 3): Llama, Qwen 2 and Qwen 3 models and their vocabularies.
 
 Layout (little-endian; llama.cpp's ggml/src/gguf.cpp and docs/gguf.md):
 
@@ -527,7 +527,7 @@ def _norm(f: GGUFFile, infos: list[TensorInfo], stacked: bool) -> np.ndarray:
 
 
 def load_gguf(path: str | os.PathLike[str]) -> Checkpoint:
-    """Read a GGUF Llama model (format "gguf").
+    """Read a GGUF model of ARCHITECTURES (format "gguf").
 
     Norms are read as float32 arrays. Matrices stay in the file as `Packed` views (any type in
     SUPPORTED_TYPES, each layer its own): engine/weights.py decodes them straight into the
