@@ -236,8 +236,9 @@ def hf_permute(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
 
 
 def rotate_half_rope(x: np.ndarray, positions: np.ndarray, head_dim: int,
-                     theta: float) -> np.ndarray:
-    """Hugging Face's apply_rotary_pos_emb: pairs (i, i + head_dim/2) of each head."""
+                     theta: float, *unscaled: object) -> np.ndarray:
+    """Hugging Face's apply_rotary_pos_emb: pairs (i, i + head_dim/2) of each head (written
+    apart from the reference's `neox`; `unscaled`: its NEOX flag and scaling, unused here)."""
     cos, sin = reference.rope_cos_sin(positions, head_dim, theta)
     h = x.reshape(x.shape[0], -1, head_dim)
     x0, x1 = h[..., :head_dim // 2], h[..., head_dim // 2:]
