@@ -167,7 +167,7 @@ class Engine:
 
     def _make_workspace(self, T: int) -> Workspace:
         c = self.config
-        max_pad = max(padded(c.dim, self.dtype), padded(c.hidden_dim, self.dtype))
+        max_pad = max(padded(n, self.dtype) for n in (c.dim, c.hidden_dim, c.q_dim))
         act_dtype = np.int8 if self.dtype == "q8_0" else np.float32
         q8 = self.dtype == "q8_0"
         f = np.float32
@@ -177,7 +177,7 @@ class Engine:
             xa=np.zeros((T, max_pad), act_dtype),
             xs=np.zeros((T, max_pad // GROUP_SIZE if q8 else 0), f),
             xc=np.zeros((T, max_pad // 4 if q8 else 0), np.int32),
-            qkv=np.zeros((T, c.dim + 2 * c.kv_dim), f), att=np.zeros((T, c.dim), f),
+            qkv=np.zeros((T, c.q_dim + 2 * c.kv_dim), f), att=np.zeros((T, c.q_dim), f),
             proj=np.zeros((T, c.dim), f), h13=np.zeros((T, 2 * c.hidden_dim), f),
             hact=np.zeros((T, c.hidden_dim), f),
             scores=np.zeros((n_threads, c.max_seq_len), f),

@@ -41,8 +41,8 @@ class Workspace(NamedTuple):
     xa: np.ndarray  # (T, max_pad) int8 | f32 matmul input
     xs: np.ndarray  # (T, max_pad/32) f32 activation scales
     xc: np.ndarray  # (T, max_pad/4) int32 corrections for the weights' +128 (engine/simd.py)
-    qkv: np.ndarray  # (T, dim + 2 kv_dim)
-    att: np.ndarray  # (T, dim)
+    qkv: np.ndarray  # (T, q_dim + 2 kv_dim)
+    att: np.ndarray  # (T, q_dim)
     proj: np.ndarray  # (T, dim)
     h13: np.ndarray  # (T, 2 hidden)
     hact: np.ndarray  # (T, hidden)
@@ -107,6 +107,7 @@ def forward_step(w, ws, dims, eps, tokens, positions, seq_index, block_tables, k
     h13 = ws.h13[:T]
     hact = ws.hact[:T]
     xa_d, xs_d, xc_d = _inputs(ws, T, w.wqkv.shape[2])  # inputs of width dim
+    xa_q, xs_q, xc_q = _inputs(ws, T, w.wo.shape[2])  # inputs of width q_dim (wo's)
     xa_h, xs_h, xc_h = _inputs(ws, T, w.w2.shape[2])  # inputs of width hidden_dim
     steering = _any_steering(steer_index)
     intervening = IV.any_interventions(iv)
@@ -127,12 +128,17 @@ def forward_step(w, ws, dims, eps, tokens, positions, seq_index, block_tables, k
         # attention
         K.norm_load(xb, x, w.attn_norm[layer], eps, xa_d, xs_d, xc_d)
         K.linear(qkv, xa_d, xs_d, xc_d, w.wqkv[layer], w.wqkv_scales[layer])
+        if w.bqkv.shape[1] > 0:  # qwen2
+            K.add_rows(qkv, w.bqkv[layer])
+        if w.q_norm.shape[1] > 0:  # qwen3: each head of q and k RMS-normalized before rope
+            K.head_norms(qkv, w.q_norm[layer], w.k_norm[layer], n_heads, n_kv_heads, head_dim,
+                         eps)
         K.rope_store_kv(qkv, positions, w.rope_cos, w.rope_sin, n_heads, n_kv_heads, head_dim,
                         k_cache, v_cache, layer, seq_index, block_tables)
         K.attention(att, qkv, k_cache, v_cache, layer, positions, seq_index, block_tables,
                     n_heads, n_kv_heads, head_dim, ws.scores)
-        K.load_activations(att, xa_d, xs_d, xc_d)
-        K.linear(proj, xa_d, xs_d, xc_d, w.wo[layer], w.wo_scales[layer])
+        K.load_activations(att, xa_q, xs_q, xc_q)
+        K.linear(proj, xa_q, xs_q, xc_q, w.wo[layer], w.wo_scales[layer])
         if slot >= 0:
             _capture(cap_out, 1, slot, cap_rows, proj)
         if reading:
@@ -166,5 +172,5 @@ def forward_step(w, ws, dims, eps, tokens, positions, seq_index, block_tables, k
             n_out += 1
     if n_out > 0:
         xa, xs, xc = _inputs(ws, n_out, w.classifier.shape[1])
-        K.norm_load(att[:n_out], xb[:n_out], w.final_norm, eps, xa, xs, xc)
+        K.norm_load(att[:n_out, :dim], xb[:n_out], w.final_norm, eps, xa, xs, xc)
         K.linear(logits[:n_out], xa, xs, xc, w.classifier, w.classifier_scales)

@@ -176,6 +176,25 @@ def embed(x, tokens, emb, emb_scales):
                 x[t, j] = emb[tok, j]
 
 
+@njit(parallel=True, **_opts)
+def add_rows(x, b):
+    """x (T, n) += b (n,): a bias on every row"""
+    T, n = x.shape
+    for t in prange(T):
+        for j in range(n):
+            x[t, j] += b[j]
+
+
+@njit(parallel=True, **_opts)
+def head_norms(qkv, q_w, k_w, n_heads, n_kv_heads, head_dim, eps):
+    """RMSNorm of each q head (weights q_w (head_dim,)) and k head (k_w) of qkv (T, q + 2 kv),
+    in place (rmsnorm_row reads a value before it writes it)."""
+    for t in prange(qkv.shape[0]):
+        for h in range(n_heads + n_kv_heads):
+            v = qkv[t, h * head_dim:(h + 1) * head_dim]
+            rmsnorm_row(v, v, q_w if h < n_heads else k_w, eps)
+
+
 @njit(**_opts)
 def _rope_row(v, p, cos, sin, n_heads, head_dim):
     """Rotate n_heads heads at the start of v (pairwise, llama2.c's convention) to position p."""

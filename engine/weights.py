@@ -6,6 +6,10 @@ Layout (see engine/simd.py for why):
   group of 32 (pad groups have scale 0); f32 matrices have scales of shape (..., rows, 0).
 - q, k and v projections are fused into one `wqkv` matrix (rows: q, then k, then v), and w1/w3
   into `w13` (rows: w1, then w3), so a layer makes three weight passes instead of five.
+- Models whose RoPE rotates halves (qwen2, qwen3: config.rope_neox) have the rows of each q and
+  k head (and their biases and norm weights) reordered so that pairwise RoPE does the same
+  rotation (`qk_order`): attention scores are dot products within a head, unchanged by a
+  permutation applied to both q and k, and v is left alone.
 - The embedding is the classifier matrix when the model shares them; rows are dequantized on
   lookup, so Q8_0 embeddings see the same rounding as llama.cpp's Q8_0 token_embd.
 Nothing here is ever written after load: steering and caches belong to requests.
@@ -30,9 +34,9 @@ class Weights(NamedTuple):
     embedding: np.ndarray  # (vocab, dim_pad) uint8 | float32
     embedding_scales: np.ndarray  # (vocab, dim_pad/32) float32 | (vocab, 0)
     attn_norm: np.ndarray  # (L, dim)
-    wqkv: np.ndarray  # (L, dim + 2 kv_dim, dim_pad)
+    wqkv: np.ndarray  # (L, q_dim + 2 kv_dim, dim_pad)
     wqkv_scales: np.ndarray
-    wo: np.ndarray  # (L, dim, dim_pad)
+    wo: np.ndarray  # (L, dim, q_dim_pad)
     wo_scales: np.ndarray
     ffn_norm: np.ndarray  # (L, dim)
     w13: np.ndarray  # (L, 2 hidden, dim_pad)
@@ -44,6 +48,10 @@ class Weights(NamedTuple):
     classifier_scales: np.ndarray
     rope_cos: np.ndarray  # (max_seq_len, head_dim / 2)
     rope_sin: np.ndarray
+    # optional (empty (L, 0) when the architecture has none, so the step's types stay fixed)
+    bqkv: np.ndarray  # (L, q_dim + 2 kv_dim) f32: qwen2's q/k/v biases
+    q_norm: np.ndarray  # (L, head_dim) f32: qwen3's per-head RMSNorm weights of q
+    k_norm: np.ndarray  # (L, head_dim) f32: and of k
 
 
 def padded(n: int, dtype: str) -> int:
@@ -141,6 +149,21 @@ def build_weights(config: ModelConfig, tensors: Mapping[str, Tensor], dtype: str
     w13, w13_s = _matrix(t, ["w1", "w3"], dtype, done)
     w2, w2_s = _matrix(t, ["w2"], dtype, done)
     cos, sin = rope_tables(config)
+    L = config.n_layers
+    bqkv = (np.concatenate([_as_float(t[n]) for n in ("bq", "bk", "bv")], axis=1)
+            if "bq" in t else np.zeros((L, 0), np.float32))
+    q_norm, k_norm = ((np.array(_as_float(t["q_norm"])), np.array(_as_float(t["k_norm"])))
+                      if "q_norm" in t else (np.zeros((L, 0), np.float32),) * 2)
+    if config.rope_neox:
+        order = qk_order(config)
+        for layer in range(L):  # one layer's copy at a time
+            wqkv[layer] = wqkv[layer][order]
+            wqkv_s[layer] = wqkv_s[layer][order]
+        if bqkv.size:
+            bqkv = bqkv[:, order]
+        if q_norm.size:
+            head = order[:config.head_dim]
+            q_norm, k_norm = q_norm[:, head], k_norm[:, head]
     weights = Weights(
         embedding=embedding, embedding_scales=embedding_scales,
         attn_norm=np.array(_as_float(t["attn_norm"])),
@@ -149,13 +172,24 @@ def build_weights(config: ModelConfig, tensors: Mapping[str, Tensor], dtype: str
         w13=w13, w13_scales=w13_s, w2=w2, w2_scales=w2_s,
         final_norm=np.array(_as_float(t["final_norm"])),
         classifier=classifier, classifier_scales=classifier_scales,
-        rope_cos=cos, rope_sin=sin,
+        rope_cos=cos, rope_sin=sin, bqkv=bqkv, q_norm=q_norm, k_norm=k_norm,
     )
     # Read-only for good, whatever the source file: a kernel that tried to write a weight would
     # not compile, and numba compiles one specialization of the step for every model.
     for array in weights:
         array.setflags(write=False)
     return weights
+
+
+def qk_order(config: ModelConfig) -> np.ndarray:
+    """Row order of wqkv for a rotate-halves (NEOX) model: within each q and k head, row 2i is
+    the file's row i and row 2i+1 its row i + head_dim/2 (the inverse of convert_hf_to_gguf.py's
+    permute); v rows stay. Pairwise RoPE on these rows is NEOX RoPE on the file's."""
+    hd, half = config.head_dim, config.head_dim // 2
+    head = np.stack([np.arange(half), np.arange(half) + half], axis=1).reshape(-1)
+    n_qk = config.n_heads + config.n_kv_heads
+    qk = (np.arange(n_qk)[:, None] * hd + head[None, :]).reshape(-1)
+    return np.concatenate([qk, np.arange(n_qk * hd, n_qk * hd + config.kv_dim)])
 
 
 def matrix_bytes(weights: Weights) -> int:
@@ -169,7 +203,7 @@ def matrix_bytes(weights: Weights) -> int:
 
 def dequantized(weights: Weights, config: ModelConfig) -> dict[str, np.ndarray]:
     """The float32 tensors the engine actually computes with, in checkpoint names (for tests)."""
-    dim, kv, hidden = config.dim, config.kv_dim, config.hidden_dim
+    dim, kv, hidden, q = config.dim, config.kv_dim, config.hidden_dim, config.q_dim
 
     def unpack(values: np.ndarray, scales: np.ndarray, n: int) -> np.ndarray:
         if values.dtype == np.float32:
@@ -178,16 +212,28 @@ def dequantized(weights: Weights, config: ModelConfig) -> dict[str, np.ndarray]:
         return dequantize_q8_0(q, scales)[..., :n]
 
     wqkv = unpack(weights.wqkv, weights.wqkv_scales, dim)
+    bqkv, q_norm, k_norm = weights.bqkv, weights.q_norm, weights.k_norm
+    if config.rope_neox:  # back to the file's row order
+        inverse = np.argsort(qk_order(config))
+        wqkv = wqkv[:, inverse]
+        bqkv = bqkv[:, inverse] if bqkv.size else bqkv
+        if q_norm.size:
+            head = inverse[:config.head_dim]
+            q_norm, k_norm = q_norm[:, head], k_norm[:, head]
     w13 = unpack(weights.w13, weights.w13_scales, dim)
     out = {
         "token_embedding": unpack(weights.embedding, weights.embedding_scales, dim),
         "attn_norm": weights.attn_norm, "ffn_norm": weights.ffn_norm,
         "final_norm": weights.final_norm,
-        "wq": wqkv[:, :dim], "wk": wqkv[:, dim:dim + kv], "wv": wqkv[:, dim + kv:],
-        "wo": unpack(weights.wo, weights.wo_scales, dim),
+        "wq": wqkv[:, :q], "wk": wqkv[:, q:q + kv], "wv": wqkv[:, q + kv:],
+        "wo": unpack(weights.wo, weights.wo_scales, q),
         "w1": w13[:, :hidden], "w3": w13[:, hidden:],
         "w2": unpack(weights.w2, weights.w2_scales, hidden),
     }
     if not config.shared_classifier:
         out["classifier"] = unpack(weights.classifier, weights.classifier_scales, dim)
+    if bqkv.size:
+        out |= {"bq": bqkv[:, :q], "bk": bqkv[:, q:q + kv], "bv": bqkv[:, q + kv:]}
+    if q_norm.size:
+        out |= {"q_norm": q_norm, "k_norm": k_norm}
     return out
