@@ -239,6 +239,11 @@ def load(path: Path, config: ModelConfig, dtype: str) -> Weights:
             raise CacheFileError("empty file")
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     header, data_start = _parse_header(buf, config, dtype)
+    # NOTE: start reading the whole file now, in the background (as llama.cpp's mmap prefetch
+    # does): when the page cache has dropped it, the first step would otherwise fault the
+    # weights in a few pages at a time -- seconds, where one sequential read takes a fraction
+    with contextlib.suppress(OSError, AttributeError):
+        buf.madvise(mmap.MADV_WILLNEED)
     arrays: dict[str, np.ndarray] = {}
     for spec in header["fields"]:
         name = spec["name"]
