@@ -162,7 +162,7 @@ def save(path: Path, weights: Weights, config: ModelConfig, dtype: str) -> None:
                     continue
                 if array.nbytes:
                     f.seek(data_start + spec["offset"])
-                    f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+                    f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
             f.truncate(data_start + header["data_bytes"])
         os.replace(tmp, path)
     except BaseException:
