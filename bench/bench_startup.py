@@ -16,7 +16,8 @@ memory), with its peak RSS from wait4(2):
                 the weights and writes the weight cache;
 - tiller warm   the same command again: the key and the weights come from the cache;
 - llama.cpp     `llama-cli -m F -n 1 -p hi --no-warmup -no-cnv` (c392e50, bench/peer.py).
-Also `tiller serve` from start to its first 200 on /health, warm. The kinds alternate within
+Also `tiller serve` from start to its first 200 on /health, warm (its derived uuid, for files
+without general.uuid, computed and cached beforehand, untimed). The kinds alternate within
 each round; the medians are printed. `--breakdown` times the stages of one warm load in-process.
 """
 
@@ -47,6 +48,9 @@ SHAPE = {"dim": 2048, "hidden": 5632, "layers": 22, "heads": 32, "kv_heads": 4,
 VOCAB = Path(__file__).resolve().parents[2] / "shared" / "models" / "vocab" / \
     "ggml-vocab-llama-spm.gguf"
 QUANT_TYPES = {"q8_0": "Q8_0", "q4_k_m": "Q4_K_M"}
+UUID_SCRIPT = ("import sys; from tiller.engine.identity import model_uuid; "
+               "from tiller.engine.loader import load_checkpoint; "
+               "model_uuid(load_checkpoint(sys.argv[1]))")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -283,6 +287,10 @@ def main() -> int:
                                                                           args.threads))
                 rows.setdefault("tiller warm", []).append(tiller_generate(model, env,
                                                                           args.threads))
+                # NOTE: a file without general.uuid gets one derived from its tensors, computed
+                # by the server's first load and then cached beside the key: done here, untimed
+                subprocess.run([sys.executable, "-c", UUID_SCRIPT, str(model)], env=env,
+                               check=True)
                 rows.setdefault("serve warm", []).append(
                     (*serve_ready(model, env, args.threads), float("nan")))
                 if not args.no_peer:
