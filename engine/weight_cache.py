@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -57,7 +58,7 @@ ENV = "TILLER_WEIGHT_CACHE"  # "0", "off", "no" or "false" disables the cache
 SUFFIX = ".weights"
 STALE_TMP_SECONDS = 3600  # a temp file this old lost its writer
 MIN_FREE_BYTES = 1 << 30  # leave the disk at least this much after writing a cache file
-_DTYPES = {"uint8": np.uint8, "float32": np.float32}  # every dtype a Weights array may have
+_KINDS = "biuf"  # numpy dtype kinds an array may have: bool, int, uint, float (never objects)
 # The modules whose code decides what build_weights produces, hashed into the layout tag.
 _PACKING_SOURCES = ("weights.py", "quant.py", "dequant.py", "simd.py", "config.py")
 
@@ -66,6 +67,7 @@ class CacheFileError(ValueError):
     """A weight-cache file that cannot be used (the message says why)."""
 
 
+@functools.cache
 def layout_tag() -> str:
     """16 hex digits naming the packing: LAYOUT_VERSION, the chunk and group sizes, the Weights
     fields and the packing modules' source."""
@@ -118,6 +120,13 @@ def expected_shapes(config: ModelConfig, dtype: str) -> dict[str, tuple[int, ...
         "classifier": (vocab, dim_pad), "classifier_scales": scales(vocab, n_pad=dim_pad),
         "rope_cos": (c.max_seq_len, half), "rope_sin": (c.max_seq_len, half),
     }
+
+
+def expected_dtypes(config: ModelConfig, dtype: str) -> dict[str, str]:
+    """The dtype of every Weights field of expected_shapes (engine/weights.py)."""
+    matrix = "uint8" if dtype == "q8_0" else "float32"
+    return {name: matrix if name in ("embedding", "wqkv", "wo", "w13", "w2", "classifier")
+            else "float32" for name in expected_shapes(config, dtype)}
 
 
 # -----------------------------------------------------------------------------------------------
@@ -199,6 +208,7 @@ def _parse_header(buf: mmap.mmap, config: ModelConfig, dtype: str
                                         for f in fields] != list(Weights._fields):
         raise CacheFileError(f"header fields are not {list(Weights._fields)}")
     shapes = expected_shapes(config, dtype)
+    dtypes = expected_dtypes(config, dtype)
     end = data_start
     for i, spec in enumerate(fields):
         name = spec["name"]
@@ -209,14 +219,22 @@ def _parse_header(buf: mmap.mmap, config: ModelConfig, dtype: str
                                      "stored field")
             continue
         dt, shape, offset, nbytes = (spec.get(k) for k in ("dtype", "shape", "offset", "nbytes"))
-        if dt not in _DTYPES:
-            raise CacheFileError(f"{name}: dtype {dt!r} is not one of {sorted(_DTYPES)}")
+        if not (isinstance(dt, str) and dt.isidentifier()):
+            raise CacheFileError(f"{name}: bad dtype {dt!r}")
+        try:
+            np_dtype = np.dtype(dt)
+        except TypeError:
+            raise CacheFileError(f"{name}: unknown dtype {dt!r}") from None
+        if np_dtype.kind not in _KINDS or np_dtype.name != dt:
+            raise CacheFileError(f"{name}: dtype {dt!r} is not a plain number type")
+        if name in dtypes and dt != dtypes[name]:
+            raise CacheFileError(f"{name}: dtype {dt} is not the model's {dtypes[name]}")
         if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
             raise CacheFileError(f"{name}: bad shape {shape!r}")
         if name in shapes and tuple(shape) != shapes[name]:
             raise CacheFileError(f"{name}: shape {tuple(shape)} is not the model's "
                                  f"{shapes[name]}")
-        want = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dt]).itemsize
+        want = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
         if not (isinstance(offset, int) and isinstance(nbytes, int)) or nbytes != want \
                 or offset < 0 or offset % ALIGN:
             raise CacheFileError(f"{name}: offset {offset!r} / size {nbytes!r} do not fit "
@@ -250,7 +268,7 @@ def load(path: Path, config: ModelConfig, dtype: str) -> Weights:
         if "same_as" in spec:
             arrays[name] = arrays[spec["same_as"]]
             continue
-        dt, shape = _DTYPES[spec["dtype"]], tuple(spec["shape"])
+        dt, shape = np.dtype(spec["dtype"]), tuple(spec["shape"])
         count = int(np.prod(shape, dtype=np.int64))
         if count == 0:  # the scales of an f32 matrix: (..., 0)
             array = np.zeros(shape, dt)

@@ -144,6 +144,8 @@ BREAKS = {
         f.read_bytes()[:16] + b"\xff" * 40 + f.read_bytes()[56:]),
     "wrong shape": lambda f: _rewrite_header(f, _set_field("wo", "shape", [2, 64, 32])),
     "wrong dtype": lambda f: _rewrite_header(f, _set_field("wo", "dtype", "int8")),
+    "object dtype": lambda f: _rewrite_header(f, _set_field("wo", "dtype", "object")),
+    "not a dtype": lambda f: _rewrite_header(f, _set_field("wo", "dtype", "<V12")),
     "offset past the end": lambda f: _rewrite_header(
         f, _set_field("classifier", "offset", 1 << 30)),
     "misaligned offset": lambda f: _rewrite_header(f, _set_field("wo", "offset", 8)),
