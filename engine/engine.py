@@ -30,7 +30,8 @@ from .interventions import (
     step_arrays,
 )
 from .kvcache import CacheFull, KVCache, blocks_for
-from .weights import Progress, Weights, build_weights, padded
+from .weight_cache import load_or_build
+from .weights import DTYPES, Progress, Weights, padded
 
 __all__ = ["CAPTURE_POINTS", "MAX_STEERING_NORM", "BatchError", "CacheFull", "Condition",
            "Engine", "EngineError", "Readout", "SeqRequest", "SeqResult", "Sequence",
@@ -185,16 +186,21 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], dtype: str = "q8_0",
-             progress: Progress | None = None, **kwargs) -> Engine:
+             progress: Progress | None = None, weight_cache: bool = True, **kwargs) -> Engine:
         from .loader import load_checkpoint
 
-        return cls.from_checkpoint(load_checkpoint(path), dtype, progress, **kwargs)
+        return cls.from_checkpoint(load_checkpoint(path), dtype, progress, weight_cache,
+                                   **kwargs)
 
     @classmethod
     def from_checkpoint(cls, checkpoint, dtype: str = "q8_0", progress: Progress | None = None,
-                        **kwargs) -> Engine:
-        """`progress(done, total, name)` follows the conversion of the file's tensors."""
-        weights = build_weights(checkpoint.config, checkpoint.tensors, dtype, progress)
+                        weight_cache: bool = True, **kwargs) -> Engine:
+        """`progress(done, total, name)` follows the conversion of the file's tensors.
+        `weight_cache`: map the weights from (and keep them in) the weight cache
+        (engine/weight_cache.py) when the file is large enough for it to pay."""
+        if dtype not in DTYPES:  # NOTE: before the cache names a file after it
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        weights = load_or_build(checkpoint, dtype, progress, use_cache=weight_cache)
         return cls(checkpoint.config, weights, **kwargs)
 
     # sequences -------------------------------------------------------------------------------

@@ -31,6 +31,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="q8_0",
                    help="q8_0: int8 weights and activations (fast); f32: exact fp32 reference")
     p.add_argument("-t", "--threads", type=int, help="compute threads (default: all cores)")
+    p.add_argument("--no-weight-cache", dest="weight_cache", action="store_false",
+                   help="build the engine's weights from the file every time instead of mapping "
+                        "them from <cache root>/weights ($TILLER_WEIGHT_CACHE=0 does the same)")
 
 
 # llama-server flags tiller takes so that its command lines run unchanged, but does not act on:
@@ -176,7 +179,8 @@ LOAD_BAR_DELAY = 1.0
 
 def _load(args: argparse.Namespace) -> tuple[Engine, Tokenizer]:
     engine = Engine.load(args.model, dtype=args.dtype, threads=args.threads,
-                         progress=progress_bar(delay=LOAD_BAR_DELAY, leave=False))
+                         progress=progress_bar(delay=LOAD_BAR_DELAY, leave=False),
+                         weight_cache=args.weight_cache)
     tokenizer = load_tokenizer(args.model, args.tokenizer, engine.config.vocab_size)
     return engine, tokenizer
 
@@ -369,7 +373,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = _serve_options(args)
     _log_ignored(args)
     config = ServerConfig(model_path=args.model, tokenizer_path=args.tokenizer, dtype=args.dtype,
-                          threads=args.threads, parallel=args.parallel, ctx_size=args.ctx_size,
+                          threads=args.threads, weight_cache=args.weight_cache,
+                          parallel=args.parallel, ctx_size=args.ctx_size,
                           max_waiting=args.max_queue, token_budget=args.batch_tokens,
                           model_alias=args.alias,
                           steering_dir=args.steering_dir, steering_store=args.steering_store,
