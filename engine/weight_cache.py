@@ -105,13 +105,14 @@ def expected_shapes(config: ModelConfig, dtype: str) -> dict[str, tuple[int, ...
     def scales(*lead: int, n_pad: int) -> tuple[int, ...]:
         return (*lead, n_pad // GROUP_SIZE if dtype == "q8_0" else 0)
 
-    qkv = c.dim + 2 * c.kv_dim
+    qkv = c.q_dim + 2 * c.kv_dim
+    q_pad = padded(c.q_dim, dtype)
     half = c.head_dim // 2
     return {
         "embedding": (vocab, dim_pad), "embedding_scales": scales(vocab, n_pad=dim_pad),
         "attn_norm": (L, c.dim),
         "wqkv": (L, qkv, dim_pad), "wqkv_scales": scales(L, qkv, n_pad=dim_pad),
-        "wo": (L, c.dim, dim_pad), "wo_scales": scales(L, c.dim, n_pad=dim_pad),
+        "wo": (L, c.dim, q_pad), "wo_scales": scales(L, c.dim, n_pad=q_pad),
         "ffn_norm": (L, c.dim),
         "w13": (L, 2 * c.hidden_dim, dim_pad),
         "w13_scales": scales(L, 2 * c.hidden_dim, n_pad=dim_pad),
@@ -119,6 +120,9 @@ def expected_shapes(config: ModelConfig, dtype: str) -> dict[str, tuple[int, ...
         "final_norm": (c.dim,),
         "classifier": (vocab, dim_pad), "classifier_scales": scales(vocab, n_pad=dim_pad),
         "rope_cos": (c.max_seq_len, half), "rope_sin": (c.max_seq_len, half),
+        "bqkv": (L, qkv if c.arch == "qwen2" else 0),
+        "q_norm": (L, c.head_dim if c.arch == "qwen3" else 0),
+        "k_norm": (L, c.head_dim if c.arch == "qwen3" else 0),
     }
 
 

@@ -152,8 +152,10 @@ def build_weights(config: ModelConfig, tensors: Mapping[str, Tensor], dtype: str
     L = config.n_layers
     bqkv = (np.concatenate([_as_float(t[n]) for n in ("bq", "bk", "bv")], axis=1)
             if "bq" in t else np.zeros((L, 0), np.float32))
+    # NOTE: two arrays, not one twice: the weight cache stores an aliased field only once
     q_norm, k_norm = ((np.array(_as_float(t["q_norm"])), np.array(_as_float(t["k_norm"])))
-                      if "q_norm" in t else (np.zeros((L, 0), np.float32),) * 2)
+                      if "q_norm" in t else (np.zeros((L, 0), np.float32),
+                                             np.zeros((L, 0), np.float32)))
     if config.rope_neox:
         order = qk_order(config)
         for layer in range(L):  # one layer's copy at a time
