@@ -223,3 +223,28 @@ def test_least_recently_used_files_are_evicted(cache, tmp_path, monkeypatch):
     assert files[0].stat().st_mtime > files[1].stat().st_mtime
     Engine.load(paths[2])
     assert sorted(cache.glob("*.weights")) == sorted([files[0], files[2]])
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_the_architectures_extra_weights_round_trip(cache, tmp_path, arch, caplog):
+    """Qwen 2's biases and Qwen 3's q/k norms and wider queries (q_dim 512 on a 256-wide model)
+    come back from the cache as build_weights makes them, and the warm load reuses the file."""
+    from tests import arch_models
+
+    path = arch_models.write(tmp_path / f"{arch}.gguf", arch_models.SPECS[arch])
+    ckpt = load_checkpoint(path)
+    reference = build_weights(ckpt.config, ckpt.tensors, "q8_0")
+    cold = Engine.load(path)
+    (file,) = cache.glob(f"*{wc.SUFFIX}")
+    inode = file.stat().st_ino
+    with caplog.at_level(logging.INFO, logger=wc.__name__):
+        warm = Engine.load(path)
+    assert file.stat().st_ino == inode  # read, not rejected and rewritten
+    assert "mapped from the cache" in caplog.text and "broken" not in caplog.text
+    for name, want, got in zip(Weights._fields, reference, warm.weights, strict=True):
+        assert np.array_equal(got, want), name
+    extra = ("bqkv",) if arch == "qwen2" else ("q_norm", "k_norm")
+    assert all(getattr(warm.weights, name).size for name in extra)
+    assert mapped(warm.weights.wqkv)
+    tokens = TOKENS[:4]
+    assert np.array_equal(warm.forward_all(tokens).logits, cold.forward_all(tokens).logits)
