@@ -9,6 +9,11 @@ busy (strings, numbers, keys) rather than on forced bytes.
 
     python bench/bench_structured.py [--steps 48] [--batch 16] [--threads N]
                                      [--model stories15M.bin] [--repeats 3] [--mask-threads N]
+                                     [--tools]
+
+--tools constrains the sequences by a forced tool call instead (server/tools.py's grammar:
+`<tool_call>` blocks in Lark around the same schema as the arguments of a tool, parallel calls
+allowed), as `tool_choice: "required"` does.
 """
 
 from __future__ import annotations
@@ -27,8 +32,15 @@ from tiller.engine.llama2c import load_llama2c
 from tiller.engine.sampling import Sampler, SamplingParams
 from tiller.engine.tokenizer import SpmTokenizer, Tokenizer
 from tiller.engine.weights import build_weights
-from tiller.server.constraints import MaskBatch, Vocabulary, apply_mask, json_schema_grammar
+from tiller.server.constraints import (
+    GrammarSpec,
+    MaskBatch,
+    Vocabulary,
+    apply_mask,
+    json_schema_grammar,
+)
 from tiller.server.runner import Finished, GenerationRequest, Runner
+from tiller.server.tools import ToolFormat, ToolRequest, tool_grammar
 
 MODELS = Path(__file__).resolve().parents[1].parent / "shared/models"
 TOKENIZER = MODELS / "llama2-tokenizer.bin"
@@ -43,6 +55,18 @@ SCHEMA = {"type": "array", "maxItems": 200, "items": {
         "tags": {"type": "array", "maxItems": 4, "items": {"type": "string", "maxLength": 8}},
         "score": {"type": "number", "minimum": 0, "maximum": 10, "multipleOf": 0.5}},
     "required": ["name", "age", "mood", "tags", "score"], "additionalProperties": False}}
+
+
+def bench_grammar(tools: bool) -> GrammarSpec:
+    if not tools:
+        return json_schema_grammar(SCHEMA, "bench")
+    tool = {"type": "function", "function": {"name": "record", "parameters": {
+        "type": "object", "properties": {"items": SCHEMA}, "required": ["items"],
+        "additionalProperties": False}}}
+    spec = tool_grammar(ToolRequest([tool], "required", True, ToolFormat.HERMES,
+                                    frozenset({"record"})))
+    assert spec is not None
+    return spec
 
 
 def build_engine(model: Path | None, batch: int, steps: int, threads: int | None
@@ -73,8 +97,7 @@ async def step_times(runner: Runner, requests: list[GenerationRequest]) -> list[
 
 
 def requests(tokenizer: Tokenizer, vocabulary: Vocabulary | None, batch: int, steps: int,
-             rng: np.random.Generator) -> list[GenerationRequest]:
-    grammar = json_schema_grammar(SCHEMA, "bench")
+             rng: np.random.Generator, grammar: GrammarSpec) -> list[GenerationRequest]:
     return [GenerationRequest(rng.integers(3, tokenizer.vocab_size, PROMPT_TOKENS).tolist(),
                               SamplingParams(temperature=1.0, seed=i), steps + WARMUP_STEPS,
                               constraint=None if vocabulary is None
@@ -82,13 +105,13 @@ def requests(tokenizer: Tokenizer, vocabulary: Vocabulary | None, batch: int, st
             for i in range(batch)]
 
 
-def sampling_cpu(vocabulary: Vocabulary, batch: int, steps: int) -> tuple[float, float, float]:
+def sampling_cpu(vocabulary: Vocabulary, batch: int, steps: int, grammar: GrammarSpec
+                 ) -> tuple[float, float, float]:
     """CPU seconds per step of the runner's sampling, without the engine: (unconstrained,
     constrained, of which masks) for `batch` sequences over random logits, the matchers
     advanced by the tokens drawn. CPU time (all threads) rather than wall time, because the
     machine is shared: another process's load changes the wall time, not the work."""
     rng = np.random.default_rng(2)
-    grammar = json_schema_grammar(SCHEMA, "bench")
     constraints = [vocabulary.constraint(grammar) for _ in range(batch)]
     samplers = [Sampler(SamplingParams(temperature=1.0, seed=i)) for i in range(2 * batch)]
     masks = MaskBatch()
@@ -121,19 +144,21 @@ async def run(args: argparse.Namespace) -> None:
         runner.masks = MaskBatch(args.mask_threads)
     runner.start(asyncio.get_running_loop())
     rng = np.random.default_rng(0)
+    grammar = bench_grammar(args.tools)
     free: list[float] = []
     constrained: list[float] = []
     try:
         for i in range(args.repeats):  # interleaved: the machine's drift hits both alike
             for vocab in (None, vocabulary) if i % 2 else (vocabulary, None):
                 times = await step_times(runner, requests(tokenizer, vocab, args.batch,
-                                                          args.steps, rng))
+                                                          args.steps, rng, grammar))
                 (free if vocab is None else constrained).extend(times)
     finally:
         runner.stop()
     f, c = statistics.median(free), statistics.median(constrained)
     model = args.model.name if args.model else "random stories15M shape"
-    print(f"{model}, vocab {engine.config.vocab_size}, batch {args.batch}, "
+    print(f"{model}, {'tool calls' if args.tools else 'JSON schema'}, "
+          f"vocab {engine.config.vocab_size}, batch {args.batch}, "
           f"{engine.threads} engine threads, {len(free)} and {len(constrained)} steps "
           "(median):")
     print(f"  unconstrained  {f * 1e3:8.2f} ms/step (quartiles "
@@ -143,7 +168,8 @@ async def run(args: argparse.Namespace) -> None:
           f"{np.percentile(constrained, 75) * 1e3:.2f})")
     print(f"  overhead       {(c - f) * 1e3:8.2f} ms/step = {(c - f) / args.batch * 1e3:.3f} "
           f"ms/token ({(c / f - 1) * 100:+.1f}%)")
-    free_cpu, constrained_cpu, masks_cpu = sampling_cpu(vocabulary, args.batch, args.steps)
+    free_cpu, constrained_cpu, masks_cpu = sampling_cpu(vocabulary, args.batch, args.steps,
+                                                        grammar)
     print(f"sampling alone, CPU ms per step of {args.batch} sequences (no engine):")
     print(f"  unconstrained  {free_cpu * 1e3:8.2f}")
     print(f"  constrained    {constrained_cpu * 1e3:8.2f}  (masks {masks_cpu * 1e3:.2f}, "
@@ -158,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--mask-threads", type=int, default=None,
                         help="llguidance threads for the masks (default: its own choice)")
+    parser.add_argument("--tools", action="store_true",
+                        help="a forced tool call's grammar instead of the bare JSON schema")
     parser.add_argument("--model", type=Path, default=None,
                         help="a llama2.c model using the llama2 tokenizer (default: random)")
     args = parser.parse_args(argv)

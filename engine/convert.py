@@ -50,7 +50,7 @@ from .config import GROUP_SIZE, ModelConfig
 from .dequant import Packed
 from .gguf import GLOBAL_TENSORS, LAYER_TENSORS, Q8_0_BLOCK, read_gguf
 from .identity import model_key, model_uuid
-from .llama2c import NORMS, Checkpoint
+from .llama2c import NORMS, Checkpoint, is_llama2c_shaped
 from .loader import is_gguf, load_checkpoint
 from .quant import QTensor
 from .tokenizer import SpmTokenizer, TokenizerError
@@ -104,6 +104,10 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], out_type: 
     file_type, ggml_type = OUT_TYPES[out_type]
     checkpoint = load_checkpoint(src)
     config = checkpoint.config
+    if not is_llama2c_shaped(config):
+        raise ValueError(f"{src}: tiller convert writes the plain llama architecture; this "
+                         f"model is {config.arch} (head_dim {config.head_dim}, RoPE scaling or "
+                         "NEOX rotation), which it would lose")
     if checkpoint.format == "gguf":
         if tokenizer is not None:
             raise ValueError(f"{src}: a GGUF model brings its own vocabulary (no --tokenizer)")

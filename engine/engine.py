@@ -19,11 +19,23 @@ import numpy as np
 
 from .config import GROUP_SIZE, ModelConfig
 from .forward import CAPTURE_POINTS, Workspace, forward_step
+from .interventions import (
+    OPS,
+    Condition,
+    Op,
+    Positions,
+    Readout,
+    SeqInterventions,
+    empty_step,
+    step_arrays,
+)
 from .kvcache import KV_BLOCK, CacheFull, KVCache, blocks_for
-from .weights import Progress, Weights, build_weights, padded
+from .weight_cache import load_or_build
+from .weights import DTYPES, Progress, Weights, padded
 
-__all__ = ["CAPTURE_POINTS", "MAX_STEERING_NORM", "BatchError", "CacheFull", "Engine",
-           "EngineError", "SeqRequest", "SeqResult", "Sequence", "SteeringTerm"]
+__all__ = ["CAPTURE_POINTS", "MAX_STEERING_NORM", "BatchError", "CacheFull", "Condition",
+           "Engine", "EngineError", "Readout", "SeqRequest", "SeqResult", "Sequence",
+           "SteeringTerm"]
 
 
 # The largest L2 norm the steering of one position may have, summed over the layers it is added
@@ -51,12 +63,28 @@ class SteeringTerm:
 
     `vectors` is (P, dim): row p is added at position p for p < P, nothing beyond (ActAdd).
     With `every_position`, it is (dim,) or (1, dim) and added at every position (control vector).
+
+    engine/interventions.py: `op` ("add", "ablate", "clamp", "cap"; the last three need a
+    direction, not ActAdd rows) with `value` (clamp, cap) and `norm_match`; `positions` limits
+    the entry to "prompt", "generated" or a [start, end) range of absolute positions (None:
+    every position, or an ActAdd vector's own); `when` makes it conditional (CAST).
     """
 
     layer: int
     vectors: np.ndarray
     scale: float = 1.0
     every_position: bool = False
+    op: str = "add"
+    value: float = 0.0
+    norm_match: bool = False
+    positions: Positions = None
+    when: Condition | None = None
+
+    @property
+    def plain(self) -> bool:
+        """An addition everywhere it applies, folded with the others."""
+        return (self.op == "add" and self.positions in (None, "all") and self.when is None
+                and not self.norm_match)
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,6 +106,7 @@ class Sequence:
     length: int = 0
     blocks: list[int] = field(default_factory=list)
     steering: FoldedSteering | None = field(default=None, repr=False)
+    interventions: SeqInterventions | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -99,6 +128,10 @@ class SeqResult:
     logits: np.ndarray | None  # (vocab,) for "last", (n_tokens, vocab) for "all"
     captures: np.ndarray | None  # (len(CAPTURE_POINTS), n_capture_layers, n_tokens, dim)
     final: np.ndarray | None = None  # (n_tokens, dim) with capture_final
+    # (n_tokens, n_readouts, 2): projection on the unit direction and cosine, per token
+    readouts: np.ndarray | None = None
+    # (n_tokens, n_conditions, 2): token conditions' cosine and 1/0 (NaN: not evaluated)
+    gates: np.ndarray | None = None
 
 
 def default_threads() -> int:
@@ -131,10 +164,11 @@ class Engine:
         self._no_steer = np.zeros((1, c.dim), np.float32)
         self._no_capture = np.zeros((len(CAPTURE_POINTS), 1, 1, c.dim), np.float32)
         self._no_final = np.zeros((1, c.dim), np.float32)
+        self._no_interventions = empty_step(c.n_layers, c.dim)
 
     def _make_workspace(self, T: int) -> Workspace:
         c = self.config
-        max_pad = max(padded(c.dim, self.dtype), padded(c.hidden_dim, self.dtype))
+        max_pad = max(padded(n, self.dtype) for n in (c.dim, c.hidden_dim, c.q_dim))
         act_dtype = np.int8 if self.dtype == "q8_0" else np.float32
         q8 = self.dtype == "q8_0"
         f = np.float32
@@ -144,7 +178,7 @@ class Engine:
             xa=np.zeros((T, max_pad), act_dtype),
             xs=np.zeros((T, max_pad // GROUP_SIZE if q8 else 0), f),
             xc=np.zeros((T, max_pad // GROUP_SIZE if q8 else 0), np.int32),
-            qkv=np.zeros((T, c.dim + 2 * c.kv_dim), f), att=np.zeros((T, c.dim), f),
+            qkv=np.zeros((T, c.q_dim + 2 * c.kv_dim), f), att=np.zeros((T, c.q_dim), f),
             proj=np.zeros((T, c.dim), f), h13=np.zeros((T, 2 * c.hidden_dim), f),
             hact=np.zeros((T, c.hidden_dim), f),
             scores=np.zeros((n_threads, blocks_for(c.max_seq_len) * KV_BLOCK), f),
@@ -152,24 +186,98 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], dtype: str = "q8_0",
-             progress: Progress | None = None, **kwargs) -> Engine:
+             progress: Progress | None = None, weight_cache: bool = True, **kwargs) -> Engine:
         from .loader import load_checkpoint
 
-        return cls.from_checkpoint(load_checkpoint(path), dtype, progress, **kwargs)
+        return cls.from_checkpoint(load_checkpoint(path), dtype, progress, weight_cache,
+                                   **kwargs)
 
     @classmethod
     def from_checkpoint(cls, checkpoint, dtype: str = "q8_0", progress: Progress | None = None,
-                        **kwargs) -> Engine:
-        """`progress(done, total, name)` follows the conversion of the file's tensors."""
-        weights = build_weights(checkpoint.config, checkpoint.tensors, dtype, progress)
+                        weight_cache: bool = True, **kwargs) -> Engine:
+        """`progress(done, total, name)` follows the conversion of the file's tensors.
+        `weight_cache`: map the weights from (and keep them in) the weight cache
+        (engine/weight_cache.py) when the file is large enough for it to pay."""
+        if dtype not in DTYPES:  # NOTE: before the cache names a file after it
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        weights = load_or_build(checkpoint, dtype, progress, use_cache=weight_cache)
         return cls(checkpoint.config, weights, **kwargs)
 
     # sequences -------------------------------------------------------------------------------
 
-    def new_sequence(self, steering: SequenceOf[SteeringTerm] = ()) -> Sequence:
-        """A new, empty sequence with its steering, validated (EngineError) and folded here."""
-        folded = self._fold_steering(steering) if steering else None
-        return Sequence(id=next(self._ids), steering=folded)
+    def new_sequence(self, steering: SequenceOf[SteeringTerm] = (),
+                     readouts: SequenceOf[Readout] = (),
+                     prompt_len: int | None = None) -> Sequence:
+        """A new, empty sequence with its steering and readouts, validated (EngineError) and
+        folded here. `prompt_len` places the "prompt"/"generated" scopes and prompt conditions."""
+        plain = [t for t in steering if t.plain]
+        for i, term in enumerate(steering):
+            self._validate_term(i, term)
+        folded = self._fold_steering(plain) if plain else None
+        extra = self._interventions(steering, readouts, prompt_len)
+        return Sequence(id=next(self._ids), steering=folded, interventions=extra)
+
+    def _interventions(self, terms: SequenceOf[SteeringTerm], readouts: SequenceOf[Readout],
+                       prompt_len: int | None) -> SeqInterventions | None:
+        """The terms that are not plain additions as Ops, their conditions, the readouts."""
+        c = self.config
+        ops: list[Op] = []
+        conds: list[Condition] = []
+        cond_entries: list[int] = []
+        for i, term in enumerate(terms):
+            if term.plain:
+                continue
+            rows = term.op == "add" and not term.every_position  # ActAdd: row p at position p
+            v = np.asarray(term.vectors, np.float32)
+            v = v.reshape(-1, c.dim) if rows else v.reshape(c.dim)
+            if term.op == "add":
+                v = (np.float32(term.scale) * v).astype(np.float32)
+            else:
+                v = (v / np.float32(np.linalg.norm(v.astype(np.float64)))).astype(np.float32)
+            start, end = self._scope(i, term.positions, prompt_len)
+            cond = -1
+            if term.when is not None:
+                if term.when.scope == "prompt" and prompt_len is None:
+                    raise EngineError(f"steering[{i}]: a prompt condition needs the prompt")
+                conds.append(term.when)
+                cond_entries.append(i)
+                cond = len(conds) - 1
+            ops.append(Op(i, term.layer, OPS.index(term.op), v, rows, float(term.value),
+                          term.norm_match, start, end, cond))
+        for j, ro in enumerate(readouts):
+            if not 0 <= ro.block < c.n_layers or ro.point not in CAPTURE_POINTS:
+                raise EngineError(f"readouts[{j}]: block {ro.block} outside 0..{c.n_layers - 1}"
+                                  f" or point {ro.point!r} not one of {CAPTURE_POINTS}")
+            self._check_direction(f"readouts[{j}]", ro.vector)
+        if not ops and not readouts:
+            return None
+        return SeqInterventions(ops, conds, cond_entries, list(readouts), prompt_len or 0,
+                                np.zeros((len(conds), c.dim), np.float64))
+
+    def _scope(self, i: int, positions: Positions, prompt_len: int | None) -> tuple[int, int]:
+        """[start, end) of absolute positions an entry applies at."""
+        n = self.config.max_seq_len
+        if positions is None or positions == "all":
+            return 0, n
+        if isinstance(positions, str):
+            if prompt_len is None:
+                raise EngineError(f"steering[{i}]: positions {positions!r} needs the prompt")
+            return (0, prompt_len) if positions == "prompt" else (prompt_len, n)
+        start, end = positions
+        if not 0 <= start < end:
+            raise EngineError(f"steering[{i}]: positions [{start}, {end}) is empty or negative")
+        if end > n:
+            raise EngineError(f"steering[{i}]: positions [{start}, {end}) go past the context "
+                              f"of {n}")
+        return start, end
+
+    def _check_direction(self, where: str, v: np.ndarray) -> None:
+        c = self.config
+        if not isinstance(v, np.ndarray) or v.size != c.dim:
+            raise EngineError(f"{where}: a direction must have {c.dim} values (the model's "
+                              f"width), got shape {getattr(v, 'shape', None)}")
+        if not np.isfinite(v).all() or not np.any(v):
+            raise EngineError(f"{where}: a direction must be finite and not zero")
 
     def release(self, seq: Sequence) -> None:
         """Give the sequence's KV blocks back to the pool; the sequence is empty afterwards."""
@@ -227,10 +335,39 @@ class Engine:
                               f"{' or (dim,)' if term.every_position else ''}")
         if not math.isfinite(term.scale) or not np.isfinite(v).all():
             raise EngineError(f"steering[{i}]: steering values must be finite")
+        if term.op not in OPS:
+            raise EngineError(f"steering[{i}]: unknown op {term.op!r} (one of {', '.join(OPS)})")
+        if not math.isfinite(term.value):
+            raise EngineError(f"steering[{i}]: value must be finite")
+        if term.op != "add":
+            if not term.every_position and v.ndim == 2 and v.shape[0] != 1:
+                raise EngineError(f"steering[{i}]: {term.op} needs a direction (one vector); "
+                                  "an ActAdd vector has one row per position")
+            self._check_direction(f"steering[{i}]", v)
+        elif not term.plain:
+            with np.errstate(over="ignore", invalid="ignore"):
+                norm = float(abs(term.scale)
+                             * np.linalg.norm(v.astype(np.float64), axis=-1).max())
+            if norm > MAX_STEERING_NORM:
+                raise EngineError(f"steering[{i}]: a norm of {norm:.3g}; at most "
+                                  f"{MAX_STEERING_NORM:.0e} is allowed, or the residual stream "
+                                  "would overflow float32")
+        w = term.when
+        if w is not None:
+            if not 0 <= w.layer <= c.n_layers:
+                raise EngineError(f"steering[{i}]: when.layer {w.layer} outside 0..{c.n_layers}")
+            if w.scope not in ("prompt", "token") or w.comparison not in ("greater", "less"):
+                raise EngineError(f"steering[{i}]: when.scope must be 'prompt' or 'token' and "
+                                  "when.comparison 'greater' or 'less'")
+            if not math.isfinite(w.threshold):
+                raise EngineError(f"steering[{i}]: when.threshold must be finite")
+            if w.scope == "token" and w.layer > term.layer:
+                raise EngineError(f"steering[{i}]: a token condition at layer {w.layer} comes "
+                                  f"after the entry's layer {term.layer}: it must be at or "
+                                  "before it")
+            self._check_direction(f"steering[{i}].when", np.asarray(w.vector))
 
     def _fold_steering(self, terms: SequenceOf[SteeringTerm]) -> FoldedSteering:
-        for i, term in enumerate(terms):
-            self._validate_term(i, term)
         c = self.config
         layers = sorted({term.layer for term in terms})
         n_rows = max((term.vectors.shape[0] for term in terms
@@ -309,12 +446,14 @@ class Engine:
         steer_index, steer_vecs = self._steering_arrays(requests, positions, starts)
         cap_slot, cap_rows, cap_out, layer_slots = self._capture_arrays(requests, starts, T)
         final_rows, final_out = self._final_arrays(requests, starts, T)
+        layout = step_arrays([r.seq.interventions for r in requests], positions, starts,
+                             c.n_layers, c.dim, self._no_interventions)
 
         numba.set_num_threads(self.threads)  # thread-local in numba: set on the calling thread
         forward_step(self.weights, self._workspace, self._dims, np.float32(c.norm_eps), tokens,
                      positions, seq_index, block_tables, self.cache.k, self.cache.v, steer_index,
                      steer_vecs, cap_slot, cap_rows, cap_out, final_rows, final_out, want,
-                     logits)
+                     logits, layout.iv)
 
         results = []
         row = 0
@@ -334,10 +473,53 @@ class Engine:
             final = None
             if r.capture_final:
                 final = final_out[final_rows[starts[s]:starts[s + 1]]]
-            results.append(SeqResult(logits=out_logits, captures=captures, final=final))
+            results.append(SeqResult(out_logits, captures, final,
+                                     *self._readings(r, s, layout)))
         for r in requests:  # last, so that a step that raised can be run again (docstring)
             r.seq.length += len(r.tokens)
+        for s, r in enumerate(requests):
+            self._decide(r.seq, layout.iv.sums, layout.sums[s])
         return results
+
+    @staticmethod
+    def _readings(r: SeqRequest, s: int, layout
+                  ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """A request's readouts (n_tokens, R, 2) and token conditions (n_tokens, C, 2)."""
+        si = r.seq.interventions
+        if si is None:
+            return None, None
+        n = len(r.tokens)
+        readouts = None
+        if si.readouts:
+            readouts = np.zeros((n, len(si.readouts), 2), np.float32)
+            for i, k, row in layout.readouts[s]:
+                readouts[i, k] = layout.iv.ro_out[row]
+        gates = None
+        if any(c.scope == "token" for c in si.conditions):
+            gates = np.full((n, len(si.conditions), 2), np.nan, np.float32)
+            for i, k, row in layout.gates[s]:
+                gates[i, k] = layout.iv.gate_cos[row], layout.iv.gate_on[row]
+        return readouts, gates
+
+    @staticmethod
+    def _decide(seq: Sequence, sums: np.ndarray, rows: list[tuple[int, int]]) -> None:
+        """Prompt conditions: add the step's prompt sums; decide once the prompt has run."""
+        si = seq.interventions
+        if si is None:
+            return
+        for k, row in rows:
+            si.sums[k] += sums[row]
+        if seq.length < si.prompt_len:
+            return
+        for k, cond in enumerate(si.conditions):
+            if cond.scope != "prompt" or k in si.decisions:
+                continue
+            v = np.asarray(cond.vector, np.float64).reshape(-1)
+            total = si.sums[k]
+            denom = float(np.linalg.norm(total) * np.linalg.norm(v))
+            cos = float(total @ v) / denom if denom > 0 else 0.0
+            si.decisions[k] = (cos, cos < cond.threshold if cond.comparison == "less"
+                               else cos > cond.threshold)
 
     def _steering_arrays(self, requests, positions, starts):
         """Each steered token's vector per layer as rows of steer_vecs, indexed (T, L + 1)."""
@@ -401,7 +583,7 @@ class Engine:
                     capture_layers: SequenceOf[int] = (), capture_final: bool = False
                     ) -> SeqResult:
         """Teacher-forced logits for every position of one new sequence (for tests and tools)."""
-        seq = self.new_sequence(steering)
+        seq = self.new_sequence(steering, prompt_len=len(tokens))
         try:
             parts: list[np.ndarray] = []
             caps: list[np.ndarray] = []

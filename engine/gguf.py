@@ -1,4 +1,4 @@
-"""GGUF files (versions 2 and 3): Llama-architecture models and their SentencePiece vocabulary.
+"""GGUF files (versions 2 and 3): Llama, Qwen 2 and Qwen 3 models and their vocabularies.
 
 Layout (little-endian; llama.cpp's ggml/src/gguf.cpp and docs/gguf.md):
 
@@ -12,11 +12,18 @@ Layout (little-endian; llama.cpp's ggml/src/gguf.cpp and docs/gguf.md):
 ne[0] is the length of a row, so a tensor with ne = (cols, rows) is the numpy array (rows, cols):
 the [out, in] layout of llama2.c and PyTorch, which is what the engine wants.
 
+Architectures (`general.architecture`, keys `{arch}.*`): `llama` (also Mistral-style files and
+Llama 3 / 3.1: `rope_freqs.weight` or a llama3 `rope.scaling.type`), `qwen2` (q/k/v biases)
+and `qwen3` (per-head RMSNorm of q and k before RoPE; heads of `attention.key_length`, which
+may differ from dim / n_heads). Anything else they do not share is refused naming the key.
+
 RoPE: llama.cpp's `llama` architecture rotates adjacent pairs (x[2i], x[2i+1]) ("NORM" rope),
 which is llama2.c's convention and ours. Hugging Face checkpoints rotate halves (x[i],
 x[i + head_dim/2]); convert_hf_to_gguf.py permutes their q and k rows into the pairwise order
-(`LlamaModel.permute`), so GGUF q/k weights are used as they are (tests/test_gguf.py checks a
-Hugging Face-style model through that permutation).
+(`LlamaModel.permute`), so llama GGUF q/k weights are used as they are (tests/test_gguf.py
+checks a Hugging Face-style model through that permutation). qwen2 and qwen3 files are not
+permuted: llama.cpp rotates them by halves (LLAMA_ROPE_TYPE_NEOX); engine/weights.py permutes
+their q/k rows at load instead, so one rope kernel serves every architecture.
 
 NOTE: the header is parsed here rather than with gguf.GGUFReader. On a file whose array length
 lies, GGUFReader loops once per claimed element, growing a list (a uint8 array claiming 2**24
@@ -39,9 +46,9 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from .bpe import BpeTokenizer
-from .config import ModelConfig
+from .config import ARCHITECTURES, ModelConfig, llama3_rope_factors
 from .dequant import TYPES, Packed, row_bytes, row_problem
-from .llama2c import LIMITS, NORMS, Checkpoint, CheckpointError, tensor_shapes
+from .llama2c import HEAD_VECTORS, LIMITS, NORMS, Checkpoint, CheckpointError, tensor_shapes
 from .tokenizer import SpmTokenizer, Tokenizer, TokenizerError
 
 logger = logging.getLogger(__name__)
@@ -71,6 +78,13 @@ GLOBAL_TENSORS = {"token_embd.weight": "token_embedding", "output_norm.weight": 
 LAYER_TENSORS = {"attn_norm": "attn_norm", "attn_q": "wq", "attn_k": "wk", "attn_v": "wv",
                  "attn_output": "wo", "ffn_norm": "ffn_norm", "ffn_gate": "w1", "ffn_up": "w3",
                  "ffn_down": "w2"}
+# per-layer vectors beyond Llama's: Qwen 2's q/k/v biases, Qwen 3's per-head q/k RMSNorms
+ARCH_VECTORS = {
+    "qwen2": {"attn_q.bias": "bq", "attn_k.bias": "bk", "attn_v.bias": "bv"},
+    "qwen3": {"attn_q_norm.weight": "q_norm", "attn_k_norm.weight": "k_norm"},
+}
+# llama.cpp's llama_model_rope_type: LLAMA_ROPE_TYPE_NEOX (rotate halves) for these
+NEOX_ROPE = ("qwen2", "qwen3")
 # small metadata a Checkpoint carries along (the rest of the header is not kept)
 KEPT_METADATA = ("general.architecture", "general.name", "general.uuid", "general.file_type",
                  "tokenizer.chat_template", "tokenizer.ggml.model",
@@ -311,46 +325,110 @@ def _meta_float(f: GGUFFile, key: str, default: Any = ...) -> float:
     return value
 
 
-def _check_llama(f: GGUFFile) -> None:
+def _meta_layers(f: GGUFFile, key: str, default: Any, limit: int) -> int:
+    """An integer that llama.cpp allows per layer (an array): accepted when all layers agree."""
+    value = f.metadata.get(key)
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "iu" or value.size == 0:
+            raise CheckpointError(f"{f.path}: metadata {key} is an array of {value.dtype}, "
+                                  "expected integers")
+        if (value != value[0]).any():
+            raise CheckpointError(f"{f.path}: metadata {key} differs between layers "
+                                  f"({sorted(set(value.tolist()))}), which is not supported")
+        value = int(value[0])
+        if not 0 < value <= limit:
+            raise CheckpointError(f"{f.path}: metadata {key}={value}: must be in 1..{limit}")
+        return value
+    return _meta_int(f, key, default, limit)
+
+
+def _check_arch(f: GGUFFile) -> str:
+    """general.architecture, if supported, after refusing what none of them runs."""
     arch = _meta(f, "general.architecture", (str,))
-    if arch != "llama":
-        raise CheckpointError(f"{f.path}: architecture {arch!r} is not supported (only 'llama')")
-    experts = _meta(f, "llama.expert_count", (int,), 0)
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(f"{f.path}: general.architecture {arch!r} is not supported "
+                              f"(only {', '.join(map(repr, ARCHITECTURES))})")
+    experts = _meta(f, f"{arch}.expert_count", (int,), 0)
     if experts > 0:
-        raise CheckpointError(f"{f.path}: a mixture-of-experts model ({experts} experts) is not "
-                              "supported")
-    scaling = _meta(f, "llama.rope.scaling.type", (str,), "none")
-    factor = _meta(f, "llama.rope.scaling.factor", (float, int), 1.0)
-    linear = _meta(f, "llama.rope.scale_linear", (float, int), 1.0)  # the legacy key
-    if scaling != "none" and factor != 1.0 or linear != 1.0:
-        raise CheckpointError(f"{f.path}: RoPE scaling ({scaling!r}, factor "
-                              f"{factor if linear == 1.0 else linear}) is not supported")
+        raise CheckpointError(f"{f.path}: {arch}.expert_count is {experts}: a mixture-of-experts "
+                              "model is not supported")
+    return arch
 
 
-def _config(f: GGUFFile, vocab_size: int, shared: bool) -> ModelConfig:
+def _rope(f: GGUFFile, arch: str, head_dim: int, theta: float) -> dict[str, Any]:
+    """RoPE scaling as ModelConfig fields: rope_factors (rope_freqs.weight, else computed from
+    a llama3 scaling type) and rope_scale (linear scaling, llama.cpp's 1 / factor)."""
+    key = f"{arch}.rope.scaling.type"
+    scaling = _meta(f, key, (str,), "none")
+    if scaling not in ("none", "linear", "llama3"):
+        raise CheckpointError(f"{f.path}: metadata {key}={scaling!r}: only none, linear and "
+                              "llama3 RoPE scaling are supported")
+    factor = _meta_float(f, f"{arch}.rope.scaling.factor",
+                         _meta_float(f, f"{arch}.rope.scale_linear", 1.0))
+    out: dict[str, Any] = {}
+    if "rope_freqs.weight" in f.tensors:
+        # NOTE: llama.cpp uses the tensor whatever the metadata says (convert_hf_to_gguf.py
+        # writes it for Llama 3.1 and no scaling type), so the tensor wins here too.
+        info = f.tensors["rope_freqs.weight"]
+        if arch != "llama":
+            raise CheckpointError(f"{f.path}: tensor rope_freqs.weight: {arch} models have no "
+                                  "RoPE frequency factors")
+        if info.shape != (head_dim // 2,) or info.type not in (T.F32, T.F16):
+            raise CheckpointError(f"{f.path}: tensor rope_freqs.weight has shape {info.shape} "
+                                  f"and type {info.type.name}, RoPE needs ({head_dim // 2},) "
+                                  "F32 or F16")
+        dtype = np.float32 if info.type == T.F32 else np.float16
+        factors = np.frombuffer(f.data, dtype, head_dim // 2, info.offset).astype(np.float32)
+        if not (np.isfinite(factors).all() and (factors > 0).all()):
+            raise CheckpointError(f"{f.path}: tensor rope_freqs.weight has values that are not "
+                                  "positive and finite")
+        out["rope_factors"] = tuple(factors.tolist())
+    elif scaling == "llama3":
+        out["rope_factors"] = llama3_rope_factors(
+            head_dim, theta, factor,
+            _meta_float(f, f"{arch}.rope.scaling.low_freq_factor", 1.0),
+            _meta_float(f, f"{arch}.rope.scaling.high_freq_factor", 4.0),
+            _meta_int(f, f"{arch}.rope.scaling.original_context_length", 8192))
+    if scaling != "llama3" and factor != 1.0:
+        out["rope_scale"] = 1.0 / factor
+    return out
+
+
+def _config(f: GGUFFile, arch: str, vocab_size: int, shared: bool) -> ModelConfig:
     def key(name: str, limit: str, default: Any = ...) -> int:
-        return _meta_int(f, f"llama.{name}", default, LIMITS[limit])
+        return _meta_layers(f, f"{arch}.{name}", default, LIMITS[limit])
 
+    dim = key("embedding_length", "dim")
     n_heads = key("attention.head_count", "n_heads")
+    head_dim = dim // n_heads
+    head_size = 0  # NOTE: dim / n_heads unless the file says otherwise (Qwen 3)
+    if f"{arch}.attention.key_length" in f.metadata:
+        head_dim = _meta_int(f, f"{arch}.attention.key_length", ..., LIMITS["dim"])
+        head_size = 0 if head_dim * n_heads == dim else head_dim
+    for name in ("rope.dimension_count", "attention.value_length"):
+        value = _meta_int(f, f"{arch}.{name}", head_dim)
+        if value != head_dim:
+            raise CheckpointError(f"{f.path}: metadata {arch}.{name} is {value}, but only "
+                                  f"{head_dim} (the key length of a head) is supported"
+                                  + (" (partial RoPE)" if name.startswith("rope") else ""))
+    max_seq_len = key("context_length", "max_seq_len")
+    window = _meta_int(f, f"{arch}.attention.sliding_window", 0)
+    if 0 < window < max_seq_len:
+        raise CheckpointError(f"{f.path}: metadata {arch}.attention.sliding_window is {window}: "
+                              "sliding-window attention is not supported")
+    theta = _meta_float(f, f"{arch}.rope.freq_base", 10000.0)
     params: dict[str, Any] = dict(
-        dim=key("embedding_length", "dim"), hidden_dim=key("feed_forward_length", "hidden_dim"),
+        dim=dim, hidden_dim=key("feed_forward_length", "hidden_dim"),
         n_layers=key("block_count", "n_layers"), n_heads=n_heads,
         n_kv_heads=key("attention.head_count_kv", "n_kv_heads", n_heads),
-        vocab_size=vocab_size, max_seq_len=key("context_length", "max_seq_len"),
-        shared_classifier=shared,
-        norm_eps=_meta_float(f, "llama.attention.layer_norm_rms_epsilon"),
-        rope_theta=_meta_float(f, "llama.rope.freq_base", 10000.0))
+        vocab_size=vocab_size, max_seq_len=max_seq_len, shared_classifier=shared,
+        norm_eps=_meta_float(f, f"{arch}.attention.layer_norm_rms_epsilon"), rope_theta=theta,
+        arch=arch, head_size=head_size,
+        rope_neox=arch in NEOX_ROPE, **_rope(f, arch, head_dim, theta))
     try:
-        config = ModelConfig(**params)
+        return ModelConfig(**params)
     except ValueError as e:
         raise CheckpointError(f"{f.path}: {e}") from e
-    for name in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
-        value = _meta_int(f, f"llama.{name}", config.head_dim)
-        if value != config.head_dim:
-            raise CheckpointError(f"{f.path}: llama.{name} is {value}, but only "
-                                  f"head_dim = {config.dim} / {n_heads} = {config.head_dim} "
-                                  "is supported")
-    return config
 
 
 def _vocab_size(f: GGUFFile) -> int:
@@ -361,8 +439,9 @@ def _vocab_size(f: GGUFFile) -> int:
         sizes["tokenizer.ggml.tokens"] = len(tokens)
     if "token_embd.weight" in f.tensors:
         sizes["token_embd.weight rows"] = f.tensors["token_embd.weight"].shape[0]
-    if "llama.vocab_size" in f.metadata:
-        sizes["llama.vocab_size"] = _meta_int(f, "llama.vocab_size")
+    key = f"{f.metadata['general.architecture']}.vocab_size"
+    if key in f.metadata:
+        sizes[key] = _meta_int(f, key)
     if not sizes:
         raise CheckpointError(f"{f.path}: no vocabulary size (no token list, no token_embd)")
     if len(set(sizes.values())) > 1:
@@ -391,10 +470,12 @@ def _expected(config: ModelConfig) -> dict[str, tuple[str, int | None, tuple[int
     for layer in range(config.n_layers):
         for part, ours in LAYER_TENSORS.items():
             out[f"blk.{layer}.{part}.weight"] = (ours, layer, shapes[ours][1:])
+        for part, ours in ARCH_VECTORS.get(config.arch, {}).items():
+            out[f"blk.{layer}.{part}"] = (ours, layer, shapes[ours][1:])
     return out
 
 
-def _check_tensors(f: GGUFFile,
+def _check_tensors(f: GGUFFile, config: ModelConfig,
                    expected: dict[str, tuple[str, int | None, tuple[int, ...]]]) -> None:
     missing = [n for n in expected if n not in f.tensors]
     if missing:
@@ -402,9 +483,7 @@ def _check_tensors(f: GGUFFile,
                               + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
     extra = [n for n in f.tensors if n not in expected]
     if extra:
-        hint = (" (rope_freqs holds Llama 3.1-style RoPE scaling, which is not supported)"
-                if "rope_freqs.weight" in extra else
-                " (biases are not part of the Llama architecture we run)"
+        hint = (f" (biases are not part of the {config.arch} architecture)"
                 if any(n.endswith(".bias") for n in extra) else "")
         raise CheckpointError(f"{f.path}: unexpected tensor{'s' * (len(extra) > 1)} "
                               + ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else "") + hint)
@@ -448,7 +527,7 @@ def _norm(f: GGUFFile, infos: list[TensorInfo], stacked: bool) -> np.ndarray:
 
 
 def load_gguf(path: str | os.PathLike[str]) -> Checkpoint:
-    """Read a GGUF Llama model (format "gguf").
+    """Read a GGUF model of ARCHITECTURES (format "gguf").
 
     Norms are read as float32 arrays. Matrices stay in the file as `Packed` views (any type in
     SUPPORTED_TYPES, each layer its own): engine/weights.py decodes them straight into the
@@ -458,22 +537,28 @@ def load_gguf(path: str | os.PathLike[str]) -> Checkpoint:
     problems raise CheckpointError naming the file.
     """
     f = read_gguf(path)
-    _check_llama(f)
+    arch = _check_arch(f)
     if not f.tensors:
         raise CheckpointError(f"{f.path}: the file has no tensors (a vocabulary-only GGUF?)")
     shared = "output.weight" not in f.tensors
-    config = _config(f, _vocab_size(f), shared)
+    config = _config(f, arch, _vocab_size(f), shared)
     expected = _expected(config)
-    _check_tensors(f, expected)
+    if "rope_freqs.weight" in f.tensors:  # read into config.rope_factors; checked as a tensor
+        expected["rope_freqs.weight"] = ("rope_freqs", None, (config.head_dim // 2,))
+    _check_tensors(f, config, expected)
     by_name: dict[str, list[TensorInfo]] = {}
-    for gguf_name, (ours, _, _) in expected.items():  # layers in order: blk.0 first
+    stacked: set[str] = set()
+    for gguf_name, (ours, layer, _) in expected.items():  # layers in order: blk.0 first
         by_name.setdefault(ours, []).append(f.tensors[gguf_name])
+        if layer is not None:
+            stacked.add(ours)
+    by_name.pop("rope_freqs", None)  # in config.rope_factors
     tensors: dict[str, np.ndarray | Packed] = {}
     for ours, infos in by_name.items():
-        if ours in NORMS:
-            tensors[ours] = _norm(f, infos, stacked=ours in LAYER_TENSORS.values())
+        if ours in NORMS or ours in HEAD_VECTORS:
+            tensors[ours] = _norm(f, infos, stacked=ours in stacked)
         else:
-            tensors[ours] = _packed(f, infos, stacked=ours in LAYER_TENSORS.values())
+            tensors[ours] = _packed(f, infos, stacked=ours in stacked)
     counts = Counter(f.tensors[name].type.name for name in expected)
     logger.info("%s: tensors %s", f.path, ", ".join(f"{n} {t}" for t, n in counts.most_common()))
     metadata = {k: f.metadata[k] for k in KEPT_METADATA if k in f.metadata}

@@ -287,6 +287,46 @@ def embed(x, tokens, emb, emb_scales):
 
 
 @njit(**_opts)
+def _head_norms_row(v, q_w, k_w, n_heads, n_kv_heads, head_dim, eps):
+    for h in range(n_heads + n_kv_heads):
+        head = v[h * head_dim:(h + 1) * head_dim]
+        rmsnorm_row(head, head, q_w if h < n_heads else k_w, eps)
+
+
+@njit(parallel=True, **_opts)
+def _add_rows_par(x, b):
+    for t in prange(x.shape[0]):
+        x[t] += b
+
+
+@njit(**_opts)
+def add_rows(x, b):
+    """x (T, n) += b (n,): a bias on every row (serial below PARALLEL_ROWS rows)"""
+    if x.shape[0] >= PARALLEL_ROWS:
+        _add_rows_par(x, b)
+    else:
+        for t in range(x.shape[0]):
+            x[t] += b
+
+
+@njit(parallel=True, **_opts)
+def _head_norms_par(qkv, q_w, k_w, n_heads, n_kv_heads, head_dim, eps):
+    for t in prange(qkv.shape[0]):
+        _head_norms_row(qkv[t], q_w, k_w, n_heads, n_kv_heads, head_dim, eps)
+
+
+@njit(**_opts)
+def head_norms(qkv, q_w, k_w, n_heads, n_kv_heads, head_dim, eps):
+    """RMSNorm of each q head (weights q_w (head_dim,)) and k head (k_w) of qkv (T, q + 2 kv),
+    in place (rmsnorm_row reads a value before it writes it); serial below PARALLEL_ROWS rows."""
+    if qkv.shape[0] >= PARALLEL_ROWS:
+        _head_norms_par(qkv, q_w, k_w, n_heads, n_kv_heads, head_dim, eps)
+    else:
+        for t in range(qkv.shape[0]):
+            _head_norms_row(qkv[t], q_w, k_w, n_heads, n_kv_heads, head_dim, eps)
+
+
+@njit(**_opts)
 def _rope_row(v, p, cos, sin, n_heads, head_dim):
     """Rotate n_heads heads at the start of v (pairwise, llama2.c's convention) to position p."""
     for h in range(n_heads):

@@ -85,14 +85,14 @@ class Checkpoint:
 def tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor a checkpoint holds (the classifier only when unshared)."""
     c = config
-    L, D, H, V, KV = c.n_layers, c.dim, c.hidden_dim, c.vocab_size, c.kv_dim
+    L, D, H, V, KV, Q = c.n_layers, c.dim, c.hidden_dim, c.vocab_size, c.kv_dim, c.q_dim
     shapes = {
         "token_embedding": (V, D),
         "attn_norm": (L, D),
-        "wq": (L, D, D),
+        "wq": (L, Q, D),
         "wk": (L, KV, D),
         "wv": (L, KV, D),
-        "wo": (L, D, D),
+        "wo": (L, D, Q),
         "ffn_norm": (L, D),
         "w1": (L, H, D),
         "w2": (L, D, H),
@@ -101,10 +101,16 @@ def tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     }
     if not c.shared_classifier:
         shapes["classifier"] = (V, D)
+    if c.arch == "qwen2":
+        shapes |= {"bq": (L, Q), "bk": (L, KV), "bv": (L, KV)}
+    if c.arch == "qwen3":
+        shapes |= {"q_norm": (L, c.head_dim), "k_norm": (L, c.head_dim)}
     return shapes
 
 
 NORMS = ("attn_norm", "ffn_norm", "final_norm")
+# per-layer vectors of the qwen2 (q/k/v biases) and qwen3 (per-head q/k norms) architectures
+HEAD_VECTORS = ("bq", "bk", "bv", "q_norm", "k_norm")
 # export.py's order of the matrices (v1 fp32, v2/q80v1 quantized), classifier last if unshared
 MATRICES = ("token_embedding", "wq", "wk", "wv", "wo", "w1", "w2", "w3", "classifier")
 V0_ORDER = ("token_embedding", "attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2", "w3",
@@ -354,7 +360,11 @@ def load_llama2c(path: str | os.PathLike[str]) -> Checkpoint:
     size = path.stat().st_size
     version, params, shared, group_size = _parse_header(path, size)
     try:
-        config = ModelConfig(**params, shared_classifier=shared)
+        p = params
+        config = ModelConfig(dim=p["dim"], hidden_dim=p["hidden_dim"], n_layers=p["n_layers"],
+                             n_heads=p["n_heads"], n_kv_heads=p["n_kv_heads"],
+                             vocab_size=p["vocab_size"], max_seq_len=p["max_seq_len"],
+                             shared_classifier=shared)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from e
     fmt, file_group_size = _pick_layout(path, version, config, group_size, size)
@@ -413,6 +423,13 @@ def _checked_tensors(config: ModelConfig,
     return out
 
 
+def is_llama2c_shaped(config: ModelConfig) -> bool:
+    """True when a llama2.c file (or the llama GGUF `tiller convert` writes) can hold the model:
+    Llama with heads of dim / n_heads, pairwise RoPE, no scaling."""
+    return (config.arch == "llama" and config.head_dim * config.n_heads == config.dim
+            and not config.rope_neox and not config.rope_factors and config.rope_scale == 1.0)
+
+
 def _write_fp32(f: BinaryIO, a: np.ndarray) -> None:
     f.write(memoryview(np.ascontiguousarray(a, dtype="<f4")).cast("B"))  # type: ignore[arg-type]
 
@@ -428,6 +445,8 @@ def write_llama2c(path: str | os.PathLike[str], config: ModelConfig,
     """
     if format not in FORMATS:
         raise ValueError(f"unknown llama2.c format {format!r}, expected one of {FORMATS}")
+    if not is_llama2c_shaped(config):
+        raise ValueError(f"a llama2.c file holds only the plain Llama architecture, not {config}")
     ts = _checked_tensors(config, tensors)
     path = Path(path)
     gs = export_group_size(config.dim, group_size) if format in QUANTIZED_FORMATS else 0

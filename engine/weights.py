@@ -9,6 +9,10 @@ Layout (see engine/simd.py for why):
   An embedding that is not the classifier stays row-major (vocab, in): it is only looked up.
 - q, k and v projections are fused into one `wqkv` matrix (rows: q, then k, then v), and w1/w3
   into `w13` (rows: w1, then w3), so a layer makes three weight passes instead of five.
+- Models whose RoPE rotates halves (qwen2, qwen3: config.rope_neox) have the rows of each q and
+  k head (and their biases and norm weights) reordered so that pairwise RoPE does the same
+  rotation (`qk_order`): attention scores are dot products within a head, unchanged by a
+  permutation applied to both q and k, and v is left alone.
 - The embedding is the classifier matrix when the model shares them; rows are dequantized on
   lookup, so Q8_0 embeddings see the same rounding as llama.cpp's Q8_0 token_embd.
 Nothing here is ever written after load: steering and caches belong to requests.
@@ -36,9 +40,9 @@ class Weights(NamedTuple):
     embedding: np.ndarray  # (vocab, dim_pad) uint8 | float32; the classifier's when shared
     embedding_scales: np.ndarray  # (vocab, dim_pad/32) float32 | (vocab, 0)
     attn_norm: np.ndarray  # (L, dim)
-    wqkv: np.ndarray  # (L, dim + 2 kv_dim, dim_pad)
+    wqkv: np.ndarray  # (L, q_dim + 2 kv_dim, dim_pad)
     wqkv_scales: np.ndarray
-    wo: np.ndarray  # (L, dim, dim_pad)
+    wo: np.ndarray  # (L, dim, q_dim_pad)
     wo_scales: np.ndarray
     ffn_norm: np.ndarray  # (L, dim)
     w13: np.ndarray  # (L, 2 hidden, dim_pad)
@@ -50,6 +54,10 @@ class Weights(NamedTuple):
     classifier_scales: np.ndarray
     rope_cos: np.ndarray  # (max_seq_len, head_dim / 2)
     rope_sin: np.ndarray
+    # optional (empty (L, 0) when the architecture has none, so the step's types stay fixed)
+    bqkv: np.ndarray  # (L, q_dim + 2 kv_dim) f32: qwen2's q/k/v biases
+    q_norm: np.ndarray  # (L, head_dim) f32: qwen3's per-head RMSNorm weights of q
+    k_norm: np.ndarray  # (L, head_dim) f32: and of k
 
 
 def padded(n: int, dtype: str) -> int:
@@ -101,12 +109,13 @@ def deinterleave(values: np.ndarray, scales: np.ndarray,
 
 
 def _matrix(tensors: Mapping[str, Tensor], names: list[str], dtype: str,
-            done: Callable[[str, int], None],
-            row_major: bool = False) -> tuple[np.ndarray, np.ndarray]:
+            done: Callable[[str, int], None], row_major: bool = False,
+            order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate the [.., rows_i, n] tensors `names` along rows into the engine's padded
-    layout (Q8_0 interleaved unless row_major). Packed tensors are decoded straight into the
-    result a layer at a time (no float32 copy of a quantized matrix); arrays and QTensors are
-    copied in."""
+    layout (Q8_0 interleaved unless row_major), rows permuted by `order` (row i of the result
+    is row order[i] of the concatenation; applied before Q8_0 interleaving). Packed tensors
+    are decoded straight into the result a layer at a time (no float32 copy of a quantized
+    matrix); arrays and QTensors are copied in."""
     parts = [tensors[name] for name in names]
 
     def one(tensor: str) -> None:  # a Packed reports each tensor of the file it decodes
@@ -127,6 +136,8 @@ def _matrix(tensors: Mapping[str, Tensor], names: list[str], dtype: str,
                 out[..., r:r + k, :n] = _as_float(p)
                 done(name, _count(p))
             r += k
+        if order is not None:
+            _reorder_rows(out, order)
         return out, np.zeros((*lead, rows, 0), np.float32)  # no scales, but indexable
     values = np.full((*lead, rows, n_pad), 128, np.uint8)
     scales = np.zeros((*lead, rows, n_pad // GROUP_SIZE), np.float32)
@@ -141,7 +152,19 @@ def _matrix(tensors: Mapping[str, Tensor], names: list[str], dtype: str,
             scales[..., r:r + k, :n_groups(n)] = q.scales
             done(name, _count(p))
         r += k
+    if order is not None:
+        _reorder_rows(values, order)
+        _reorder_rows(scales, order)
     return (values, scales) if row_major else interleave(values, scales)
+
+
+def _reorder_rows(a: np.ndarray, order: np.ndarray) -> None:
+    """a (..., rows, n)[..., i, :] = a[..., order[i], :] in place, one layer's copy at a time."""
+    if a.ndim == 2:
+        a[:] = a[order]
+        return
+    for layer in range(a.shape[0]):
+        a[layer] = a[layer][order]
 
 
 def build_weights(config: ModelConfig, tensors: Mapping[str, Tensor], dtype: str,
@@ -171,11 +194,26 @@ def build_weights(config: ModelConfig, tensors: Mapping[str, Tensor], dtype: str
                                               row_major=True)
     else:
         embedding, embedding_scales = classifier, classifier_scales
-    wqkv, wqkv_s = _matrix(t, ["wq", "wk", "wv"], dtype, done)
+    # NEOX models: q/k rows reordered (qk_order) before the Q8_0 interleaving
+    order = qk_order(config) if config.rope_neox else None
+    wqkv, wqkv_s = _matrix(t, ["wq", "wk", "wv"], dtype, done, order=order)
     wo, wo_s = _matrix(t, ["wo"], dtype, done)
     w13, w13_s = _matrix(t, ["w1", "w3"], dtype, done)
     w2, w2_s = _matrix(t, ["w2"], dtype, done)
     cos, sin = rope_tables(config)
+    L = config.n_layers
+    bqkv = (np.concatenate([_as_float(t[n]) for n in ("bq", "bk", "bv")], axis=1)
+            if "bq" in t else np.zeros((L, 0), np.float32))
+    # NOTE: two arrays, not one twice: the weight cache stores an aliased field only once
+    q_norm, k_norm = ((np.array(_as_float(t["q_norm"])), np.array(_as_float(t["k_norm"])))
+                      if "q_norm" in t else (np.zeros((L, 0), np.float32),
+                                             np.zeros((L, 0), np.float32)))
+    if order is not None:
+        if bqkv.size:
+            bqkv = bqkv[:, order]
+        if q_norm.size:
+            head = order[:config.head_dim]
+            q_norm, k_norm = q_norm[:, head], k_norm[:, head]
     weights = Weights(
         embedding=embedding, embedding_scales=embedding_scales,
         attn_norm=np.array(_as_float(t["attn_norm"])),
@@ -184,13 +222,24 @@ def build_weights(config: ModelConfig, tensors: Mapping[str, Tensor], dtype: str
         w13=w13, w13_scales=w13_s, w2=w2, w2_scales=w2_s,
         final_norm=np.array(_as_float(t["final_norm"])),
         classifier=classifier, classifier_scales=classifier_scales,
-        rope_cos=cos, rope_sin=sin,
+        rope_cos=cos, rope_sin=sin, bqkv=bqkv, q_norm=q_norm, k_norm=k_norm,
     )
     # Read-only for good, whatever the source file: a kernel that tried to write a weight would
     # not compile, and numba compiles one specialization of the step for every model.
     for array in weights:
         array.setflags(write=False)
     return weights
+
+
+def qk_order(config: ModelConfig) -> np.ndarray:
+    """Row order of wqkv for a rotate-halves (NEOX) model: within each q and k head, row 2i is
+    the file's row i and row 2i+1 its row i + head_dim/2 (the inverse of convert_hf_to_gguf.py's
+    permute); v rows stay. Pairwise RoPE on these rows is NEOX RoPE on the file's."""
+    hd, half = config.head_dim, config.head_dim // 2
+    head = np.stack([np.arange(half), np.arange(half) + half], axis=1).reshape(-1)
+    n_qk = config.n_heads + config.n_kv_heads
+    qk = (np.arange(n_qk)[:, None] * hd + head[None, :]).reshape(-1)
+    return np.concatenate([qk, np.arange(n_qk * hd, n_qk * hd + config.kv_dim)])
 
 
 def matrix_bytes(weights: Weights) -> int:
@@ -204,28 +253,40 @@ def matrix_bytes(weights: Weights) -> int:
 
 def dequantized(weights: Weights, config: ModelConfig) -> dict[str, np.ndarray]:
     """The float32 tensors the engine actually computes with, in checkpoint names (for tests)."""
-    dim, kv, hidden = config.dim, config.kv_dim, config.hidden_dim
+    dim, kv, hidden, q = config.dim, config.kv_dim, config.hidden_dim, config.q_dim
 
     def unpack(values: np.ndarray, scales: np.ndarray, n: int, rows: int) -> np.ndarray:
         if values.dtype == np.float32:
             return values[..., :n].copy()
         if values is not weights.embedding or config.shared_classifier:
             values, scales = deinterleave(values, scales, rows)
-        q = (values.astype(np.int16) - 128).astype(np.int8)
-        return dequantize_q8_0(q, scales)[..., :n]
+        signed = (values.astype(np.int16) - 128).astype(np.int8)
+        return dequantize_q8_0(signed, scales)[..., :n]
 
     vocab = config.vocab_size
-    wqkv = unpack(weights.wqkv, weights.wqkv_scales, dim, dim + 2 * kv)
+    wqkv = unpack(weights.wqkv, weights.wqkv_scales, dim, q + 2 * kv)
+    bqkv, q_norm, k_norm = weights.bqkv, weights.q_norm, weights.k_norm
+    if config.rope_neox:  # back to the file's row order (after deinterleaving, in unpack)
+        inverse = np.argsort(qk_order(config))
+        wqkv = wqkv[:, inverse]
+        bqkv = bqkv[:, inverse] if bqkv.size else bqkv
+        if q_norm.size:
+            head = inverse[:config.head_dim]
+            q_norm, k_norm = q_norm[:, head], k_norm[:, head]
     w13 = unpack(weights.w13, weights.w13_scales, dim, 2 * hidden)
     out = {
         "token_embedding": unpack(weights.embedding, weights.embedding_scales, dim, vocab),
         "attn_norm": weights.attn_norm, "ffn_norm": weights.ffn_norm,
         "final_norm": weights.final_norm,
-        "wq": wqkv[:, :dim], "wk": wqkv[:, dim:dim + kv], "wv": wqkv[:, dim + kv:],
-        "wo": unpack(weights.wo, weights.wo_scales, dim, dim),
+        "wq": wqkv[:, :q], "wk": wqkv[:, q:q + kv], "wv": wqkv[:, q + kv:],
+        "wo": unpack(weights.wo, weights.wo_scales, q, dim),
         "w1": w13[:, :hidden], "w3": w13[:, hidden:],
         "w2": unpack(weights.w2, weights.w2_scales, hidden, dim),
     }
     if not config.shared_classifier:
         out["classifier"] = unpack(weights.classifier, weights.classifier_scales, dim, vocab)
+    if bqkv.size:
+        out |= {"bq": bqkv[:, :q], "bk": bqkv[:, q:q + kv], "bv": bqkv[:, q + kv:]}
+    if q_norm.size:
+        out |= {"q_norm": q_norm, "k_norm": k_norm}
     return out

@@ -15,7 +15,15 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from ..engine.cvec import ControlVectorError
-from . import cors, features_routes, info_routes, llama_routes, openai_routes, steering_routes
+from . import (
+    cors,
+    features_routes,
+    info_routes,
+    llama_routes,
+    openai_routes,
+    steering_routes,
+    webui_routes,
+)
 from .http import auth_middleware, errors_middleware, log_middleware
 from .runner import Runner
 from .state import STATE, Model, ServerConfig, ServerState, load_model
@@ -93,6 +101,8 @@ def create_app(config: ServerConfig, *, model: Model | None = None,
         app.cleanup_ctx.append(given_model)
     for routes in (info_routes, openai_routes, llama_routes, steering_routes, features_routes):
         routes.add_routes(app.router)
+    if config.webui:  # --no-webui: the API alone
+        webui_routes.add_routes(app.router)
 
     async def worker_pool(app: web.Application) -> AsyncIterator[None]:
         # NOTE: pool threads doing pure-Python work (tokenizing) hold the GIL for a switch

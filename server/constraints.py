@@ -33,12 +33,13 @@ from .protocol import ResponseFormat
 if TYPE_CHECKING:  # a TypedDict of the stubs only
     from llguidance._lib import JsonCompileOptions
 
-__all__ = ["Constraint", "GrammarSpec", "MaskBatch", "Vocabulary", "request_grammar"]
+__all__ = ["JSON_OPTIONS", "Constraint", "GrammarSpec", "MaskBatch", "Vocabulary",
+           "request_grammar"]
 
 # NOTE: the JSON compiler's defaults allow free whitespace between tokens, which a small model
 # can fill forever; fixed separators make every JSON value end once its content does.
-_JSON_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ", ",
-                                 "key_separator": ": "}
+JSON_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ", ",
+                                    "key_separator": ": "}
 _SPECIAL_MARKER = b"\xff"  # llguidance's prefix for special tokens (never valid UTF-8)
 _LLGUIDANCE_PREFIX = "%llguidance"  # llama.cpp: a grammar in llguidance's Lark, not GBNF
 
@@ -60,7 +61,7 @@ def json_schema_grammar(schema: Any, field: str) -> GrammarSpec:
         raise _invalid(field, "a JSON schema must be an object")
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema),
-                                                                 defaults=_JSON_OPTIONS)
+                                                                 defaults=JSON_OPTIONS)
     except ValueError as e:
         raise _invalid(field, str(e)) from e
     return GrammarSpec(grammar, field)

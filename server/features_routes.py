@@ -28,15 +28,17 @@ from aiohttp import web
 from ..engine.engine import EngineError, SteeringTerm
 from ..engine.forward import CAPTURE_POINTS
 from ..engine.layers import normalize_block
+from ..engine.lens import lens_logits, top_logprobs
 from .errors import ApiError
 from .generation import collect_states
 from .http import dumps, encode_json, json_bytes, read_body
 from .openapi import operation
 from .prepare import input_ids
 from .protocol import (
-    CapturePoint,
     EmbeddingsRequest,
     EmbeddingsResponse,
+    FeatureInput,
+    FeaturePoint,
     FeaturesRequest,
     FeaturesResponse,
     LlamaEmbeddingRequest,
@@ -44,7 +46,7 @@ from .protocol import (
 )
 from .runner import Runner
 from .state import STATE, Model, ServerState
-from .steering_service import request_steering
+from .steering_service import request_steering, resolve_steering
 
 _RESID_POST = CAPTURE_POINTS.index("resid_post")
 _SAFETENSORS_DTYPES = {np.dtype("<f4"): "F32", np.dtype("<i8"): "I64"}
@@ -213,68 +215,136 @@ class _FeatureRequest(NamedTuple):
     ids: list[int]
     layers: list[int]
     positions: list[int]
-    points: list[CapturePoint]
+    points: list[FeaturePoint]
 
 
 def _prepare_features(state: ServerState, model: Model, runner: Runner,
-                      body: FeaturesRequest) -> _FeatureRequest:
-    """Tokens, layers, positions and points of a features request, within the budget (on the
-    worker pool: the input is tokenized)."""
+                      body: FeaturesRequest) -> list[_FeatureRequest]:
+    """Tokens, layers, positions and points of each input of a features request, within the
+    budget (on the worker pool: the inputs are tokenized). A batch's inputs are named
+    `inputs[i].input`, `inputs[i].positions`."""
     n_layers = model.engine.config.n_layers
     layers = list(range(n_layers)) if body.layers is None else [
         block_index(model, b, f"layers[{i}]") for i, b in enumerate(body.layers)]
     points = list(dict.fromkeys(body.points))  # repeated names once, in the order given
     dim = model.engine.config.dim
-    if isinstance(body.positions, list):  # known before the input is tokenized
-        check_budget(state, len(body.positions) * len(layers) * len(points) * dim,
-                     f"positions x layers x points x width = {len(body.positions)} x "
-                     f"{len(layers)} x {len(points)} x {dim}", "positions")
-    ids = input_ids(model, runner, body.input, "input")
-    positions = token_positions(body.positions, len(ids))
-    check_budget(state, len(positions) * len(layers) * len(points) * dim,
-                 f"positions x layers x points x width = {len(positions)} x {len(layers)} x "
-                 f"{len(points)} x {dim}", "positions")
-    return _FeatureRequest(ids, layers, positions, points)
+    n_points = sum(p != "logit_lens" for p in points)
+    lens = 2 * body.top_k if "logit_lens" in points else 0  # ids and logprobs
+    width = n_points * dim + lens
+
+    def what(n: int) -> str:
+        if lens:
+            return (f"positions x layers x (points x width + 2 x top_k) = {n} x {len(layers)} "
+                    f"x ({n_points} x {dim} + 2 x {body.top_k})")
+        return f"positions x layers x points x width = {n} x {len(layers)} x {n_points} x {dim}"
+    batch = body.inputs is not None
+    given = body.inputs if body.inputs is not None else [
+        FeatureInput.model_construct(input=body.input, positions=body.positions)]
+    out: list[_FeatureRequest] = []
+    total = 0
+    for i, item in enumerate(given):
+        where = f"inputs[{i}]." if batch else ""
+        wanted = item.positions if item.positions is not None else body.positions
+        if isinstance(wanted, list):  # known before the input is tokenized
+            check_budget(state, total + len(wanted) * len(layers) * width, what(len(wanted)),
+                         f"{where}positions")
+        assert item.input is not None  # one of input and inputs: checked by the model
+        ids = input_ids(model, runner, item.input, f"{where}input")
+        positions = token_positions(wanted, len(ids))
+        total += len(positions) * len(layers) * width
+        check_budget(state, total, what(len(positions)), f"{where}positions")
+        out.append(_FeatureRequest(ids, layers, positions, points))
+    return out
 
 
-def _encode_features(model: Model, req: _FeatureRequest, arrays: dict[str, np.ndarray],
-                     fmt: str) -> bytes:
-    """The response body in `fmt` (on the worker pool: millions of numbers take seconds)."""
+def _lens(model: Model, req: _FeatureRequest, states: np.ndarray, blocks: list[int],
+          top_k: int) -> dict[str, np.ndarray]:
+    """The logit lens of each requested layer's resid_post at the positions (on the worker
+    pool): ids and logprobs (len(layers), len(positions), top_k)."""
+    c = model.engine.config
+    rows = states[CAPTURE_POINTS.index("resid_post")][[blocks.index(b) for b in req.layers]]
+    h = rows[:, req.positions].reshape(-1, c.dim)
+    ids, lps = top_logprobs(lens_logits(model.engine.weights, c, h), top_k)
+    shape = (len(req.layers), len(req.positions), top_k)
+    return {"logit_lens.ids": ids.reshape(shape), "logit_lens.logprobs": lps.reshape(shape)}
+
+
+def _encode_result(model: Model, req: _FeatureRequest, arrays: dict[str, np.ndarray],
+                   fmt: str, prefix: str = "") -> tuple[bytes, dict[str, np.ndarray]]:
+    """One input's JSON object (fmt json) or its named arrays (npz, safetensors: names
+    prefixed with `prefix`, a batch's "i.")."""
     pieces = [_piece(model, t) for t in req.ids]
     index = {"tokens": np.asarray(req.ids, np.int64),
              "positions": np.asarray(req.positions, np.int64),
              "layers": np.asarray(req.layers, np.int64)}
+    if fmt != "json":
+        named = {**arrays, **index}
+        if fmt == "npz":
+            named["pieces"] = np.asarray(pieces, dtype=str)
+        return b"", {prefix + k: v for k, v in named.items()}
+    head = {"tokens": req.ids, "pieces": pieces, "layers": req.layers, "points": req.points,
+            "positions": req.positions,
+            "shape": [len(req.layers), len(req.positions), model.engine.config.dim]}
+    if "logit_lens.ids" in arrays:
+        ids = arrays["logit_lens.ids"]
+        head["logit_lens"] = {
+            "ids": ids.tolist(),
+            "tokens": [[[_piece(model, int(t)) for t in row] for row in layer] for layer in ids],
+            "logprobs": arrays["logit_lens.logprobs"].tolist()}
+    encoded = encode_json(head)
+    data = ",".join(f"{dumps(p)}:{json_floats(a)}" for p, a in arrays.items()
+                    if not p.startswith("logit_lens"))
+    return encoded[:-1] + f',"data":{{{data}}}}}'.encode(), {}  # finite: checked first
+
+
+def _encode_features(model: Model, reqs: list[_FeatureRequest],
+                     results: list[dict[str, np.ndarray]], fmt: str, batch: bool) -> bytes:
+    """The response body in `fmt` (on the worker pool: millions of numbers take seconds)."""
+    parts = [_encode_result(model, r, a, fmt, f"{i}." if batch else "")
+             for i, (r, a) in enumerate(zip(reqs, results, strict=True))]
     if fmt == "npz":
-        return _npz_bytes({**arrays, **index, "pieces": np.asarray(pieces, dtype=str)})
+        return _npz_bytes({k: v for _, named in parts for k, v in named.items()})
     if fmt == "safetensors":
-        metadata = {"model": model.name, "model_key": model.key, "pieces": json.dumps(pieces)}
-        return safetensors_bytes({**arrays, **index}, metadata)
-    head = encode_json({
-        "model": model.name, "tokens": req.ids, "pieces": pieces, "layers": req.layers,
-        "points": req.points, "positions": req.positions,
-        "shape": [len(req.layers), len(req.positions), model.engine.config.dim]})
-    data = ",".join(f"{dumps(p)}:{json_floats(a)}" for p, a in arrays.items())
-    return head[:-1] + f',"data":{{{data}}}}}'.encode()  # finite: check_finite came first
+        metadata = {"model": model.name, "model_key": model.key,
+                    "pieces": json.dumps([[_piece(model, t) for t in r.ids] for r in reqs]
+                                         if batch else [_piece(model, t) for t in reqs[0].ids])}
+        return safetensors_bytes({k: v for _, named in parts for k, v in named.items()
+                                  if v.dtype.kind != "U"}, metadata)
+    model_field = encode_json({"model": model.name})[:-1]
+    if batch:
+        return model_field + b',"results":[' + b",".join(p for p, _ in parts) + b"]}"
+    return model_field + b"," + parts[0][0][1:]
 
 
-@operation("Hidden states of chosen layers, points and positions (json, npz or safetensors)",
-           FeaturesRequest, FeaturesResponse, binary=True)
+@operation("Hidden states (and the logit lens) of chosen layers, points and positions, of one "
+           "input or a batch (json, npz or safetensors)", FeaturesRequest, FeaturesResponse,
+           binary=True)
 async def features(request: web.Request) -> web.Response:
     state = request.app[STATE]
     model, runner = state.ready()
     body = await read_body(request, FeaturesRequest)
-    req = await state.run(_prepare_features, state, model, runner, body)
+    reqs = await state.run(_prepare_features, state, model, runner, body)
     steering = await request_steering(state, body)
-    blocks = sorted(set(req.layers))
-    (hidden,) = await collect_states(model, runner, [req.ids], blocks, steering)
-    states = hidden.states  # (len(CAPTURE_POINTS), len(blocks), T, dim)
-    assert states is not None
-    rows = [blocks.index(b) for b in req.layers]
-    arrays: dict[str, np.ndarray] = {
-        p: np.ascontiguousarray(states[CAPTURE_POINTS.index(p)][rows][:, req.positions],
-                                dtype=np.float32) for p in req.points}
-    check_finite(list(arrays.values()), steering)
-    encoded = await state.run(_encode_features, model, req, arrays, body.format)
+    each = [steering if item.steering is None else
+            await resolve_steering(state, item.steering, f"inputs[{i}].steering")
+            for i, item in enumerate(body.inputs or [])] or None
+    blocks = sorted(set(reqs[0].layers))
+    hidden = await collect_states(model, runner, [r.ids for r in reqs], blocks, steering,
+                                  each=each)
+    results = []
+    for i, (req, captured) in enumerate(zip(reqs, hidden, strict=True)):
+        states = captured.states  # (len(CAPTURE_POINTS), len(blocks), T, dim)
+        assert states is not None
+        rows = [blocks.index(b) for b in req.layers]
+        arrays: dict[str, np.ndarray] = {
+            p: np.ascontiguousarray(states[CAPTURE_POINTS.index(p)][rows][:, req.positions],
+                                    dtype=np.float32) for p in req.points if p != "logit_lens"}
+        check_finite([*arrays.values(), states], each[i] if each else steering)
+        if "logit_lens" in req.points:
+            arrays.update(await state.run(_lens, model, req, states, blocks, body.top_k))
+        results.append(arrays)
+    encoded = await state.run(_encode_features, model, reqs, results, body.format,
+                              body.inputs is not None)
     if body.format == "json":
         return json_bytes(encoded)
     return _binary(encoded, f"features.{body.format}")

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,7 @@ from .runner import (
     FinishReason,
     GenerationRequest,
     PromptLogprobs,
+    PromptReadings,
     Runner,
     TokenEvent,
 )
@@ -49,6 +50,7 @@ class Piece:
     text_offset: int = 0
     prob: float | None = None  # post_sampling_probs (TokenEvent's)
     top_probs: list[tuple[int, float]] | None = None
+    event: TokenEvent | None = None  # the sampled token's readouts, hidden states, conditions
 
 
 @dataclass
@@ -62,6 +64,7 @@ class Outcome:
     generate_seconds: float
     seed: int
     text: str
+    decisions: list[tuple[int, float, bool]] = field(default_factory=list)  # Finished's
 
 
 class Generation:
@@ -94,13 +97,14 @@ class Generation:
             self.done = True
             self.runner.cancel(self.handle.id)
 
-    async def events(self) -> AsyncGenerator[Piece | PromptLogprobs | Captured | Outcome, None]:
+    async def events(self) -> AsyncGenerator[
+            Piece | PromptLogprobs | PromptReadings | Captured | Outcome, None]:
         stream, request, handle = self.stream, self.request, self.handle
         eos = False
         try:
             while True:
                 event = await handle.queue.get()
-                if isinstance(event, PromptLogprobs | Captured):
+                if isinstance(event, PromptLogprobs | PromptReadings | Captured):
                     yield event
                 elif isinstance(event, TokenEvent):
                     if stream.stopped:
@@ -114,7 +118,7 @@ class Generation:
                     delta = stream.push(event.token)
                     offset = stream.text_offset[-1]
                     yield Piece(event.token, delta.text, event.logprob, event.top, offset,
-                                event.prob, event.top_probs)
+                                event.prob, event.top_probs, event)
                     if delta.stopped:
                         self.runner.finish(handle.id)
                 elif isinstance(event, Finished):
@@ -134,7 +138,7 @@ class Generation:
                         finish, stop_type, word = "length", "limit", ""
                     yield Outcome(finish, stop_type, word, event.prompt_tokens, self.n_tokens,
                                   event.prompt_seconds, event.generate_seconds, event.seed,
-                                  stream.text)
+                                  stream.text, event.decisions)
                     return
         finally:
             self.cancel()
@@ -220,20 +224,24 @@ async def _merged(generations: list[Generation]) -> AsyncIterator[tuple[int, Any
 
 async def collect_states(model: Model, runner: Runner, prompts: list[list[int]],
                          blocks: Sequence[int], steering: tuple[SteeringTerm, ...] = (),
-                         final: bool = False) -> list[Captured]:
+                         final: bool = False,
+                         each: Sequence[tuple[SteeringTerm, ...]] | None = None
+                         ) -> list[Captured]:
     """Hidden states of each prompt: `states` (len(CAPTURE_POINTS), len(blocks), T, dim) and,
     with `final`, the stream after the final norm (T, dim). Computed as requests with
     max_tokens=0 in the shared batch, in waves of --parallel prompts that share steps.
+    `each`: every prompt's own steering (instead of `steering` for all).
 
     NOTE: waves, because submitting every prompt at once would need --parallel + --max-queue
     places: a long input list would be a 503 on an idle server, retried forever.
     """
     for ids in prompts:
         max_new_tokens(runner, ids, 0)
+    steerings = list(each) if each is not None else [steering] * len(prompts)
     specs = [(GenerationRequest(ids, SamplingParams(temperature=0.0), 0,
                                 capture_layers=tuple(blocks), capture_final=final,
-                                steering=steering), (), False)
-             for ids in prompts]
+                                steering=steer), (), False)
+             for ids, steer in zip(prompts, steerings, strict=True)]
     parts: list[list[Captured]] = [[] for _ in prompts]
     wave = max(1, runner.scheduler.max_running)
     for start in range(0, len(specs), wave):

@@ -28,6 +28,8 @@ from .protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from .readings import prepare_readings
+from .runner import PromptReadings
 from .state import STATE, TOKENS, Model
 from .steering_service import request_steering
 
@@ -43,6 +45,7 @@ async def completion(request: web.Request) -> web.StreamResponse:
                        f"{state.config.parallel - 1}, or -1 for any)", param="id_slot")
     steering = await request_steering(state, body)
     choice = await state.run(llama_choice, model, runner, body, steering)
+    (choice,), (readings,) = await prepare_readings(state, body, steering, [choice])
     (generation,) = start_generations(model, runner, [choice.spec])
     ids, n_new = choice.prompt, choice.spec[0].max_tokens
     sse = SSE(request) if body.stream else None
@@ -51,7 +54,10 @@ async def completion(request: web.Request) -> web.StreamResponse:
     content, tokens, probs = "", [], []
     outcome: Outcome | None = None
     async for _, event in merged([generation], sse):
-        if isinstance(event, Piece):
+        if isinstance(event, PromptReadings):
+            readings.add_prompt(event)
+        elif isinstance(event, Piece):
+            read = readings.add(event)
             content += event.text
             if event.token is not None:
                 tokens.append(event.token)
@@ -66,6 +72,7 @@ async def completion(request: web.Request) -> web.StreamResponse:
                                "tokens_evaluated": len(ids)}
                 if entry:
                     chunk["completion_probabilities"] = [entry]
+                chunk.update(read or {})
                 if body.timings_per_token:
                     chunk["timings"] = generation.timings()
                 await sse.send(chunk)
@@ -86,6 +93,7 @@ async def completion(request: web.Request) -> web.StreamResponse:
              "timings": outcome_timings([outcome])}
     if body.n_probs and not sse:
         final["completion_probabilities"] = probs
+    final.update(readings.tail(outcome.decisions) if sse else readings.body(outcome.decisions))
     if sse:
         await sse.send(final)
         return await sse.close()

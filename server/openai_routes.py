@@ -26,9 +26,12 @@ from .protocol import (
     CompletionResponse,
     StreamOptions,
 )
-from .runner import PromptLogprobs
+from .readings import prepare_readings
+from .runner import PromptLogprobs, PromptReadings
 from .state import STATE, TOKENS, Model
 from .steering_service import request_steering
+from .tool_parser import ArgumentsDelta, CallStart, ContentDelta, Event, ToolCallParser
+from .tools import ToolRequest
 
 
 def _usage(prompt: int, completion: int) -> dict:
@@ -113,6 +116,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     body = state.config.sampling.fill(await read_body(request, CompletionRequest))
     steering = await request_steering(state, body)
     prepared = await state.run(completion_choices, model, runner, body, steering)
+    prepared, readings = await prepare_readings(state, body, steering, prepared)
     generations = start_generations(model, runner, [c.spec for c in prepared])
     choices = [_CompletionChoice(model, c.echo, c.prompt, body.logprobs) for c in prepared]
     rid = f"cmpl-{uuid.uuid4().hex}"
@@ -136,11 +140,15 @@ async def completions(request: web.Request) -> web.StreamResponse:
                 await sse.send({**head, "choices": [{
                     "index": i, "text": choice.text, "logprobs": choice.logprobs_body(),
                     "finish_reason": None}]})
+        elif isinstance(event, PromptReadings):
+            readings[i].add_prompt(event)
         elif isinstance(event, Piece):
             fragment = choice.add(event)
+            read = readings[i].add(event)
             if sse and (event.text or fragment):
                 chunk = {**head, "choices": [{"index": i, "text": event.text,
-                                              "logprobs": fragment, "finish_reason": None}]}
+                                              "logprobs": fragment, "finish_reason": None,
+                                              **(read or {})}]}
                 if body.timings_per_token:
                     chunk["timings"] = generations[i].timings()
                 await sse.send(chunk)
@@ -150,7 +158,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
                 if finish_chunk is not None:
                     await sse.send(finish_chunk)
                 finish_chunk = {**head, "choices": [{"index": i, "text": "", "logprobs": None,
-                                                     "finish_reason": event.finish_reason}]}
+                                                     "finish_reason": event.finish_reason,
+                                                     **readings[i].tail(event.decisions)}]}
     if sse and sse.failed:
         return sse.response
     prompt_tokens = sum(len(c.prompt_ids) for c in choices[::body.n])
@@ -163,7 +172,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
         return await sse.close()
     return json_response({**head, "choices": [
         {"index": i, "text": c.text, "logprobs": c.logprobs_body(),
-         "finish_reason": outcomes[i].finish_reason} for i, c in enumerate(choices)],
+         "finish_reason": outcomes[i].finish_reason,
+         **readings[i].body(outcomes[i].decisions)} for i, c in enumerate(choices)],
         "usage": usage, "timings": timings})
 
 
@@ -171,28 +181,67 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 class _ChatChoice:
-    """One chat choice's text and logprobs. A token's logprob entry goes out with the chunk that
-    carries its text: text held back (a partial UTF-8 character, the start of a stop string)
-    keeps its tokens' entries pending until it is released, so every chunk with content has
-    the logprobs of exactly the tokens it completes, and tokens whose text a stop string cut
-    away are reported neither streamed nor whole."""
+    """One chat choice's text, tool calls and logprobs. A token's logprob entry goes out with
+    the chunk that carries its text: text held back (a partial UTF-8 character, the start of a
+    stop string or of a tool call) keeps its tokens' entries pending until it is released, so
+    every chunk with content has the logprobs of exactly the tokens it completes, and tokens
+    whose text a stop string cut away are reported neither streamed nor whole.
 
-    def __init__(self, model: Model, logprobs: bool) -> None:
+    With tools, the text goes through the tool-call parser (server/tools.py): content comes out
+    as content, and each call as OpenAI streams one: a delta with its index, id, type and name,
+    then deltas with fragments of its arguments."""
+
+    def __init__(self, model: Model, logprobs: bool, tools: ToolRequest | None = None) -> None:
         self.model = model
         self.logprobs = logprobs
         self.text = ""
+        self.parser = None if tools is None else ToolCallParser(
+            tools.format, tools.names, stream_arguments=tools.forced, parallel=tools.parallel)
         self.entries: list[dict] = []
         self.pending: list[dict] = []
 
-    def add(self, piece: Piece) -> list[dict] | None:
-        """Record a piece; returns the logprob entries of its text (None if it has none)."""
+    def add(self, piece: Piece) -> list[tuple[dict, list[dict]]]:
+        """Record a piece; returns the deltas it releases, each with its logprob entries."""
         if self.logprobs and piece.token is not None:
             self.pending.append(token_logprobs(self.model.tokenizer, piece))
         if not piece.text:
-            return None
-        self.text += piece.text
-        out, self.pending = self.pending, []
-        self.entries += out
+            return []
+        if self.parser is None:
+            return self._deltas([ContentDelta(piece.text)])
+        return self._deltas(self.parser.push(piece.text))
+
+    def finish(self) -> list[tuple[dict, list[dict]]]:
+        """The deltas of text the parser still held when the generation ended."""
+        return [] if self.parser is None else self._deltas(self.parser.finish())
+
+    def finish_reason(self, outcome: Outcome) -> str:
+        calls = self.parser is not None and self.parser.calls
+        return "tool_calls" if calls and outcome.finish_reason == "stop" \
+            else outcome.finish_reason
+
+    def message(self) -> dict:
+        if self.parser is None or not self.parser.calls:
+            return {"role": "assistant", "content": self.text}
+        return {"role": "assistant", "content": self.text or None,
+                "tool_calls": [c.as_openai() for c in self.parser.calls]}
+
+    def _deltas(self, events: list[Event]) -> list[tuple[dict, list[dict]]]:
+        out: list[tuple[dict, list[dict]]] = []
+        for event in events:
+            if isinstance(event, ContentDelta):
+                self.text += event.text
+                out.append(({"content": event.text}, []))
+            elif isinstance(event, CallStart):
+                out.append(({"tool_calls": [{
+                    "index": event.index, "id": event.id, "type": "function",
+                    "function": {"name": event.name, "arguments": ""}}]}, []))
+            elif isinstance(event, ArgumentsDelta):
+                out.append(({"tool_calls": [{
+                    "index": event.index, "function": {"arguments": event.text}}]}, []))
+        if out:
+            entries, self.pending = self.pending, []
+            self.entries += entries
+            out[0] = (out[0][0], entries)
         return out
 
 
@@ -204,12 +253,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = state.config.sampling.fill(await read_body(request, ChatCompletionRequest))
     steering = await request_steering(state, body)
     prepared = await state.run(chat_choices, model, runner, body, steering)
+    prepared, readings = await prepare_readings(state, body, steering, prepared)
     generations = start_generations(model, runner, [c.spec for c in prepared])
     ids = prepared[0].prompt
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     head = {"id": rid, "created": int(time.time()), "model": model.name,
             "system_fingerprint": model.fingerprint}
-    choices = [_ChatChoice(model, body.logprobs) for _ in range(body.n)]
+    choices = [_ChatChoice(model, body.logprobs, c.tools) for c in prepared]
     outcomes: dict[int, Outcome] = {}
     sse = SSE(request) if body.stream else None
     chunk_head = {**head, "object": "chat.completion.chunk"}
@@ -221,24 +271,33 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 "finish_reason": None}]})
     finish_chunk: dict | None = None  # held back: llama.cpp's timings go on the last chunk
     async for i, event in merged(generations, sse):
-        if isinstance(event, Piece):
-            entries = choices[i].add(event)
-            if sse and event.text:
+        if isinstance(event, PromptReadings):
+            readings[i].add_prompt(event)
+        elif isinstance(event, Piece | Outcome):
+            deltas = choices[i].add(event) if isinstance(event, Piece) else choices[i].finish()
+            read = readings[i].add(event) if isinstance(event, Piece) else None
+            if read and not deltas:  # NOTE: text the tool parser holds back has readings too
+                deltas = [({}, [])]
+            for delta, entries in deltas:
+                if sse is None:
+                    break
                 chunk = {**chunk_head, "choices": [{
-                    "index": i, "delta": {"content": event.text},
+                    "index": i, "delta": delta,
                     "logprobs": {"content": entries} if body.logprobs else None,
-                    "finish_reason": None}]}
+                    "finish_reason": None, **(read or {})}]}
+                read = None
                 if body.timings_per_token:
                     chunk["timings"] = generations[i].timings()
                 await sse.send(chunk)
-        elif isinstance(event, Outcome):
+        if isinstance(event, Outcome):
             outcomes[i] = event
             if sse:
                 if finish_chunk is not None:
                     await sse.send(finish_chunk)
                 finish_chunk = {**chunk_head, "choices": [{
                     "index": i, "delta": {}, "logprobs": None,
-                    "finish_reason": event.finish_reason}]}
+                    "finish_reason": choices[i].finish_reason(event),
+                    **readings[i].tail(event.decisions)}]}
     if sse and sse.failed:
         return sse.response
     completion_tokens = sum(o.completion_tokens for o in outcomes.values())
@@ -249,9 +308,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         await _finish_stream(sse, finish_chunk, body.stream_options, usage, timings)
         return await sse.close()
     return json_response({**head, "object": "chat.completion", "choices": [
-        {"index": i, "message": {"role": "assistant", "content": c.text},
+        {"index": i, "message": c.message(),
          "logprobs": {"content": c.entries} if body.logprobs else None,
-         "finish_reason": outcomes[i].finish_reason} for i, c in enumerate(choices)],
+         "finish_reason": c.finish_reason(outcomes[i]),
+         **readings[i].body(outcomes[i].decisions)} for i, c in enumerate(choices)],
         "usage": usage, "timings": timings})
 
 

@@ -26,6 +26,7 @@ from .protocol import (
 from .runner import GenerationRequest, Runner
 from .state import Model
 from .textstream import normalize_stop
+from .tools import ToolRequest, render_messages, tool_grammar, tool_request
 
 GenerationSpec = tuple[GenerationRequest, tuple[str, ...], bool]  # request, stop strings, at_start
 
@@ -36,6 +37,7 @@ class Choice(NamedTuple):
     spec: GenerationSpec
     prompt: list[int]
     echo: str = ""  # completions' `echo`: the prompt text the choice starts with
+    tools: ToolRequest | None = None  # chat: the tools whose calls its output is parsed for
 
 
 def completion_choices(model: Model, runner: Runner, body: CompletionRequest,
@@ -55,7 +57,8 @@ def completion_choices(model: Model, runner: Runner, body: CompletionRequest,
         for j in range(body.n):
             params = chained(sampling(body.temperature, body.top_p, body.top_k, body.min_p,
                                       choice_seed(body.seed, j), body.repetition_penalty,
-                                      body.frequency_penalty, body.presence_penalty),
+                                      body.frequency_penalty, body.presence_penalty,
+                                      body.repeat_last_n),
                              body.chain())
             gen = GenerationRequest(ids, params, n_new, model.tokenizer.end_ids,
                                     logprobs=body.logprobs,
@@ -80,7 +83,14 @@ def chat_choices(model: Model, runner: Runner, body: ChatCompletionRequest,
     """OpenAI chat: n choices continuing the conversation rendered by the chat template."""
     stop = stop_strings(body.stop)
     check_admissible(runner, body.n, "n")
+    tools = chat_tools(model, body)
     grammar = request_grammar(body)
+    forced = tool_grammar(tools) if tools is not None else None
+    if forced is not None and grammar is not None:
+        raise ApiError(400, f"tool_choice: a forced tool call cannot be combined with "
+                       f"{grammar.field}", param="tool_choice")
+    parsed = tools if tools is not None and tools.parses and grammar is None else None
+    grammar = grammar or forced
     ids = chat_prompt(model, body, runner)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None \
         else body.max_tokens
@@ -92,12 +102,20 @@ def chat_choices(model: Model, runner: Runner, body: ChatCompletionRequest,
     for j in range(body.n):
         params = chained(sampling(body.temperature, body.top_p, body.top_k, body.min_p,
                                   choice_seed(body.seed, j), body.repetition_penalty,
-                                  body.frequency_penalty, body.presence_penalty), body.chain())
+                                  body.frequency_penalty, body.presence_penalty,
+                                  body.repeat_last_n), body.chain())
         gen = GenerationRequest(ids, params, n_new, model.tokenizer.end_ids,
                                 logprobs=top_n, steering=steering,
                                 constraint=model.vocabulary.constraint(grammar))
-        choices.append(Choice((gen, stop, False), ids))
+        choices.append(Choice((gen, stop, False), ids, tools=parsed))
     return choices
+
+
+def chat_tools(model: Model, body: ChatCompletionRequest | ApplyTemplateRequest
+               ) -> ToolRequest | None:
+    """The request's tools, checked (400s naming `tools` or `tool_choice`)."""
+    return tool_request(body.tools, body.tool_choice, body.parallel_tool_calls,
+                        model.chat_template)
 
 
 def check_admissible(runner: Runner, sequences: int, field: str) -> None:
@@ -129,9 +147,10 @@ def render_chat(model: Model, body: ChatCompletionRequest | ApplyTemplateRequest
     first: tokenizing adds BOS (chat, and /completion for /apply-template's text), and
     templates that write it themselves would get a second one."""
     messages = [m.model_dump(exclude_none=False) for m in body.messages]
+    tools = chat_tools(model, body)
     try:
-        text = model.chat_template.render(messages, add_generation_prompt=add_generation_prompt,
-                                          **(body.chat_template_kwargs or {}))
+        text = render_messages(model.chat_template, messages, tools, add_generation_prompt,
+                               body.chat_template_kwargs or {})
     except ChatTemplateError as e:
         raise ApiError(400, str(e), param="messages") from e
     except TypeError as e:  # a chat_template_kwargs key the template reserves

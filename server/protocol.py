@@ -38,6 +38,8 @@ class _Body(BaseModel):
     # fields of samplers tiller does not have: accepted at the values that turn them off (as
     # clients send them), refused at any other
     neutral: ClassVar[dict[str, tuple[Any, ...]]] = {}
+    # fields that only chat serves (tool calls): refused elsewhere, saying where they work
+    chat_only: ClassVar[tuple[str, ...]] = ()
 
     @model_validator(mode="before")
     @classmethod
@@ -46,6 +48,10 @@ class _Body(BaseModel):
             for name in cls.unsupported:
                 if data.get(name) not in (None, False, [], {}, ""):
                     raise ValueError(f"{name}: not supported by this server")
+            for name in cls.chat_only:
+                if data.get(name) not in (None, [], ""):
+                    raise ValueError(f"{name}: tool calls are served on /v1/chat/completions "
+                                     "only")
             for name, off in cls.neutral.items():
                 value = data.get(name)
                 if value is not None and (isinstance(value, bool) or value not in off):
@@ -148,6 +154,10 @@ class SamplingFields(LlamaFields, ConstraintFields):
     frequency_penalty: Penalty = 0.0
     presence_penalty: Penalty = 0.0
     repetition_penalty: RepetitionPenalty = 1.0
+    # llama.cpp's names, which its server takes on the OpenAI routes too: repeat_penalty is
+    # repetition_penalty (give one of them), repeat_last_n the penalties' window (-1: all)
+    repeat_penalty: RepetitionPenalty | None = None
+    repeat_last_n: int = Field(-1, ge=-1, lt=2**31)
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: Stop = None
     n: int = Field(1, ge=1, le=16)
@@ -156,9 +166,21 @@ class SamplingFields(LlamaFields, ConstraintFields):
     model: str | None = None
     user: str | None = None
 
+    @model_validator(mode="after")
+    def _repeat_penalty_alias(self) -> SamplingFields:
+        if self.repeat_penalty is not None:
+            if "repetition_penalty" in self.model_fields_set \
+                    and self.repetition_penalty != self.repeat_penalty:
+                raise ValueError("repeat_penalty: llama.cpp's name of repetition_penalty; give "
+                                 "one of them")
+            # NOTE: assigned, so it counts as given: a server's --repeat-penalty must not win
+            self.repetition_penalty = self.repeat_penalty
+        return self
+
 
 class CompletionRequest(SamplingFields):
     unsupported = ("suffix", "logit_bias", "best_of")
+    chat_only = ("tools", "tool_choice")
     prompt: Prompt
     max_tokens: NonNegInt | None = 16
     logprobs: int | None = Field(None, ge=0, le=20)
@@ -173,6 +195,9 @@ class CompletionRequest(SamplingFields):
             raise ValueError("prompt: token lists must not be empty")
         return v
     steering: Steering = []
+    readouts: Readouts = []
+    readout_prompt: bool = False  # readouts of the prompt tokens too
+    hidden_states: HiddenStates | None = None
 
 
 class ChatMessage(BaseModel):
@@ -181,8 +206,46 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
 
-class ChatCompletionRequest(SamplingFields):
-    unsupported = ("logit_bias", "tools", "tool_choice", "functions")
+# tool calls (server/tools.py) -------------------------------------------------------------------
+
+ToolName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]  # OpenAI's rule
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    name: ToolName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of an object
+    strict: bool | None = None  # a forced call is always held to the schema
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    name: ToolName
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["function"]
+    function: FunctionName
+
+
+class ToolFields(_Body):
+    """OpenAI's tools: `tool_choice` defaults to "auto" when tools are given."""
+
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+
+class ChatCompletionRequest(SamplingFields, ToolFields):
+    unsupported = ("logit_bias", "functions", "function_call")
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: NonNegInt | None = None
     max_completion_tokens: NonNegInt | None = None
@@ -190,12 +253,15 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     chat_template_kwargs: dict[str, Any] | None = None
     steering: Steering = []
+    readouts: Readouts = []
+    readout_prompt: bool = False
+    hidden_states: HiddenStates | None = None
 
 
-class ApplyTemplateRequest(_Body):
+class ApplyTemplateRequest(ToolFields):
     """llama.cpp's POST /apply-template: the conversation as /v1/chat/completions takes it."""
 
-    unsupported = ("tools", "tool_choice", "functions")
+    unsupported = ("functions", "function_call")
     messages: list[ChatMessage] = Field(min_length=1)
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
@@ -209,6 +275,7 @@ class LlamaCompletionRequest(LlamaFields):
     """llama.cpp's POST /completion, with its defaults."""
 
     unsupported = ("logit_bias", "lora", "response_fields", "return_progress", "multimodal_data")
+    chat_only = ("tools", "tool_choice")
     json_schema: dict[str, Any] | None = None
     grammar: str | None = None
     prompt: str | Annotated[list[int | str], Field(min_length=1)]
@@ -233,6 +300,9 @@ class LlamaCompletionRequest(LlamaFields):
     id_slot: int = Field(-1, ge=-1)  # no slot keeps anything between requests: any is the same
     return_tokens: bool = False
     steering: Steering = []
+    readouts: Readouts = []
+    readout_prompt: bool = False
+    hidden_states: HiddenStates | None = None
 
 
 class TokenizeRequest(_Body):
@@ -272,7 +342,48 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
-class CompletionChoice(BaseModel):
+class ReadoutSeries(BaseModel):
+    """One readout per token: the projection on the unit direction, and the cosine."""
+
+    projection: list[float | None]
+    cosine: list[float | None]
+
+
+class EncodedArray(BaseModel):
+    """base64 of little-endian float32, with its shape (points, layers, tokens, dim)."""
+
+    shape: list[int]
+    dtype: Literal["float32"]
+    data: str
+
+
+class HiddenStatesOut(BaseModel):
+    layers: list[int]
+    points: list[str]
+    generated: EncodedArray | None = None
+    prompt: EncodedArray | None = None
+
+
+class ConditionReport(BaseModel):
+    """A CAST decision: once per prompt (scope "prompt"), or per generated token ("token")."""
+
+    entry: int
+    scope: Literal["prompt", "token"]
+    layer: int | None = None
+    similarity: float | list[float | None]
+    fired: bool | list[bool | None]
+
+
+class Readings(BaseModel):
+    """What a choice reads besides its text (readouts, hidden_states, CAST's decisions)."""
+
+    readouts: dict[str, ReadoutSeries] | None = None
+    prompt_readouts: dict[str, ReadoutSeries] | None = None
+    hidden_states: HiddenStatesOut | None = None
+    steering_conditions: list[ConditionReport] | None = None
+
+
+class CompletionChoice(Readings):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
@@ -290,9 +401,33 @@ class CompletionResponse(BaseModel):
     timings: Timings | None = None  # llama.cpp's
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class TopLogprob(BaseModel):
@@ -311,14 +446,15 @@ class ChatChoiceLogprobs(BaseModel):
 
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # None: only tool calls
+    tool_calls: list[ToolCall] | None = None
 
 
-class ChatChoice(BaseModel):
+class ChatChoice(Readings):
     index: int
     message: ChatResponseMessage
     logprobs: ChatChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -332,11 +468,11 @@ class ChatCompletionResponse(BaseModel):
     timings: Timings | None = None  # llama.cpp's
 
 
-class ChatChunkChoice(BaseModel):
+class ChatChunkChoice(Readings):
     index: int
     delta: ChatDelta
     logprobs: ChatChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -366,7 +502,7 @@ class LlamaTokenProbs(LlamaTokenProb):
     top_probs: list[LlamaTokenProb] | None = None
 
 
-class LlamaCompletionResponse(BaseModel):
+class LlamaCompletionResponse(Readings):
     content: str
     tokens: list[int] = []
     id_slot: int = 0
@@ -409,15 +545,43 @@ class ModelList(BaseModel):
 MAX_STEERING_ENTRIES = 16
 
 
+Direction = Annotated[list[float], Field(min_length=1, max_length=65536)]
+Op = Literal["add", "ablate", "clamp", "cap"]
+# "all", "prompt", "generated", or [start, end) of absolute positions
+Scope = Literal["all", "prompt", "generated"] | Annotated[list[int], Field(min_length=2,
+                                                                           max_length=2)]
+
+
+class SteeringCondition(_Body):
+    """CAST's condition (`when`): the cosine of the stream at `layer` with `vector` (a stored
+    control vector's direction at that layer, or a list of floats), compared with `threshold`.
+    scope "prompt": decided once from the mean prompt stream, the entry then acts on the
+    generated tokens if it holds; "token": decided for each token (layer <= the entry's)."""
+
+    vector: str | Direction
+    layer: int
+    threshold: float = Field(ge=-1.0, le=1.0, allow_inf_nan=False)
+    comparison: Literal["greater", "less"] = "greater"
+    scope: Literal["prompt", "token"] = "prompt"
+
+
 class SteeringEntry(_Body):
     """One steering entry of a request: a stored vector, or ActAdd inline (llama.cpp's flags).
 
     Stored: {"vector": id, "layers" | "layer", "scale"}. Inline: {"add", "sub", "source_layer",
-    "layer", "mul"} -- built once per model and kept in the store under its content id.
-    Layers are tiller's: l = the stream entering block l, n_layers = after the last block;
-    negative numbers count from the end (-1 = after the last block).
+    "layer", "mul"} -- built once per model and kept in the store under its content id; or
+    {"direction": [floats], "layer"}. Layers are tiller's: l = the stream entering block l,
+    n_layers = after the last block; negative numbers count from the end (-1 = after the last
+    block). `op` (add, ablate, clamp, cap; `value` for clamp and cap), `norm_match`,
+    `positions` and `when` apply to any entry (engine/interventions.py).
     """
 
+    direction: Direction | None = None
+    op: Op = "add"
+    value: float | None = Field(None, ge=-1e6, le=1e6, allow_inf_nan=False)
+    norm_match: bool = False
+    positions: Scope | None = None
+    when: SteeringCondition | None = None
     vector: str | None = None
     layers: list[int] | None = Field(None, max_length=1024)
     layer: int | None = None
@@ -430,10 +594,19 @@ class SteeringEntry(_Body):
     @model_validator(mode="after")
     def _one_form(self) -> SteeringEntry:
         inline = self.add is not None or self.sub is not None
-        if self.vector is None and not inline:
-            raise ValueError("an entry needs `vector` (a stored id) or `add` and `sub`")
-        if self.vector is not None and inline:
-            raise ValueError("an entry takes `vector` or `add`/`sub`, not both")
+        forms = (self.vector is not None) + inline + (self.direction is not None)
+        if forms == 0:
+            raise ValueError("an entry needs `vector` (a stored id), `direction` or `add` and "
+                             "`sub`")
+        if forms > 1:
+            raise ValueError("an entry takes `vector`, `direction` or `add`/`sub`, not both")
+        if self.direction is not None and self.layer is None and not self.layers:
+            raise ValueError("a `direction` entry needs `layer` (or `layers`)")
+        if self.op in ("clamp", "cap") and self.value is None:
+            raise ValueError(f"op {self.op!r} needs `value`")
+        if isinstance(self.positions, list) and not 0 <= self.positions[0] < self.positions[1]:
+            raise ValueError(f"positions: [{self.positions[0]}, {self.positions[1]}) is an "
+                             "empty range (start must be >= 0 and below end)")
         if inline and (self.add is None or self.sub is None):
             raise ValueError("inline ActAdd needs both `add` and `sub`")
         if inline and self.layer is None:
@@ -442,6 +615,33 @@ class SteeringEntry(_Body):
 
 
 Steering = Annotated[list[SteeringEntry], Field(max_length=MAX_STEERING_ENTRIES)]
+
+
+class ReadoutSpec(_Body):
+    """A readout: the projection of the hidden state at block `layer`'s `point` on a direction
+    (a stored control vector's, or a list of floats), reported per token under `name`."""
+
+    name: str = Field(min_length=1, max_length=128)
+    vector: str | Direction
+    layer: int  # a block, as /v1/features: negative from the end
+    point: Literal["resid_pre", "attn_out", "mlp_out", "resid_post"] = "resid_pre"
+
+
+MAX_READOUTS = 16
+Readouts = Annotated[list[ReadoutSpec], Field(max_length=MAX_READOUTS)]
+
+
+def _resid_post() -> list[Any]:
+    return ["resid_post"]
+
+
+class HiddenStates(_Body):
+    """Hidden states returned with a completion, base64 float32 with their shapes."""
+
+    layers: list[int] = Field(min_length=1, max_length=1024)  # blocks, as /v1/features
+    points: list[Literal["resid_pre", "attn_out", "mlp_out", "resid_post"]] = Field(
+        default_factory=lambda: _resid_post(), min_length=1, max_length=4)
+    positions: Literal["prompt", "generated", "all"] = "generated"
 
 
 class SteeringCreateRequest(_Body):
@@ -511,21 +711,56 @@ def _no_empty_prompt(value: Any, field: str) -> Any:
     return value
 
 
+FeaturePoint = Literal["resid_pre", "attn_out", "mlp_out", "resid_post", "logit_lens"]
+FeaturePositions = Literal["all", "last"] | Annotated[list[int], Field(min_length=1)]
+MAX_FEATURE_INPUTS = 64
+
+
+def _no_empty_positions(v: Any) -> Any:
+    if isinstance(v, list) and not v:
+        raise ValueError("positions: must not be an empty list")
+    return v
+
+
+class FeatureInput(_Body):
+    """One input of a batched /v1/features request, with its own positions and steering
+    (omitted: the request's)."""
+
+    input: NonEmptyStr | TokenIds
+    positions: FeaturePositions | None = None
+    steering: Steering | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input(cls, v: Any) -> Any:
+        return _no_empty_prompt(v, "input")
+
+    @field_validator("positions", mode="before")
+    @classmethod
+    def _positions(cls, v: Any) -> Any:
+        return _no_empty_positions(v)
+
+
 class FeaturesRequest(_Body):
-    """POST /v1/features: hidden states of one input, as a PyTorch forward hook would see them.
+    """POST /v1/features: hidden states of one input (`input`) or of several run in one shared
+    batch (`inputs`, each with its own positions and steering), as a PyTorch forward hook would
+    see them.
 
     `layers` are block indices (0..n_layers-1, negative from the end: -1 = the last block);
     `resid_pre` of block l is the stream entering it (steering's layer l), `resid_post` the
     stream leaving it (steering's layer l + 1), `attn_out`/`mlp_out` the block's attention and
-    MLP outputs before their residual adds. `positions`: "all", "last" or token indices
-    (negative from the end).
+    MLP outputs before their residual adds; `logit_lens`: the `top_k` tokens and logprobs of
+    `resid_post` read through the final norm and classifier. `positions`: "all", "last" or
+    token indices (negative from the end).
     """
 
-    input: NonEmptyStr | TokenIds
+    input: NonEmptyStr | TokenIds | None = None
+    inputs: list[FeatureInput] | None = Field(None, min_length=1, max_length=MAX_FEATURE_INPUTS)
     layers: list[int] | None = Field(None, min_length=1, max_length=1024)
-    points: list[CapturePoint] = Field(default_factory=_default_points, min_length=1,
+    points: list[FeaturePoint] = Field(default_factory=lambda: _resid_post(), min_length=1,
                                        max_length=16)
-    positions: Literal["all", "last"] | Annotated[list[int], Field(min_length=1)] = "all"
+    positions: FeaturePositions = "all"
+    top_k: int = Field(5, ge=1, le=20)  # logit_lens
     format: Literal["json", "npz", "safetensors"] = "json"
     steering: Steering = []
     model: str | None = None
@@ -538,9 +773,15 @@ class FeaturesRequest(_Body):
     @field_validator("positions", mode="before")
     @classmethod
     def _positions(cls, v: Any) -> Any:
-        if isinstance(v, list) and not v:
-            raise ValueError("positions: must not be an empty list")
-        return v
+        return _no_empty_positions(v)
+
+    @model_validator(mode="after")
+    def _one_input_form(self) -> FeaturesRequest:
+        if self.input is None and self.inputs is None:
+            raise ValueError("input: Field required (`input`, or `inputs` for a batch)")
+        if self.input is not None and self.inputs is not None:
+            raise ValueError("input: give `input` (one) or `inputs` (a batch), not both")
+        return self
 
 
 class EmbeddingsRequest(_Body):
@@ -599,15 +840,38 @@ class LlamaEmbeddingRequest(_Body):
         return self
 
 
-class FeaturesResponse(BaseModel):
-    model: str
+class LogitLens(BaseModel):
+    """Per layer and position, the top_k tokens: (len(layers), len(positions), top_k)."""
+
+    ids: list[list[list[int]]]
+    tokens: list[list[list[str]]]
+    logprobs: list[list[list[float]]]
+
+
+class FeaturesResult(BaseModel):
     tokens: list[int]
     pieces: list[str]
     layers: list[int]
-    points: list[CapturePoint]
+    points: list[FeaturePoint]
     positions: list[int]
     shape: list[int]  # (len(layers), len(positions), dim) for every point
     data: dict[str, list[list[list[float]]]]
+    logit_lens: LogitLens | None = None
+
+
+class FeaturesResponse(BaseModel):
+    """One input: FeaturesResult's fields beside `model`; a batch (`inputs`): `results`."""
+
+    model: str
+    tokens: list[int] | None = None
+    pieces: list[str] | None = None
+    layers: list[int] | None = None
+    points: list[FeaturePoint] | None = None
+    positions: list[int] | None = None
+    shape: list[int] | None = None
+    data: dict[str, list[list[list[float]]]] | None = None
+    logit_lens: LogitLens | None = None
+    results: list[FeaturesResult] | None = None
 
 
 class EmbeddingData(BaseModel):

@@ -27,7 +27,7 @@ from typing import Literal
 
 import numpy as np
 
-from ..engine.engine import Engine, SeqRequest, SeqResult, Sequence, SteeringTerm
+from ..engine.engine import Engine, Readout, SeqRequest, SeqResult, Sequence, SteeringTerm
 from ..engine.kvcache import KV_BLOCK, blocks_for
 from ..engine.sampling import Sampler, SamplingParams, logprobs, top_logprobs
 from .constraints import Constraint, MaskBatch
@@ -35,8 +35,8 @@ from .scheduler import Chunk, FinishReason, Plan, QueueFull, Request, Scheduler
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Captured", "FinishReason", "Finished", "GenerationRequest", "Handle", "QueueFull",
-           "Runner", "TokenEvent"]
+__all__ = ["Captured", "FinishReason", "Finished", "GenerationRequest", "Handle",
+           "PromptReadings", "QueueFull", "Runner", "TokenEvent"]
 
 
 @dataclass
@@ -52,6 +52,11 @@ class GenerationRequest:
     capture_layers: tuple[int, ...] = ()  # blocks whose residual points the prompt reports
     capture_final: bool = False  # the prompt's stream after the final norm
     constraint: Constraint | None = None  # structured output: the tokens allowed at each step
+    readouts: tuple[Readout, ...] = ()  # per token, inside the step (engine/interventions.py)
+    readout_prompt: bool = False  # the prompt tokens' readouts too (PromptReadings)
+    # hidden states: blocks captured at every step, reported for "prompt", "generated", "all"
+    hidden_blocks: tuple[int, ...] = ()
+    hidden_positions: Literal["prompt", "generated", "all"] = "generated"
 
 
 @dataclass
@@ -70,6 +75,19 @@ class TokenEvent:
     top: list[tuple[int, float]] | None = None
     prob: float | None = None  # post_sampling_probs: probabilities of the draw's distribution
     top_probs: list[tuple[int, float]] | None = None
+    # read from the state the token was drawn from (the position before it):
+    readouts: np.ndarray | None = None  # (n_readouts, 2): projection, cosine
+    hidden: np.ndarray | None = None  # (len(CAPTURE_POINTS), len(hidden_blocks), dim)
+    gates: np.ndarray | None = None  # (n_conditions, 2): token conditions' cosine, fired
+
+
+@dataclass
+class PromptReadings:
+    """Readouts (n, n_readouts, 2) and hidden states (points, blocks, n, dim) of the prompt
+    tokens of one chunk, as asked (readout_prompt, hidden_positions)."""
+
+    readouts: np.ndarray | None
+    hidden: np.ndarray | None
 
 
 @dataclass
@@ -89,6 +107,8 @@ class Finished:
     generate_seconds: float
     seed: int
     error: str | None = None
+    # prompt conditions (CAST): (steering entry, cosine of the mean prompt stream, fired)
+    decisions: list[tuple[int, float, bool]] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -173,7 +193,8 @@ class Runner:
         if self._loop is None or self._stopping:
             raise QueueFull("the server is not accepting requests")
         sampler = Sampler(gen.params, gen.prompt)
-        sequence = self.engine.new_sequence(gen.steering)  # validates and folds the steering
+        # validates and folds the steering
+        sequence = self.engine.new_sequence(gen.steering, gen.readouts, len(gen.prompt))
         request_id = f"req-{next(self._ids)}"
         handle = Handle(request_id, asyncio.Queue(), sampler.seed)
         job = _Job(gen, sampler, handle, sequence)
@@ -235,7 +256,12 @@ class Runner:
     def _release(self, plan: Plan) -> None:
         for request in plan.finished:
             job: _Job = request.payload
+            decisions = []
             if job.sequence is not None:
+                si = job.sequence.interventions
+                if si is not None:
+                    decisions = [(si.conditions[k].label, cos, fired)
+                                 for k, (cos, fired) in sorted(si.decisions.items())]
                 self.engine.release(job.sequence)
                 job.sequence = None
             now = time.perf_counter()
@@ -244,7 +270,8 @@ class Runner:
             self._post(job.handle, Finished(
                 reason=request.finish_reason, prompt_tokens=len(request.prompt),
                 completion_tokens=len(request.output), prompt_seconds=first - job.t_submit,
-                generate_seconds=now - first, seed=job.sampler.seed, error=job.error))
+                generate_seconds=now - first, seed=job.sampler.seed, error=job.error,
+                decisions=decisions))
 
     def _step(self, plan: Plan) -> None:
         sampled: dict[str, int] = {}
@@ -326,8 +353,12 @@ class Runner:
         mode: Literal["last", "all", "none"] = (
             "all" if job.gen.prompt_logprobs and prefilling else
             ("last" if chunk.sample else "none"))
-        return SeqRequest(job.sequence, chunk.tokens, logits=mode,
-                          capture_layers=job.gen.capture_layers if prefilling else (),
+        layers = job.gen.capture_layers if prefilling else ()
+        where = job.gen.hidden_positions
+        if job.gen.hidden_blocks and ((prefilling and where != "generated")
+                                      or (chunk.sample and where != "prompt")):
+            layers = job.gen.hidden_blocks  # never with capture_layers (collect_states)
+        return SeqRequest(job.sequence, chunk.tokens, logits=mode, capture_layers=layers,
                           capture_final=job.gen.capture_final and prefilling)
 
     def _take(self, chunk: Chunk, result: SeqResult, allowed: np.ndarray | None = None
@@ -339,8 +370,16 @@ class Runner:
         job: _Job = request.payload
         events: list[object] = []
         logits = result.logits
-        if result.captures is not None or result.final is not None:
+        gen = job.gen
+        hidden = None
+        if gen.hidden_blocks:
+            hidden = result.captures
+        elif result.captures is not None or result.final is not None:
             events.append(Captured(result.captures, result.final))
+        if request.prefilling:
+            readings = self._prompt_readings(gen, result, hidden)
+            if readings is not None:
+                events.append(readings)
         if job.gen.prompt_logprobs and request.prefilling:
             assert logits is not None  # asked for "all"
             done = self._prompt_logprobs(job, request, chunk, logits)
@@ -359,6 +398,12 @@ class Runner:
             if constraint is not None:
                 constraint.consume(token)
             sampled = TokenEvent(token)
+            if result.readouts is not None:
+                sampled.readouts = result.readouts[-1]
+            if result.gates is not None:
+                sampled.gates = result.gates[-1]
+            if hidden is not None and gen.hidden_positions != "prompt":
+                sampled.hidden = hidden[:, :, -1]
             if job.gen.logprobs is not None and job.gen.post_sampling_probs:
                 # before accept(): the penalties must be the ones this draw saw
                 sampled.prob, sampled.top_probs = job.sampler.probs(masked, token,
@@ -373,6 +418,17 @@ class Runner:
         for event in events:
             self._post(job.handle, event)
         return token
+
+    @staticmethod
+    def _prompt_readings(gen: GenerationRequest, result: SeqResult, hidden: np.ndarray | None
+                         ) -> PromptReadings | None:
+        """A prompt chunk's readouts and hidden states, when the request asks for them."""
+        readouts = result.readouts if gen.readout_prompt else None
+        if gen.hidden_positions == "generated":
+            hidden = None
+        if readouts is None and hidden is None:
+            return None
+        return PromptReadings(readouts, hidden)
 
     def _prompt_logprobs(self, job: _Job, request: Request, chunk: Chunk, logits: np.ndarray
                          ) -> PromptLogprobs | None:

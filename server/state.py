@@ -46,6 +46,7 @@ class ServerConfig:
     tokenizer_path: Path | None = None  # None: the GGUF's vocabulary or tokenizer.bin beside
     dtype: str = "q8_0"
     threads: int | None = None
+    weight_cache: bool = True  # map the weights from the weight cache (engine/weight_cache.py)
     parallel: int = 4  # sequences running at once
     ctx_size: int | None = None  # KV cache tokens shared by all sequences
     max_waiting: int = 64  # queued requests beyond the running ones; more is a 503
@@ -68,6 +69,7 @@ class ServerConfig:
     # do not give `steering` (steering_service.request_steering)
     control_vectors: tuple[tuple[Path, float], ...] = ()
     control_vector_layers: tuple[int, int] | None = None  # llama.cpp numbering, inclusive
+    webui: bool = True  # the playground page at / (server/webui_routes.py); --no-webui: off
 
 
 @dataclass
@@ -110,7 +112,7 @@ def load_model(config: ServerConfig) -> Model:
     """Load, hash and warm up the model (the first step compiles or loads the kernels)."""
     checkpoint = load_checkpoint(config.model_path)
     eng = Engine.from_checkpoint(checkpoint, config.dtype, config.load_progress,
-                                 threads=config.threads,
+                                 config.weight_cache, threads=config.threads,
                                  max_tokens=config.token_budget, kv_tokens=config.ctx_size,
                                  kv_sequences=config.parallel)
     tokenizer = load_tokenizer(config.model_path, config.tokenizer_path, eng.config.vocab_size)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -22,13 +23,14 @@ import blake3
 import numpy as np
 
 from ..engine.cvec import ControlVector, read_control_vector, write_control_vector
-from ..engine.engine import EngineError, SteeringTerm
-from ..engine.layers import capture_blocks, normalize_layer, stream_at
+from ..engine.engine import Condition, EngineError, Readout, SteeringTerm
+from ..engine.interventions import Positions
+from ..engine.layers import capture_blocks, normalize_block, normalize_layer, stream_at
 from ..engine.steering import actadd_tokens, check_control_request, directions_from_states
 from .errors import ApiError
 from .generation import collect_states
 from .prepare import check_text_length
-from .protocol import SteeringCreateRequest, SteeringEntry
+from .protocol import ReadoutSpec, SteeringCondition, SteeringCreateRequest, SteeringEntry
 from .runner import Captured, Runner
 from .state import Model, ServerState
 from .steering_store import SteeringVector, StoreFull, StoreUnavailable, vector_id
@@ -159,46 +161,139 @@ async def request_steering(state: ServerState, body: Steered) -> tuple[SteeringT
 
 async def resolve_steering(state: ServerState, entries: list[SteeringEntry],
                            field: str = "steering") -> tuple[SteeringTerm, ...]:
-    """A request's `steering` entries as the engine's SteeringTerms (400/404 naming the entry)."""
+    """A request's `steering` entries as the engine's SteeringTerms (400/404 naming the entry),
+    each with its operator, scope and condition."""
     if not entries:
         return ()
     model, _ = state.ready()
     terms: list[SteeringTerm] = []
     for i, e in enumerate(entries):
         where = f"{field}[{i}]"
-        if e.vector is None:  # inline ActAdd, llama.cpp's flags
-            assert e.add is not None and e.sub is not None and e.layer is not None
-            source = e.source_layer if e.source_layer is not None else e.layer
-            vec = await actadd_vector(state, e.add, e.sub, source, f"{where}.source_layer",
-                                      field, where)
-            mul = e.mul if e.mul is not None else e.scale
-            assert vec.rows is not None
-            terms.append(SteeringTerm(layer_number(model, e.layer, f"{where}.layer"), vec.rows,
-                                      mul))
-            continue
-        found = await get_vector(state, e.vector, field)
-        if found is None:
-            raise ApiError(404, f"{where}.vector: no steering vector {e.vector!r}",
-                           "not_found_error", param=field, code="steering_vector_not_found")
-        if found.model_key != model.key or found.dim != model.engine.config.dim:
-            raise ApiError(400, f"{where}.vector: {e.vector} was made for another model "
-                           f"(key {found.model_key[:16]}..., width {found.dim})", param=field,
-                           code="steering_model_mismatch")
-        if found.kind == "actadd":
-            assert found.rows is not None and found.source_layer is not None
-            layer = layer_number(model, e.layer if e.layer is not None else found.source_layer,
-                                 f"{where}.layer")
-            terms.append(SteeringTerm(layer, found.rows, e.scale))
-            continue
-        wanted = e.layers if e.layers is not None else (
-            [e.layer] if e.layer is not None else list(found.directions))
-        for layer in (layer_number(model, x, f"{where}.layers") for x in wanted):
-            if layer not in found.directions:
-                raise ApiError(400, f"{where}.layers: {e.vector} has no direction for layer "
-                               f"{layer} (it has {sorted(found.directions)})", param=field)
-            terms.append(SteeringTerm(layer, found.directions[layer], e.scale,
-                                      every_position=True))
+        base = await _entry_terms(state, model, e, where, field)
+        when = None if e.when is None else await _condition(state, model, e.when, i,
+                                                            f"{where}.when", field)
+        positions: Positions = ((e.positions[0], e.positions[1])
+                                if isinstance(e.positions, list) else e.positions)
+        if e.op != "add" and any(not t.every_position and t.vectors.ndim == 2
+                                 and t.vectors.shape[0] != 1 for t in base):
+            raise ApiError(400, f"{where}.op: {e.op} needs a direction; an ActAdd vector has "
+                           "one row per position (use a control vector or `direction`)",
+                           param=field)
+        terms.extend(replace(t, op=e.op, value=e.value or 0.0, norm_match=e.norm_match,
+                             positions=positions, when=when) for t in base)
     return tuple(terms)
+
+
+async def _condition(state: ServerState, model: Model, c: SteeringCondition, entry: int,
+                     where: str, field: str) -> Condition:
+    layer = layer_number(model, c.layer, f"{where}.layer")
+    vector = await direction(state, model, c.vector, layer, where, field)
+    return Condition(vector, layer, c.threshold, c.comparison, c.scope, entry)
+
+
+async def direction(state: ServerState, model: Model, given: str | list[float], layer: int,
+                    where: str, field: str) -> np.ndarray:
+    """A direction: floats of the model's width, or a stored control vector's at `layer` (its
+    only one if it has one)."""
+    dim = model.engine.config.dim
+    if not isinstance(given, str):
+        if len(given) != dim:
+            raise ApiError(400, f"{where}.vector: a direction of {len(given)} values; the model's "
+                           f"width is {dim}", param=field)
+        v = np.asarray(given, np.float32)
+        if not np.isfinite(v).all() or not v.any():
+            raise ApiError(400, f"{where}.vector: a direction must be finite and not zero",
+                           param=field)
+        return v
+    found = await _stored(state, model, given, f"{where}.vector", field)
+    if found.kind != "control":
+        raise ApiError(400, f"{where}.vector: {given} is an ActAdd vector (one row per "
+                       "position); a direction needs a control vector", param=field)
+    if len(found.directions) == 1:
+        return next(iter(found.directions.values()))
+    if layer not in found.directions:
+        raise ApiError(400, f"{where}.vector: {given} has no direction for layer {layer} (it "
+                       f"has {sorted(found.directions)})", param=field)
+    return found.directions[layer]
+
+
+async def _stored(state: ServerState, model: Model, vid: str, where: str, field: str
+                  ) -> SteeringVector:
+    found = await get_vector(state, vid, field)
+    if found is None:
+        raise ApiError(404, f"{where}: no steering vector {vid!r}", "not_found_error",
+                       param=field, code="steering_vector_not_found")
+    if found.model_key != model.key or found.dim != model.engine.config.dim:
+        raise ApiError(400, f"{where}: {vid} was made for another model "
+                       f"(key {found.model_key[:16]}..., width {found.dim})", param=field,
+                       code="steering_model_mismatch")
+    return found
+
+
+async def resolve_readouts(state: ServerState, specs: list[ReadoutSpec]
+                           ) -> tuple[Readout, ...]:
+    """A request's `readouts` as the engine's (400 naming `readouts`). A stored control vector
+    gives its direction at the stream the point reads (resid_pre: the block's layer; the others:
+    the layer after it), or its only one."""
+    if not specs:
+        return ()
+    model, _ = state.ready()
+    n = model.engine.config.n_layers
+    out = []
+    names = set()
+    for i, spec in enumerate(specs):
+        where = f"readouts[{i}]"
+        if spec.name in names:
+            raise ApiError(400, f"{where}.name: {spec.name!r} is used twice", param="readouts")
+        names.add(spec.name)
+        try:
+            block = normalize_block(spec.layer, n, "layer")
+        except EngineError as e:
+            raise ApiError(400, f"{where}.layer: {e}", param="readouts") from e
+        stream = block if spec.point == "resid_pre" else block + 1
+        out.append(Readout(await direction(state, model, spec.vector, stream, where, "readouts"),
+                           block, spec.point))
+    return tuple(out)
+
+
+async def _entry_terms(state: ServerState, model: Model, e: SteeringEntry, where: str,
+                       field: str) -> list[SteeringTerm]:
+    """An entry's vectors as plain SteeringTerms (one per layer)."""
+    terms: list[SteeringTerm] = []
+    if e.direction is not None:
+        wanted = e.layers if e.layers else [e.layer]
+        v = await direction(state, model, e.direction, 0, where, field)
+        for x in wanted:
+            assert x is not None  # checked by the model
+            terms.append(SteeringTerm(layer_number(model, x, f"{where}.layers"), v, e.scale,
+                                      every_position=True))
+        return terms
+    if e.vector is None:  # inline ActAdd, llama.cpp's flags
+        assert e.add is not None and e.sub is not None and e.layer is not None
+        source = e.source_layer if e.source_layer is not None else e.layer
+        vec = await actadd_vector(state, e.add, e.sub, source, f"{where}.source_layer",
+                                  field, where)
+        mul = e.mul if e.mul is not None else e.scale
+        assert vec.rows is not None
+        terms.append(SteeringTerm(layer_number(model, e.layer, f"{where}.layer"), vec.rows,
+                                  mul))
+        return terms
+    found = await _stored(state, model, e.vector, f"{where}.vector", field)
+    if found.kind == "actadd":
+        assert found.rows is not None and found.source_layer is not None
+        layer = layer_number(model, e.layer if e.layer is not None else found.source_layer,
+                             f"{where}.layer")
+        terms.append(SteeringTerm(layer, found.rows, e.scale))
+        return terms
+    wanted = e.layers if e.layers is not None else (
+        [e.layer] if e.layer is not None else list(found.directions))
+    for layer in (layer_number(model, x, f"{where}.layers") for x in wanted):
+        if layer not in found.directions:
+            raise ApiError(400, f"{where}.layers: {e.vector} has no direction for layer "
+                           f"{layer} (it has {sorted(found.directions)})", param=field)
+        terms.append(SteeringTerm(layer, found.directions[layer], e.scale,
+                                  every_position=True))
+    return terms
 
 
 async def create_vector(state: ServerState, body: SteeringCreateRequest) -> SteeringVector:

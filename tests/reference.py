@@ -7,13 +7,16 @@ from being written separately, vectorised the obvious numpy way rather than the 
 Weights are a dict of float32 arrays, row-major [out, in] like `nn.Linear.weight`, stacked over
 layers: token_embedding (vocab, dim), attn_norm (L, dim), wq (L, dim, dim), wk/wv
 (L, kv_dim, dim), wo (L, dim, dim), ffn_norm (L, dim), w1/w3 (L, hidden, dim), w2 (L, dim, hidden),
-final_norm (dim,), optional classifier (vocab, dim; the token embedding when absent). Quantized
+final_norm (dim,), optional classifier (vocab, dim; the token embedding when absent); qwen2's
+bq (L, q_dim), bk/bv (L, kv_dim) and qwen3's q_norm/k_norm (L, head_dim) when the config's arch
+has them (wq is then (L, q_dim, dim) and wo (L, dim, q_dim), q_dim = n_heads * head_dim). Quantized
 mode additionally reads `name + "_q8"` entries: (int8 values, float32 scales) pairs or QTensors.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ LAYER_MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 CAPTURE_NAMES = ("resid_pre", "attn_out", "mlp_out", "resid_post")
 
 Steering = dict[int, np.ndarray]
+Edit = Callable[[int, np.ndarray, np.ndarray], np.ndarray]  # (layer, x (T, dim), positions)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,27 +108,45 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return (x * (1.0 / np.sqrt(ms + eps)) * w).astype(np.float32)
 
 
-def rope_cos_sin(positions: np.ndarray, head_dim: int, theta: float
+def rope_cos_sin(positions: np.ndarray, head_dim: int, theta: float,
+                 factors: tuple[float, ...] = (), scale: float = 1.0
                  ) -> tuple[np.ndarray, np.ndarray]:
-    """positions (T,) -> cos, sin (T, head_dim // 2) for the pairs (0, 1), (2, 3), ..."""
+    """positions (T,) -> cos, sin (T, head_dim // 2) of frequency j = theta^(-2j/head_dim),
+    divided by factors[j] when given (llama.cpp's freq_factors), at position * scale."""
     i = np.arange(0, head_dim, 2, dtype=np.float64)
     freq = 1.0 / theta ** (i / head_dim)
-    angle = np.asarray(positions, dtype=np.float64)[:, None] * freq[None, :]
+    if factors:
+        freq = freq / np.asarray(factors, dtype=np.float64)
+    angle = np.asarray(positions, dtype=np.float64)[:, None] * scale * freq[None, :]
     return np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
 
 
-def apply_rope(x: np.ndarray, positions: np.ndarray, head_dim: int, theta: float) -> np.ndarray:
-    """x (T, n_heads * head_dim) -> same shape, each adjacent pair of each head rotated.
+def apply_rope(x: np.ndarray, positions: np.ndarray, head_dim: int, theta: float,
+               neox: bool = False, factors: tuple[float, ...] = (), scale: float = 1.0
+               ) -> np.ndarray:
+    """x (T, n_heads * head_dim) -> same shape, each head rotated.
 
-    llama2.c convention: pairs are interleaved (x[2j], x[2j+1]), not the two halves of a head.
+    llama2.c / llama.cpp "NORM" convention: pairs are interleaved (x[2j], x[2j+1]); with `neox`
+    (Hugging Face, llama.cpp's NEOX for qwen2/qwen3) the pairs are (x[j], x[j + head_dim/2]).
     """
     t = x.shape[0]
-    cos, sin = rope_cos_sin(positions, head_dim, theta)
+    cos, sin = rope_cos_sin(positions, head_dim, theta, factors, scale)
+    c, s = cos[:, None, :], sin[:, None, :]
+    if neox:
+        heads = x.reshape(t, -1, head_dim)
+        x0, x1 = heads[..., :head_dim // 2], heads[..., head_dim // 2:]
+        out = np.concatenate([x0 * c - x1 * s, x1 * c + x0 * s], axis=-1)
+        return out.reshape(x.shape).astype(np.float32)
     pairs = x.reshape(t, -1, head_dim // 2, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]
-    c, s = cos[:, None, :], sin[:, None, :]
     out = np.stack([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1)
     return out.reshape(x.shape).astype(np.float32)
+
+
+def head_rmsnorm(x: np.ndarray, w: np.ndarray, head_dim: int, eps: float) -> np.ndarray:
+    """x (T, n_heads * head_dim) -> each head RMS-normalized with weights w (head_dim,)."""
+    heads = x.reshape(x.shape[0], -1, head_dim)
+    return rmsnorm(heads, w, eps).reshape(x.shape)
 
 
 def silu(x: np.ndarray) -> np.ndarray:
@@ -133,7 +155,7 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray,
                      config: ModelConfig) -> np.ndarray:
-    """q (T, dim) at `positions`, k/v (P, kv_dim) for positions 0..P-1 -> (T, dim).
+    """q (T, n_heads * hd) at `positions`, k/v (P, kv_dim) for 0..P-1 -> (T, n_heads * hd).
 
     Query head h reads kv head h // kv_mul; position p attends to 0..p.
     """
@@ -149,7 +171,7 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.
     probs = np.exp(scores)
     probs /= probs.sum(axis=-1, keepdims=True)
     out = probs.astype(np.float32) @ vh                                     # (H, T, hd)
-    return out.transpose(1, 0, 2).reshape(t, config.dim).astype(np.float32)
+    return out.transpose(1, 0, 2).reshape(t, config.n_heads * hd).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,7 +256,8 @@ def _steering_rows(vec: np.ndarray, positions: np.ndarray) -> np.ndarray:
 
 def _forward_chunk(weights: dict[str, Any], config: ModelConfig, tokens: np.ndarray,
                    cache: KVCache, linear: _Linear, steering: Steering,
-                   captures: dict[str, np.ndarray] | None) -> np.ndarray:
+                   captures: dict[str, np.ndarray] | None, edit: Edit | None = None
+                   ) -> np.ndarray:
     """Runs `tokens` at positions cache.length.. against the cache -> logits (T, vocab).
 
     Appends the chunk's keys and values to the cache; fills `captures` (L, T, dim) if given.
@@ -245,6 +268,8 @@ def _forward_chunk(weights: dict[str, Any], config: ModelConfig, tokens: np.ndar
     end = start + t
     x = linear.embed(tokens)                                                # (T, dim)
     for layer in range(config.n_layers):
+        if edit is not None:
+            x = edit(layer, x, positions)
         if layer in steering:
             x = x + _steering_rows(steering[layer], positions)
         if captures is not None:
@@ -255,8 +280,15 @@ def _forward_chunk(weights: dict[str, Any], config: ModelConfig, tokens: np.ndar
         q = linear(xb, "wq", layer)
         k = linear(xb, "wk", layer)
         v = linear(xb, "wv", layer)
-        q = apply_rope(q, positions, config.head_dim, config.rope_theta)
-        k = apply_rope(k, positions, config.head_dim, config.rope_theta)
+        if "bq" in weights:  # qwen2
+            q, k, v = q + weights["bq"][layer], k + weights["bk"][layer], v + weights["bv"][layer]
+        if "q_norm" in weights:  # qwen3
+            q = head_rmsnorm(q, weights["q_norm"][layer], config.head_dim, config.norm_eps)
+            k = head_rmsnorm(k, weights["k_norm"][layer], config.head_dim, config.norm_eps)
+        rope = (config.head_dim, config.rope_theta, config.rope_neox, config.rope_factors,
+                config.rope_scale)
+        q = apply_rope(q, positions, *rope)
+        k = apply_rope(k, positions, *rope)
         cache.k[layer, start:end] = k
         cache.v[layer, start:end] = v
         att = causal_attention(q, cache.k[layer, :end], cache.v[layer, :end], positions, config)
@@ -274,6 +306,8 @@ def _forward_chunk(weights: dict[str, Any], config: ModelConfig, tokens: np.ndar
             captures["mlp_out"][layer] = mlp_out
             captures["resid_post"][layer] = x
     cache.length = end
+    if edit is not None:
+        x = edit(config.n_layers, x, positions)
     if config.n_layers in steering:  # after the last layer, before the final norm
         x = x + _steering_rows(steering[config.n_layers], positions)
     x = rmsnorm(x, weights["final_norm"], config.norm_eps)
@@ -291,13 +325,15 @@ def _check_tokens(tokens: Any, config: ModelConfig) -> np.ndarray:
 
 def reference_forward(weights: dict[str, Any], config: ModelConfig, tokens: list[int], *,
                       quantized: bool = False, steering: Steering | None = None,
-                      capture: bool = True) -> dict[str, np.ndarray]:
+                      capture: bool = True, edit: Edit | None = None) -> dict[str, np.ndarray]:
     """All positions of one sequence from position 0 (teacher forcing).
 
     Returns `logits` (T, vocab) and, when `capture`, the residual-stream tensors (L, T, dim):
     `resid_pre` (entering layer l, after its steering addition), `attn_out` (after wo, before
     the residual add), `mlp_out` (after w2, before the residual add), `resid_post` (leaving l).
     `steering` maps layer -> (T_s, dim) added at positions 0..T_s-1, or (dim,) added everywhere.
+    `edit(layer, x, positions) -> x` rewrites the stream entering each layer (0..n_layers)
+    before `steering` is added (any intervention, written by the test).
     """
     toks = _check_tokens(tokens, config)
     if len(toks) > config.max_seq_len:
@@ -309,7 +345,7 @@ def reference_forward(weights: dict[str, Any], config: ModelConfig, tokens: list
                     for name in CAPTURE_NAMES}
     cache = KVCache.empty(config, t)
     logits = _forward_chunk(weights, config, toks, cache, _Linear(weights, quantized),
-                            _check_steering(steering, config), captures)
+                            _check_steering(steering, config), captures, edit)
     return {"logits": logits, **(captures or {})}
 
 
@@ -390,8 +426,8 @@ def random_weights(config: ModelConfig, seed: int = 0, *, shared_classifier: boo
                    ) -> dict[str, np.ndarray]:
     """A random model whose activations stay O(1): matrices ~ N(0, 1/fan_in), norms near 1."""
     rng = np.random.default_rng(seed)
-    L, d, h, kv, v = (config.n_layers, config.dim, config.hidden_dim, config.kv_dim,
-                      config.vocab_size)
+    L, d, h, kv, v, q = (config.n_layers, config.dim, config.hidden_dim, config.kv_dim,
+                         config.vocab_size, config.q_dim)
 
     def mat(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape) / math.sqrt(shape[-1])).astype(np.float32)
@@ -401,10 +437,16 @@ def random_weights(config: ModelConfig, seed: int = 0, *, shared_classifier: boo
 
     weights = {
         "token_embedding": rng.standard_normal((v, d)).astype(np.float32),
-        "attn_norm": norm(L, d), "wq": mat(L, d, d), "wk": mat(L, kv, d), "wv": mat(L, kv, d),
-        "wo": mat(L, d, d), "ffn_norm": norm(L, d), "w1": mat(L, h, d), "w2": mat(L, d, h),
+        "attn_norm": norm(L, d), "wq": mat(L, q, d), "wk": mat(L, kv, d), "wv": mat(L, kv, d),
+        "wo": mat(L, d, q), "ffn_norm": norm(L, d), "w1": mat(L, h, d), "w2": mat(L, d, h),
         "w3": mat(L, h, d), "final_norm": norm(d),
     }
     if not shared_classifier:
         weights["classifier"] = mat(v, d)
+    if config.arch == "qwen2":
+        weights |= {"bq": (0.1 * rng.standard_normal((L, q))).astype(np.float32),
+                    "bk": (0.1 * rng.standard_normal((L, kv))).astype(np.float32),
+                    "bv": (0.1 * rng.standard_normal((L, kv))).astype(np.float32)}
+    if config.arch == "qwen3":
+        weights |= {"q_norm": norm(L, config.head_dim), "k_norm": norm(L, config.head_dim)}
     return weights

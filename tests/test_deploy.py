@@ -28,6 +28,7 @@ import redis
 from tiller.server.app import ServerConfig
 from tiller.server.steering_redis import INDEX
 
+from tests.browser import artifacts_dir, chromium_path, launched
 from tests.live_server import ServerProcess, free_port, start_server
 from tests.redis_server import RedisServer, find_redis, start_redis
 
@@ -102,8 +103,25 @@ def start_replica(models: Path, tmp: Path, *extra: str) -> Replica:
     return Replica(int(url.rsplit(":", 1)[1]), proc)
 
 
-def nginx_conf(tmp: Path, listen: int) -> str:
-    """The test's main config: paths in tmp, foreground; http {} as in deploy/nginx.conf."""
+# A second front door, test-only: the same upstream served under a path, as a site that hosts
+# tiller beside other things would (the web UI must then use relative URLs only).
+UNDER_PATH = """
+    server {{
+        listen 127.0.0.1:{port};
+        location /tiller/ {{
+            proxy_pass http://tiller/;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Authorization $http_authorization;
+            proxy_buffering off;
+        }}
+    }}
+"""
+
+
+def nginx_conf(tmp: Path, listen: int, under_path: int) -> str:
+    """The test's main config: paths in tmp, foreground; http {} as in deploy/nginx.conf, plus
+    the UNDER_PATH server on port `under_path`."""
     temp = "\n".join(f"    {kind}_temp_path {tmp / kind};"
                      for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     # NOTE: as root the workers would drop to nobody, who cannot enter pytest's tmp directory.
@@ -111,12 +129,14 @@ def nginx_conf(tmp: Path, listen: int) -> str:
     return (f"{user}daemon off;\nworker_processes 1;\npid {tmp / 'nginx.pid'};\n"
             f"error_log {tmp / 'error.log'} warn;\nevents {{ worker_connections 128; }}\n"
             f"http {{\n{temp}\n    include {tmp / 'tiller.conf'};\n"
-            f"    access_log {tmp / 'access.log'} tiller;\n}}\n")
+            f"    access_log {tmp / 'access.log'} tiller;\n"
+            f"{UNDER_PATH.format(port=under_path)}}}\n")
 
 
 @dataclass
 class Cluster:
     port: int  # nginx
+    under_path: int  # nginx serving the same replicas under /tiller/ (UNDER_PATH)
     replicas: list[Replica]
     error_log: Path
     redis: RedisServer | None  # None: redis-server is not installed
@@ -141,14 +161,15 @@ def cluster(shared_models: Path, tmp_path_factory: pytest.TempPathFactory):
         port = free_port()
         (tmp / "tiller.conf").write_text(render_template(
             TEMPLATE.read_text(), [f"127.0.0.1:{r.port}" for r in replicas], f"127.0.0.1:{port}"))
-        (tmp / "nginx.conf").write_text(nginx_conf(tmp, port))
+        under_path = free_port()
+        (tmp / "nginx.conf").write_text(nginx_conf(tmp, port, under_path))
         cmd = [nginx, "-p", str(tmp), "-c", str(tmp / "nginx.conf"), "-e", str(tmp / "error.log")]
         check = subprocess.run([*cmd, "-t"], capture_output=True, text=True)
         assert check.returncode == 0, f"nginx rejects the rendered config:\n{check.stderr}"
         nginx_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(lambda: request(port, "GET", "/health")[0] == 200, 20, "nginx",
                    tmp / "error.log")
-        cluster = Cluster(port, replicas, tmp / "error.log", store)
+        cluster = Cluster(port, under_path, replicas, tmp / "error.log", store)
         yield cluster
     finally:
         if nginx_proc is not None:
@@ -221,6 +242,56 @@ def test_stream_arrives_as_generated(cluster: Cluster):
     assert len(reads) >= events // 8, f"{events} events in {len(reads)} reads"
     first, last = reads[0][0], reads[-1][0]
     assert first < last / 2, f"first event after {first:.3f} s of {last:.3f} s"
+
+
+def test_web_ui_and_its_assets_load_through_nginx(cluster: Cluster):
+    """The page and every asset it names pass the proxy public, with their types, ETag and CSP
+    (revalidation answered 304 through it); the API behind it still wants the key."""
+    status, headers, body = request(cluster.port, "GET", "/")
+    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    assert "script-src 'self'" in headers["Content-Security-Policy"]
+    assert request(cluster.port, "GET", "/", headers={"If-None-Match": headers["ETag"]})[0] == 304
+    assets = [a for a in re.findall(r'(?:src|href)="([^"]+)"', body.decode())
+              if not a.startswith("data:")]
+    assert "webui/app.js" in assets
+    for asset in assets:
+        status, headers, _ = request(cluster.port, "GET", "/" + asset)
+        assert status == 200 and headers["Content-Type"].startswith(
+            ("text/javascript", "text/css")), (asset, status, headers)
+        assert headers["ETag"] and headers["Content-Security-Policy"]
+        # the same file under the path prefix: relative URLs resolve below /tiller/
+        assert request(cluster.under_path, "GET", "/tiller/" + asset)[0] == 200
+    assert request(cluster.port, "GET", "/v1/steering")[0] == 401
+
+
+def test_web_ui_under_a_path_with_the_api_key(cluster: Cluster,
+                                              tmp_path_factory: pytest.TempPathFactory):
+    """In a browser through nginx under /tiller/: the page asks for the key, then shows the model,
+    and a chat answer streams through the proxy."""
+    with launched(chromium_path()) as browser:
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        urls: list[str] = []
+        page.on("request", lambda r: urls.append(r.url))
+        page.goto(f"http://127.0.0.1:{cluster.under_path}/tiller/")
+        page.wait_for_selector("#banner:not([hidden])")
+        assert "API key" in page.inner_text("#banner")  # /props answered 401
+        page.fill("#api-key", API_KEY)
+        page.press("#api-key", "Enter")
+        page.wait_for_selector("body[data-ready=true]", timeout=30000)
+        assert "stories260K" in page.inner_text("#model") and page.is_hidden("#banner")
+        page.fill("#seed", "3")
+        page.fill("#max-tokens", "40")
+        page.fill("#chat-input", "Tell me a story")
+        page.click("#chat-send")
+        page.wait_for_selector(".message.assistant:not(.streaming)", timeout=60000)
+        page.screenshot(path=str(artifacts_dir(tmp_path_factory) / "deploy-under-path.png"))
+        reply = page.inner_text(".message.assistant .body")
+        assert reply.strip() and page.is_hidden("#chat-error")
+        assert not errors, errors
+        prefix = f"http://127.0.0.1:{cluster.under_path}/tiller/"
+        assert urls and all(u.startswith((prefix, "data:")) for u in urls), urls
 
 
 def test_least_conn_spreads_over_both_replicas(cluster: Cluster):

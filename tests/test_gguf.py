@@ -236,8 +236,9 @@ def hf_permute(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
 
 
 def rotate_half_rope(x: np.ndarray, positions: np.ndarray, head_dim: int,
-                     theta: float) -> np.ndarray:
-    """Hugging Face's apply_rotary_pos_emb: pairs (i, i + head_dim/2) of each head."""
+                     theta: float, *unscaled: object) -> np.ndarray:
+    """Hugging Face's apply_rotary_pos_emb: pairs (i, i + head_dim/2) of each head (written
+    apart from the reference's `neox`; `unscaled`: its NEOX flag and scaling, unused here)."""
     cos, sin = reference.rope_cos_sin(positions, head_dim, theta)
     h = x.reshape(x.shape[0], -1, head_dim)
     x0, x1 = h[..., :head_dim // 2], h[..., head_dim // 2:]
@@ -494,12 +495,15 @@ def test_broken_files_raise_checkpoint_error(kind, good_file, tmp_path):
 
 
 @pytest.mark.parametrize("what, match", [
-    ("arch", "architecture 'qwen2' is not supported"),
+    ("arch", "general.architecture 'gemma' is not supported"),
     ("missing", "missing tensor blk.1.ffn_up.weight"),
-    ("rope dim", "llama.rope.dimension_count is 8, but only head_dim"),
-    ("rope_freqs", "unexpected tensor rope_freqs.weight .*Llama 3.1"),
+    ("rope dim", "llama.rope.dimension_count is 8, but only 16 .*partial RoPE"),
+    ("value length", "llama.attention.value_length is 8, but only 16"),
+    ("rope_freqs", "rope_freqs.weight has shape \\(3,\\) and type F32, RoPE needs \\(8,\\)"),
     ("experts", "mixture-of-experts"),
-    ("rope scaling", "RoPE scaling"),
+    ("rope scaling", "llama.rope.scaling.type='yarn': only none, linear and llama3"),
+    ("heads per layer", "llama.attention.head_count_kv differs between layers \\(\\[2, 4\\]\\)"),
+    ("sliding window", "llama.attention.sliding_window is 16: sliding-window attention"),
     ("vocab", "vocabulary sizes disagree"),
     ("eps type", "layer_norm_rms_epsilon is a string"),
     ("no eps", "layer_norm_rms_epsilon is missing"),
@@ -510,18 +514,24 @@ def test_models_we_cannot_run_are_refused_by_name(what, match, tmp_path):
     path = tmp_path / "m.gguf"
     S, U32 = gguf.GGUFValueType.STRING, gguf.GGUFValueType.UINT32
     if what == "arch":
-        kwargs["arch"] = "qwen2"
+        kwargs["arch"] = "gemma"
     elif what == "missing":
         kwargs["skip"] = ("blk.1.ffn_up.weight",)
     elif what == "rope dim":
         kwargs["kv"] = {"llama.rope.dimension_count": (U32, 8)}
+    elif what == "value length":
+        kwargs["kv"] = {"llama.attention.value_length": (U32, 8)}
     elif what == "rope_freqs":
-        kwargs["extra"] = {"rope_freqs.weight": np.ones(TIED.head_dim // 2, np.float32)}
+        kwargs["extra"] = {"rope_freqs.weight": np.ones(3, np.float32)}
     elif what == "experts":
         kwargs["kv"] = {"llama.expert_count": (U32, 8)}
     elif what == "rope scaling":
-        kwargs["kv"] = {"llama.rope.scaling.type": (S, "linear"),
+        kwargs["kv"] = {"llama.rope.scaling.type": (S, "yarn"),
                         "llama.rope.scaling.factor": (gguf.GGUFValueType.FLOAT32, 4.0)}
+    elif what == "heads per layer":
+        kwargs["kv"] = {"llama.attention.head_count_kv": (gguf.GGUFValueType.ARRAY, [2, 4])}
+    elif what == "sliding window":
+        kwargs["kv"] = {"llama.attention.sliding_window": (U32, 16)}
     elif what == "vocab":
         kwargs["kv"] = {"llama.vocab_size": (U32, 1000)}
     elif what == "eps type":

@@ -276,6 +276,29 @@ async def test_samplers_choose_the_chain(client):
     assert only["generation_settings"]["samplers"] == ["top_k", "temperature"]
 
 
+async def test_repeat_penalty_and_window_on_the_openai_routes(client):
+    # llama.cpp's names mean on /v1/completions what they mean on /completion
+    same = {"prompt": "Once upon a time", "seed": 5, "temperature": 1.0, "top_k": 0,
+            "top_p": 1.0, "min_p": 0.0}
+    for penalty in ({"repeat_penalty": 1.8, "repeat_last_n": 8}, {"repeat_penalty": 1.8}):
+        native = await post(client, "/completion", {**same, "n_predict": 24,
+                                                    "repeat_last_n": -1, **penalty})
+        openai = await post(client, "/v1/completions", {**same, "max_tokens": 24, **penalty})
+        assert openai["choices"][0]["text"] == native["content"]
+    plain = await post(client, "/v1/completions", {**same, "max_tokens": 24})
+    assert plain["choices"][0]["text"] != openai["choices"][0]["text"]
+    # the alias is repetition_penalty, and a window of 0 turns the penalties off
+    chat = {"messages": CHAT, "max_tokens": 16, "seed": 2}
+    alias = await post(client, "/v1/chat/completions", {**chat, "repeat_penalty": 1.8})
+    named = await post(client, "/v1/chat/completions", {**chat, "repetition_penalty": 1.8})
+    off = await post(client, "/v1/chat/completions", {**chat, "repeat_penalty": 1.8,
+                                                      "repeat_last_n": 0})
+    free = await post(client, "/v1/chat/completions", chat)
+    assert alias["choices"] == named["choices"]
+    assert off["choices"][0]["message"] == free["choices"][0]["message"]
+    assert alias["choices"][0]["message"] != free["choices"][0]["message"]
+
+
 async def test_samplers_and_off_fields_in_chat(client):
     request = {"messages": CHAT, "max_tokens": 12, "seed": 4, "temperature": 1.2, "top_k": 6,
                "top_p": 0.5}

@@ -90,8 +90,11 @@ def test_health_props_and_tokenize(server):
     status, _, body = call(url, "/tokenize", {"content": PROMPT})
     assert status == 200 and json.loads(body)["tokens"] == [403, 407, 261, 378]
     log = process.log()
-    for flag in ("--embedding", "--metrics", "--slots", "--no-webui", "--timeout"):
+    for flag in ("--embedding", "--metrics", "--slots", "--timeout"):
         assert f"ignoring {flag}" in log, log[-2000:]
+    # --no-webui is acted on: no playground page, and no log line calling it ignored
+    assert "ignoring --no-webui" not in log
+    assert call(url, "/", key="k1")[0] == 404
 
 
 def test_completion_with_n_predict_and_the_startup_control_vector(server):

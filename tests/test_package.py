@@ -61,6 +61,10 @@ def test_the_wheel_holds_one_top_level_package(installed: tuple[Path, Path]) -> 
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
     assert {"tiller/cli.py", "tiller/engine/engine.py", "tiller/server/app.py"} <= names
+    # the web UI is package data: every file of tiller/webui is in the wheel
+    webui = {f"tiller/webui/{p.name}" for p in (ROOT / "tiller" / "webui").iterdir()
+             if p.is_file()}
+    assert "tiller/webui/index.html" in webui and webui <= names, webui - names
 
 
 def test_tiller_imports_and_engine_server_do_not(installed: tuple[Path, Path]) -> None:
@@ -70,6 +74,11 @@ def test_tiller_imports_and_engine_server_do_not(installed: tuple[Path, Path]) -
               "print(tiller.engine.engine.__file__)")
     assert got.returncode == 0, got.stderr
     assert Path(got.stdout.strip()).is_relative_to(env)
+    got = run(python, "-c", "from tiller.server.webui_routes import load_assets, webui_dir; "
+              "print(webui_dir()); print(sorted(load_assets(webui_dir())))")
+    assert got.returncode == 0, got.stderr
+    folder, names = got.stdout.splitlines()
+    assert Path(folder).is_relative_to(env) and "'app.js'" in names
     for name in ("engine", "server"):
         got = run(python, "-c", f"import {name}")
         assert got.returncode != 0 and "ModuleNotFoundError" in got.stderr, (name, got.stderr)

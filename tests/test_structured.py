@@ -318,13 +318,6 @@ async def test_invalid_schema_or_grammar_is_a_400_naming_it(client, path, body, 
     assert (await client.get("/health")).status == 200
 
 
-async def test_tools_are_still_refused(client):
-    error = (await post(client, "/v1/chat/completions", {
-        "messages": [{"role": "user", "content": "hi"}],
-        "tools": [{"type": "function", "function": {"name": "f"}}]}, status=400))["error"]
-    assert "tools" in error["message"]
-
-
 async def test_a_broken_matcher_fails_its_request_alone(client, model, monkeypatch):
     good = {"prompt": "Once", "n_predict": 60, "grammar": GBNF, "seed": 1}
     alone = (await post(client, "/completion", good))["content"]

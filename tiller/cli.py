@@ -31,6 +31,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="q8_0",
                    help="q8_0: int8 weights and activations (fast); f32: exact fp32 reference")
     p.add_argument("-t", "--threads", type=int, help="compute threads (default: all cores)")
+    p.add_argument("--no-weight-cache", dest="weight_cache", action="store_false",
+                   help="build the engine's weights from the file every time instead of mapping "
+                        "them from <cache root>/weights ($TILLER_WEIGHT_CACHE=0 does the same)")
 
 
 # llama-server flags tiller takes so that its command lines run unchanged, but does not act on:
@@ -40,7 +43,6 @@ IGNORED: list[tuple[tuple[str, ...], dict[str, Any], str]] = [
      "embeddings are always on (/v1/embeddings, /embedding)"),
     (("--metrics",), {"action": "store_true"}, "/metrics is always on"),
     (("--slots",), {"action": "store_true"}, "/slots is always on"),
-    (("--no-webui",), {"action": "store_true"}, "tiller has no web UI"),
     (("--jinja",), {"action": "store_true"}, "chat templates are always rendered as Jinja"),
     (("-cb", "--cont-batching"), {"action": "store_true"}, "batching is always continuous"),
     (("--timeout", "-to"), {"type": int, "metavar": "N"},
@@ -121,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-feature-values", type=int, default=4 * 1024 * 1024,
                    help="numbers one /v1/features or embeddings response may hold "
                         "(positions x layers x points x width); more is a 400")
+    s.add_argument("--no-webui", action="store_true",
+                   help="do not serve the steering playground page at / (llama-server's flag)")
     s.add_argument("--workers", type=int, default=2,
                    help="threads for tokenizing, encoding and vector math off the event loop")
     d = s.add_argument_group("sampling defaults (llama-server's; a request's own fields win)")
@@ -175,7 +179,8 @@ LOAD_BAR_DELAY = 1.0
 
 def _load(args: argparse.Namespace) -> tuple[Engine, Tokenizer]:
     engine = Engine.load(args.model, dtype=args.dtype, threads=args.threads,
-                         progress=progress_bar(delay=LOAD_BAR_DELAY, leave=False))
+                         progress=progress_bar(delay=LOAD_BAR_DELAY, leave=False),
+                         weight_cache=args.weight_cache)
     tokenizer = load_tokenizer(args.model, args.tokenizer, engine.config.vocab_size)
     return engine, tokenizer
 
@@ -368,7 +373,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = _serve_options(args)
     _log_ignored(args)
     config = ServerConfig(model_path=args.model, tokenizer_path=args.tokenizer, dtype=args.dtype,
-                          threads=args.threads, parallel=args.parallel, ctx_size=args.ctx_size,
+                          threads=args.threads, weight_cache=args.weight_cache,
+                          parallel=args.parallel, ctx_size=args.ctx_size,
                           max_waiting=args.max_queue, token_budget=args.batch_tokens,
                           model_alias=args.alias,
                           steering_dir=args.steering_dir, steering_store=args.steering_store,
@@ -376,7 +382,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           load_progress=progress_bar(delay=LOAD_BAR_DELAY, leave=False),
                           max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                           max_feature_values=args.max_feature_values, workers=args.workers,
-                          **options)
+                          webui=not args.no_webui, **options)
     if config.max_body_bytes < 1024:
         raise ValueError("--max-body-mb must allow at least 1 KiB")
     app = create_app(config, on_load_error=_stop_serving)

@@ -64,6 +64,8 @@ Stop = str | Sequence[str] | None
 Timeout = float | httpx.Timeout | None
 ChunkParser = Callable[[Mapping[str, Any], Mapping[str, Any]], T]
 Steering = Sequence[Mapping[str, Any]] | None
+# {"name", "vector": id or floats, "layer", "point"} each (see the server's README)
+Readouts = Sequence[Mapping[str, Any]] | None
 
 
 # request bodies -------------------------------------------------------------------------------
@@ -387,12 +389,15 @@ class Client(_Base):
                  seed: int | None = None, n: int = 1, logprobs: int | None = None,
                  echo: bool = False, frequency_penalty: float | None = None,
                  presence_penalty: float | None = None, repetition_penalty: float | None = None,
-                 steering: Steering = None,
+                 steering: Steering = None, readouts: Readouts = None,
+                 readout_prompt: bool = False,
+                 hidden_states: Mapping[str, Any] | None = None,
                  extra_body: Mapping[str, Any] | None = None) -> Completion:
         """POST /v1/completions. `prompt` is text or token ids (or a list of either: one choice
         per prompt and n); max_tokens=None generates until EOS or the context is full; sampling
         fields left None take the server's defaults (temperature 1); `extra_body` adds fields."""
-        extra_body = _with_steering(extra_body, steering)
+        extra_body = _with_readings(_with_steering(extra_body, steering), readouts,
+                                    readout_prompt, hidden_states)
         body = _completion_body(prompt, max_tokens, logprobs, echo, _sampling(
             temperature, top_p, top_k, min_p, stop, seed, n, frequency_penalty,
             presence_penalty, repetition_penalty), extra_body, stream=False)
@@ -405,11 +410,14 @@ class Client(_Base):
                         echo: bool = False, frequency_penalty: float | None = None,
                         presence_penalty: float | None = None,
                         repetition_penalty: float | None = None,
-                        steering: Steering = None,
+                        steering: Steering = None, readouts: Readouts = None,
+                        readout_prompt: bool = False,
+                        hidden_states: Mapping[str, Any] | None = None,
                         extra_body: Mapping[str, Any] | None = None) -> Stream[CompletionChunk]:
         """complete(), streamed: CompletionChunks whose texts concatenate (per index) to the
         choice's text."""
-        extra_body = _with_steering(extra_body, steering)
+        extra_body = _with_readings(_with_steering(extra_body, steering), readouts,
+                                    readout_prompt, hidden_states)
         body = _completion_body(prompt, max_tokens, logprobs, echo, _sampling(
             temperature, top_p, top_k, min_p, stop, seed, n, frequency_penalty,
             presence_penalty, repetition_penalty), extra_body, stream=True)
@@ -423,11 +431,14 @@ class Client(_Base):
              top_logprobs: int | None = None, frequency_penalty: float | None = None,
              presence_penalty: float | None = None, repetition_penalty: float | None = None,
              chat_template_kwargs: Mapping[str, Any] | None = None,
-             steering: Steering = None,
+             steering: Steering = None, readouts: Readouts = None,
+             readout_prompt: bool = False,
+             hidden_states: Mapping[str, Any] | None = None,
              extra_body: Mapping[str, Any] | None = None) -> ChatCompletion:
         """POST /v1/chat/completions. `messages` are {"role", "content"} mappings;
         max_tokens=None generates until EOS or the context is full."""
-        extra_body = _with_steering(extra_body, steering)
+        extra_body = _with_readings(_with_steering(extra_body, steering), readouts,
+                                    readout_prompt, hidden_states)
         body = _chat_body(messages, max_tokens, logprobs, top_logprobs, chat_template_kwargs,
                           _sampling(temperature, top_p, top_k, min_p, stop, seed, n,
                                     frequency_penalty, presence_penalty, repetition_penalty),
@@ -442,10 +453,13 @@ class Client(_Base):
                     presence_penalty: float | None = None,
                     repetition_penalty: float | None = None,
                     chat_template_kwargs: Mapping[str, Any] | None = None,
-                    steering: Steering = None,
+                    steering: Steering = None, readouts: Readouts = None,
+                    readout_prompt: bool = False,
+                    hidden_states: Mapping[str, Any] | None = None,
                     extra_body: Mapping[str, Any] | None = None) -> Stream[ChatChunk]:
         """chat(), streamed: ChatChunks whose contents concatenate (per index) to the message."""
-        extra_body = _with_steering(extra_body, steering)
+        extra_body = _with_readings(_with_steering(extra_body, steering), readouts,
+                                    readout_prompt, hidden_states)
         body = _chat_body(messages, max_tokens, logprobs, top_logprobs, chat_template_kwargs,
                           _sampling(temperature, top_p, top_k, min_p, stop, seed, n,
                                     frequency_penalty, presence_penalty, repetition_penalty),
@@ -578,9 +592,12 @@ class AsyncClient(_Base):
                        echo: bool = False, frequency_penalty: float | None = None,
                        presence_penalty: float | None = None,
                        repetition_penalty: float | None = None,
-                       steering: Steering = None,
+                       steering: Steering = None, readouts: Readouts = None,
+                       readout_prompt: bool = False,
+                       hidden_states: Mapping[str, Any] | None = None,
                        extra_body: Mapping[str, Any] | None = None) -> Completion:
-        extra_body = _with_steering(extra_body, steering)
+        extra_body = _with_readings(_with_steering(extra_body, steering), readouts,
+                                    readout_prompt, hidden_states)
         body = _completion_body(prompt, max_tokens, logprobs, echo, _sampling(
             temperature, top_p, top_k, min_p, stop, seed, n, frequency_penalty,
             presence_penalty, repetition_penalty), extra_body, stream=False)
@@ -594,10 +611,13 @@ class AsyncClient(_Base):
                               frequency_penalty: float | None = None,
                               presence_penalty: float | None = None,
                               repetition_penalty: float | None = None,
-                              steering: Steering = None,
+                              steering: Steering = None, readouts: Readouts = None,
+                              readout_prompt: bool = False,
+                              hidden_states: Mapping[str, Any] | None = None,
                               extra_body: Mapping[str, Any] | None = None
                               ) -> AsyncStream[CompletionChunk]:
-        extra_body = _with_steering(extra_body, steering)
+        extra_body = _with_readings(_with_steering(extra_body, steering), readouts,
+                                    readout_prompt, hidden_states)
         body = _completion_body(prompt, max_tokens, logprobs, echo, _sampling(
             temperature, top_p, top_k, min_p, stop, seed, n, frequency_penalty,
             presence_penalty, repetition_penalty), extra_body, stream=True)
@@ -612,9 +632,12 @@ class AsyncClient(_Base):
                    presence_penalty: float | None = None,
                    repetition_penalty: float | None = None,
                    chat_template_kwargs: Mapping[str, Any] | None = None,
-                   steering: Steering = None,
+                   steering: Steering = None, readouts: Readouts = None,
+                   readout_prompt: bool = False,
+                   hidden_states: Mapping[str, Any] | None = None,
                    extra_body: Mapping[str, Any] | None = None) -> ChatCompletion:
-        extra_body = _with_steering(extra_body, steering)
+        extra_body = _with_readings(_with_steering(extra_body, steering), readouts,
+                                    readout_prompt, hidden_states)
         body = _chat_body(messages, max_tokens, logprobs, top_logprobs, chat_template_kwargs,
                           _sampling(temperature, top_p, top_k, min_p, stop, seed, n,
                                     frequency_penalty, presence_penalty, repetition_penalty),
@@ -630,9 +653,12 @@ class AsyncClient(_Base):
                           presence_penalty: float | None = None,
                           repetition_penalty: float | None = None,
                           chat_template_kwargs: Mapping[str, Any] | None = None,
-                          steering: Steering = None,
+                          steering: Steering = None, readouts: Readouts = None,
+                          readout_prompt: bool = False,
+                          hidden_states: Mapping[str, Any] | None = None,
                           extra_body: Mapping[str, Any] | None = None) -> AsyncStream[ChatChunk]:
-        extra_body = _with_steering(extra_body, steering)
+        extra_body = _with_readings(_with_steering(extra_body, steering), readouts,
+                                    readout_prompt, hidden_states)
         body = _chat_body(messages, max_tokens, logprobs, top_logprobs, chat_template_kwargs,
                           _sampling(temperature, top_p, top_k, min_p, stop, seed, n,
                                     frequency_penalty, presence_penalty, repetition_penalty),
@@ -702,6 +728,22 @@ def _with_steering(extra_body: Mapping[str, Any] | None, steering: Steering
     if not steering:
         return extra_body
     return {**(extra_body or {}), "steering": list(steering)}
+
+
+def _with_readings(extra_body: Mapping[str, Any] | None, readouts: Readouts,
+                   readout_prompt: bool, hidden_states: Mapping[str, Any] | None
+                   ) -> Mapping[str, Any] | None:
+    """Readouts (per generated token, and with readout_prompt per prompt token) and hidden
+    states ({"layers", "points", "positions"}) ride in the body too; the choices' `readings`
+    hold what comes back."""
+    extra: dict[str, Any] = {}
+    if readouts:
+        extra["readouts"] = [dict(r) for r in readouts]
+    if readout_prompt:
+        extra["readout_prompt"] = True
+    if hidden_states is not None:
+        extra["hidden_states"] = dict(hidden_states)
+    return {**(extra_body or {}), **extra} if extra else extra_body
 
 
 def _steering_body(method: str, add: str | None, sub: str | None, layer: int | None,

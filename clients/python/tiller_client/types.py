@@ -24,6 +24,7 @@ __all__ = [
     "Embeddings",
     "Features",
     "ModelInfo",
+    "Readings",
     "TokenLogprob",
     "TokenPiece",
     "TopLogprob",
@@ -65,17 +66,60 @@ class CompletionLogprobs:
                    list(data.get("top_logprobs") or []), list(data["text_offset"]))
 
 
+@dataclass(frozen=True, eq=False)
+class Readings:
+    """What a choice (or a streamed chunk, for the tokens it carries) read besides its text.
+
+    readouts[name]: float64 arrays (tokens,) of the projection on the readout's unit direction
+    and the cosine, one per generated token (the state it was drawn from); prompt_readouts the
+    same per prompt token (readout_prompt). hidden_states["generated" | "prompt"]: float32
+    (len(points), len(layers), tokens, dim). conditions: the server's steering_conditions
+    (CAST decisions: per prompt, or per generated token)."""
+
+    readouts: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    prompt_readouts: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    hidden_states: dict[str, np.ndarray] = field(default_factory=dict)
+    layers: list[int] = field(default_factory=list)
+    points: list[str] = field(default_factory=list)
+    conditions: list[dict[str, Any]] = field(default_factory=list)
+
+    def projection(self, name: str) -> np.ndarray:
+        return self.readouts[name]["projection"]
+
+    def cosine(self, name: str) -> np.ndarray:
+        return self.readouts[name]["cosine"]
+
+    @classmethod
+    def from_json(cls, choice: Json) -> Readings | None:
+        keys = ("readouts", "prompt_readouts", "hidden_states", "steering_conditions")
+        if not any(k in choice for k in keys):
+            return None
+        np = _numpy()
+
+        def series(d: Json | None) -> dict[str, dict[str, np.ndarray]]:
+            return {name: {k: np.array([np.nan if x is None else x for x in v], np.float64)
+                           for k, v in r.items()} for name, r in (d or {}).items()}
+
+        hs = choice.get("hidden_states") or {}
+        arrays = {k: np.frombuffer(base64.b64decode(v["data"]), "<f4").reshape(v["shape"])
+                  for k, v in hs.items() if k in ("generated", "prompt")}
+        return cls(series(choice.get("readouts")), series(choice.get("prompt_readouts")),
+                   arrays, list(hs.get("layers", [])), list(hs.get("points", [])),
+                   list(choice.get("steering_conditions") or []))
+
+
 @dataclass(frozen=True)
 class CompletionChoice:
     index: int
     text: str
     finish_reason: str | None  # "stop" | "length"
     logprobs: CompletionLogprobs | None = None
+    readings: Readings | None = None
 
     @classmethod
     def from_json(cls, data: Json) -> CompletionChoice:
         return cls(int(data["index"]), data["text"], data.get("finish_reason"),
-                   CompletionLogprobs.from_json(data.get("logprobs")))
+                   CompletionLogprobs.from_json(data.get("logprobs")), Readings.from_json(data))
 
 
 @dataclass(frozen=True)
@@ -114,12 +158,14 @@ class CompletionChunk:
     text: str
     finish_reason: str | None  # set on the choice's last chunk only
     logprobs: CompletionLogprobs | None = None
+    readings: Readings | None = None  # of the tokens this chunk carries
 
     @classmethod
     def from_json(cls, data: Json, choice: Json) -> CompletionChunk:
         return cls(data.get("id", ""), data.get("model", ""), int(choice["index"]),
                    choice.get("text") or "", choice.get("finish_reason"),
-                   CompletionLogprobs.from_json(choice.get("logprobs")))
+                   CompletionLogprobs.from_json(choice.get("logprobs")),
+                   Readings.from_json(choice))
 
 
 # chat -----------------------------------------------------------------------------------------
@@ -164,13 +210,15 @@ class ChatChoice:
     message: ChatMessage
     finish_reason: str | None  # "stop" | "length"
     logprobs: list[TokenLogprob] | None = None
+    readings: Readings | None = None
 
     @classmethod
     def from_json(cls, data: Json) -> ChatChoice:
         m = data["message"]
         return cls(int(data["index"]), ChatMessage(m.get("role", "assistant"),
                                                    m.get("content") or ""),
-                   data.get("finish_reason"), _chat_logprobs(data.get("logprobs")))
+                   data.get("finish_reason"), _chat_logprobs(data.get("logprobs")),
+                   Readings.from_json(data))
 
 
 @dataclass(frozen=True)
@@ -215,13 +263,14 @@ class ChatChunk:
     finish_reason: str | None
     role: str | None = None
     logprobs: list[TokenLogprob] | None = None
+    readings: Readings | None = None
 
     @classmethod
     def from_json(cls, data: Json, choice: Json) -> ChatChunk:
         delta = choice.get("delta") or {}
         return cls(data.get("id", ""), data.get("model", ""), int(choice["index"]),
                    delta.get("content") or "", choice.get("finish_reason"), delta.get("role"),
-                   _chat_logprobs(choice.get("logprobs")))
+                   _chat_logprobs(choice.get("logprobs")), Readings.from_json(choice))
 
 
 # other endpoints ------------------------------------------------------------------------------
