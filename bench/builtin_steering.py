@@ -68,8 +68,10 @@ DEFAULT_LAYERS = (3,)
 # with the NLL still close to the unsteered one; beyond that the stories collapse into the
 # attribute's words. Steps of s are well above the noise of the shares at this many seeds
 # (about +-0.05 at 64); finer steps are not (a grid of 0.1 went up and down).
-DEFAULT_SCALES = (-2.0, -1.0, 0.0, 1.0, 2.0)
-DEFAULT_UNITS = {"mood": 0.5, "animal": 0.3}  # a sweep on the shipped model: 2s keeps NLL < 1
+# NOTE: +-1.5s, not +-1s: on the shipped model the animal vector acts past a threshold (at
+# +-0.8 the dog share is within noise of the unsteered 0.55), the mood vector all the way
+DEFAULT_SCALES = (-2.0, -1.5, 0.0, 1.5, 2.0)
+DEFAULT_UNITS = {"mood": 0.5, "animal": 0.8}  # a sweep on the shipped model: 2s keeps NLL < 0.6
 START_TIMEOUT = 180.0  # the first start of a checkout compiles the kernels (numba)
 
 # NOTE: every prompt ends on the word that differs: the "mean" method reads the last token's
