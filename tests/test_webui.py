@@ -378,17 +378,23 @@ def test_hover_a_token_for_its_readout(page, server: ServerProcess, shots: Path)
 
 
 def test_sweep_runs_every_scale_at_once(page, server: ServerProcess, shots: Path):
-    vid = api_json(server, "/v1/steering",
-                   {"method": "actadd", "add": "happy", "sub": "sad", "layer": 2})["id"]
+    # NOTE: a mean vector at layer 3: an ActAdd pair moves the built-in model's chat replies
+    # too little for three scales to give three texts in 30 tokens
+    vid = api_json(server, "/v1/steering", {
+        "method": "mean", "layers": [3],
+        "positive": ["Tom was very happy", "Sue was very happy", "The dog was happy"],
+        "negative": ["Tom was very sad", "Sue was very sad", "The dog was sad"]})["id"]
+    page.reload()  # the page lists the store's vectors when it loads
+    page.wait_for_selector("body[data-ready=true]")
     page.wait_for_selector(f"#vectors li[data-id='{vid}']")
     set_seed(page)
     page.fill("#max-tokens", "30")
     page.click("#tab-sweep")
     page.select_option("#sweep-vector", vid)
     page.fill("#sweep-prompt", PROMPT)
-    page.fill("#sweep-scales", "-6, 0, 6")
+    page.fill("#sweep-scales", "-3, 0, 3")
     page.click("#sweep-run")
-    for scale in ("-6", "0", "6"):
+    for scale in ("-3", "0", "3"):
         page.wait_for_selector(f"#sweep-grid .cell[data-scale='{scale}'][data-done=true]",
                                timeout=60000)
     page.screenshot(path=str(shots / "sweep.png"))
@@ -396,8 +402,8 @@ def test_sweep_runs_every_scale_at_once(page, server: ServerProcess, shots: Path
                                                                "content": PROMPT}]})["prompt"]
     ids = api_json(server, "/tokenize", {"content": chat, "add_special": True})["tokens"]
     texts = {}
-    for scale in (-6, 0, 6):
-        steering = [] if scale == 0 else [{"vector": vid, "layer": 2, "scale": scale}]
+    for scale in (-3, 0, 3):
+        steering = [] if scale == 0 else [{"vector": vid, "layer": 3, "scale": scale}]
         text, _ = completion_reference(server, ids, steering, SEED, 30)
         cell = page.locator(f"#sweep-grid .cell[data-scale='{scale}'] .output")
         assert cell.inner_text() == text
@@ -485,79 +491,32 @@ def test_heatmap_of_norms_and_the_logit_lens_note(page, server: ServerProcess, s
         cell = page.locator(f"table.heat td[data-block='{block}'][data-pos='{pos}']")
         assert float(cell.get_attribute("data-value")) == pytest.approx(norms[block, pos],
                                                                         rel=1e-4)
-    # no logit_lens point in this server's /openapi.json: the page says so instead of a table
-    assert "offers no logit_lens point" in page.inner_text("#lens")
-
-
-def test_the_logit_lens_table_appears_when_advertised(page, server: ServerProcess,
-                                                      shots: Path):
-    """A server that lists a `logit_lens` point (branch interventions): the page asks for it and
-    shows each block's top token per position, the top-k on hover. The answer is made up here
-    in the shape that branch describes (top-k tokens and logprobs per layer and position)."""
-    def advertise(route):
-        spec = json.loads(route.fetch().body())
-        points = spec["components"]["schemas"]["FeaturesRequest"]["properties"]["points"]
-        points["items"]["enum"].append("logit_lens")
-        route.fulfill(status=200, content_type="application/json", body=json.dumps(spec))
-
-    asked: list[dict] = []
-
-    def lens(route):
-        body = route.request.post_data_json
-        if body.get("points") != ["logit_lens"]:
-            return route.continue_()
-        asked.append(body)
-        n = len(body["input"])
-        data = [[[{"token": f"<b{b}p{p}>", "logprob": -0.5}, {"token": "x", "logprob": -2.0}]
-                 for p in range(n)] for b in range(2)]
-        route.fulfill(status=200, content_type="application/json", body=json.dumps({
-            "model": "m", "tokens": body["input"], "pieces": ["?"] * n, "layers": [0, 1],
-            "points": ["logit_lens"], "positions": list(range(n)), "data": {"logit_lens": data}}))
-
-    page.route("**/openapi.json", advertise)
-    page.route("**/v1/features", lens)
-    page.reload()
-    page.wait_for_selector("body[data-ready=true]")
-    page.click("#tab-inside")
-    assert "logit_lens" not in page.inner_text("#heat-point")  # a table, not a heatmap point
-    page.fill("#heat-prompt", "Once upon a time")
-    page.click("#heat-run")
+    # the logit lens as a table (not a heatmap point): each block's top token per position,
+    # the top-k with logprobs on hover, as /v1/features answers them
+    assert "logit_lens" not in page.inner_text("#heat-point")
     page.wait_for_selector("table.lens-table td")
     page.screenshot(path=str(shots / "logit-lens.png"))
-    ids = api_json(server, "/tokenize", {"content": "Once upon a time",
-                                         "add_special": True})["tokens"]
-    assert asked and asked[0]["input"] == ids
+    lens = api_json(server, "/v1/features", {"input": ids, "points": ["logit_lens"],
+                                             "positions": "all", "steering": []})["logit_lens"]
     cells = page.locator("table.lens-table td")
-    assert cells.count() == 2 * len(ids)
-    assert cells.nth(len(ids) + 1).inner_text() == "<b1p1>"  # text, never markup
+    assert cells.count() == n_layers * n_tokens
+    for block, pos in ((0, 0), (n_layers - 1, n_tokens - 1)):
+        assert cells.nth(block * n_tokens + pos).inner_text() == lens["tokens"][block][pos][0]
     cells.nth(0).hover()
-    assert '"x" -2.000' in page.inner_text("#tooltip")
+    top = lens["tokens"][0][0]
+    assert f'{json.dumps(top[1])} {lens["logprobs"][0][0][1]:.3f}' in page.inner_text("#tooltip")
 
 
 def test_advertised_entry_fields_are_offered_and_sent(page, server: ServerProcess,
                                                       shots: Path):
-    """A server whose /openapi.json lists `op` and `positions` on steering entries (branch
-    interventions): the page offers them per attachment and sends what is chosen; without them
-    (this server) nothing is shown."""
-    assert page.get_attribute("body", "data-entry-fields") == ""
+    """The steering entry's fields beyond a vector, layers and scale, as this server's
+    /openapi.json lists them (scope, operator, value, norm matching, condition): the page offers
+    them per attachment and sends what is chosen."""
+    fields = page.get_attribute("body", "data-entry-fields").split(",")
+    assert {"op", "positions", "value", "norm_match", "when"} <= set(fields)
+    assert "direction" not in fields  # an attachment's direction is its vector
     vid = api_json(server, "/v1/steering",
                    {"method": "actadd", "add": "happy", "sub": "sad", "layer": 2})["id"]
-
-    def advertise(route):
-        spec = json.loads(route.fetch().body())
-        entry = spec["components"]["schemas"]["SteeringEntry"]["properties"]
-        entry["op"] = {"enum": ["add", "ablate", "clamp", "cap"], "type": "string",
-                       "default": "add"}
-        entry["positions"] = {"anyOf": [{"enum": ["all", "prompt", "generated"],
-                                         "type": "string"},
-                                        {"type": "array", "items": {"type": "integer"},
-                                         "minItems": 2, "maxItems": 2}]}
-        route.fulfill(status=200, content_type="application/json", body=json.dumps(spec))
-
-    page.route("**/openapi.json", advertise)
-    page.reload()
-    page.wait_for_selector("body[data-ready=true]")
-    assert page.get_attribute("body", "data-entry-fields") == "op,positions"
     page.click(f"#vectors li[data-id='{vid}'] button.attach")
     page.select_option("li.attachment select[aria-label=op]", label="ablate")
     page.select_option("li.attachment select[aria-label=positions]", label="range [start, end)")

@@ -65,16 +65,11 @@ function heatmap(out, values, point, signed, vectorLabel) {
   map.append(table);
 }
 
-/** One logit-lens cell, whatever the server's entry looks like: [{token, logprob}, ...]. */
-function lensCell(entry) {
-  const list = Array.isArray(entry) ? entry : entry?.top ?? entry?.tokens ?? [entry];
-  const first = list[0] ?? {};
-  const text = typeof first === "object" ? first.token ?? first.piece ?? first.text ?? "" : first;
-  const rest = list.map((e) => (typeof e === "object"
-    ? `${JSON.stringify(e.token ?? e.piece ?? e.text)} ${Number(e.logprob ?? e.prob).toFixed(3)}`
-    : String(e))).join("\n");
-  const cell = h("td", {tabindex: "0"}, String(text));
-  tooltipFor(cell, rest);
+/** One logit-lens cell: the top token, the top-k with their logprobs on hover. */
+function lensCell(tokens, logprobs) {
+  const cell = h("td", {tabindex: "0"}, String(tokens[0] ?? ""));
+  tooltipFor(cell, tokens.map((t, k) => `${JSON.stringify(t)} ${logprobs[k].toFixed(3)}`)
+    .join("\n"));
   return cell;
 }
 
@@ -91,8 +86,11 @@ async function lens(ids, steering) {
   const out = await post("v1/features", body);
   const table = h("table", {class: "lens-table"});
   table.append(h("tr", {}, h("th", {}, "block"), ...out.pieces.map((p) => h("th", {}, p))));
-  out.data.logit_lens.forEach((row, i) => {
-    table.append(h("tr", {}, h("th", {}, String(out.layers[i])), ...row.map(lensCell)));
+  // out.logit_lens: tokens and logprobs, each (layers, positions, top_k)
+  const {tokens, logprobs} = out.logit_lens;
+  tokens.forEach((row, i) => {
+    table.append(h("tr", {}, h("th", {}, String(out.layers[i])),
+      ...row.map((top, pos) => lensCell(top, logprobs[i][pos]))));
   });
   el.append(table);
 }

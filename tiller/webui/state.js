@@ -24,8 +24,9 @@ export function emit(topic, ...args) {
 }
 
 // The entry fields every tiller takes; others in the schema are offered when advertised.
+// NOTE: `direction` is left out too: an attachment's direction is its stored vector
 export const BASE_ENTRY_FIELDS = new Set(
-  ["vector", "layers", "layer", "scale", "add", "sub", "source_layer", "mul"]);
+  ["vector", "layers", "layer", "scale", "add", "sub", "source_layer", "mul", "direction"]);
 
 function resolve(spec, schema) {
   let s = schema;
