@@ -12,6 +12,7 @@ numpy versions), stored as the file holds them: llama q/k rows in the pairwise R
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -133,13 +134,17 @@ def _spm_vocab(w: gguf.GGUFWriter) -> None:
     w.add_add_bos_token(True)
 
 
-def _bpe_vocab(w: gguf.GGUFWriter) -> None:
+def bpe_vocabulary(specials: list[str]) -> tuple[list[str], list[str]]:
+    """A VOCAB_SIZE byte-level BPE vocabulary: the 256 byte tokens, then the results of its
+    merges (pairs of letters) in merge order, then `specials`; and the merges."""
     chars = _byte_chars()
     letters = "etaoinshrdlucmfwypvbgk"
-    merges = [f"{a} {b}" for a in letters for b in letters][:VOCAB_SIZE - 256 - 3]
-    tokens = chars + [m.replace(" ", "") for m in merges]
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tokens += specials
+    merges = [f"{a} {b}" for a in letters for b in letters][:VOCAB_SIZE - 256 - len(specials)]
+    return chars + [m.replace(" ", "") for m in merges] + specials, merges
+
+
+def _bpe_vocab(w: gguf.GGUFWriter) -> None:
+    tokens, merges = bpe_vocabulary(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
     w.add_token_list(tokens)
@@ -171,9 +176,11 @@ def gguf_tensors(spec: Spec, ws: dict[str, np.ndarray]) -> dict[str, np.ndarray]
     return out
 
 
-def write(path: Path, spec: Spec, types: dict[str, T] | None = None) -> Path:
+def write(path: Path, spec: Spec, types: dict[str, T] | None = None,
+          vocab: Callable[[gguf.GGUFWriter], None] | None = None) -> Path:
     """The model as a GGUF file: F32, or each 2-D tensor in `types[name]` (quantized with
-    gguf.quants, llama.cpp's reference quantizers for the types it implements)."""
+    gguf.quants, llama.cpp's reference quantizers for the types it implements); `vocab`
+    writes the tokenizer keys instead of the spec's vocabulary."""
     w = gguf.GGUFWriter(path, spec.arch)
     w.add_name(f"tiller test {spec.name}")
     w.add_context_length(spec.context)
@@ -189,7 +196,7 @@ def write(path: Path, spec: Spec, types: dict[str, T] | None = None) -> Path:
     w.add_rope_dimension_count(spec.head_dim)
     w.add_vocab_size(VOCAB_SIZE)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    (_spm_vocab if spec.vocab == "spm" else _bpe_vocab)(w)
+    (vocab or (_spm_vocab if spec.vocab == "spm" else _bpe_vocab))(w)
     for name, a in gguf_tensors(spec, weights(spec)).items():
         a = np.ascontiguousarray(a, dtype=np.float32)
         ttype = (types or {}).get(name, T.F32)
