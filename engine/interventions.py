@@ -180,6 +180,7 @@ def step_arrays(seqs: list[SeqInterventions | None], positions: np.ndarray, star
                     sums.append((condition.layer, t0 + j, len(sums)))
         for k, op in enumerate(si.ops):
             cond = si.conditions[op.cond] if op.cond >= 0 else None
+            whole = -1  # a direction's one table row, shared by every token it applies to
             for i, p in enumerate(pos.tolist()):
                 if not op.start <= p < op.end or (op.rows and p >= len(op.vector)):
                     continue
@@ -196,7 +197,12 @@ def step_arrays(seqs: list[SeqInterventions | None], positions: np.ndarray, star
                         gates.append((cond.layer, t0 + i, cvecs[op.cond],
                                       cond.comparison == "less", cond.threshold))
                     gate = gate_of[key]
-                v = vec(op.vector[p] if op.rows else op.vector)
+                if op.rows:
+                    v = vec(op.vector[p])
+                else:
+                    if whole < 0:
+                        whole = vec(op.vector)
+                    v = whole
                 # sorted by layer, then additions before the others, then entry order
                 ops.append((op.layer, op.kind != 0, k, t0 + i, op.kind, v, op.value,
                             op.norm_match, gate))
