@@ -1,20 +1,31 @@
 """`tiller convert`: any model tiller reads (llama2.c, GGUF) -> a GGUF file as llama.cpp writes it.
 
-Output, for the `llama` architecture (llama.cpp's convert_hf_to_gguf.py and llama-quantize):
+Every architecture the engine loads (`llama`, `qwen2`, `qwen3`) is written as itself: a GGUF
+source's `{arch}.*` keys (rope scaling, key/value lengths, ...) are copied with their types,
+its tensors are written in its own order, the matrices in the requested type and the vectors
+(norms, Qwen 2's q/k/v biases, Qwen 3's q/k norms, `rope_freqs.weight`) as F32, as llama.cpp's
+converters write them. q/k rows are written as the file had them (engine/weights.py reorders
+NEOX rows only in the engine's copy). A source the engine cannot load is refused by the loader's
+CheckpointError, which names the file and the key.
+
+Output, shown for the `llama` architecture (llama.cpp's convert_hf_to_gguf.py and llama-quantize):
 
     general.*    architecture, name, uuid, file_type (LlamaFileType), quantization_version, and
                  the source: general.source.uuid (gguf's Keys.General.SOURCE_UUID), plus three
                  keys of ours beside it: general.source.name, general.source.blake3 (the source
                  file's key, engine/identity.py) and general.source.format ("llama2c-v0", "gguf")
-    llama.*      context_length, embedding_length, feed_forward_length, block_count,
+    {arch}.*     context_length, embedding_length, feed_forward_length, block_count,
                  attention.head_count(_kv), attention.layer_norm_rms_epsilon, rope.freq_base,
-                 rope.dimension_count, vocab_size
+                 rope.dimension_count, vocab_size (the validated values); a GGUF source's
+                 other {arch}.* keys as they are
     tokenizer.*  from a GGUF source (or a GGUF --tokenizer) as they are; from llama2.c's
                  tokenizer.bin: model "llama", tokens (spaces written as "▁", as sentencepiece
                  and llama.cpp's converters do), scores, token_type, bos/eos/unk ids,
                  add_bos_token true, add_eos_token false
-    tensors      token_embd, output_norm, [output], blk.N.{attn_norm, attn_q, attn_k, attn_v,
-                 attn_output, ffn_norm, ffn_gate, ffn_up, ffn_down}.weight; norms always F32
+    tensors      token_embd, [rope_freqs], output_norm, [output], blk.N.{attn_norm, attn_q,
+                 attn_k, attn_v, attn_output, ffn_norm, ffn_gate, ffn_up, ffn_down}.weight
+                 (qwen2: blk.N.attn_{q,k,v}.bias; qwen3: blk.N.attn_{q,k}_norm.weight);
+                 vectors always F32
 
 The output keeps the source's uuid (declared, or derived from its tensors): quantizing or
 converting does not make another model, as the GGUF authorship-metadata discussion settled
@@ -48,9 +59,9 @@ from gguf import LlamaFileType
 
 from .config import GROUP_SIZE, ModelConfig
 from .dequant import Packed
-from .gguf import GLOBAL_TENSORS, LAYER_TENSORS, Q8_0_BLOCK, read_gguf
+from .gguf import ARCH_VECTORS, GLOBAL_TENSORS, LAYER_TENSORS, Q8_0_BLOCK, read_gguf
 from .identity import model_key, model_uuid
-from .llama2c import NORMS, Checkpoint, is_llama2c_shaped
+from .llama2c import HEAD_VECTORS, NORMS, Checkpoint, is_llama2c_shaped
 from .loader import is_gguf, load_checkpoint
 from .quant import QTensor
 from .tokenizer import SpmTokenizer, TokenizerError
@@ -63,15 +74,12 @@ OUT_TYPES = {"f32": (LlamaFileType.ALL_F32, T.F32), "f16": (LlamaFileType.MOSTLY
 SOURCE_NAME = "general.source.name"
 SOURCE_BLAKE3 = "general.source.blake3"
 SOURCE_FORMAT = "general.source.format"
-# keys the converter writes itself: a GGUF source's values of these are replaced
+# keys the converter writes itself: a GGUF source's values of these are replaced (and the
+# hyperparameters of _hyperparameters, under the architecture's prefix)
 OWNED = frozenset({
     "general.architecture", "general.alignment", "general.file_type",
     "general.quantization_version", "general.uuid", "general.source.uuid", SOURCE_NAME,
-    SOURCE_BLAKE3, SOURCE_FORMAT,
-    *(f"llama.{k}" for k in ("context_length", "embedding_length", "feed_forward_length",
-                             "block_count", "attention.head_count", "attention.head_count_kv",
-                             "attention.layer_norm_rms_epsilon", "rope.freq_base",
-                             "rope.dimension_count", "vocab_size"))})
+    SOURCE_BLAKE3, SOURCE_FORMAT})
 _SLICE_BYTES = 64 << 20  # fp32 bytes converted at once
 KV = dict[str, tuple[Any, V, V | None]]  # key -> (value, type, element type of an array)
 
@@ -102,17 +110,17 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], out_type: 
     if not dst.parent.is_dir():
         raise FileNotFoundError(f"{dst.parent}: no such directory for the output")
     file_type, ggml_type = OUT_TYPES[out_type]
-    checkpoint = load_checkpoint(src)
+    checkpoint = load_checkpoint(src)  # refuses what the engine cannot run, naming the key
     config = checkpoint.config
-    if not is_llama2c_shaped(config):
-        raise ValueError(f"{src}: tiller convert writes the plain llama architecture; this "
-                         f"model is {config.arch} (head_dim {config.head_dim}, RoPE scaling or "
-                         "NEOX rotation), which it would lose")
+    hyper = _hyperparameters(config)
     if checkpoint.format == "gguf":
         if tokenizer is not None:
             raise ValueError(f"{src}: a GGUF model brings its own vocabulary (no --tokenizer)")
-        copied = _gguf_kv(src, lambda key: key not in OWNED)
+        copied = _gguf_kv(src, lambda key: key not in OWNED and key not in hyper)
+        order = list(read_gguf(src).tensors)
     else:
+        assert is_llama2c_shaped(config)  # what a llama2.c file can hold
+        order = None
         copied = _vocab_kv(src, Path(tokenizer) if tokenizer else None, config.vocab_size)
     name = checkpoint.metadata.get("general.name") or src.stem
     uuid = model_uuid(checkpoint, cache)
@@ -124,13 +132,13 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], out_type: 
               SOURCE_FORMAT: (fmt, V.STRING, None),
               "general.file_type": (int(file_type), V.UINT32, None),
               "general.quantization_version": (gguf.GGML_QUANT_VERSION, V.UINT32, None)}
-    kv |= _hyperparameters(config) | {k: v for k, v in copied.items() if k not in kv}
-    plan = list(_plan(checkpoint, ggml_type))
+    kv |= hyper | {k: v for k, v in copied.items() if k not in kv}
+    plan = list(_plan(checkpoint, ggml_type, order))
     fallbacks = tuple(n for n, t, _ in plan if ggml_type == T.Q8_0 and t == T.F16)
     if fallbacks:
         logger.warning("%s: rows of %s are not a multiple of %d, so they cannot be Q8_0: "
                        "written as F16", src, ", ".join(fallbacks), Q8_0_BLOCK[0])
-    _write(dst, kv, plan, progress)
+    _write(dst, config.arch, kv, plan, progress)
     return Converted(dst, uuid, source_key, file_type, {n: t for n, t, _ in plan}, fallbacks)
 
 
@@ -143,9 +151,9 @@ def _hyperparameters(c: ModelConfig) -> KV:
            "feed_forward_length": c.hidden_dim, "block_count": c.n_layers,
            "attention.head_count": c.n_heads, "attention.head_count_kv": c.n_kv_heads,
            "rope.dimension_count": c.head_dim, "vocab_size": c.vocab_size}
-    kv: KV = {f"llama.{k}": (v, V.UINT32, None) for k, v in u32.items()}
-    kv["llama.attention.layer_norm_rms_epsilon"] = (c.norm_eps, V.FLOAT32, None)
-    kv["llama.rope.freq_base"] = (c.rope_theta, V.FLOAT32, None)
+    kv: KV = {f"{c.arch}.{k}": (v, V.UINT32, None) for k, v in u32.items()}
+    kv[f"{c.arch}.attention.layer_norm_rms_epsilon"] = (c.norm_eps, V.FLOAT32, None)
+    kv[f"{c.arch}.rope.freq_base"] = (c.rope_theta, V.FLOAT32, None)
     return kv
 
 
@@ -213,23 +221,36 @@ def _llama2c_scores(path: Path, n: int) -> list[float]:
 Source = np.ndarray | QTensor | Packed
 
 
-def _plan(ckpt: Checkpoint, ggml_type: T) -> Iterator[tuple[str, T, Source]]:
-    """(GGUF name, type to write, source tensor) in llama.cpp's order: globals, then blocks.
-    A GGUF source's matrices stay Packed (decoded when written, one at a time)."""
+def _plan(ckpt: Checkpoint, ggml_type: T, order: list[str] | None
+          ) -> Iterator[tuple[str, T, Source]]:
+    """(GGUF name, type to write, source tensor) in `order` (a GGUF source's own), else in
+    llama.cpp's: globals, then blocks. A GGUF source's matrices stay Packed (decoded when
+    written, one at a time); vectors are float32 arrays and are written as F32."""
+    c = ckpt.config
     ours_to_gguf = {ours: name for name, ours in GLOBAL_TENSORS.items()}
-    tensors: list[tuple[str, str, Source]] = [
-        (ours_to_gguf[ours], ours, ckpt.tensors[ours])
-        for ours in ("token_embedding", "final_norm", "classifier") if ours in ckpt.tensors]
-    for layer in range(ckpt.config.n_layers):
-        for part, ours in LAYER_TENSORS.items():
+    tensors: dict[str, tuple[bool, Source]] = {}  # GGUF name -> (a vector?, tensor)
+    for ours in ("token_embedding", "final_norm", "classifier"):
+        if ours in ckpt.tensors:
+            tensors[ours_to_gguf[ours]] = (ours in NORMS, ckpt.tensors[ours])
+    if c.rope_factors:  # NOTE: only written where the source had the tensor (order says)
+        tensors["rope_freqs.weight"] = (True, np.array(c.rope_factors, np.float32))
+    parts = [(f"{part}.weight", ours) for part, ours in LAYER_TENSORS.items()]
+    parts += list(ARCH_VECTORS.get(c.arch, {}).items())
+    for layer in range(c.n_layers):
+        for part, ours in parts:
             t = ckpt.tensors[ours]
             if isinstance(t, QTensor):
                 t = QTensor(t.values[layer], t.scales[layer])
             else:
                 t = t.layer(layer) if isinstance(t, Packed) else t[layer]
-            tensors.append((f"blk.{layer}.{part}.weight", ours, t))
-    for name, ours, t in tensors:
-        if ours in NORMS:
+            tensors[f"blk.{layer}.{part}"] = (ours in NORMS or ours in HEAD_VECTORS, t)
+    if order is None:
+        order = [n for n in tensors if n != "rope_freqs.weight"]
+    missing = set(order) ^ set(tensors)
+    assert not missing - {"rope_freqs.weight"}, missing  # load_gguf checked the tensor names
+    for name in order:
+        vector, t = tensors[name]
+        if vector:
             yield name, T.F32, t
         elif ggml_type == T.Q8_0 and t.shape[-1] % Q8_0_BLOCK[0]:
             yield name, T.F16, t
@@ -291,17 +312,15 @@ def _as_fp32(t: np.ndarray | QTensor) -> np.ndarray:
 # the file
 
 
-_GROUPS = ("general.", "llama.", "tokenizer.")
-
-
-def _write(dst: Path, kv: KV, plan: list[tuple[str, T, Source]],
+def _write(dst: Path, arch: str, kv: KV, plan: list[tuple[str, T, Source]],
            progress: Progress | None) -> None:
     """Header, then each tensor encoded as it is written (GGUFWriter's streaming API)."""
     tmp = dst.with_name(dst.name + ".tmp")
-    w = gguf.GGUFWriter(tmp, "llama")
+    w = gguf.GGUFWriter(tmp, arch)
+    groups = ("general.", f"{arch}.", "tokenizer.")
     try:
-        order = sorted(kv, key=lambda k: next((i for i, g in enumerate(_GROUPS)
-                                               if k.startswith(g)), len(_GROUPS)))
+        order = sorted(kv, key=lambda k: next((i for i, g in enumerate(groups)
+                                               if k.startswith(g)), len(groups)))
         for key in order:
             w.add_key_value(key, *kv[key])
         for name, ggml_type, t in plan:
