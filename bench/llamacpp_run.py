@@ -3,12 +3,19 @@
 
     python llamacpp_run.py quantize SRC DST FTYPE      # llama.cpp's own quantizer
     python llamacpp_run.py run MODEL REQUEST_JSON      # greedy tokens and logits, JSON on stdout
+    python llamacpp_run.py bench MODEL BENCH_JSON      # decode tok/s as llama-bench's tg test
 
 REQUEST_JSON: {"prompt": [ids], "steps": 64, "record": [decode steps whose logits to keep],
 "top": 32, "threads": 2}. The prompt goes in as one batch, then one token per decode, each the
 argmax of the last logits (ties: lowest id, as numpy's argmax) -- no sampler involved. The KV
 cache is F32 and flash attention off, so the only rounding besides the weights' is llama.cpp's
 own (its quantized matmuls quantize activations to Q8_0/Q8_K, as it always does).
+
+BENCH_JSON: {"n_gen": 64, "repetitions": 10, "threads": 2}. What llama-bench's `tg` test does
+(tools/llama-bench: test_gen), for the architectures the pinned llama-bench build does not know
+(qwen3): one warm-up run, then per repetition an empty KV cache and n_gen single-token
+llama_decode calls, each followed by llama_synchronize; only those calls are timed. Prints the
+tok/s of every repetition.
 
 NOTE: llama.cpp 0.3.36 crashes in its AMX matmul when weights are repacked into extra buffer
 types, so the model is loaded with use_extra_bufts = false (llama-cli's --repack 0).
@@ -88,10 +95,49 @@ def run(model_path: str, request: dict) -> dict:
             "llama_cpp_python": L.__version__}
 
 
+def bench(model_path: str, request: dict) -> dict:
+    L.llama_backend_init()
+    mparams = L.llama_model_default_params()
+    mparams.use_extra_bufts = False  # see the module docstring
+    model = L.llama_model_load_from_file(model_path.encode(), mparams)
+    if not model:
+        raise SystemExit(f"llama.cpp could not load {model_path}")
+    n_gen, threads = request.get("n_gen", 64), request.get("threads", 2)
+    cparams = L.llama_context_default_params()
+    cparams.n_ctx = n_gen + 8
+    cparams.n_threads = cparams.n_threads_batch = threads
+    ctx = L.llama_init_from_model(model, cparams)
+    vocab = L.llama_model_get_vocab(model)
+    n_vocab = L.llama_vocab_n_tokens(vocab)
+    token = ctypes.c_int32(L.llama_vocab_bos(vocab) % n_vocab)  # llama-bench's first token
+
+    def run() -> float:
+        L.llama_memory_clear(L.llama_get_memory(ctx), False)
+        seconds = 0.0
+        rng = np.random.default_rng(0)
+        for _ in range(n_gen):
+            batch = L.llama_batch_get_one(ctypes.pointer(token), 1)
+            t0 = time.perf_counter()
+            if L.llama_decode(ctx, batch) != 0:
+                raise SystemExit("llama_decode failed")
+            L.llama_synchronize(ctx)
+            seconds += time.perf_counter() - t0
+            token.value = int(rng.integers(n_vocab))  # llama-bench feeds random tokens
+        return n_gen / seconds
+
+    run()  # warm-up, as llama-bench's
+    samples = [run() for _ in range(request.get("repetitions", 10))]
+    L.llama_free(ctx)
+    L.llama_model_free(model)
+    return {"samples_ts": samples, "llama_cpp_python": L.__version__}
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "quantize":
         quantize(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     elif sys.argv[1] == "run":
         print(json.dumps(run(sys.argv[2], json.loads(sys.argv[3]))))
+    elif sys.argv[1] == "bench":
+        print(json.dumps(bench(sys.argv[2], json.loads(sys.argv[3]))))
     else:
         raise SystemExit(__doc__)
