@@ -5,6 +5,7 @@ whole models in every type against tests/reference.py's forward on the gguf-deco
 from __future__ import annotations
 
 import dataclasses
+import re
 import struct
 import tracemalloc
 from pathlib import Path
@@ -310,6 +311,51 @@ def test_loading_reports_progress_per_tensor(tmp_path):
     n = 2 + 7 * CONFIG.n_layers  # output, token_embd, seven matrices a layer
     assert [c[:2] for c in calls] == [(i, n) for i in range(1, n + 1)]
     assert calls[0][2] == "output.weight" and calls[-1][2] == "blk.1.ffn_down.weight"
+
+
+def _generate_with_stderr(args: list[str], stderr: int) -> None:
+    """`tiller generate ARGS` in a fresh process whose fd 2 is `stderr`, with the delay that
+    hides quick loads' bars set to 0."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from tiller import cli; cli.LOAD_BAR_DELAY = 0.0; "
+            "sys.exit(cli.main(sys.argv[1:]))")
+    subprocess.run([sys.executable, "-c", code, "generate", *args], stderr=stderr,
+                   stdout=subprocess.DEVNULL, check=True, timeout=300)
+
+
+def test_the_load_bar_shows_on_a_terminal_only(tmp_path):
+    """`tiller generate` with stderr on a pseudo-terminal draws tqdm's bar over the tensors it
+    decodes, also when nobody set the terminal's size (0 columns, where tqdm's dynamic width
+    draws nothing); with stderr a file, no bar."""
+    import os
+    import pty
+    import select
+
+    path, _, _ = quantized_model(tmp_path / "m.gguf", CONFIG, T.Q4_K)
+    args = ["-m", str(path), "--max-tokens", "1", "--no-weight-cache"]
+    master, slave = pty.openpty()
+    assert os.get_terminal_size(slave).columns == 0
+    drawn = b""
+    try:
+        _generate_with_stderr(args, slave)
+        while select.select([master], [], [], 0.5)[0]:  # the pty holds all of it by now
+            drawn += os.read(master, 1 << 16)
+    finally:
+        os.close(slave)
+        os.close(master)
+    n = 2 + 7 * CONFIG.n_layers
+    text = drawn.decode(errors="replace")
+    # tqdm redraws at most every 0.1 s, so which counts show depends on the load's speed
+    assert re.search(rf"\| *\d+/{n} \[[^]]*tensor/s, (output|token_embd|blk\.\d\.\w+)\.weight\]",
+                     text), text[-500:]
+    assert "load " in text
+    with open(tmp_path / "stderr.txt", "w+b") as f:
+        _generate_with_stderr(args, f.fileno())
+        f.seek(0)
+        text = f.read().decode()
+    assert "load " in text and f"/{n}" not in text and "tensor/s" not in text
 
 
 @pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_0], ids=lambda t: t.name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -160,8 +161,15 @@ def progress_bar(force: bool = False, delay: float = 0.0, leave: bool = True) ->
     so that quick loads print nothing."""
     from tqdm import tqdm
 
+    try:
+        sized = os.get_terminal_size(sys.stderr.fileno()).columns > 0
+    except (OSError, ValueError, AttributeError):
+        sized = False
+    # NOTE: tqdm draws nothing at all on a terminal that reports a 0 x 0 size (a pty nobody
+    # sized: `docker run -t`, some CI runners): it takes -1 rows from it. 80 x 20 there.
     bar = tqdm(unit="tensor", file=sys.stderr, disable=not (force or sys.stderr.isatty()),
-               dynamic_ncols=True, leave=leave, delay=delay)
+               dynamic_ncols=sized, ncols=None if sized else 80, nrows=None if sized else 20,
+               leave=leave, delay=delay)
 
     def progress(done: int, total: int, name: str) -> None:
         bar.total = total
