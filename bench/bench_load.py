@@ -9,7 +9,13 @@ opened and the engine's weights built. Printed: the engine's steady-state weight
 peak RSS during the load above the resident set before it, their ratio (the target is
 <= 1.3), and the load's wall time. The page cache is warm (the file was just written or read).
 
-    python bench/bench_load.py [--dtype q8_0|f32|both] [--file PATH] [--threads N]
+`--cache` measures the load as `tiller generate` does it (engine/weight_cache.py's
+load_or_build, with a fresh cache root in a temporary folder): "cold" hashes the file (BLAKE3),
+builds the weights and writes the cache file; "warm", in the next process, maps that file. The
+warm row also reads every page of the weights after the load (as the first steps do) and
+reports the RSS then, the steady state: mapped weights count in RSS once their pages are read.
+
+    python bench/bench_load.py [--dtype q8_0|f32|both] [--file PATH] [--threads N] [--cache]
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +38,7 @@ from tiller.engine.config import ModelConfig
 from tiller.engine.dequant import Packed, random_blocks, row_bytes
 from tiller.engine.llama2c import CheckpointError
 from tiller.engine.loader import load_checkpoint
+from tiller.engine.weight_cache import load_or_build
 from tiller.engine.weights import build_weights
 
 TINYLLAMA = ModelConfig(2048, 5632, 22, 32, 4, 32000, 2048, shared_classifier=False)
@@ -123,7 +131,9 @@ def _warm_up() -> None:
         p.into_f32(np.empty((2, 256), np.float32))
 
 
-def measure(path: Path, dtype: str) -> dict[str, float]:
+def measure(path: Path, dtype: str, how: str = "build") -> dict[str, float]:
+    """One load: "build" (build_weights, no cache), "cold" or "warm" (load_or_build with the
+    cache root of $TILLER_CACHE_DIR: empty before cold, holding cold's file before warm)."""
     _warm_up()
     before = _rss_kib("VmRSS")
     reset = True
@@ -133,15 +143,26 @@ def measure(path: Path, dtype: str) -> dict[str, float]:
         reset = False
     start = time.perf_counter()
     checkpoint = load_checkpoint(path)
-    weights = build_weights(checkpoint.config, checkpoint.tensors, dtype)
+    if how == "build":
+        weights = build_weights(checkpoint.config, checkpoint.tensors, dtype)
+    else:
+        weights = load_or_build(checkpoint, dtype, min_bytes=0)
     seconds = time.perf_counter() - start
     peak = _rss_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    unique = {id(a): a.nbytes for a in weights}
-    weight_bytes = sum(unique.values())
-    return {"dtype": dtype, "seconds": seconds, "weight_bytes": weight_bytes,
-            "rss_before": before * 1024, "peak_rss": peak * 1024,
-            "peak_over_weights": (peak - before) * 1024 / weight_bytes,
-            "peak_reset": reset, "threads": numba.get_num_threads()}
+    unique = {id(a): a for a in weights}
+    weight_bytes = sum(a.nbytes for a in unique.values())
+    out = {"how": how, "dtype": dtype, "seconds": seconds, "weight_bytes": weight_bytes,
+           "rss_before": before * 1024, "peak_rss": peak * 1024,
+           "peak_over_weights": (peak - before) * 1024 / weight_bytes,
+           "peak_reset": reset, "threads": numba.get_num_threads()}
+    if how == "warm":
+        for a in unique.values():  # one byte of every page: the mapped weights become resident
+            if a.nbytes:
+                flat = a.reshape(-1).view(np.uint8)
+                int(flat[::4096].sum())
+        steady = _rss_kib("VmRSS")
+        out["steady_over_weights"] = (steady - before) * 1024 / weight_bytes
+    return out
 
 
 def main() -> int:
@@ -149,10 +170,13 @@ def main() -> int:
     parser.add_argument("--dtype", choices=("q8_0", "f32", "both"), default="q8_0")
     parser.add_argument("--file", type=Path, default=DEFAULT_FILE)
     parser.add_argument("--threads", type=int, help="numba threads for the measured loads")
+    parser.add_argument("--cache", action="store_true",
+                        help="cold and warm loads through the weight cache (as tiller generate)")
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # the child process: one dtype
+    parser.add_argument("--how", default="build", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.file, args.measure)))
+        print(json.dumps(measure(args.file, args.measure, args.how)))
         return 0
     if not args.file.exists():
         start = time.perf_counter()
@@ -167,17 +191,23 @@ def main() -> int:
         env["NUMBA_NUM_THREADS"] = str(args.threads)
     failed = False
     for dtype in (("q8_0", "f32") if args.dtype == "both" else (args.dtype,)):
-        out = subprocess.run([sys.executable, __file__, "--file", str(args.file), "--measure",
-                              dtype], capture_output=True, text=True, env=env, check=True)
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        ok = r["peak_over_weights"] <= TARGET
-        failed |= not ok
-        print(f"{dtype:5s} load {r['seconds']:6.2f} s ({r['threads']} threads) | weights "
-              f"{r['weight_bytes'] / 2**30:.3f} GiB | RSS before {r['rss_before'] / 2**30:.3f} "
-              f"GiB, peak {r['peak_rss'] / 2**30:.3f} GiB | peak - before = "
-              f"{r['peak_over_weights']:.3f} x weights (target <= {TARGET}: "
-              f"{'ok' if ok else 'MISSED'})" + ("" if r["peak_reset"] else
-                                                 " [peak includes the warm-up]"))
+        with tempfile.TemporaryDirectory(prefix="tiller-bench-cache-") as cache_root:
+            env["TILLER_CACHE_DIR"] = cache_root
+            for how in ("cold", "warm") if args.cache else ("build",):
+                out = subprocess.run([sys.executable, __file__, "--file", str(args.file),
+                                      "--measure", dtype, "--how", how], capture_output=True,
+                                     text=True, env=env, check=True)
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                ok = r["peak_over_weights"] <= TARGET
+                failed |= not ok
+                steady = (f" | after reading every page {r['steady_over_weights']:.3f} x "
+                          "weights" if "steady_over_weights" in r else "")
+                print(f"{dtype:5s} {how:5s} load {r['seconds']:6.2f} s ({r['threads']} threads) "
+                      f"| weights {r['weight_bytes'] / 2**30:.3f} GiB | RSS before "
+                      f"{r['rss_before'] / 2**30:.3f} GiB, peak {r['peak_rss'] / 2**30:.3f} GiB "
+                      f"| peak - before = {r['peak_over_weights']:.3f} x weights (target <= "
+                      f"{TARGET}: {'ok' if ok else 'MISSED'}){steady}"
+                      + ("" if r["peak_reset"] else " [peak includes the warm-up]"), flush=True)
     return 1 if failed else 0
 
 
