@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import gguf
@@ -36,6 +37,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from tiller.engine.config import ModelConfig
 from tiller.engine.dequant import Packed, random_blocks, row_bytes
+from tiller.engine.gguf import read_gguf
 from tiller.engine.llama2c import CheckpointError
 from tiller.engine.loader import load_checkpoint
 from tiller.engine.weight_cache import load_or_build
@@ -183,9 +185,11 @@ def main() -> int:
         write_model(args.file, TINYLLAMA)
         print(f"wrote {args.file} ({args.file.stat().st_size / 1e9:.2f} GB) in "
               f"{time.perf_counter() - start:.0f} s", file=sys.stderr)
-    params = sum(int(np.prod(s)) for _, s, _ in q4_k_m_plan(TINYLLAMA))
+    header = read_gguf(args.file)
+    params = sum(int(np.prod(t.shape)) for t in header.tensors.values())
+    types = Counter(t.type.name for t in header.tensors.values())
     print(f"{args.file}: {args.file.stat().st_size / 1e9:.3f} GB, {params / 1e9:.3f} B "
-          f"parameters, Q4_K_M types")
+          f"parameters, tensors " + ", ".join(f"{n} {t}" for t, n in types.most_common()))
     env = dict(os.environ)
     if args.threads:
         env["NUMBA_NUM_THREADS"] = str(args.threads)
