@@ -145,18 +145,23 @@ def empty_step(n_layers: int, dim: int) -> StepInterventions:
         np.zeros(n_layers * 4 + 1, np.int32), z, z, np.zeros((0, 2), np.float32))
 
 
-def _ranges(first: list[int], counts: np.ndarray, step: list[int] | None = None) -> np.ndarray:
+def _ranges(first: list[int], counts: list[int], total: int, step: list[int] | None = None
+            ) -> np.ndarray:
     """Runs first[c], first[c] + step[c], ... of counts[c] values each, concatenated: the
     tokens (or table rows) of every chunk without a Python loop over them."""
-    total = int(counts.sum())
-    within = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+    if total == len(counts):  # one token per chunk (decode): no runs to lay out
+        return np.asarray(first, np.int64)
+    n = np.asarray(counts, np.int64)
+    within = np.arange(total) - np.repeat(np.cumsum(n) - n, n)
     if step is not None:
-        within *= np.repeat(np.asarray(step, np.int64), counts)
-    return np.repeat(np.asarray(first, np.int64), counts) + within
+        within *= np.repeat(np.asarray(step, np.int64), n)
+    return np.repeat(np.asarray(first, np.int64), n) + within
 
 
-def _column(values: list, counts: np.ndarray, dtype: type) -> np.ndarray:
-    return np.repeat(np.asarray(values, dtype).reshape(-1), counts)
+def _column(values: list, counts: list[int], total: int, dtype: type) -> np.ndarray:
+    """values[c] repeated counts[c] times, concatenated."""
+    a = np.asarray(values, dtype).reshape(-1)
+    return a if total == len(counts) else np.repeat(a, counts)
 
 
 def step_arrays(seqs: list[SeqInterventions | None], positions: np.ndarray, starts: np.ndarray,
@@ -222,7 +227,9 @@ def step_arrays(seqs: list[SeqInterventions | None], positions: np.ndarray, star
             i0, m = lo - p0, hi - lo
             gate = None
             if cond is not None and cond.scope == "token":
-                g = gate_rows.setdefault(op.cond, np.full(n, -1, np.int64))
+                if op.cond not in gate_rows:
+                    gate_rows[op.cond] = np.full(n, -1, np.int64)
+                g = gate_rows[op.cond]
                 idx = np.arange(i0, i0 + m)
                 new = idx[g[idx] < 0]  # a (token, condition) is one gate row, however many ops
                 g[new] = np.arange(n_gates, n_gates + len(new))
@@ -247,32 +254,36 @@ def step_arrays(seqs: list[SeqInterventions | None], positions: np.ndarray, star
 
     # every table sorted by layer (readouts by slot), stably: rows keep their gathering order
     # within a key; ops by layer, then additions before the others, then entry order
-    oc = np.asarray([o[7] for o in ops], np.int64)
-    o_layer = _column([o[0] for o in ops], oc, np.int64)
-    o = np.lexsort((_column([o[2] for o in ops], oc, np.int64),
-                    _column([o[1] for o in ops], oc, np.int64), o_layer))
-    gc = np.asarray([len(g[4]) for g in gates], np.int64)
-    g_layer = _column([g[0] for g in gates], gc, np.int64)
+    oc = [x[7] for x in ops]
+    on = sum(oc)
+    o_layer = _column([x[0] for x in ops], oc, on, np.int64)
+    o = np.lexsort((_column([x[2] for x in ops], oc, on, np.int64),
+                    _column([x[1] for x in ops], oc, on, np.int64), o_layer))
+    gc = [len(g[4]) for g in gates]
+    gn = sum(gc)
+    g_layer = _column([g[0] for g in gates], gc, gn, np.int64)
     g_order = np.argsort(g_layer, kind="stable")
-    g_row = np.empty(len(g_order), np.int64)
-    g_row[g_order] = np.arange(len(g_order))
+    g_row = np.empty(gn, np.int64)
+    g_row[g_order] = np.arange(gn)
     if gates:
         for s in range(len(seqs)):
             layout.gates[s] = [(i, c, int(g_row[g])) for i, c, g in layout.gates[s]]
-    if any(g is not None for g in op_gates):
-        o_gate = np.concatenate([np.full(c, -1, np.int64) if g is None else g_row[g]
-                                 for g, c in zip(op_gates, oc.tolist(), strict=True)])
-    else:
-        o_gate = np.full(len(o), -1, np.int64)
-    ac = np.asarray([a[2] for a in sums], np.int64)
-    a_layer = _column([a[0] for a in sums], ac, np.int64)
+    o_gate = np.full(on, -1, np.int64)
+    at = 0
+    for g, c in zip(op_gates, oc, strict=True):
+        if g is not None:
+            o_gate[at:at + c] = g_row[g]
+        at += c
+    ac = [a[2] for a in sums]
+    a_layer = _column([a[0] for a in sums], ac, n_sums, np.int64)
     a_order = np.argsort(a_layer, kind="stable")
-    rc = np.asarray([r[2] for r in ros], np.int64)
-    r_slot = _column([r[0] for r in ros], rc, np.int64)
+    rc = [r[2] for r in ros]
+    rn = sum(rc)
+    r_slot = _column([r[0] for r in ros], rc, rn, np.int64)
     r_order = np.argsort(r_slot, kind="stable")
-    ro_row = np.empty(len(r_order), np.int64)
-    ro_row[r_order] = np.arange(len(r_order))
     if ros:
+        ro_row = np.empty(rn, np.int64)
+        ro_row[r_order] = np.arange(rn)
         rows = ro_row.tolist()
         j = 0
         for s in range(len(seqs)):
@@ -285,25 +296,25 @@ def step_arrays(seqs: list[SeqInterventions | None], positions: np.ndarray, star
     layout.iv = StepInterventions(
         V, norms,
         _starts(o_layer[o], n_layers + 1),
-        _ranges([x[6] for x in ops], oc)[o].astype(i32),
-        _column([x[3] for x in ops], oc, i32)[o],
-        _ranges([x[8] for x in ops], oc, [x[9] for x in ops])[o].astype(i32),
+        _ranges([x[6] for x in ops], oc, on)[o].astype(i32),
+        _column([x[3] for x in ops], oc, on, i32)[o],
+        _ranges([x[8] for x in ops], oc, on, [x[9] for x in ops])[o].astype(i32),
         o_gate[o].astype(i32),
-        _column([x[4] for x in ops], oc, np.float32)[o],
-        _column([x[5] for x in ops], oc, np.bool_)[o],
+        _column([x[4] for x in ops], oc, on, np.float32)[o],
+        _column([x[5] for x in ops], oc, on, np.bool_)[o],
         _starts(g_layer[g_order], n_layers + 1),
         (np.concatenate([g[4] for g in gates]) if gates else g_layer)[g_order].astype(i32),
-        _column([g[1] for g in gates], gc, i32)[g_order],
-        _column([g[2] for g in gates], gc, np.bool_)[g_order],
-        _column([g[3] for g in gates], gc, np.float32)[g_order],
-        np.zeros(len(g_order), np.float32), np.zeros(len(g_order), np.bool_),
+        _column([g[1] for g in gates], gc, gn, i32)[g_order],
+        _column([g[2] for g in gates], gc, gn, np.bool_)[g_order],
+        _column([g[3] for g in gates], gc, gn, np.float32)[g_order],
+        np.zeros(gn, np.float32), np.zeros(gn, np.bool_),
         _starts(a_layer[a_order], n_layers + 1),
-        _ranges([a[1] for a in sums], ac)[a_order].astype(i32),
+        _ranges([a[1] for a in sums], ac, n_sums)[a_order].astype(i32),
         # a sum row keeps its unsorted index: layout.sums names it
         a_order.astype(i32), np.zeros((n_sums, dim), np.float32),
         _starts(r_slot[r_order], n_layers * 4),
-        _ranges([r[1] for r in ros], rc)[r_order].astype(i32),
-        _column([r[3] for r in ros], rc, i32)[r_order], np.zeros((len(r_order), 2), np.float32))
+        _ranges([r[1] for r in ros], rc, rn)[r_order].astype(i32),
+        _column([r[3] for r in ros], rc, rn, i32)[r_order], np.zeros((rn, 2), np.float32))
     return layout
 
 
