@@ -19,26 +19,29 @@ other seeds than the measured (held-out) prompts.
    `op: ablate` (the component set to 0), with and without `norm_match`, and `op: clamp` to the
    calibration mean of the component (mean ablation); and bench/builtin_steering.py's mood
    vector ablated at layers 1..6. After each, a difference-of-means probe refitted on the
-   ablated calibration states is scored on the ablated held-out states (layer 6: what the
-   classifier reads), and the component left along the ablated direction is reported.
+   ablated calibration states is scored on the ablated held-out states (at layer 6, what the
+   classifier reads, the op is applied here in numpy: /v1/features captures the last block's
+   output before it), and |component - target| at layers 1..5 is reported. A sweep clamps to
+   0.25, 0.5, 0.75 x the mean: where the choice flips (a knob, not counted).
    PASS (the issue's wording) for a single-direction row when the unsteered model prefers the
    story's mood (mean > 0.8 in happy stories, < 0.2 in sad ones) and the ablated one does not:
    both kinds' means within 0.3..0.7 ("about equally likely") and < 0.2 apart.
 2. CAST, on chat requests whose mood the model does carry: "Tell me a sad story about a dog."
-   and the other mood-naming requests of the chat corpus (train/corpus.py REQUESTS), sent to
-   /v1/chat/completions. The condition vector at stream layer l is the mean over the prompt's
-   positions of the stream (as the server's prompt condition reads it), averaged over sad
-   calibration requests minus the same over happy ones; the layer is the one whose cosines
-   separate the calibration kinds best (d'), the threshold the midpoint of the kinds' mean
-   cosines there. The entry adds bench/builtin_steering.py's layer-3 mood vector at +CAST_SCALE
-   to the generated tokens `when` the prompt's cosine is above the threshold ("greater": sad).
-   Held-out requests (>= --prompts of each kind, none in the calibration set) are answered
-   --tokens tokens at temperature 0.8 (seed = index), unsteered and with the entry. Reported:
-   fired share per kind, the happy share of the corpus's mood words in the answers, and how
-   many answers are bitwise the unsteered ones; the server's similarities are checked against
-   the cosine computed here from /v1/features. PASS when it fired on >= 90% of the sad requests
-   and <= 10% of the happy ones, the sad answers' happy share rose by >= 0.2, and every answer
-   whose condition did not fire is unchanged.
+   and the other mood-naming requests of the chat corpus (train/corpus.py REQUESTS), as ChatML
+   text to /v1/completions (see answer()). The condition vector at stream layer l is the mean
+   over the prompt's positions of the stream (as the server's prompt condition reads it),
+   averaged over sad calibration requests minus the same over happy ones; the layer is the one
+   whose cosines separate the calibration kinds best (d'), the threshold the midpoint of the
+   kinds' mean cosines there. The entry adds bench/builtin_steering.py's mood vector at
+   CAST_STEER_LAYERS, scale CAST_SCALE, to the generated tokens `when` the prompt's cosine is
+   above the threshold ("greater": sad). Held-out requests (>= --prompts of each kind, none in
+   the calibration set) are answered --tokens tokens at temperature 0.8 (seed = index),
+   unsteered and with the entry. Reported: fired share per kind, the happy share of the corpus's
+   mood words in the answers, and how many answers are bitwise the unsteered ones; the server's
+   similarities are checked against the cosine computed here from /v1/features. PASS when it
+   fired on >= 90% of the sad requests and <= 10% of the happy ones, the sad answers' happy
+   share rose (its bootstrap 95% interval over requests above 0), every answer whose condition
+   did not fire is unchanged, and the server's similarity is the numpy cosine (within 1e-3).
 """
 
 from __future__ import annotations
