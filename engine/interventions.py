@@ -160,7 +160,7 @@ def _ranges(first: list[int], counts: list[int], total: int, step: list[int] | N
 
 def _column(values: list, counts: list[int], total: int, dtype: type) -> np.ndarray:
     """values[c] repeated counts[c] times, concatenated."""
-    a = np.asarray(values, dtype).reshape(-1)
+    a: np.ndarray = np.asarray(values, dtype).reshape(-1)
     return a if total == len(counts) else np.repeat(a, counts)
 
 
@@ -270,9 +270,9 @@ def step_arrays(seqs: list[SeqInterventions | None], positions: np.ndarray, star
             layout.gates[s] = [(i, c, int(g_row[g])) for i, c, g in layout.gates[s]]
     o_gate = np.full(on, -1, np.int64)
     at = 0
-    for g, c in zip(op_gates, oc, strict=True):
-        if g is not None:
-            o_gate[at:at + c] = g_row[g]
+    for rows_of, c in zip(op_gates, oc, strict=True):
+        if rows_of is not None:
+            o_gate[at:at + c] = g_row[rows_of]
         at += c
     ac = [a[2] for a in sums]
     a_layer = _column([a[0] for a in sums], ac, n_sums, np.int64)
