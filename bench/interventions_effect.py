@@ -1,48 +1,61 @@
 """What ablation and conditional steering (CAST) do to the built-in model, over HTTP.
 
-    python bench/interventions_effect.py [--tokens 160] [--port N] [--json [PATH]]
+    python bench/interventions_effect.py [--prompts 60] [--calibration 60] [--tokens 120]
+                                         [--port N] [--json [PATH]]
 
 Starts `tiller serve` on the built-in model (tiller-tiny) on a free loopback port (or talks to
---port) and builds the happy/sad mean control vector of bench/builtin_steering.py (MOOD_PAIRS)
-at every stream layer 1..6 (`POST /v1/steering`). Then:
+--port). Every number comes from the server's answers (logprobs, `/v1/features` states,
+`steering_conditions`); directions and thresholds are fitted in numpy on a calibration set of
+other seeds than the measured (held-out) prompts.
 
-1. Ablation. --prompts (80) stories of the training corpus's generator (train/corpus.py, seed
-   0, half happy, half sad), each cut just before its last mood word (stories with at least two,
-   so the mood is set by then). For each, the probability of the story's own word against its
-   counterpart of the other mood (happy/sad, glad/upset, smiled/cried, joy/tears, ...) as the
-   next word, from the logprobs of both continuations (echo), as P(the happy one) / (P(happy) +
-   P(sad)); unsteered and with the mood direction ablated (`{"vector": id, "op": "ablate"}`:
-   every layer's own direction, at every position); and with a 4-dimensional mood subspace
-   ablated at layers 3..6 (16 inline `direction` entries: the top principal directions of the
-   differences between happy and sad stories' states, from /v1/features on stories of another
-   seed). PASS when the unsteered model follows the story (mean > 0.8 in happy stories, < 0.2
-   in sad ones) and the ablated one cannot tell them apart: both means within 0.3..0.7 and less
-   than 0.2 apart.
-2. CAST. 80 story starts with a mood ("Once upon a time, {name} was very {mood}." and "{name}
-   felt {glad|lonely} all day."), continued --tokens tokens at temperature 0.8 (seed = the
-   prompt's index), unsteered and with one entry: the layer-3 mood direction added at +1 (2x
-   builtin_steering's mood unit) to the generated tokens, `when` the cosine of the mean prompt
-   stream at layer 3 with the same direction is below a threshold. The threshold is the
-   midpoint of the two moods' mean similarities over the first 10 names' prompts (reported by
-   the server with a never-firing condition), and the rest are the test set. Reported: how often
-   the condition fired for sad and happy prompts, the happy share of the mood words
-   (corpus MOOD_WORDS) in the continuations of each, and how many happy continuations are
-   bitwise the unsteered ones. PASS when it fired for >= 90% of the sad prompts and <= 10% of
-   the happy ones, the sad prompts' happy share rose by >= 0.2, and every happy prompt that did
-   not fire is unchanged.
+1. Ablation, where the model prefers a mood from a nearby cue. A corpus story (train/corpus.py,
+   half happy, half sad: the events and mood words the story tells) without its closing
+   sentence, then the corpus's own closing template cut before the word it chooses:
+   "... At the end of the day, {name} was very" -> " happy" or " sad". Measured: P(happy) /
+   (P(happy) + P(sad)) as the next word (echo logprobs of both), per story kind, with a
+   bootstrap 95% interval. The mood direction at stream layer l = 1..6 is the difference of the
+   mean states of happy and sad calibration stories at that same position (/v1/features), the
+   layer's own direction ablated at that layer at every position (6 inline `direction` entries):
+   `op: ablate` (the component set to 0), with and without `norm_match`, and `op: clamp` to the
+   calibration mean of the component (mean ablation); and bench/builtin_steering.py's mood
+   vector ablated at layers 1..6. After each, a difference-of-means probe refitted on the
+   ablated calibration states is scored on the ablated held-out states (at layer 6, what the
+   classifier reads, the op is applied here in numpy: /v1/features captures the last block's
+   output before it), and |component - target| at layers 1..5 is reported. A sweep clamps to
+   0.25, 0.5, 0.75 x the mean: where the choice flips (a knob, not counted).
+   PASS (the issue's wording) for a single-direction row when the unsteered model prefers the
+   story's mood (mean > 0.8 in happy stories, < 0.2 in sad ones) and the ablated one does not:
+   both kinds' means within 0.3..0.7 ("about equally likely") and < 0.2 apart.
+2. CAST, on chat requests whose mood the model does carry: "Tell me a sad story about a dog."
+   and the other mood-naming requests of the chat corpus (train/corpus.py REQUESTS), as ChatML
+   text to /v1/completions (see answer()). The condition vector at stream layer l is the mean
+   over the prompt's positions of the stream (as the server's prompt condition reads it),
+   averaged over sad calibration requests minus the same over happy ones; the layer is the one
+   whose cosines separate the calibration kinds best (d'), the threshold the midpoint of the
+   kinds' mean cosines there. The entry adds bench/builtin_steering.py's mood vector at
+   CAST_STEER_LAYERS, scale CAST_SCALE, to the generated tokens `when` the prompt's cosine is
+   above the threshold ("greater": sad). Held-out requests (>= --prompts of each kind, none in
+   the calibration set) are answered --tokens tokens at temperature 0.8 (seed = index),
+   unsteered and with the entry. Reported: fired share per kind, the happy share of the corpus's
+   mood words in the answers, and how many answers are bitwise the unsteered ones; the server's
+   similarities are checked against the cosine computed here from /v1/features. PASS when it
+   fired on >= 90% of the sad requests and <= 10% of the happy ones, the sad answers' happy
+   share rose (its bootstrap 95% interval over requests above 0), every answer whose condition
+   did not fire is unchanged, and the server's similarity is the numpy cosine (within 1e-3).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import math
 import random
-import re
-import statistics
 import sys
 import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,199 +83,434 @@ except ModuleNotFoundError:  # run as a script: bench/ itself is on sys.path
         stop_server,
     )
 from tests.live_server import free_port  # builtin_steering put the checkout's root on sys.path
-from train.corpus import MOODS, NAMES, make_story
+from train.corpus import (
+    ANIMAL_NAMES,
+    ANIMALS,
+    GENDERS,
+    IM_END,
+    IM_START,
+    MOODS,
+    NAMES,
+    PLACES,
+    PLURALS,
+    REQUESTS,
+    make_story,
+)
 
-ALL_NAMES = NAMES["boy"] + NAMES["girl"]
-ABLATE_TEMPLATES = ("{name} was very {mood}. At the end of the day, {name} was",
-                    "{name} felt very {mood} that day. {name} was")
-CAST_TEMPLATES = ("Once upon a time, {name} was very {mood}.",
-                  "{name} felt {word} all day.")
-CAST_WORD = {"happy": "glad", "sad": "lonely"}
-CAST_SCALE = 1.0
-CAST_LAYER = 3
-CALIBRATION_NAMES = 10
-SUBSPACE_LAYERS = (3, 4, 5, 6)
-SUBSPACE_K = 4  # directions per layer: 16 entries, the most a request may have
+N_LAYERS = 6  # tiller-tiny's blocks; stream layer l < 6 is block l's resid_pre, 6 the output
+STREAM = tuple(range(1, N_LAYERS + 1))  # layer 0 is the token embedding: the same token here
+PROBE = " At the end of the day, {name} was very"  # a corpus closing, cut before the mood word
+# NOTE: a chat answer restates the request's mood ("Here is a sad story about a dog.") and
+# keeps to it: builtin_steering's layer-3 vector at its 2-unit scale (1.0) leaves sad answers
+# sad (happy share 0.00 -> 0.02 on 12 requests), at every block input 1..5 scale 0.5 moves them
+# (0.31) with the text still the corpus's, and 1.0 there collapses it into "happy happy ..."
+CAST_SCALE = 0.5
+CAST_STEER_LAYERS = (1, 2, 3, 4, 5)
+CALIBRATION_SEED, TEST_SEED = 1, 2
+BOOTSTRAP = 2000
+SWEEP = (0.25, 0.5, 0.75)  # clamp values as fractions of the calibration mean
 
 
-COUNTERPART = {"happy": "sad", "sad": "happy", "glad": "upset", "upset": "glad",
-               "lonely": "glad", "smiled": "cried", "laughed": "cried", "cried": "smiled",
-               "joy": "tears", "tears": "joy"}
+# prompts ---------------------------------------------------------------------------------------
 
 
-def ablation_prompts(n: int, seed: int = 0) -> list[tuple[str, str, str]]:
-    """(story cut before its first mood word, that word, the story's mood): n corpus stories,
-    half of each mood. The events before it (a pet that runs away, a game won) set the mood;
-    no mood word does yet."""
-    out: list[tuple[str, str, str]] = []
+def probe_prompts(n_per_mood: int, seed: int) -> list[tuple[str, str]]:
+    """(story without its closing sentence + PROBE, the story's mood), alternating moods."""
     rng = random.Random(seed)
-    while len(out) < n:
+    out: list[tuple[str, str]] = []
+    while len(out) < 2 * n_per_mood:
         mood = MOODS[len(out) % 2]
-        text = make_story(rng, mood=mood).text
-        hits = [m for m in re.finditer(r"[A-Za-z]+", text) if m.group().lower() in COUNTERPART]
-        if hits:
-            first = hits[0]
-            out.append((text[:first.start()].rstrip(" "), first.group(), mood))
+        story = make_story(rng, mood=mood)
+        # the closing sentence is the last one (after the last ". " or paragraph break)
+        body = story.text[:max(story.text.rfind(". "), story.text.rfind("\n")) + 1]
+        out.append((body + PROBE.format(name=story.name), mood))
     return out
 
 
-async def next_word_share(post: Post, prompt: str, word: str, steering: list[dict] | None
-                          ) -> float:
-    """P(word) / (P(word) + P(its counterpart of the other mood)) as the next word."""
-    async def logprob(w: str) -> float:
-        body: dict[str, Any] = {"prompt": prompt + " " + w, "max_tokens": 0, "echo": True,
-                                "logprobs": 0}
-        if steering is not None:
-            body["steering"] = steering
-        lp = (await post("/v1/completions", body))["choices"][0]["logprobs"]
-        # the word's tokens: those that end after the prompt
-        return sum(x for x, start, tok in zip(lp["token_logprobs"], lp["text_offset"],
-                                              lp["tokens"], strict=True)
-                   if x is not None and start + len(tok) > len(prompt))
-    own, other = await asyncio.gather(logprob(word), logprob(COUNTERPART[word.lower()]))
-    return 1.0 / (1.0 + math.exp(other - own))
-
-
-async def mood_subspace(post: Post, n: int) -> list[dict]:
-    """Ablation entries for the top SUBSPACE_K directions, at each of SUBSPACE_LAYERS, of the
-    differences between happy and sad stories' last-token states (stories of another seed than
-    the measured ones, cut as they are; states from /v1/features)."""
-    train = ablation_prompts(n, seed=1)
-    blocks = [layer for layer in SUBSPACE_LAYERS if layer < 6]
-    states = await asyncio.gather(*(post("/v1/features", {
-        "input": text, "layers": blocks + [5], "points": ["resid_pre", "resid_post"],
-        "positions": "last"}) for text, _, _ in train))
-    happy = np.array([m == "happy" for _, _, m in train])
-    entries = []
-    for layer in SUBSPACE_LAYERS:
-        # stream layer l < 6 is block l's resid_pre; layer 6 is the last block's resid_post
-        x = np.array([np.asarray(st["data"]["resid_pre"][blocks.index(layer)][0])
-                      if layer < 6 else np.asarray(st["data"]["resid_post"][-1][0])
-                      for st in states])
-        diffs = (x[happy][:, None, :] - x[~happy][None, :, :]).reshape(-1, x.shape[1])
-        vt = np.linalg.svd(diffs, full_matrices=False)[2]
-        entries += [{"direction": vt[j].tolist(), "layer": layer, "op": "ablate"}
-                    for j in range(SUBSPACE_K)]
-    return entries
-
-
-async def ablation(post: Post, vector: str, n: int) -> dict[str, Any]:
-    prompts = ablation_prompts(n)
-    out: dict[str, Any] = {"prompts": len(prompts)}
-    subspace = await mood_subspace(post, n)
-    for label, steering in (("unsteered", None),
-                            ("ablated", [{"vector": vector, "op": "ablate"}]),
-                            ("subspace", subspace)):
-        shares = await asyncio.gather(*(next_word_share(post, p, w, steering)
-                                        for p, w, _ in prompts))
-        for mood in MOODS:
-            # P(a happy word): the story's own word in happy stories, its counterpart in sad
-            out[f"{label}_after_{mood}"] = statistics.mean(
-                s if m == "happy" else 1.0 - s
-                for s, (_, _, m) in zip(shares, prompts, strict=True) if m == mood)
-    a, b = out["ablated_after_happy"], out["ablated_after_sad"]
-    out["pass"] = (out["unsteered_after_happy"] > 0.8 and out["unsteered_after_sad"] < 0.2
-                   and min(a, b) >= 0.3 and max(a, b) <= 0.7 and abs(a - b) < 0.2)
+def chat_requests(n_per_mood: int, seed: int, exclude: frozenset[str] = frozenset()
+                  ) -> list[tuple[str, str]]:
+    """(a user request naming a mood, in the chat corpus's phrasings, that mood): sad first,
+    then happy, alternating; distinct and not in `exclude`."""
+    rng = random.Random(seed)
+    keys = [k for k in REQUESTS if "mood" in k]
+    out: list[tuple[str, str]] = []
+    seen = set(exclude)
+    while len(out) < 2 * n_per_mood:
+        mood = ("sad", "happy")[len(out) % 2]
+        gender = rng.choice(GENDERS)
+        fields = {"mood": mood, "animal": rng.choice(ANIMALS), "pet": rng.choice(ANIMAL_NAMES),
+                  "place": rng.choice(PLACES), "gender": gender,
+                  "name": rng.choice(NAMES[gender])}
+        text = rng.choice(REQUESTS[rng.choice(keys)]).format(
+            **fields, plural=PLURALS[fields["animal"]])
+        if text not in seen:
+            seen.add(text)
+            out.append((text, mood))
     return out
 
 
-async def complete(post: Post, prompt: str, seed: int, tokens: int,
-                   steering: list[dict] | None) -> dict[str, Any]:
-    body: dict[str, Any] = {"prompt": prompt, "max_tokens": tokens, "temperature": 0.8,
-                            "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": seed}
+def chatml(user: str) -> str:
+    """One user turn and the assistant's opening in the chat corpus's ChatML, as the model was
+    trained on it (train/corpus.py turn())."""
+    return f"{IM_START}user\n{user}{IM_END}\n{IM_START}assistant\n"
+
+
+# statistics ------------------------------------------------------------------------------------
+
+
+def mean_ci(x: Sequence[float], seed: int = 0) -> tuple[float, float, float]:
+    """Mean and its bootstrap 95% interval."""
+    a = np.asarray(x, np.float64)
+    boot = np.random.default_rng(seed).choice(a, (BOOTSTRAP, len(a))).mean(axis=1)
+    return float(a.mean()), float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))
+
+
+def diff_ci(x: Sequence[float], y: Sequence[float], seed: int = 0
+            ) -> tuple[float, float, float]:
+    """mean(x) - mean(y) and its bootstrap 95% interval (each resampled on its own)."""
+    a, b = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    rng = np.random.default_rng(seed)
+    boot = (rng.choice(a, (BOOTSTRAP, len(a))).mean(axis=1)
+            - rng.choice(b, (BOOTSTRAP, len(b))).mean(axis=1))
+    return float(a.mean() - b.mean()), float(np.quantile(boot, 0.025)), float(
+        np.quantile(boot, 0.975))
+
+
+def unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v)
+
+
+def probe_accuracy(cal: np.ndarray, cal_y: np.ndarray, test: np.ndarray, test_y: np.ndarray
+                   ) -> float:
+    """A difference-of-means probe fitted on (cal, cal_y), its accuracy on (test, test_y)."""
+    d = cal[cal_y].mean(axis=0) - cal[~cal_y].mean(axis=0)
+    proj = cal @ d
+    threshold = (proj[cal_y].mean() + proj[~cal_y].mean()) / 2
+    return float(((test @ d > threshold) == test_y).mean())
+
+
+# server calls ----------------------------------------------------------------------------------
+
+
+async def stream_states(post: Post, texts: Sequence[str | list[int]], positions: str,
+                        steering: list[dict] | None = None) -> list[np.ndarray]:
+    """Per text, the stream at layers 0..6 at `positions` ("last" or "all"): (7, T, dim)."""
+    blocks = list(range(N_LAYERS))
+    body: dict[str, Any] = {"layers": blocks, "points": ["resid_pre", "resid_post"],
+                            "positions": positions}
     if steering is not None:
         body["steering"] = steering
-    return dict((await post("/v1/completions", body))["choices"][0])
+
+    async def one(text: str | list[int]) -> np.ndarray:
+        data = (await post("/v1/features", {**body, "input": text}))["data"]
+        pre = np.asarray(data["resid_pre"], np.float64)  # (blocks, T, dim)
+        post_last = np.asarray(data["resid_post"][-1], np.float64)[None]
+        return np.concatenate([pre, post_last])
+    return list(await asyncio.gather(*(one(t) for t in texts)))
 
 
-def cast_entry(vector: str, threshold: float, comparison: str = "less") -> list[dict]:
-    return [{"vector": vector, "layers": [CAST_LAYER], "scale": CAST_SCALE,
-             "positions": "generated",
-             "when": {"vector": vector, "layer": CAST_LAYER, "threshold": threshold,
-                      "comparison": comparison}}]
+async def next_word_logprob(post: Post, prompt: str, word: str, steering: list[dict] | None
+                            ) -> float:
+    """log P(word's tokens | prompt), from echo logprobs."""
+    body: dict[str, Any] = {"prompt": prompt + word, "max_tokens": 0, "echo": True,
+                            "logprobs": 0}
+    if steering is not None:
+        body["steering"] = steering
+    lp = (await post("/v1/completions", body))["choices"][0]["logprobs"]
+    return sum(x for x, start, tok in zip(lp["token_logprobs"], lp["text_offset"], lp["tokens"],
+                                          strict=True)
+               if x is not None and start + len(tok) > len(prompt))
 
 
-def _share(texts: list[str]) -> float:
+async def p_happy(post: Post, prompt: str, steering: list[dict] | None) -> tuple[float, float]:
+    """(P(" happy") / (P(" happy") + P(" sad")), P(" happy") + P(" sad")) as the next word."""
+    h, s = await asyncio.gather(next_word_logprob(post, prompt, " happy", steering),
+                                next_word_logprob(post, prompt, " sad", steering))
+    return 1.0 / (1.0 + math.exp(s - h)), math.exp(h) + math.exp(s)
+
+
+# 1. ablation -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """One way of removing the mood: per stream layer, a direction and the value its component
+    is set to (0: `ablate`; else `clamp`), sent as inline `direction` entries or as `steering`."""
+
+    directions: dict[int, np.ndarray]
+    values: dict[int, float] | None = None  # None: ablate (0)
+    norm_match: bool = False
+    steering: list[dict] | None = None  # else built from the above
+
+    def entries(self) -> list[dict]:
+        if self.steering is not None:
+            return self.steering
+        out = []
+        for layer, d in self.directions.items():
+            e: dict[str, Any] = {"direction": d.tolist(), "layer": layer,
+                                 "op": "ablate" if self.values is None else "clamp",
+                                 "norm_match": self.norm_match}
+            if self.values is not None:
+                e["value"] = self.values[layer]
+            out.append(e)
+        return out
+
+    def target(self, layer: int) -> float:
+        return 0.0 if self.values is None else self.values[layer]
+
+    def after_last_block(self, x: np.ndarray) -> np.ndarray:
+        """The op at stream layer 6 in numpy: /v1/features' resid_post of the last block is the
+        stream before it (the classifier reads it after)."""
+        d = unit(self.directions[N_LAYERS])
+        y = x + np.outer(self.target(N_LAYERS) - x @ d, d)
+        if self.norm_match:
+            y *= (np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1))[:, None]
+        return y
+
+
+def _row(share: Sequence[float], mass: Sequence[float], y: np.ndarray) -> dict[str, Any]:
+    happy = [s for s, h in zip(share, y, strict=True) if h]
+    sad = [s for s, h in zip(share, y, strict=True) if not h]
+    return {"happy": mean_ci(happy), "sad": mean_ci(sad), "gap": diff_ci(happy, sad),
+            "mass": float(np.mean(mass))}
+
+
+async def ablation(post: Post, mood_vector: str, builtin: dict[int, np.ndarray],
+                   n: int, n_cal: int) -> dict[str, Any]:
+    cal = probe_prompts(n_cal, CALIBRATION_SEED)
+    test = probe_prompts(n, TEST_SEED)
+    cal_y = np.array([m == "happy" for _, m in cal])
+    test_y = np.array([m == "happy" for _, m in test])
+    x_cal = np.stack([s[:, -1] for s in await stream_states(post, [t for t, _ in cal], "last")])
+    directions = {layer: unit(x_cal[cal_y, layer].mean(0) - x_cal[~cal_y, layer].mean(0))
+                  for layer in STREAM}
+    means = {layer: float((x_cal[:, layer] @ d).mean()) for layer, d in directions.items()}
+    rows: dict[str, Ablation | None] = {
+        "unsteered": None,
+        "builtin vector, ablate": Ablation(builtin, steering=[{"vector": mood_vector,
+                                                               "op": "ablate"}]),
+        "mean-diff, ablate": Ablation(directions),
+        "mean-diff, ablate + norm_match": Ablation(directions, norm_match=True),
+        "mean-diff, clamp to mean": Ablation(directions, means),
+    }
+    out: dict[str, Any] = {"prompts_per_kind": n, "calibration_per_kind": n_cal,
+                           "probe": PROBE.strip(), "calibration_means": means, "rows": {},
+                           "sweep": {}}
+    for label, ab in rows.items():
+        steering = None if ab is None else ab.entries()
+        got = await asyncio.gather(*(p_happy(post, t, steering) for t, _ in test))
+        row = _row([g[0] for g in got], [g[1] for g in got], test_y)
+        # what is left of the mood where the word is chosen: a difference-of-means probe
+        # refitted on the ablated calibration states, scored on the ablated held-out ones
+        xa_cal = np.stack([s[:, -1] for s in await stream_states(
+            post, [t for t, _ in cal], "last", steering)])
+        xa_test = np.stack([s[:, -1] for s in await stream_states(
+            post, [t for t, _ in test], "last", steering)])
+        if ab is not None:
+            xa_cal[:, N_LAYERS] = ab.after_last_block(xa_cal[:, N_LAYERS])
+            xa_test[:, N_LAYERS] = ab.after_last_block(xa_test[:, N_LAYERS])
+            # the op's own check: the component at layers 1..5 (captured after the op) is its
+            # target
+            row["component_error"] = max(
+                float(np.abs(xa_test[:, layer] @ unit(d) - ab.target(layer)).max())
+                for layer, d in ab.directions.items() if layer < N_LAYERS)
+        row["probe_accuracy"] = {layer: probe_accuracy(xa_cal[:, layer], cal_y,
+                                                       xa_test[:, layer], test_y)
+                                 for layer in STREAM}
+        out["rows"][label] = row
+    # where between 0 (ablate) and the calibration mean (clamp) the choice flips: a value that
+    # makes the two words equally likely exists, but it is a knob, not a rule; not counted
+    for t in SWEEP:
+        ab = Ablation(directions, {layer: t * m for layer, m in means.items()})
+        got = await asyncio.gather(*(p_happy(post, p, ab.entries()) for p, _ in test))
+        out["sweep"][t] = _row([g[0] for g in got], [g[1] for g in got], test_y)
+    unsteered = out["rows"]["unsteered"]
+    prefers = unsteered["happy"][0] > 0.8 and unsteered["sad"][0] < 0.2
+    for label, row in out["rows"].items():
+        if label == "unsteered":
+            continue
+        a, b = row["happy"][0], row["sad"][0]
+        row["erased"] = abs(a - b) < 0.2
+        row["equal"] = min(a, b) >= 0.3 and max(a, b) <= 0.7
+        row["pass"] = prefers and row["erased"] and row["equal"]
+    out["unsteered_prefers"] = prefers
+    out["pass"] = any(r.get("pass", False) for r in out["rows"].values())
+    return out
+
+
+# 2. CAST ---------------------------------------------------------------------------------------
+
+
+def mood_share(texts: Sequence[str]) -> float:
     happy = sum(count(MOOD.positive_words, t) for t in texts)
     sad = sum(count(MOOD.negative_words, t) for t in texts)
     return happy / (happy + sad) if happy + sad else math.nan
 
 
-async def cast(post: Post, vector: str, tokens: int) -> dict[str, Any]:
-    prompts = [(t.format(name=n, mood=m, word=CAST_WORD[m]), m, n in
-                ALL_NAMES[:CALIBRATION_NAMES]) for t in CAST_TEMPLATES for n in ALL_NAMES
-               for m in ("happy", "sad")]
-    # calibration: a condition that never fires reports every prompt's similarity
-    never = cast_entry(vector, -1.0)
-    calib = [p for p in prompts if p[2]]
-    sims = await asyncio.gather(*(complete(post, p, 0, 1, never) for p, _, _ in calib))
-    by_mood = {m: [c["steering_conditions"][0]["similarity"]
-                   for c, (_, mood, _) in zip(sims, calib, strict=True) if mood == m]
-               for m in ("happy", "sad")}
-    threshold = (statistics.mean(by_mood["happy"]) + statistics.mean(by_mood["sad"])) / 2
-    test = [(i, p, m) for i, (p, m, cal) in enumerate(prompts) if not cal]
-    entry = cast_entry(vector, threshold)
-    plain = await asyncio.gather(*(complete(post, p, i, tokens, None) for i, p, _ in test))
-    steered = await asyncio.gather(*(complete(post, p, i, tokens, entry) for i, p, _ in test))
-    out: dict[str, Any] = {"calibration_prompts": len(calib), "test_prompts": len(test),
-                           "threshold": threshold,
-                           "similarity_happy": statistics.mean(by_mood["happy"]),
-                           "similarity_sad": statistics.mean(by_mood["sad"])}
+async def answer(post: Post, user: str, seed: int, tokens: int, steering: list[dict] | None
+                 ) -> dict[str, Any]:
+    """The assistant's answer to one request, its ChatML prompt sent as text to
+    /v1/completions: tokenized as in training. (/v1/chat/completions parses the template's
+    markers as special tokens, which gives this tokenizer a "▁" after each marker and
+    "assistant" in four pieces; the built-in model then often answers with a new user turn.)"""
+    body: dict[str, Any] = {"prompt": chatml(user), "max_tokens": tokens, "temperature": 0.8,
+                            "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": seed,
+                            "stop": [IM_END]}
+    if steering is not None:
+        body["steering"] = steering
+    choice = (await post("/v1/completions", body))["choices"][0]
+    return {"text": choice["text"], "conditions": choice.get("steering_conditions")}
+
+
+def share_rise_ci(before: Sequence[str], after: Sequence[str], seed: int = 0
+                  ) -> tuple[float, float, float]:
+    """The rise of the pooled happy share from `before` to `after` (the same requests' answers)
+    and its bootstrap 95% interval over requests."""
+    counts = np.array([[count(MOOD.positive_words, t), count(MOOD.negative_words, t)]
+                       for t in (*before, *after)], np.float64).reshape(2, len(before), 2)
+    def rise(idx: np.ndarray) -> np.ndarray:  # (B, n) request indices -> (B,)
+        c = counts[:, idx].sum(axis=2)  # (2, B, 2)
+        with np.errstate(invalid="ignore"):
+            share = c[..., 0] / c.sum(axis=-1)
+        return share[1] - share[0]
+    n = len(before)
+    boot = rise(np.random.default_rng(seed).integers(0, n, (BOOTSTRAP, n)))
+    boot = boot[np.isfinite(boot)]
+    return (float(rise(np.arange(n)[None])[0]), float(np.quantile(boot, 0.025)),
+            float(np.quantile(boot, 0.975)))
+
+
+def _cos(x: np.ndarray, v: np.ndarray) -> np.ndarray:
+    return (x @ v) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(v))
+
+
+async def cast(post: Post, mood_vector: str, n: int, n_cal: int, tokens: int) -> dict[str, Any]:
+    cal = chat_requests(n_cal, CALIBRATION_SEED)
+    test = chat_requests(n, TEST_SEED, exclude=frozenset(u for u, _ in cal))
+    cal_y = np.array([m == "sad" for _, m in cal])
+    # the mean prompt stream per layer, as the server's prompt condition computes it
+    m_cal = np.stack([s.mean(axis=1) for s in await stream_states(
+        post, [chatml(u) for u, _ in cal], "all")])  # (n, 7, dim)
+    separation = {}
+    for layer in range(N_LAYERS):  # the condition reads a block's input: layers 0..5
+        v = m_cal[cal_y, layer].mean(0) - m_cal[~cal_y, layer].mean(0)
+        c = _cos(m_cal[:, layer], v)
+        spread = math.sqrt((c[cal_y].var() + c[~cal_y].var()) / 2)
+        separation[layer] = float((c[cal_y].mean() - c[~cal_y].mean()) / spread)
+    layer = max(separation, key=lambda k: separation[k])
+    v = m_cal[cal_y, layer].mean(0) - m_cal[~cal_y, layer].mean(0)
+    c = _cos(m_cal[:, layer], v)
+    threshold = float((c[cal_y].mean() + c[~cal_y].mean()) / 2)
+    entry = [{"vector": mood_vector, "layers": list(CAST_STEER_LAYERS), "scale": CAST_SCALE,
+              "positions": "generated",
+              "when": {"vector": v.tolist(), "layer": layer, "threshold": threshold,
+                       "comparison": "greater"}}]
+    plain = await asyncio.gather(*(answer(post, u, i, tokens, None)
+                                   for i, (u, _) in enumerate(test)))
+    steered = await asyncio.gather(*(answer(post, u, i, tokens, entry)
+                                     for i, (u, _) in enumerate(test)))
+    # the server's similarity against the cosine computed here from /v1/features
+    m_test = np.stack([s.mean(axis=1) for s in await stream_states(
+        post, [chatml(u) for u, _ in test], "all")])
+    ours = _cos(m_test[:, layer], v)
+    theirs = np.array([s["conditions"][0]["similarity"] for s in steered])
+    out: dict[str, Any] = {
+        "prompts_per_kind": n, "calibration_per_kind": n_cal, "layer": layer,
+        "separation": separation, "threshold": threshold,
+        "calibration_similarity": {"sad": float(c[cal_y].mean()),
+                                   "happy": float(c[~cal_y].mean())},
+        "similarity_max_deviation": float(np.abs(ours - theirs).max()), "kinds": {}}
     unchanged_ok = True
-    for mood in ("happy", "sad"):
-        rows = [(a, b) for a, b, (_, _, m) in zip(plain, steered, test, strict=True)
-                if m == mood]
-        fired = [b["steering_conditions"][0]["fired"] for _, b in rows]
-        out[f"fired_{mood}"] = sum(fired) / len(rows)
-        out[f"share_{mood}_unsteered"] = _share([a["text"] for a, _ in rows])
-        out[f"share_{mood}_cast"] = _share([b["text"] for _, b in rows])
-        same = [a["text"] == b["text"] for a, b in rows]
-        out[f"unchanged_{mood}"] = sum(same)
+    for mood in ("sad", "happy"):
+        idx = [i for i, (_, m) in enumerate(test) if m == mood]
+        fired = [bool(steered[i]["conditions"][0]["fired"]) for i in idx]
+        same = [plain[i]["text"] == steered[i]["text"] for i in idx]
         unchanged_ok &= all(s for s, f in zip(same, fired, strict=True) if not f)
-    out["pass"] = (out["fired_sad"] >= 0.9 and out["fired_happy"] <= 0.1
-                   and out["share_sad_cast"] - out["share_sad_unsteered"] >= 0.2
-                   and unchanged_ok)
+        out["kinds"][mood] = {
+            "fired": sum(fired) / len(idx),
+            "share_unsteered": mood_share([plain[i]["text"] for i in idx]),
+            "share_cast": mood_share([steered[i]["text"] for i in idx]),
+            "rise": share_rise_ci([plain[i]["text"] for i in idx],
+                                  [steered[i]["text"] for i in idx]),
+            "unchanged": sum(same), "fired_changed": sum(f and not s for f, s in
+                                                         zip(fired, same, strict=True)),
+            "example": steered[idx[0]]["text"][:200]}
+    sad, happy = out["kinds"]["sad"], out["kinds"]["happy"]
+    out["unfired_unchanged"] = unchanged_ok
+    out["pass"] = (sad["fired"] >= 0.9 and happy["fired"] <= 0.1 and sad["rise"][1] > 0
+                   and unchanged_ok and out["similarity_max_deviation"] < 1e-3)
     return out
 
 
-async def run(url: str, tokens: int, prompts: int) -> dict[str, Any]:
+# run and report --------------------------------------------------------------------------------
+
+
+async def run(url: str, n: int, n_cal: int, tokens: int) -> dict[str, Any]:
     async with aiohttp.ClientSession(base_url=url) as session:
         post = session_post(session)
-        every = await create_vector(post, MOOD, list(range(1, 7)))
-        layer3 = await create_vector(post, MOOD, [CAST_LAYER])
-        return {"ablation": await ablation(post, every, prompts),
-                "cast": await cast(post, layer3, tokens)}
+        every = await create_vector(post, MOOD, list(STREAM))
+        steer = await create_vector(post, MOOD, list(CAST_STEER_LAYERS))
+        # the stored vector's directions, one row per layer in order (its .npy download)
+        response = await session.get(f"/v1/steering/{every}", params={"format": "npy"})
+        rows = np.load(io.BytesIO(await response.read()))
+        builtin = dict(zip(STREAM, rows.astype(np.float64), strict=True))
+        return {"ablation": await ablation(post, every, builtin, n, n_cal),
+                "cast": await cast(post, steer, n, n_cal, tokens)}
+
+
+def _ci(m: tuple[float, float, float]) -> str:
+    return f"{m[0]:.3f} [{m[1]:.3f}, {m[2]:.3f}]"
 
 
 def report(result: dict[str, Any]) -> None:
     a, c = result["ablation"], result["cast"]
-    print(f"ablation ({a['prompts']} corpus stories cut before their first mood word): mean "
-          "P(the happy word) / P(happy or sad word)")
-    print(f"  {'':<10} {'happy stories':>14} {'sad stories':>12}")
-    for label in ("unsteered", "ablated", "subspace"):
-        print(f"  {label:<10} {a[f'{label}_after_happy']:>14.3f} "
-              f"{a[f'{label}_after_sad']:>12.3f}")
+    print(f"ablation: {a['prompts_per_kind']} held-out stories of each mood + "
+          f"\"{a['probe']}\"; P(happy) / (P(happy) + P(sad)) as the next word, mean [95% CI]")
+    head = (f"  {'':<32} {'happy stories':>22} {'sad stories':>22} {'gap (happy - sad)':>24} "
+            f"{'mass':>5}")
+    print(head + f" {'probe@5':>7} {'probe@6':>7} {'err':>7}")
+
+    def line(label: str, row: dict[str, Any]) -> str:
+        return (f"  {label:<32} {_ci(row['happy']):>22} {_ci(row['sad']):>22} "
+                f"{row['gap'][0]:>+7.3f} [{row['gap'][1]:+.3f}, {row['gap'][2]:+.3f}] "
+                f"{row['mass']:>5.2f}")
+    for label, row in a["rows"].items():
+        err = f"{row['component_error']:.0e}" if "component_error" in row else "-"
+        pa = row["probe_accuracy"]
+        print(line(label, row) + f" {pa[N_LAYERS - 1]:>7.2f} {pa[N_LAYERS]:>7.2f} {err:>7}")
+    print("  (mass: P(happy) + P(sad); probe@l: a difference-of-means probe refitted on the "
+          "ablated calibration states, accuracy on the held-out ones; err: largest |component "
+          "- target| at layers 1..5)")
+    for t, row in a["sweep"].items():
+        print(line(f"  clamp to {t:g} x mean (knob)", row))
+    for label, row in a["rows"].items():
+        if label != "unsteered":
+            print(f"  {label}: mood erased (gap < 0.2) {'yes' if row['erased'] else 'no'}, "
+                  f"about equally likely (both 0.3..0.7) {'yes' if row['equal'] else 'no'}")
     print(f"{'PASS' if a['pass'] else 'FAIL'}: ablating the mood direction makes happy and sad "
-          "about equally likely")
-    print("  ablated: the mean happy/sad control vector's direction at layers 1..6; subspace: "
-          f"the top {SUBSPACE_K} directions of happy-minus-sad story states at layers "
-          f"{', '.join(map(str, SUBSPACE_LAYERS))} (another seed's stories), ablated together")
-    print(f"\nCAST ({c['test_prompts']} test prompts, threshold {c['threshold']:.3f} from "
-          f"{c['calibration_prompts']}: mean similarity happy {c['similarity_happy']:.3f}, "
-          f"sad {c['similarity_sad']:.3f})")
-    print(f"  {'prompts':<8} {'fired':>6} {'happy share unsteered':>22} {'with CAST':>10} "
-          f"{'unchanged':>10}")
-    for mood in ("happy", "sad"):
-        print(f"  {mood:<8} {c[f'fired_{mood}']:>6.0%} {c[f'share_{mood}_unsteered']:>22.3f} "
-              f"{c[f'share_{mood}_cast']:>10.3f} {c[f'unchanged_{mood}']:>10}")
+          "about equally likely where the unsteered model prefers one")
+    print(f"\nCAST: {c['prompts_per_kind']} held-out chat requests of each mood; condition at "
+          f"layer {c['layer']} (best calibration d' {c['separation'][c['layer']]:.1f}), "
+          f"threshold {c['threshold']:.4f} from {c['calibration_per_kind']} of each "
+          f"(mean cosine sad {c['calibration_similarity']['sad']:.4f}, happy "
+          f"{c['calibration_similarity']['happy']:.4f}); server vs numpy similarity "
+          f"{c['similarity_max_deviation']:.1e}")
+    print(f"  {'requests':<9} {'fired':>6} {'happy share unsteered':>22} {'with CAST':>10} "
+          f"{'rise [95% CI]':>24} {'unchanged':>10} {'fired+changed':>14}")
+    for mood, k in c["kinds"].items():
+        r = k["rise"]
+        print(f"  {mood:<9} {k['fired']:>6.0%} {k['share_unsteered']:>22.3f} "
+              f"{k['share_cast']:>10.3f} {r[0]:>+7.3f} [{r[1]:+.3f}, {r[2]:+.3f}] "
+              f"{k['unchanged']:>10} {k['fired_changed']:>14}")
     print(f"{'PASS' if c['pass'] else 'FAIL'}: a CAST entry conditioned on sad prompts steers "
           "only those")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    p.add_argument("--tokens", type=int, default=160)
-    p.add_argument("--prompts", type=int, default=80, help="stories for the ablation")
+    p.add_argument("--prompts", type=int, default=60, help="held-out prompts of each kind")
+    p.add_argument("--calibration", type=int, default=60, help="calibration prompts per kind")
+    p.add_argument("--tokens", type=int, default=120, help="CAST answer length")
     p.add_argument("--port", type=int, default=None, help="a running server (else one starts)")
     p.add_argument("--json", nargs="?", const="interventions_effect.json", default=None,
                    metavar="PATH")
@@ -272,9 +520,10 @@ def main(argv: list[str] | None = None) -> int:
         port = args.port
         if port is None:
             port = free_port()
-            proc = start_server(port, 32, 512, Path(tmp) / "server.log", Path(tmp) / "steering")
+            proc = start_server(port, 32, 1024, Path(tmp) / "server.log", Path(tmp) / "steering")
         try:
-            result = asyncio.run(run(f"http://127.0.0.1:{port}", args.tokens, args.prompts))
+            result = asyncio.run(run(f"http://127.0.0.1:{port}", args.prompts, args.calibration,
+                                     args.tokens))
         finally:
             if proc is not None:
                 stop_server(proc)

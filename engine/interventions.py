@@ -129,11 +129,7 @@ class StepLayout:
     sums: list[list[tuple[int, int]]]  # per request: (cond, sum row)
 
 
-def _i32(x: list[int]) -> np.ndarray:
-    return np.asarray(x, np.int32).reshape(-1)
-
-
-def _starts(keys: list[int], n: int) -> np.ndarray:
+def _starts(keys: np.ndarray, n: int) -> np.ndarray:
     """(n + 1,) offsets of sorted keys' runs: rows of key k are starts[k]:starts[k + 1]."""
     return np.searchsorted(np.asarray(keys, np.int64), np.arange(n + 1)).astype(np.int32)
 
@@ -149,108 +145,176 @@ def empty_step(n_layers: int, dim: int) -> StepInterventions:
         np.zeros(n_layers * 4 + 1, np.int32), z, z, np.zeros((0, 2), np.float32))
 
 
+def _ranges(first: list[int], counts: list[int], total: int, step: list[int] | None = None
+            ) -> np.ndarray:
+    """Runs first[c], first[c] + step[c], ... of counts[c] values each, concatenated: the
+    tokens (or table rows) of every chunk without a Python loop over them."""
+    if total == len(counts):  # one token per chunk (decode): no runs to lay out
+        return np.asarray(first, np.int64)
+    n = np.asarray(counts, np.int64)
+    within = np.arange(total) - np.repeat(np.cumsum(n) - n, n)
+    if step is not None:
+        within *= np.repeat(np.asarray(step, np.int64), n)
+    return np.repeat(np.asarray(first, np.int64), n) + within
+
+
+def _column(values: list, counts: list[int], total: int, dtype: type) -> np.ndarray:
+    """values[c] repeated counts[c] times, concatenated."""
+    a: np.ndarray = np.asarray(values, dtype).reshape(-1)
+    return a if total == len(counts) else np.repeat(a, counts)
+
+
 def step_arrays(seqs: list[SeqInterventions | None], positions: np.ndarray, starts: np.ndarray,
                 n_layers: int, dim: int, empty: StepInterventions) -> StepLayout:
     """The step's tables for requests whose sequences carry `seqs` (token s's tokens are
-    starts[s]:starts[s + 1], at `positions`)."""
+    starts[s]:starts[s + 1], at consecutive `positions`, as Engine.step lays them out).
+
+    An op applies to one run of a sequence's tokens (its scope intersected with theirs), so
+    each op, prompt sum and readout is one chunk (first token, count) and the tables are built
+    from the chunks with a few numpy calls: no Python loop over tokens (a 512-token prefill
+    with an op costs what a decode token does). Only token conditions keep a per-token array,
+    as several ops may share one condition's gate rows over different runs."""
     layout = StepLayout(empty, [[] for _ in seqs], [[] for _ in seqs], [[] for _ in seqs])
     if all(s is None for s in seqs):
         return layout
-    vecs: list[np.ndarray] = []
+    vecs: list[np.ndarray] = []  # (dim,) directions and (n, dim) blocks, stacked at the end
+    n_vecs = 0
 
     def vec(v: np.ndarray) -> int:
-        vecs.append(np.asarray(v, np.float32).reshape(dim))
-        return len(vecs) - 1
+        """Add a direction or a block of rows; the index of its first row."""
+        nonlocal n_vecs
+        vecs.append(v)
+        n_vecs += 1 if v.ndim == 1 else len(v)
+        return n_vecs - (1 if v.ndim == 1 else len(v))
 
-    ops: list[tuple[int, int, int, int, int, int, float, bool, int]] = []  # sort key first
-    gates: list[tuple[int, int, int, bool, float]] = []
-    sums: list[tuple[int, int, int]] = []
-    ros: list[tuple[int, int, int]] = []
+    # ops: per chunk (layer, additions first, entry, kind, value, norm, first token, count,
+    # first vec row, vec step) and its gate rows (None: ungated)
+    ops: list[tuple[int, bool, int, int, float, bool, int, int, int, int]] = []
+    op_gates: list[np.ndarray | None] = []
+    gates: list[tuple[int, int, bool, float, np.ndarray]] = []  # layer, vec, less, thr, tokens
+    n_gates = 0
+    sums: list[tuple[int, int, int]] = []  # layer, first token, count
+    n_sums = 0
+    ros: list[tuple[int, int, int, int]] = []  # slot, first token, count, vec
     for s, si in enumerate(seqs):
         if si is None:
             continue
         t0 = int(starts[s])
-        pos = positions[starts[s]:starts[s + 1]]
+        n = int(starts[s + 1]) - t0
+        if not n:
+            continue
+        p0 = int(positions[t0])
         cvecs = [vec(c.vector) for c in si.conditions]
-        gate_of: dict[tuple[int, int], int] = {}  # (token, cond) -> gate row
+        gate_rows: dict[int, np.ndarray] = {}  # cond -> gate row per token (-1: none yet)
         for c, condition in enumerate(si.conditions):
             if condition.scope == "prompt" and c not in si.decisions:
-                for j in np.nonzero(pos < si.prompt_len)[0].tolist():
-                    layout.sums[s].append((c, len(sums)))
-                    sums.append((condition.layer, t0 + j, len(sums)))
+                m = max(0, min(n, si.prompt_len - p0))
+                layout.sums[s].extend((c, r) for r in range(n_sums, n_sums + m))
+                sums.append((condition.layer, t0, m))
+                n_sums += m
         for k, op in enumerate(si.ops):
             cond = si.conditions[op.cond] if op.cond >= 0 else None
-            whole = -1  # a direction's one table row, shared by every token it applies to
-            for i, p in enumerate(pos.tolist()):
-                if not op.start <= p < op.end or (op.rows and p >= len(op.vector)):
+            lo, hi = max(op.start, p0), min(op.end, p0 + n)
+            if op.rows:
+                hi = min(hi, len(op.vector))
+            if cond is not None and cond.scope == "prompt":
+                decided = si.decisions.get(op.cond)
+                if decided is None or not decided[1]:
                     continue
-                gate = -1
-                if cond is not None and cond.scope == "prompt":
-                    decided = si.decisions.get(op.cond)
-                    if p < si.prompt_len or decided is None or not decided[1]:
-                        continue
-                elif cond is not None:
-                    key = (t0 + i, op.cond)
-                    if key not in gate_of:
-                        gate_of[key] = len(gates)
-                        layout.gates[s].append((i, op.cond, len(gates)))
-                        gates.append((cond.layer, t0 + i, cvecs[op.cond],
-                                      cond.comparison == "less", cond.threshold))
-                    gate = gate_of[key]
-                if op.rows:
-                    v = vec(op.vector[p])
-                else:
-                    if whole < 0:
-                        whole = vec(op.vector)
-                    v = whole
-                # sorted by layer, then additions before the others, then entry order
-                ops.append((op.layer, op.kind != 0, k, t0 + i, op.kind, v, op.value,
-                            op.norm_match, gate))
+                lo = max(lo, si.prompt_len)
+            if hi <= lo:
+                continue
+            i0, m = lo - p0, hi - lo
+            gate = None
+            if cond is not None and cond.scope == "token":
+                if op.cond not in gate_rows:
+                    gate_rows[op.cond] = np.full(n, -1, np.int64)
+                g = gate_rows[op.cond]
+                idx = np.arange(i0, i0 + m)
+                new = idx[g[idx] < 0]  # a (token, condition) is one gate row, however many ops
+                g[new] = np.arange(n_gates, n_gates + len(new))
+                layout.gates[s].extend((i, op.cond, r) for i, r in
+                                       zip(new.tolist(), g[new].tolist(), strict=True))
+                gates.append((cond.layer, cvecs[op.cond], cond.comparison == "less",
+                              cond.threshold, t0 + new))
+                n_gates += len(new)
+                gate = g[idx]
+            if op.rows:  # ActAdd: the row of each token's position
+                v, step = vec(op.vector[lo:hi]), 1
+            else:  # a direction's one table row, shared by every token it applies to
+                v, step = vec(op.vector), 0
+            ops.append((op.layer, op.kind != 0, k, op.kind, op.value, op.norm_match, t0 + i0, m,
+                        v, step))
+            op_gates.append(gate)
         for r, ro in enumerate(si.readouts):
-            v = vec(ro.vector)
-            slot = ro.block * 4 + POINTS.index(ro.point)
-            for i in range(len(pos)):
-                layout.readouts[s].append((i, r, -1))
-                ros.append((slot, t0 + i, v))
+            layout.readouts[s].extend((i, r, -1) for i in range(n))
+            ros.append((ro.block * 4 + POINTS.index(ro.point), t0, n, vec(ro.vector)))
     if not (ops or gates or sums or ros):
         return layout
-    # readout rows are sorted by slot (stable): remember each one's row after sorting
-    ro_order = sorted(range(len(ros)), key=lambda j: ros[j][0])
-    ro_row = np.empty(len(ros), np.int64)
-    ro_row[ro_order] = np.arange(len(ros))
-    j = 0
-    for s in range(len(seqs)):
-        layout.readouts[s] = [(i, r, int(ro_row[j + n])) for n, (i, r, _) in
-                              enumerate(layout.readouts[s])]
-        j += len(layout.readouts[s])
-    ops.sort(key=lambda o: o[:3])
-    g_order = sorted(range(len(gates)), key=lambda g: gates[g][0])
-    g_row = np.empty(len(gates), np.int64)
-    g_row[g_order] = np.arange(len(gates))
-    for s in range(len(seqs)):
-        layout.gates[s] = [(i, c, int(g_row[g])) for i, c, g in layout.gates[s]]
-    a_order = sorted(range(len(sums)), key=lambda a: sums[a][0])
-    a_rows = [sums[a] for a in a_order]
-    gs = [gates[g] for g in g_order]
-    rs = [ros[j] for j in ro_order]
-    V = np.stack(vecs) if vecs else empty.vecs
-    norms = np.linalg.norm(V.astype(np.float64), axis=1).astype(np.float32)
+
+    # every table sorted by layer (readouts by slot), stably: rows keep their gathering order
+    # within a key; ops by layer, then additions before the others, then entry order
+    oc = [x[7] for x in ops]
+    on = sum(oc)
+    o_layer = _column([x[0] for x in ops], oc, on, np.int64)
+    o = np.lexsort((_column([x[2] for x in ops], oc, on, np.int64),
+                    _column([x[1] for x in ops], oc, on, np.int64), o_layer))
+    gc = [len(g[4]) for g in gates]
+    gn = sum(gc)
+    g_layer = _column([g[0] for g in gates], gc, gn, np.int64)
+    g_order = np.argsort(g_layer, kind="stable")
+    g_row = np.empty(gn, np.int64)
+    g_row[g_order] = np.arange(gn)
+    if gates:
+        for s in range(len(seqs)):
+            layout.gates[s] = [(i, c, int(g_row[g])) for i, c, g in layout.gates[s]]
+    o_gate = np.full(on, -1, np.int64)
+    at = 0
+    for rows_of, c in zip(op_gates, oc, strict=True):
+        if rows_of is not None:
+            o_gate[at:at + c] = g_row[rows_of]
+        at += c
+    ac = [a[2] for a in sums]
+    a_layer = _column([a[0] for a in sums], ac, n_sums, np.int64)
+    a_order = np.argsort(a_layer, kind="stable")
+    rc = [r[2] for r in ros]
+    rn = sum(rc)
+    r_slot = _column([r[0] for r in ros], rc, rn, np.int64)
+    r_order = np.argsort(r_slot, kind="stable")
+    if ros:
+        ro_row = np.empty(rn, np.int64)
+        ro_row[r_order] = np.arange(rn)
+        rows = ro_row.tolist()
+        j = 0
+        for s in range(len(seqs)):
+            layout.readouts[s] = [(i, r, rows[j + n]) for n, (i, r, _) in
+                                  enumerate(layout.readouts[s])]
+            j += len(layout.readouts[s])
+    V = np.vstack(vecs).astype(np.float32, copy=False) if vecs else empty.vecs
+    norms = np.sqrt(np.einsum("ij,ij->i", V, V, dtype=np.float64)).astype(np.float32)
+    i32 = np.int32
     layout.iv = StepInterventions(
         V, norms,
-        _starts([o[0] for o in ops], n_layers + 1), _i32([o[3] for o in ops]),
-        _i32([o[4] for o in ops]), _i32([o[5] for o in ops]),
-        _i32([int(g_row[o[8]]) if o[8] >= 0 else -1 for o in ops]),
-        np.asarray([o[6] for o in ops], np.float32).reshape(-1),
-        np.asarray([o[7] for o in ops], np.bool_).reshape(-1),
-        _starts([g[0] for g in gs], n_layers + 1), _i32([g[1] for g in gs]),
-        _i32([g[2] for g in gs]), np.asarray([g[3] for g in gs], np.bool_).reshape(-1),
-        np.asarray([g[4] for g in gs], np.float32).reshape(-1),
-        np.zeros(len(gs), np.float32), np.zeros(len(gs), np.bool_),
-        _starts([a[0] for a in a_rows], n_layers + 1), _i32([a[1] for a in a_rows]),
+        _starts(o_layer[o], n_layers + 1),
+        _ranges([x[6] for x in ops], oc, on)[o].astype(i32),
+        _column([x[3] for x in ops], oc, on, i32)[o],
+        _ranges([x[8] for x in ops], oc, on, [x[9] for x in ops])[o].astype(i32),
+        o_gate[o].astype(i32),
+        _column([x[4] for x in ops], oc, on, np.float32)[o],
+        _column([x[5] for x in ops], oc, on, np.bool_)[o],
+        _starts(g_layer[g_order], n_layers + 1),
+        (np.concatenate([g[4] for g in gates]) if gates else g_layer)[g_order].astype(i32),
+        _column([g[1] for g in gates], gc, gn, i32)[g_order],
+        _column([g[2] for g in gates], gc, gn, np.bool_)[g_order],
+        _column([g[3] for g in gates], gc, gn, np.float32)[g_order],
+        np.zeros(gn, np.float32), np.zeros(gn, np.bool_),
+        _starts(a_layer[a_order], n_layers + 1),
+        _ranges([a[1] for a in sums], ac, n_sums)[a_order].astype(i32),
         # a sum row keeps its unsorted index: layout.sums names it
-        _i32([a[2] for a in a_rows]), np.zeros((len(sums), dim), np.float32),
-        _starts([r[0] for r in rs], n_layers * 4), _i32([r[1] for r in rs]),
-        _i32([r[2] for r in rs]), np.zeros((len(rs), 2), np.float32))
+        a_order.astype(i32), np.zeros((n_sums, dim), np.float32),
+        _starts(r_slot[r_order], n_layers * 4),
+        _ranges([r[1] for r in ros], rc, rn)[r_order].astype(i32),
+        _column([r[3] for r in ros], rc, rn, i32)[r_order], np.zeros((rn, 2), np.float32))
     return layout
 
 
