@@ -6,6 +6,8 @@ because the engine is batch-invariant, reusing blocks must give the same bits, s
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -300,3 +302,150 @@ def test_a_failed_step_registers_nothing_and_a_cancelled_prefill_keeps_its_block
     assert r.reused == 32
     same(r, run(plain, p, attach=False))
     check_empty(eng)
+
+
+# the server: usage, timings, metrics, n choices, conversations --------------------------------
+
+STORY = ("Once upon a time there was a little girl named Lily. She loved to play outside in the "
+         "park with her big red ball and her small brown dog, and every day ")
+
+
+@pytest.fixture(scope="module")
+def config(shared_models: Path, tmp_path_factory):
+    from tiller.server.app import ServerConfig
+
+    return ServerConfig(model_path=shared_models / "stories260K.bin",
+                        tokenizer_path=shared_models / "tok512.bin", parallel=8,
+                        token_budget=64, steering_dir=tmp_path_factory.mktemp("steering"))
+
+
+async def post(client, path: str, body: dict) -> dict:
+    response = await client.post(path, json=body)
+    payload = await response.json()
+    assert response.status == 200, payload
+    return payload
+
+
+def runner_of(client):
+    from tiller.server.app import STATE
+
+    return client.app[STATE].ready()[1]
+
+
+def cached_tokens(body: dict) -> int:
+    return body["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+async def test_n_choices_compute_their_prompt_once(client, model):
+    prompt = "One day. " + STORY + "she ran to the tree."
+    n_prompt = len(model.tokenizer.encode(prompt, bos=True))
+    assert n_prompt > 2 * KV_BLOCK
+    tail = n_prompt - (n_prompt - 1) // KV_BLOCK * KV_BLOCK
+    stats = runner_of(client).stats
+    request = {"prompt": prompt, "n": 4, "max_tokens": 8, "temperature": 0.9, "seed": 7}
+    before = stats.prompt_tokens
+    without = await post(client, "/v1/completions", {**request, "cache_prompt": False})
+    assert stats.prompt_tokens - before == 4 * n_prompt
+    assert cached_tokens(without) == 0
+    before = stats.prompt_tokens
+    hits = model.engine.cache.stats.hit_tokens
+    with_cache = await post(client, "/v1/completions", {**request, "prompt": prompt + " Then"})
+    n2 = with_cache["usage"]["prompt_tokens"]
+    tail2 = n2 - (n2 - 1) // KV_BLOCK * KV_BLOCK
+    # the first choice shares the earlier request's blocks; the other three wait for it and
+    # share its blocks too: each computes only the tail past its last full block
+    first = (n_prompt - 1) // KV_BLOCK * KV_BLOCK
+    assert cached_tokens(with_cache) == min(first, (n2 - 1) // KV_BLOCK * KV_BLOCK)
+    assert stats.prompt_tokens - before == (n2 - cached_tokens(with_cache)) + 3 * tail2
+    reused = model.engine.cache.stats.hit_tokens - hits
+    assert reused == cached_tokens(with_cache) + 3 * (n2 - tail2)
+    again = await post(client, "/v1/completions", request)
+    assert [c["text"] for c in again["choices"]] == [c["text"] for c in without["choices"]]
+    assert cached_tokens(again) == n_prompt - tail
+
+
+async def test_a_conversation_reuses_its_earlier_turns(client, model):
+    first = [{"role": "user", "content": "Hello. " + STORY + "what did she find?"}]
+    turn1 = await post(client, "/v1/chat/completions",
+                       {"messages": first, "max_tokens": 24, "temperature": 0})
+    reply = turn1["choices"][0]["message"]["content"]
+    n1 = turn1["usage"]["prompt_tokens"]
+    second = {"messages": [*first, {"role": "assistant", "content": reply},
+                           {"role": "user", "content": "And then what happened?"}],
+              "max_tokens": 24, "temperature": 0}
+    off = await post(client, "/v1/chat/completions", {**second, "cache_prompt": False})
+    assert cached_tokens(off) == 0
+    on = await post(client, "/v1/chat/completions", second)
+    assert cached_tokens(on) >= (n1 - 1) // KV_BLOCK * KV_BLOCK > 0
+    assert on["choices"][0]["message"] == off["choices"][0]["message"]
+    response = await client.post("/v1/chat/completions", json={
+        **second, "stream": True, "stream_options": {"include_usage": True}})
+    events = [json.loads(line[6:]) for line in (await response.text()).splitlines()
+              if line.startswith("data: {")]
+    assert events[-1]["usage"] == on["usage"]
+    assert events[-1]["timings"]["cache_n"] == cached_tokens(on)
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+    assert text == on["choices"][0]["message"]["content"]
+
+
+async def test_llama_completion_reports_cache_n(client, model):
+    prompt = "A bird sang. " + STORY
+    n_prompt = len(model.tokenizer.encode(prompt, bos=True))
+    body = {"prompt": prompt, "n_predict": 6, "temperature": 0}
+    first = await post(client, "/completion", body)
+    second = await post(client, "/completion", body)
+    reused = (n_prompt - 1) // KV_BLOCK * KV_BLOCK
+    assert first["timings"]["cache_n"] == 0 and first["timings"]["prompt_n"] == n_prompt
+    assert second["timings"]["cache_n"] == reused
+    assert second["timings"]["prompt_n"] == n_prompt - reused
+    assert second["content"] == first["content"]
+    # llama.cpp's tokens_cached: the tokens in the slot's cache at the end, prompt + generated
+    assert second["tokens_cached"] == n_prompt + second["tokens_predicted"]
+    off = await post(client, "/completion", {**body, "cache_prompt": False})
+    assert off["timings"]["cache_n"] == 0 and off["content"] == first["content"]
+
+
+async def test_requests_reading_their_prompt_compute_it(client, model):
+    prompt = "The sun came out. " + STORY
+    request = {"prompt": prompt, "max_tokens": 4, "temperature": 0, "echo": True,
+               "logprobs": 1}
+    first = await post(client, "/v1/completions", request)
+    second = await post(client, "/v1/completions", request)
+    assert cached_tokens(second) == 0
+    assert second["choices"][0]["logprobs"] == first["choices"][0]["logprobs"]
+    plain_request = {k: v for k, v in request.items() if k not in ("echo", "logprobs")}
+    assert cached_tokens(await post(client, "/v1/completions", plain_request)) > 0
+
+
+async def test_metrics_count_hits_and_blocks(client, model):
+    body = {"prompt": STORY + "they went home.", "max_tokens": 4, "temperature": 0}
+    await post(client, "/v1/completions", body)
+    await post(client, "/v1/completions", body)
+    text = await (await client.get("/metrics")).text()
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line.startswith("tiller_prefix") or line.startswith("tiller_kv_blocks")}
+    stats = model.engine.cache.stats
+    assert values["tiller_prefix_cache_hits_total"] == stats.hit_tokens > 0
+    assert values["tiller_prefix_cache_queries_total"] == stats.lookups >= stats.hit_tokens
+    assert values["tiller_prefix_cache_hit_blocks_total"] == stats.hit_blocks
+    assert values["tiller_prefix_cache_evictions_total"] == stats.evictions
+    assert values["tiller_kv_blocks_cached"] == model.engine.cache.cached_blocks > 0
+    assert values["tiller_kv_blocks_shared"] == 0  # nothing runs now
+    assert values["tiller_kv_blocks_used"] == 0
+
+
+async def test_no_prefix_cache_flag(aiohttp_client, config):
+    from tiller.server.app import create_app, load_model
+
+    from tiller.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--model", "m.gguf", "--no-prefix-cache"])
+    assert args.no_prefix_cache
+    off = replace(config, prefix_cache=False)
+    model = load_model(off)
+    assert not model.engine.prefix_cache
+    client = await aiohttp_client(create_app(off, model=model))
+    body = {"prompt": STORY, "max_tokens": 4, "temperature": 0}
+    for _ in range(2):
+        assert cached_tokens(await post(client, "/v1/completions", body)) == 0
+    assert model.engine.cache.cached_blocks == 0
