@@ -14,16 +14,38 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence as SequenceOf
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 from blake3 import blake3
 
+from .interventions import Condition, Positions
 from .kvcache import KV_BLOCK
 
-if TYPE_CHECKING:
-    from .engine import SteeringTerm
-    from .interventions import Condition
+
+class Term(Protocol):
+    """What a key needs of an engine.SteeringTerm (the engine imports this module)."""
+
+    @property
+    def layer(self) -> int: ...
+    @property
+    def vectors(self) -> np.ndarray: ...
+    @property
+    def scale(self) -> float: ...
+    @property
+    def every_position(self) -> bool: ...
+    @property
+    def op(self) -> str: ...
+    @property
+    def value(self) -> float: ...
+    @property
+    def norm_match(self) -> bool: ...
+    @property
+    def positions(self) -> Positions: ...
+    @property
+    def when(self) -> Condition | None: ...
+    @property
+    def plain(self) -> bool: ...
 
 
 class Span(NamedTuple):
@@ -48,7 +70,7 @@ def _condition(h: blake3, when: Condition, prompt_len: int) -> None:
     _array(h, np.asarray(when.vector))
 
 
-def steering_spans(terms: SequenceOf[SteeringTerm], scopes: SequenceOf[tuple[int, int]],
+def steering_spans(terms: SequenceOf[Term], scopes: SequenceOf[tuple[int, int]],
                    prompt_len: int) -> tuple[Span, ...]:
     """Each entry's span and digest, in entry order (the order folding and ops follow).
 

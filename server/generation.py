@@ -30,6 +30,7 @@ from .runner import (
     Finished,
     FinishReason,
     GenerationRequest,
+    Handle,
     PromptLogprobs,
     PromptReadings,
     Runner,
@@ -79,7 +80,8 @@ class Generation:
         """`after`: the generation whose prompt computation this one waits for and reuses."""
         self.runner = runner
         self.request = request
-        self.handle = runner.submit(request, after.handle if after is not None else None)
+        self.handle: Handle = runner.submit(request,
+                                            after.handle if after is not None else None)
         self.stream = TextStream(tokenizer, stop, at_start=at_start)
         self.done = False
         # NOTE: the handler's own clock, for timings while the request runs (timings_per_token);
