@@ -266,8 +266,9 @@ async def collect_states(model: Model, runner: Runner, prompts: list[list[int]],
 
 def timings(prompt_n: int, predicted_n: int, prompt_seconds: float,
             predicted_seconds: float, cache_n: int = 0) -> dict:
-    """llama.cpp's `timings` object: prompt_n counts the prompt tokens computed, cache_n those
-    reused from the prefix cache (llama-server's meaning since it reports cache_n)."""
+    """llama.cpp's `timings` object: prompt_n counts the prompt tokens computed (its
+    n_prompt_tokens_processed, c392e50 included), cache_n those reused from the prefix cache
+    (newer llama-servers add it: the context used is prompt_n + cache_n + predicted_n)."""
     pms, gms = prompt_seconds * 1000, predicted_seconds * 1000
     prompt_n -= cache_n
     return {"cache_n": cache_n, "prompt_n": prompt_n, "prompt_ms": pms,

@@ -212,7 +212,8 @@ class Runner:
         job = _Job(gen, sampler, handle, sequence)
         request = Request(request_id, list(gen.prompt), gen.max_tokens, gen.stop_ids, job)
         with self._lock:
-            request.after = self.scheduler.get(after.id) if after is not None else None
+            if after is not None and gen.reuses_prompt and self.engine.prefix_cache:
+                request.after = self.scheduler.get(after.id)  # None if it has ended
             self.scheduler.add(request)
             self._wake.notify()
         return handle
