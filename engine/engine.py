@@ -534,7 +534,7 @@ class Engine:
                                      *self._readings(r, s, layout)))
         for r in requests:  # last, so that a step that raised can be run again (docstring)
             r.seq.length += len(r.tokens)
-            r.seq.tokens.extend(np.asarray(r.tokens).tolist())
+            r.seq.tokens.extend(r.tokens)
             if self.prefix_cache:
                 self._register(r.seq)
         for s, r in enumerate(requests):

@@ -231,17 +231,19 @@ class Runner:
 
     def snapshot(self) -> dict:
         """Queue and slot state for /slots, /health and /metrics."""
+        cache = self.engine.cache
+        shared = cache.shared_blocks  # NOTE: a scan of the pool: outside the engine's lock
         with self._lock:
             s = self.scheduler
             return {
                 "running": [(r.id, len(r.prompt), len(r.output), r.computed) for r in s.running],
                 "waiting": len(s.waiting),
                 "max_running": s.max_running,
-                "kv_blocks_used": self.engine.cache.used_blocks,
-                "kv_blocks_total": self.engine.cache.n_blocks,
+                "kv_blocks_used": cache.used_blocks,
+                "kv_blocks_total": cache.n_blocks,
                 "kv_blocks_reserved": s.kv_reserved,
-                "kv_blocks_cached": self.engine.cache.cached_blocks,
-                "kv_blocks_shared": self.engine.cache.shared_blocks,
+                "kv_blocks_cached": cache.cached_blocks,
+                "kv_blocks_shared": shared,
             }
 
     # the engine thread -----------------------------------------------------------------------
