@@ -30,6 +30,7 @@ from .interventions import (
     step_arrays,
 )
 from .kvcache import KV_BLOCK, CacheFull, KVCache, blocks_for
+from .prefix import Span, block_key, steering_spans
 from .weight_cache import load_or_build
 from .weights import DTYPES, Progress, Weights, padded
 
@@ -100,13 +101,21 @@ class FoldedSteering:
 @dataclass(eq=False)
 class Sequence:
     """One sequence's place in the KV cache (its length so far and the blocks holding it) and
-    the steering it was created with, which it keeps for its whole life."""
+    the steering it was created with, which it keeps for its whole life.
+
+    For the prefix cache (engine/prefix.py): the tokens computed so far, the content keys of
+    its full blocks, its steering as spans, and whether it may reuse cached blocks at all (not
+    with prompt conditions, whose decision needs the prompt's own hidden states)."""
 
     id: int
     length: int = 0
     blocks: list[int] = field(default_factory=list)
     steering: FoldedSteering | None = field(default=None, repr=False)
     interventions: SeqInterventions | None = field(default=None, repr=False)
+    tokens: list[int] = field(default_factory=list, repr=False)
+    keys: list[bytes] = field(default_factory=list, repr=False)
+    spans: tuple[Span, ...] = field(default=(), repr=False)
+    reusable: bool = True
 
 
 @dataclass
@@ -141,9 +150,10 @@ def default_threads() -> int:
 class Engine:
     def __init__(self, config: ModelConfig, weights: Weights, *, max_tokens: int = 256,
                  kv_tokens: int | None = None, kv_sequences: int = 4,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, prefix_cache: bool = True) -> None:
         """max_tokens: tokens per step. The KV cache holds kv_tokens positions in all, by
-        default kv_sequences full contexts (max_seq_len each), shared through paging."""
+        default kv_sequences full contexts (max_seq_len each), shared through paging.
+        prefix_cache: full blocks are kept by content key for `attach_prefix` to reuse."""
         if max_tokens <= 0:
             raise ValueError(f"max_tokens must be positive, got {max_tokens}")
         max_threads: int = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
@@ -157,6 +167,7 @@ class Engine:
         kv_tokens = kv_tokens or kv_sequences * config.max_seq_len
         self.cache = KVCache(config, blocks_for(kv_tokens))
         self.max_blocks_per_seq = blocks_for(config.max_seq_len)
+        self.prefix_cache = prefix_cache
         self._ids = itertools.count()
         self._workspace = self._make_workspace(max_tokens)
         c = config
@@ -215,7 +226,11 @@ class Engine:
             self._validate_term(i, term)
         folded = self._fold_steering(plain) if plain else None
         extra = self._interventions(steering, readouts, prompt_len)
-        return Sequence(id=next(self._ids), steering=folded, interventions=extra)
+        scopes = [self._scope(i, t.positions, prompt_len) for i, t in enumerate(steering)]
+        spans = steering_spans(steering, scopes, prompt_len or 0)
+        reusable = not any(t.when is not None and t.when.scope == "prompt" for t in steering)
+        return Sequence(id=next(self._ids), steering=folded, interventions=extra, spans=spans,
+                        reusable=reusable)
 
     def _interventions(self, terms: SequenceOf[SteeringTerm], readouts: SequenceOf[Readout],
                        prompt_len: int | None) -> SeqInterventions | None:
@@ -280,10 +295,52 @@ class Engine:
             raise EngineError(f"{where}: a direction must be finite and not zero")
 
     def release(self, seq: Sequence) -> None:
-        """Give the sequence's KV blocks back to the pool; the sequence is empty afterwards."""
+        """Give the sequence's KV blocks back to the pool; the sequence is empty afterwards.
+        Its full blocks stay cached (evictable) for later sequences with the same prefix."""
         self.cache.release(seq.blocks)
         seq.blocks = []
         seq.length = 0
+        seq.tokens = []
+        seq.keys = []
+
+    # the prefix cache ------------------------------------------------------------------------
+
+    def attach_prefix(self, seq: Sequence, prompt: SequenceOf[int]) -> int:
+        """Before a sequence's first step: take the cached blocks that hold the longest prefix
+        of `prompt` (same tokens, same steering at those positions), as if computed; returns
+        the tokens reused. The last prompt token is always left to compute (its logits are the
+        first draw's), and nothing is reused with prompt conditions (Sequence.reusable)."""
+        if seq.length or seq.blocks:
+            raise EngineError("attach_prefix: the sequence has already started")
+        if not self.prefix_cache or not seq.reusable:
+            return 0
+        stats = self.cache.stats
+        stats.lookups += len(prompt)
+        parent = b""
+        for i in range((len(prompt) - 1) // KV_BLOCK):
+            tokens = list(prompt[i * KV_BLOCK:(i + 1) * KV_BLOCK])
+            key = block_key(parent, tokens, i, seq.spans)
+            block = self.cache.lookup(key)
+            if block is None:
+                break
+            self.cache.acquire(block)
+            seq.blocks.append(block)
+            seq.keys.append(key)
+            seq.tokens.extend(tokens)
+            parent = key
+        seq.length = len(seq.tokens)
+        stats.hit_blocks += len(seq.blocks)
+        stats.hit_tokens += seq.length
+        return seq.length
+
+    def _register(self, seq: Sequence) -> None:
+        """Key the blocks a step filled; a key another block already holds leaves ours private
+        (the cached one keeps serving hits)."""
+        for i in range(len(seq.keys), seq.length // KV_BLOCK):
+            key = block_key(seq.keys[-1] if seq.keys else b"",
+                            seq.tokens[i * KV_BLOCK:(i + 1) * KV_BLOCK], i, seq.spans)
+            seq.keys.append(key)
+            self.cache.register(seq.blocks[i], key)
 
     # the step --------------------------------------------------------------------------------
 
@@ -477,6 +534,9 @@ class Engine:
                                      *self._readings(r, s, layout)))
         for r in requests:  # last, so that a step that raised can be run again (docstring)
             r.seq.length += len(r.tokens)
+            r.seq.tokens.extend(r.tokens)
+            if self.prefix_cache:
+                self._register(r.seq)
         for s, r in enumerate(requests):
             self._decide(r.seq, layout.iv.sums, layout.sums[s])
         return results

@@ -2,9 +2,18 @@
 
 A sequence owns a list of blocks (its row of the block table) and returns them when it ends,
 so memory follows actual lengths rather than reserving max_seq_len per slot (vLLM's paging).
+
+Blocks are reference-counted so that sequences with the same prefix share them (the prefix
+cache, engine/prefix.py computes the keys). A full block may carry a content key; when its
+last reference goes it stays cached, evictable, at the tail of an LRU queue, and `allocate`
+takes plain free blocks first, then evicts the least recently used cached ones (vLLM's
+automatic prefix caching). Evictable blocks count as free, so capacity checks are unchanged.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,6 +30,16 @@ def blocks_for(n_positions: int) -> int:
     return -(-n_positions // KV_BLOCK)
 
 
+@dataclass
+class CacheStats:
+    """Running totals of the prefix cache (read by /metrics without a lock)."""
+
+    lookups: int = 0  # prompt tokens looked up
+    hit_tokens: int = 0  # of those, served from cached blocks
+    hit_blocks: int = 0
+    evictions: int = 0  # cached blocks dropped to make room
+
+
 class KVCache:
     def __init__(self, config: ModelConfig, n_blocks: int) -> None:
         if n_blocks <= 0:
@@ -32,21 +51,90 @@ class KVCache:
         self.n_blocks = n_blocks
         # handed out from the end, so low block ids are reused first (better locality)
         self._free = list(range(n_blocks - 1, -1, -1))
+        self._refs = [0] * n_blocks
+        self._key_of: dict[int, bytes] = {}  # block -> content key
+        self._block_of: dict[bytes, int] = {}  # content key -> block
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # refs 0, keyed; oldest first
+        self.stats = CacheStats()
 
     @property
     def free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks `allocate` can hand out: free ones and cached ones nobody references."""
+        return len(self._free) + len(self._evictable)
 
     @property
     def used_blocks(self) -> int:
-        return self.n_blocks - len(self._free)
+        """Blocks some sequence references."""
+        return self.n_blocks - self.free_blocks
+
+    @property
+    def cached_blocks(self) -> int:
+        """Blocks holding a content key (referenced or not)."""
+        return len(self._key_of)
+
+    @property
+    def evictable_blocks(self) -> int:
+        return len(self._evictable)
+
+    @property
+    def shared_blocks(self) -> int:
+        """Blocks referenced by more than one sequence."""
+        return sum(1 for r in self._refs if r > 1)
+
+    def refs(self, block: int) -> int:
+        return self._refs[block]
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise CacheFull(f"need {n} KV blocks, {len(self._free)} free of {self.n_blocks}")
-        taken = self._free[-n:] if n else []
-        del self._free[len(self._free) - n:]
-        return taken[::-1]
+        if n > self.free_blocks:
+            raise CacheFull(f"need {n} KV blocks, {self.free_blocks} free of {self.n_blocks}")
+        k = min(n, len(self._free))
+        taken = self._free[len(self._free) - k:][::-1]
+        del self._free[len(self._free) - k:]
+        for _ in range(n - k):
+            block, _ = self._evictable.popitem(last=False)
+            del self._block_of[self._key_of.pop(block)]
+            self.stats.evictions += 1
+            taken.append(block)
+        for block in taken:
+            self._refs[block] = 1
+        return taken
 
     def release(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        # NOTE: in reverse, so a sequence's last blocks (the least likely to be shared) are the
+        # first evicted
+        for block in reversed(blocks):
+            refs = self._refs[block] - 1
+            if refs < 0:
+                raise RuntimeError(f"KV block {block} released more often than it was taken")
+            self._refs[block] = refs
+            if refs:
+                continue
+            if block in self._key_of:
+                self._evictable[block] = None
+            else:
+                self._free.append(block)
+
+    # content addressing ----------------------------------------------------------------------
+
+    def lookup(self, key: bytes) -> int | None:
+        """The block cached under `key`, if any (no reference taken)."""
+        return self._block_of.get(key)
+
+    def acquire(self, block: int) -> None:
+        """Take a reference to a cached block (a prefix hit); it stops being evictable."""
+        if block not in self._key_of:
+            raise RuntimeError(f"KV block {block} is not cached")
+        if self._refs[block] == 0:
+            del self._evictable[block]
+        self._refs[block] += 1
+
+    def register(self, block: int, key: bytes) -> bool:
+        """Cache a full block under its content key; False (and the block stays private) if
+        another block already holds that key or this one already has a key."""
+        if self._refs[block] <= 0:
+            raise RuntimeError(f"KV block {block} is not held by any sequence")
+        if key in self._block_of or block in self._key_of:
+            return False
+        self._key_of[block] = key
+        self._block_of[key] = block
+        return True

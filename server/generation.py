@@ -30,6 +30,7 @@ from .runner import (
     Finished,
     FinishReason,
     GenerationRequest,
+    Handle,
     PromptLogprobs,
     PromptReadings,
     Runner,
@@ -65,6 +66,7 @@ class Outcome:
     seed: int
     text: str
     decisions: list[tuple[int, float, bool]] = field(default_factory=list)  # Finished's
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache
 
 
 class Generation:
@@ -73,10 +75,13 @@ class Generation:
     then one Outcome. Leaving `events()` early, or calling `cancel()`, cancels the request."""
 
     def __init__(self, runner: Runner, tokenizer: Tokenizer, request: GenerationRequest,
-                 stop: tuple[str, ...] = (), at_start: bool = False) -> None:
+                 stop: tuple[str, ...] = (), at_start: bool = False,
+                 after: Generation | None = None) -> None:
+        """`after`: the generation whose prompt computation this one waits for and reuses."""
         self.runner = runner
         self.request = request
-        self.handle = runner.submit(request)
+        self.handle: Handle = runner.submit(request,
+                                            after.handle if after is not None else None)
         self.stream = TextStream(tokenizer, stop, at_start=at_start)
         self.done = False
         # NOTE: the handler's own clock, for timings while the request runs (timings_per_token);
@@ -138,7 +143,7 @@ class Generation:
                         finish, stop_type, word = "length", "limit", ""
                     yield Outcome(finish, stop_type, word, event.prompt_tokens, self.n_tokens,
                                   event.prompt_seconds, event.generate_seconds, event.seed,
-                                  stream.text, event.decisions)
+                                  stream.text, event.decisions, event.cached_tokens)
                     return
         finally:
             self.cancel()
@@ -150,9 +155,13 @@ def start_generations(model: Model, runner: Runner, specs: Sequence[GenerationSp
                       ) -> list[Generation]:
     """Submit every choice now, so a full queue is a 503 before any response has started."""
     started: list[Generation] = []
+    leader: Generation | None = None
     try:
         for gen, stop, at_start in specs:
-            started.append(Generation(runner, model.tokenizer, gen, stop, at_start))
+            g = Generation(runner, model.tokenizer, gen, stop, at_start,
+                           leader if gen.follow else None)
+            leader = leader if gen.follow else g
+            started.append(g)
     except EngineError as e:  # the steering, validated when its sequence is created
         for g in started:
             g.cancel()
@@ -256,10 +265,13 @@ async def collect_states(model: Model, runner: Runner, prompts: list[list[int]],
 # timings and probabilities, in the shapes clients read ---------------------------------------
 
 def timings(prompt_n: int, predicted_n: int, prompt_seconds: float,
-            predicted_seconds: float) -> dict:
-    """llama.cpp's `timings` object."""
+            predicted_seconds: float, cache_n: int = 0) -> dict:
+    """llama.cpp's `timings` object: prompt_n counts the prompt tokens computed (its
+    n_prompt_tokens_processed, c392e50 included), cache_n those reused from the prefix cache
+    (newer llama-servers add it: the context used is prompt_n + cache_n + predicted_n)."""
     pms, gms = prompt_seconds * 1000, predicted_seconds * 1000
-    return {"prompt_n": prompt_n, "prompt_ms": pms,
+    prompt_n -= cache_n
+    return {"cache_n": cache_n, "prompt_n": prompt_n, "prompt_ms": pms,
             "prompt_per_token_ms": pms / prompt_n if prompt_n else 0.0,
             "prompt_per_second": prompt_n / prompt_seconds if prompt_seconds else 0.0,
             "predicted_n": predicted_n, "predicted_ms": gms,
@@ -274,7 +286,8 @@ def outcome_timings(outcomes: Iterable[Outcome]) -> dict:
     sequence, as one choice's would be."""
     done = list(outcomes)
     return timings(sum(o.prompt_tokens for o in done), sum(o.completion_tokens for o in done),
-                   sum(o.prompt_seconds for o in done), sum(o.generate_seconds for o in done))
+                   sum(o.prompt_seconds for o in done), sum(o.generate_seconds for o in done),
+                   sum(o.cached_tokens for o in done))
 
 
 def token_logprobs(tokenizer: Tokenizer, piece: Piece) -> dict:

@@ -50,6 +50,25 @@ class _RunnerCollector(Collector):
                                 value=snap["kv_blocks_total"])
         yield GaugeMetricFamily("tiller_kv_cache_usage_ratio", "Used fraction of the KV cache.",
                                 value=snap["kv_blocks_used"] / max(snap["kv_blocks_total"], 1))
+        cache = runner.engine.cache.stats
+        yield CounterMetricFamily("tiller_prefix_cache_queries",
+                                  "Prompt tokens looked up in the prefix cache.",
+                                  value=cache.lookups)
+        yield CounterMetricFamily("tiller_prefix_cache_hits",
+                                  "Prompt tokens served from the prefix cache.",
+                                  value=cache.hit_tokens)
+        yield CounterMetricFamily("tiller_prefix_cache_hit_blocks",
+                                  "KV blocks served from the prefix cache.",
+                                  value=cache.hit_blocks)
+        yield CounterMetricFamily("tiller_prefix_cache_evictions",
+                                  "Cached KV blocks evicted to make room.",
+                                  value=cache.evictions)
+        yield GaugeMetricFamily("tiller_kv_blocks_cached",
+                                "KV blocks kept by content for reuse (in use or not).",
+                                value=snap["kv_blocks_cached"])
+        yield GaugeMetricFamily("tiller_kv_blocks_shared",
+                                "KV blocks used by more than one sequence.",
+                                value=snap["kv_blocks_shared"])
         yield GaugeMetricFamily("tiller_last_step_seconds", "Latency of the latest engine step.",
                                 value=stats.last_step_seconds)
 

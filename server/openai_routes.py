@@ -34,9 +34,12 @@ from .tool_parser import ArgumentsDelta, CallStart, ContentDelta, Event, ToolCal
 from .tools import ToolRequest
 
 
-def _usage(prompt: int, completion: int) -> dict:
+def _usage(prompt: int, completion: int, cached: int) -> dict:
+    """`cached`: of the prompt tokens, those read from the prefix cache (n choices of a prompt
+    count it once, as prompt_tokens do: its first choice's)."""
     return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _token_text(model: Model, token: int) -> str:
@@ -165,7 +168,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     prompt_tokens = sum(len(c.prompt_ids) for c in choices[::body.n])
     completion_tokens = sum(o.completion_tokens for o in outcomes.values())
     request[TOKENS] = completion_tokens
-    usage = _usage(prompt_tokens, completion_tokens)
+    usage = _usage(prompt_tokens, completion_tokens,
+                   sum(outcomes[i].cached_tokens for i in range(0, len(choices), body.n)))
     timings = outcome_timings(outcomes[i] for i in range(len(choices)))
     if sse:
         await _finish_stream(sse, finish_chunk, body.stream_options, usage, timings)
@@ -302,7 +306,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return sse.response
     completion_tokens = sum(o.completion_tokens for o in outcomes.values())
     request[TOKENS] = completion_tokens
-    usage = _usage(len(ids), completion_tokens)
+    usage = _usage(len(ids), completion_tokens, outcomes[0].cached_tokens)
     timings = outcome_timings(outcomes[i] for i in range(body.n))
     if sse:
         await _finish_stream(sse, finish_chunk, body.stream_options, usage, timings)

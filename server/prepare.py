@@ -64,7 +64,8 @@ def completion_choices(model: Model, runner: Runner, body: CompletionRequest,
                                     logprobs=body.logprobs,
                                     prompt_logprobs=body.echo and body.logprobs is not None,
                                     steering=steering,
-                                    constraint=model.vocabulary.constraint(grammar))
+                                    constraint=model.vocabulary.constraint(grammar),
+                                    cache_prompt=body.cache_prompt, follow=j > 0)
             choices.append(Choice((gen, stop, False), ids, echo))
     return choices
 
@@ -106,7 +107,8 @@ def chat_choices(model: Model, runner: Runner, body: ChatCompletionRequest,
                                   body.repeat_last_n), body.chain())
         gen = GenerationRequest(ids, params, n_new, model.tokenizer.end_ids,
                                 logprobs=top_n, steering=steering,
-                                constraint=model.vocabulary.constraint(grammar))
+                                constraint=model.vocabulary.constraint(grammar),
+                                cache_prompt=body.cache_prompt, follow=j > 0)
         choices.append(Choice((gen, stop, False), ids, tools=parsed))
     return choices
 
@@ -177,7 +179,8 @@ def llama_choice(model: Model, runner: Runner, body: LlamaCompletionRequest,
     gen = GenerationRequest(ids, params, n_new, stop_ids,
                             logprobs=body.n_probs if body.n_probs else None,
                             post_sampling_probs=body.post_sampling_probs, steering=steering,
-                            constraint=model.vocabulary.constraint(grammar))
+                            constraint=model.vocabulary.constraint(grammar),
+                            cache_prompt=body.cache_prompt)
     return Choice((gen, stop_strings(body.stop), False), ids)
 
 

@@ -87,6 +87,9 @@ class LlamaFields(_Body):
     neutral = LLAMA_NEUTRAL
     samplers: list[str] | str | None = None
     timings_per_token: bool = False  # `timings` in every streamed chunk
+    # reuse the KV cache of a prompt prefix computed before (server/runner.py): the output is
+    # bitwise the same either way, false only costs the prompt's recomputation
+    cache_prompt: bool = True
 
     @field_validator("samplers")
     @classmethod
@@ -294,9 +297,6 @@ class LlamaCompletionRequest(LlamaFields):
     n_probs: NonNegInt = Field(0, le=20)
     post_sampling_probs: bool = False
     ignore_eos: bool = False
-    # NOTE: a no-op until the prefix cache lands: every prompt is computed afresh, so the
-    # results are the same either way (llama.cpp warns they may differ with it on)
-    cache_prompt: bool = True
     id_slot: int = Field(-1, ge=-1)  # no slot keeps anything between requests: any is the same
     return_tokens: bool = False
     steering: Steering = []
@@ -319,6 +319,7 @@ class DetokenizeRequest(_Body):
 
 
 class Timings(BaseModel):
+    cache_n: int = 0  # prompt tokens reused from the prefix cache (not in prompt_n)
     prompt_n: int
     prompt_ms: float
     prompt_per_token_ms: float
@@ -329,10 +330,15 @@ class Timings(BaseModel):
     predicted_per_second: float
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionLogprobs(BaseModel):

@@ -57,6 +57,16 @@ class GenerationRequest:
     # hidden states: blocks captured at every step, reported for "prompt", "generated", "all"
     hidden_blocks: tuple[int, ...] = ()
     hidden_positions: Literal["prompt", "generated", "all"] = "generated"
+    cache_prompt: bool = True  # llama.cpp's: reuse cached KV blocks of the prompt's prefix
+    follow: bool = False  # one of n choices of the prompt the previous leader computes
+
+    @property
+    def reuses_prompt(self) -> bool:
+        """Whether cached KV blocks may stand in for the prompt: not when the request reads
+        the prompt's own per-position outputs, which only computing it gives."""
+        return self.cache_prompt and not (
+            self.prompt_logprobs or self.capture_layers or self.capture_final
+            or self.readout_prompt or (self.hidden_blocks and self.hidden_positions != "generated"))
 
 
 @dataclass
@@ -107,6 +117,7 @@ class Finished:
     generate_seconds: float
     seed: int
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache
     # prompt conditions (CAST): (steering entry, cosine of the mean prompt stream, fired)
     decisions: list[tuple[int, float, bool]] = field(default_factory=list)
 
@@ -151,7 +162,7 @@ class Runner:
         budget = min(token_budget or engine.max_tokens, engine.max_tokens)
         self.scheduler = Scheduler(max_running=max_running, token_budget=budget,
                                    max_waiting=max_waiting, kv_capacity=engine.cache.n_blocks,
-                                   kv_cost=blocks_for)
+                                   kv_cost=blocks_for, prefix=self._prefix)
         self.stats = StepStats()
         self.masks = MaskBatch()
         self._mask_pool = ThreadPoolExecutor(1, thread_name_prefix="tiller-masks")
@@ -187,9 +198,10 @@ class Runner:
         """The longest sequence (prompt + generated tokens) one request may have."""
         return min(self.engine.config.max_seq_len, self.engine.cache.n_blocks * KV_BLOCK)
 
-    def submit(self, gen: GenerationRequest) -> Handle:
+    def submit(self, gen: GenerationRequest, after: Handle | None = None) -> Handle:
         """Queue a request; raises QueueFull (503) or ValueError (400: EngineError for its
-        steering) before anything runs."""
+        steering) before anything runs. `after`: a request with the same prompt whose prefill
+        this one waits for, to reuse its KV blocks (n choices)."""
         if self._loop is None or self._stopping:
             raise QueueFull("the server is not accepting requests")
         sampler = Sampler(gen.params, gen.prompt)
@@ -200,6 +212,8 @@ class Runner:
         job = _Job(gen, sampler, handle, sequence)
         request = Request(request_id, list(gen.prompt), gen.max_tokens, gen.stop_ids, job)
         with self._lock:
+            if after is not None and gen.reuses_prompt and self.engine.prefix_cache:
+                request.after = self.scheduler.get(after.id)  # None if it has ended
             self.scheduler.add(request)
             self._wake.notify()
         return handle
@@ -217,15 +231,19 @@ class Runner:
 
     def snapshot(self) -> dict:
         """Queue and slot state for /slots, /health and /metrics."""
+        cache = self.engine.cache
+        shared = cache.shared_blocks  # NOTE: a scan of the pool: outside the engine's lock
         with self._lock:
             s = self.scheduler
             return {
                 "running": [(r.id, len(r.prompt), len(r.output), r.computed) for r in s.running],
                 "waiting": len(s.waiting),
                 "max_running": s.max_running,
-                "kv_blocks_used": self.engine.cache.used_blocks,
-                "kv_blocks_total": self.engine.cache.n_blocks,
+                "kv_blocks_used": cache.used_blocks,
+                "kv_blocks_total": cache.n_blocks,
                 "kv_blocks_reserved": s.kv_reserved,
+                "kv_blocks_cached": cache.cached_blocks,
+                "kv_blocks_shared": shared,
             }
 
     # the engine thread -----------------------------------------------------------------------
@@ -271,7 +289,14 @@ class Runner:
                 reason=request.finish_reason, prompt_tokens=len(request.prompt),
                 completion_tokens=len(request.output), prompt_seconds=first - job.t_submit,
                 generate_seconds=now - first, seed=job.sampler.seed, error=job.error,
-                decisions=decisions))
+                cached_tokens=request.cached or 0, decisions=decisions))
+
+    def _prefix(self, request: Request) -> int:
+        """The scheduler's lookup, on this thread: attach the cached blocks of the prompt."""
+        job: _Job = request.payload
+        if job.sequence is None or not job.gen.reuses_prompt:
+            return 0
+        return self.engine.attach_prefix(job.sequence, request.prompt)
 
     def _step(self, plan: Plan) -> None:
         sampled: dict[str, int] = {}

@@ -10,6 +10,13 @@ preempted.
 
 The caller drives it: `add` / `cancel` / `finish`, then `schedule()` to get a Plan, run it on
 the model, and `update(plan, sampled)` with the tokens sampled for the plan's entries.
+
+Prefix cache: the caller's `prefix(request)` is asked, when a request's first chunk is planned,
+how many prompt tokens it already holds (cached KV blocks), and the request starts past them.
+A request may follow a leader (`after`, the n choices of one prompt): it gets no chunk while
+the leader is still prefilling, so its lookup finds the leader's blocks and the prompt is
+computed once. Reservations stay at total_len per request: shared blocks are counted once per
+request that uses them, which only over-reserves.
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ class Request:
     output: list[int] = field(default_factory=list)
     computed: int = 0  # tokens (prompt, then output) already in the KV cache
     finish_reason: FinishReason | None = None
+    after: Request | None = None  # a leader whose prefill this request waits for
+    cached: int | None = None  # prompt tokens reused from the prefix cache, once looked up
 
     @property
     def total_len(self) -> int:
@@ -82,8 +91,10 @@ class Plan:
 
 class Scheduler:
     def __init__(self, *, max_running: int, token_budget: int, max_waiting: int,
-                 kv_capacity: int, kv_cost: Callable[[int], int]) -> None:
-        """kv_capacity: cache units (blocks) in all; kv_cost(n_tokens): units n tokens need."""
+                 kv_capacity: int, kv_cost: Callable[[int], int],
+                 prefix: Callable[[Request], int] | None = None) -> None:
+        """kv_capacity: cache units (blocks) in all; kv_cost(n_tokens): units n tokens need.
+        prefix(request): prompt tokens already computed for it (fewer than its prompt)."""
         if max_running <= 0 or token_budget <= 0 or max_waiting < 0:
             raise ValueError("max_running and token_budget must be positive, max_waiting >= 0")
         self.max_running = max_running
@@ -91,6 +102,7 @@ class Scheduler:
         self.max_waiting = max_waiting
         self.kv_capacity = kv_capacity
         self.kv_cost = kv_cost
+        self.prefix = prefix
         self.kv_reserved = 0
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -178,7 +190,9 @@ class Scheduler:
                 chunks.append(Chunk(request, [request.output[-1]], sample=True))
                 budget -= 1
         for request in self.running:
-            if request.prefilling and budget > 0:
+            if request.prefilling and budget > 0 and not self._follows(request):
+                if request.cached is None:
+                    self._look_up(request)
                 n = min(budget, len(request.prompt) - request.computed)
                 end = request.computed + n
                 chunks.append(Chunk(request, request.prompt[request.computed:end],
@@ -186,6 +200,20 @@ class Scheduler:
                 budget -= n
         finished, self._ended = self._ended, []
         return Plan(chunks, finished)
+
+    @staticmethod
+    def _follows(request: Request) -> bool:
+        """Whether the request waits for its leader's prefill (a leader that ended, or has
+        computed its prompt, holds nobody back)."""
+        leader = request.after
+        return leader is not None and leader.status == Status.RUNNING and leader.prefilling
+
+    def _look_up(self, request: Request) -> None:
+        request.cached = self.prefix(request) if self.prefix is not None else 0
+        if not 0 <= request.cached < len(request.prompt):
+            raise ValueError(f"prefix({request.id!r}) = {request.cached}: must leave at least "
+                             f"one of the {len(request.prompt)} prompt tokens to compute")
+        request.computed = request.cached
 
     def update(self, plan: Plan, sampled: dict[str, int]) -> list[Request]:
         """Record a step's results: sampled[request id] for chunks with sample=True.

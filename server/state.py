@@ -70,6 +70,7 @@ class ServerConfig:
     control_vectors: tuple[tuple[Path, float], ...] = ()
     control_vector_layers: tuple[int, int] | None = None  # llama.cpp numbering, inclusive
     webui: bool = True  # the playground page at / (server/webui_routes.py); --no-webui: off
+    prefix_cache: bool = True  # reuse KV blocks of prompt prefixes (--no-prefix-cache: off)
 
 
 @dataclass
@@ -114,7 +115,8 @@ def load_model(config: ServerConfig) -> Model:
     eng = Engine.from_checkpoint(checkpoint, config.dtype, config.load_progress,
                                  config.weight_cache, threads=config.threads,
                                  max_tokens=config.token_budget, kv_tokens=config.ctx_size,
-                                 kv_sequences=config.parallel)
+                                 kv_sequences=config.parallel,
+                                 prefix_cache=config.prefix_cache)
     tokenizer = load_tokenizer(config.model_path, config.tokenizer_path, eng.config.vocab_size)
     key = model_key(config.model_path)  # NOTE: cached: a restart does not re-hash the file
     uuid = model_uuid(checkpoint)

@@ -15,7 +15,8 @@ from tiller.server.generation import _llama_text
 
 from tests.test_server import GOLDEN_TEXT, post, sse_events
 
-TIMING_KEYS = {"prompt_n", "prompt_ms", "prompt_per_token_ms", "prompt_per_second",
+# cache_n: prompt tokens reused from the prefix cache, not counted in prompt_n
+TIMING_KEYS = {"cache_n", "prompt_n", "prompt_ms", "prompt_per_token_ms", "prompt_per_second",
                "predicted_n", "predicted_ms", "predicted_per_token_ms", "predicted_per_second"}
 ONCE = [1, 403, 407, 261, 378]  # BOS + "Once upon a time"
 CHAT = [{"role": "user", "content": "Once"}]
@@ -30,7 +31,7 @@ def config(shared_models: Path, tmp_path_factory) -> ServerConfig:
 
 def check_timings(t: dict, prompt_n: int, predicted_n: int) -> None:
     assert set(t) == TIMING_KEYS
-    assert t["prompt_n"] == prompt_n and t["predicted_n"] == predicted_n
+    assert t["prompt_n"] + t["cache_n"] == prompt_n and t["predicted_n"] == predicted_n
     for part in ("prompt", "predicted"):
         n, ms = t[f"{part}_n"], t[f"{part}_ms"]
         assert ms >= 0
@@ -99,7 +100,9 @@ async def test_chat_timings_whole_last_chunk_and_per_token(client):
     events = await sse_events(await client.post("/v1/chat/completions", json={
         **request, "stream": True, "stream_options": {"include_usage": True},
         "timings_per_token": True}))
-    assert events[-2]["usage"] == usage and events[-2]["choices"] == []
+    # (the same but for cached_tokens: the chat prompt has 2 full blocks, cached by now)
+    assert events[-2]["usage"] | {"prompt_tokens_details": None} == \
+        usage | {"prompt_tokens_details": None} and events[-2]["choices"] == []
     check_timings(events[-2]["timings"], usage["prompt_tokens"], usage["completion_tokens"])
     content = [e for e in events[1:-2] if e["choices"][0]["delta"].get("content")]
     assert content and all("timings" in e for e in content)

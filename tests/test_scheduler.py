@@ -111,7 +111,8 @@ def check_plan(s: Scheduler, plan: Plan) -> None:
             if not is_decode(c):
                 assert c.request.computed + len(c.tokens) == len(c.request.prompt)
         planned = {id(c.request) for c in plan.chunks}
-        assert all(id(r) in planned for r in s.running)
+        # followers wait for their leader's prefill whatever the budget
+        assert all(id(r) in planned or s._follows(r) for r in s.running)
 
 
 class Loop:
@@ -653,3 +654,108 @@ def test_random_traffic(seed: int):
     admitted = [r.id for r in loop.admitted]
     assert admitted == sorted(admitted, key=arrival.index), "admission overtook the queue"
     assert len(added) > 50 and len({r.finish_reason for r in loop.finished}) >= 3
+
+
+# ---------------------------------------------------------------------------------------------
+# the prefix cache: a lookup at the first chunk, followers after their leader's prefill
+
+class FakePrefixCache:
+    """Prompt tokens 'cached' in blocks of 4 once a request has prefilled them (the runner's
+    callback attaches engine blocks the same way: whole blocks, never the last prompt token)."""
+
+    def __init__(self) -> None:
+        self.prompts: list[list[int]] = []
+        self.asked: list[str] = []
+
+    def __call__(self, request: Request) -> int:
+        self.asked.append(request.id)
+        best = 0
+        for p in self.prompts:
+            n = 0
+            while n < min(len(p), len(request.prompt)) and p[n] == request.prompt[n]:
+                n += 1
+            best = max(best, n)
+        return min(best, len(request.prompt) - 1) // 4 * 4
+
+    def update(self, s: Scheduler, plan: Plan) -> None:
+        for c in plan.chunks:
+            r = c.request
+            if r.status == Status.RUNNING and not r.prefilling and r.prompt not in self.prompts:
+                self.prompts.append(r.prompt)
+
+
+def run_with_cache(s: Scheduler, cache: FakePrefixCache) -> list[list[tuple[str, int, bool]]]:
+    """Run to the end; per plan, (request id, tokens, prompt chunk) of each chunk."""
+    loop = Loop(s)
+    seen = []
+    while not s.idle:
+        plan = s.schedule()
+        check_plan(s, plan)
+        seen.append([(c.request.id, len(c.tokens), not is_decode(c)) for c in plan.chunks])
+        sampled = {c.request.id: fake_token(c.request.id,
+                                            len(c.request.prompt) + len(c.request.output))
+                   for c in plan.chunks if c.sample}
+        loop.done.extend(s.update(plan, sampled))
+        cache.update(s, plan)
+    return seen
+
+
+def computed_prompt(seen: list[list[tuple[str, int, bool]]]) -> Counter:
+    out: Counter = Counter()
+    for plan in seen:
+        for rid, n, prompt in plan:
+            if prompt:
+                out[rid] += n
+    return out
+
+
+def test_the_lookup_advances_a_request_at_its_first_chunk_only():
+    cache = FakePrefixCache()
+    s = make_scheduler(max_running=1, token_budget=8, prefix=cache)
+    first, again = req("a", n_prompt=22, max_tokens=2), req("a2", n_prompt=22, max_tokens=2)
+    again.prompt = list(first.prompt)
+    s.add(first)
+    s.add(again)
+    seen = run_with_cache(s, cache)
+    assert cache.asked == ["a", "a2"]  # once each, when it got its first chunk
+    assert first.cached == 0 and again.cached == 20
+    assert computed_prompt(seen) == {"a": 22, "a2": 2}
+    assert first.output == fake_output("a", 22, 2) and again.output == fake_output("a2", 22, 2)
+
+
+def test_followers_wait_for_their_leader_then_compute_only_the_tail():
+    cache = FakePrefixCache()
+    s = make_scheduler(max_running=4, token_budget=16, prefix=cache)
+    leader = req("L", n_prompt=41, max_tokens=3)
+    followers = [req(f"F{i}", n_prompt=41, max_tokens=3) for i in range(3)]
+    s.add(leader)
+    for f in followers:
+        f.prompt = list(leader.prompt)
+        f.after = leader
+        s.add(f)
+    seen = run_with_cache(s, cache)
+    assert computed_prompt(seen) == {"L": 41, "F0": 1, "F1": 1, "F2": 1}
+    assert [f.cached for f in followers] == [40, 40, 40]
+    # no follower chunk while the leader was prefilling (its 41 tokens take 3 steps)
+    assert [[rid for rid, _, _ in plan] for plan in seen[:3]] == [["L"]] * 3
+    assert all(f.output == fake_output(f.id, 41, 3) for f in followers)
+
+
+def test_a_follower_whose_leader_ended_goes_on_alone():
+    cache = FakePrefixCache()
+    s = make_scheduler(max_running=2, token_budget=8, prefix=cache)
+    leader, follower = req("L", n_prompt=30), req("F", n_prompt=30)
+    follower.prompt, follower.after = list(leader.prompt), leader
+    s.add(leader)
+    s.add(follower)
+    assert [c.request.id for c in s.schedule().chunks] == ["L"]
+    s.cancel("L")
+    plan = s.schedule()
+    assert [c.request.id for c in plan.chunks] == ["F"] and follower.cached == 0
+
+
+def test_a_lookup_must_leave_a_prompt_token_to_compute():
+    s = make_scheduler(prefix=lambda r: len(r.prompt))
+    s.add(req("a", n_prompt=8))
+    with pytest.raises(ValueError, match="at least one"):
+        s.schedule()

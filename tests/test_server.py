@@ -62,7 +62,8 @@ async def test_greedy_completion_is_the_golden_story(client, model):
     choice = body["choices"][0]
     assert choice["text"] == model.tokenizer.decode([1, 403, 407, 261, 378, *GOLDEN[:30]])[16:]
     assert choice["text"].startswith(GOLDEN_TEXT[:40]) and choice["finish_reason"] == "length"
-    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 30, "total_tokens": 35}
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 30, "total_tokens": 35,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     assert body["system_fingerprint"] == model.fingerprint and body["object"] == "text_completion"
 
 

@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(positions x layers x points x width); more is a 400")
     s.add_argument("--no-webui", action="store_true",
                    help="do not serve the steering playground page at / (llama-server's flag)")
+    s.add_argument("--no-prefix-cache", action="store_true",
+                   help="compute every prompt afresh: keep no KV blocks of earlier prompts for "
+                        "later requests with the same prefix (a request's cache_prompt: false "
+                        "does so for itself)")
     s.add_argument("--workers", type=int, default=2,
                    help="threads for tokenizing, encoding and vector math off the event loop")
     d = s.add_argument_group("sampling defaults (llama-server's; a request's own fields win)")
@@ -390,7 +394,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           load_progress=progress_bar(delay=LOAD_BAR_DELAY, leave=False),
                           max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                           max_feature_values=args.max_feature_values, workers=args.workers,
-                          webui=not args.no_webui, **options)
+                          webui=not args.no_webui, prefix_cache=not args.no_prefix_cache,
+                          **options)
     if config.max_body_bytes < 1024:
         raise ValueError("--max-body-mb must allow at least 1 KiB")
     app = create_app(config, on_load_error=_stop_serving)
