@@ -92,6 +92,10 @@ class Generation:
         return timings(len(self.request.prompt), self.n_tokens, first - self.t_submit,
                        now - first)
 
+    def ready(self) -> bool:
+        """An event is waiting: reading the next one would not wait for the engine thread."""
+        return not self.handle.queue.empty()
+
     def cancel(self) -> None:
         if not self.done:
             self.done = True
@@ -168,12 +172,13 @@ async def merged(generations: list[Generation], sse: SSE | None = None
                  ) -> AsyncIterator[tuple[int, Any]]:
     """Events of several generations as (index, event), as they come; all cancelled on exit.
 
-    Each is consumed by its own task, so one slow choice never holds back the others. A
-    GenerationError propagates -- unless `sse` has started, where it ends the stream with an
-    error event and sets `sse.failed` instead.
+    Each is consumed by its own task, so one slow choice never holds back the others. With
+    `sse`, its queued frames are flushed whenever no event is ready, before waiting: the frames
+    of a burst of events go out in one write. A GenerationError propagates -- unless `sse` has
+    started, where it ends the stream with an error event and sets `sse.failed` instead.
     """
     try:
-        async for item in _merged(generations):
+        async for item in _merged(generations, sse):
             yield item
     except GenerationError as e:
         if sse is None or not sse.started:
@@ -181,15 +186,22 @@ async def merged(generations: list[Generation], sse: SSE | None = None
         await sse.fail(ApiError(500, str(e), "server_error"))
 
 
-async def _merged(generations: list[Generation]) -> AsyncIterator[tuple[int, Any]]:
+async def _merged(generations: list[Generation], sse: SSE | None
+                  ) -> AsyncIterator[tuple[int, Any]]:
     streams = [g.events() for g in generations]
     if len(streams) == 1:
+        stream, generation = streams[0], generations[0]
         try:
-            async for item in streams[0]:
+            while True:
+                if sse is not None and not generation.ready():
+                    await sse.flush()
+                try:
+                    item = await anext(stream)
+                except StopAsyncIteration:
+                    return
                 yield 0, item
         finally:
-            await streams[0].aclose()
-        return
+            await stream.aclose()
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
@@ -205,6 +217,8 @@ async def _merged(generations: list[Generation]) -> AsyncIterator[tuple[int, Any
     remaining = len(streams)
     try:
         while remaining:
+            if sse is not None and queue.empty() and not any(g.ready() for g in generations):
+                await sse.flush()
             i, item = await queue.get()
             if item is done:
                 remaining -= 1

@@ -11,6 +11,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
+from json.encoder import encode_basestring
 from typing import TypeVar
 
 import numpy as np
@@ -120,12 +121,20 @@ def json_bytes(body: bytes, status: int = 200) -> web.Response:
 
 
 class SSE:
-    """A server-sent events response: `data: <json>` lines, flushed as they are written."""
+    """A server-sent events response: `data: <json>` frames.
+
+    NOTE: frames are buffered and written together by `flush()`, which `generation.merged`
+    calls whenever no further event is ready (before it waits), and by `close()`: a burst of
+    tokens that reached the event loop together goes out in one write (one send() and one
+    HTTP chunk) instead of one per token, and nothing is held back while the stream waits.
+    aiohttp's write() itself only waits for the socket when more than 64 KiB are unsent.
+    """
 
     def __init__(self, request: web.Request) -> None:
         self.request = request
         self.started = False
         self.failed = False
+        self._frames: list[bytes] = []
         self.response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no",  # nginx: pass events through unbuffered
@@ -136,10 +145,22 @@ class SSE:
         self.started = True
 
     async def send(self, data: dict | str) -> None:
+        """Queue one event (a dict is encoded as JSON, a str sent as it is)."""
         text = data if isinstance(data, str) else dumps(data, ensure_ascii=False)
-        await self.response.write(f"data: {text}\n\n".encode())
+        self._frames.append(f"data: {text}\n\n".encode())
+
+    def send_frame(self, frame: bytes) -> None:
+        """Queue a frame already encoded (`FrameTemplate.frame`)."""
+        self._frames.append(frame)
+
+    async def flush(self) -> None:
+        """Write every queued frame, in one write."""
+        if self._frames:
+            frames, self._frames = self._frames, []
+            await self.response.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
     async def close(self) -> web.StreamResponse:
+        await self.flush()
         await self.response.write_eof()
         return self.response
 
@@ -150,6 +171,29 @@ class SSE:
         await self.send({"error": {"message": error.message, "type": error.type,
                                    "param": error.param, "code": error.code}})
         return await self.close()
+
+
+_SLOT = "\x00tiller-slot\x00"
+
+
+class FrameTemplate:
+    """One SSE frame of a stream's per-token chunks, encoded once around its one string field:
+    per token only that string is encoded (json's C string encoder), and the bytes are exactly
+    those `SSE.send` writes for the whole object. Build it from the chunk with `FrameTemplate.SLOT`
+    as the value of that field."""
+
+    SLOT = _SLOT
+
+    def __init__(self, data: dict) -> None:
+        text = dumps(data, ensure_ascii=False)
+        before, slot, after = text.partition(dumps(_SLOT, ensure_ascii=False))
+        if not slot or slot in after:
+            raise ValueError("a FrameTemplate's object holds FrameTemplate.SLOT exactly once")
+        self.head = f"data: {before}".encode()
+        self.tail = f"{after}\n\n".encode()
+
+    def frame(self, value: str) -> bytes:
+        return self.head + encode_basestring(value).encode() + self.tail
 
 
 # middlewares --------------------------------------------------------------------------------

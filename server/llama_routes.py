@@ -51,14 +51,15 @@ async def completion(request: web.Request) -> web.StreamResponse:
     sse = SSE(request) if body.stream else None
     if sse:
         await sse.start()
-    content, tokens, probs = "", [], []
+    parts: list[str] = []  # the text, joined once at the end
+    tokens, probs = [], []
     outcome: Outcome | None = None
     async for _, event in merged([generation], sse):
         if isinstance(event, PromptReadings):
             readings.add_prompt(event)
         elif isinstance(event, Piece):
             read = readings.add(event)
-            content += event.text
+            parts.append(event.text)
             if event.token is not None:
                 tokens.append(event.token)
             entry = None
@@ -81,6 +82,7 @@ async def completion(request: web.Request) -> web.StreamResponse:
     if sse and sse.failed:
         return sse.response
     assert outcome is not None
+    content = "".join(parts)
     request[TOKENS] = outcome.completion_tokens
     final = {"content": "" if sse else content,
              "tokens": tokens if body.return_tokens and not sse else [],
