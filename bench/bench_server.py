@@ -107,6 +107,7 @@ class CpuUse:
     here: float  # this process: load generator, or the engine when it is timed
     server: float | None  # None: a server we did not start
     others: float  # every other process on the machine (the machine is shared)
+    server_main_seconds: float | None = None  # CPU seconds of the server's main thread
 
 
 class CpuMeter:
@@ -114,16 +115,19 @@ class CpuMeter:
         self.server = server
         self._start = self._read()
 
-    def _read(self) -> tuple[float, float, float, float]:
+    def _read(self) -> tuple[float, float, float, float, float]:
         server = self.server.cpu_seconds() if self.server is not None else 0.0
-        return time.perf_counter(), machine_cpu_seconds(), time.process_time(), server
+        main = self.server.main_thread_cpu_seconds() if self.server is not None else 0.0
+        return time.perf_counter(), machine_cpu_seconds(), time.process_time(), server, main
 
     def stop(self) -> CpuUse:
         end = self._read()
-        wall, machine, here, server = (b - a for a, b in zip(self._start, end, strict=True))
+        wall, machine, here, server, main = (b - a for a, b in
+                                             zip(self._start, end, strict=True))
         others = machine - here - server
-        return CpuUse(here / wall, server / wall if self.server is not None else None,
-                      max(others, 0.0) / wall)
+        started = self.server is not None
+        return CpuUse(here / wall, server / wall if started else None,
+                      max(others, 0.0) / wall, main if started else None)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -323,6 +327,14 @@ class Row:
         """Other processes took a noticeable share of the cores during the run."""
         return self.cpu.others > NOISY
 
+    @property
+    def loop_ms_per_token(self) -> float | None:
+        """tiller's event loop (the server's main thread): CPU ms per generated token."""
+        main = self.cpu.server_main_seconds
+        if main is None or self.server != "tiller" or not self.completion_tokens:
+            return None
+        return main * 1e3 / self.completion_tokens
+
 
 def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
@@ -353,6 +365,8 @@ def run_line(row: Row) -> str:
     cpu = row.cpu
     tail = (f"; tiller engine.step {row.server_step_seconds / row.seconds:.0%} of the run, "
             f"{row.server_steps:.0f} steps" if row.server_steps else "")
+    if row.loop_ms_per_token is not None:
+        tail += f"; event loop {row.loop_ms_per_token:.3f} CPU ms/token"
     return (f"  round {row.round} N={row.concurrency:<3} {row.server:>12}: "
             f"{row.agg_tok_s:7.1f} tok/s  TTFT p50/p99 {_ms(row.ttft_p50)}/{_ms(row.ttft_p99)} ms"
             f"  ITL p50/p99 {_ms(row.itl_p50)}/{_ms(row.itl_p99)} ms  {row.requests} requests"
@@ -366,8 +380,8 @@ class Summary:
     """Medians over the rounds at one N."""
 
     concurrency: int
-    tiller: dict[str, float]
-    llama: dict[str, float] | None
+    tiller: dict[str, float | None]
+    llama: dict[str, float | None] | None
     engine_tok_s: float | None  # decode + sampling, batch N (the faster of before/after)
     engine_forward_tok_s: float | None  # decode alone
     sample_ms: float | None  # sampling per token
@@ -383,11 +397,15 @@ class Summary:
         return self.tiller["agg_tok_s"] / self.engine_tok_s if self.engine_tok_s else None
 
 
-METRICS = ("agg_tok_s", "ttft_p50", "itl_p50", "ttft_p99", "itl_p99")
+METRICS = ("agg_tok_s", "ttft_p50", "itl_p50", "ttft_p99", "itl_p99", "loop_ms_per_token")
 
 
-def _medians(rows: list[Row]) -> dict[str, float]:
-    return {k: statistics.median(getattr(r, k) for r in rows) for k in METRICS}
+def _medians(rows: list[Row]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for k in METRICS:
+        values = [v for r in rows if (v := getattr(r, k)) is not None]
+        out[k] = statistics.median(values) if values else None
+    return out
 
 
 def summarise(rows: list[Row], engines: dict[int, list[EngineResult]]) -> list[Summary]:
@@ -681,9 +699,15 @@ def main(argv: list[str] | None = None) -> int:
           "temperature and top_p), servers idle; * other processes used more than "
           f"{NOISY} of a core during a run: compare with care.")
     for s in summaries:
+        parts = []
         if s.engine_forward_tok_s is not None:
-            print(f"  N={s.concurrency}: engine decode alone {s.engine_forward_tok_s:.1f} tok/s, "
-                  f"sampling {s.sample_ms:.2f} ms per token")
+            parts.append(f"engine decode alone {s.engine_forward_tok_s:.1f} tok/s, sampling "
+                         f"{s.sample_ms:.2f} ms per token")
+        if s.tiller["loop_ms_per_token"] is not None:
+            parts.append(f"tiller's event loop {s.tiller['loop_ms_per_token']:.3f} CPU ms per "
+                         "token (its main thread's CPU time / tokens)")
+        if parts:
+            print(f"  N={s.concurrency}: " + "; ".join(parts))
     if result["chat"]:
         print()
         print(f"chat scenario (one client; TTFT to the first content; {args.chat_rounds} "

@@ -108,34 +108,53 @@ async def chat_turn(session: aiohttp.ClientSession, url: str, messages: list[dic
 async def chat_scenario(session: aiohttp.ClientSession, name: str, url: str,
                         histories: list[int], rounds: int, count: Callable[[str], int],
                         temperature: float, top_p: float, seed: int) -> list[ChatRow]:
-    """One row per history length: medians over `rounds` of the baseline, turn 1 and turn 2."""
+    """One row per history length: medians over `rounds` of the baseline, turn 1 and turn 2.
+    A round that fails (an error, no content) is reported and left out; a history whose every
+    round failed has no row."""
     rows = []
     for h in histories:
         one, first, second, computed, prompt = [], [], [], [], 0
         for r in range(rounds):
-            tag = f"{name} round {r} history {h}"
-            base = await chat_turn(session, url, [{"role": "user", "content": f"Hello ({tag})!"}],
-                                   seed + r, temperature, top_p)
-            messages = history(h, count, tag)
-            messages.append({"role": "user", "content": "What happened next?"})
-            t1 = await chat_turn(session, url, messages, seed + r, temperature, top_p)
-            messages += [{"role": "assistant", "content": t1.text or "I do not know."},
-                         {"role": "user", "content": "And then?"}]
-            t2 = await chat_turn(session, url, messages, seed + r, temperature, top_p)
-            for turn, what in ((base, "one-line"), (t1, "turn 1"), (t2, "turn 2")):
-                if turn.ttft is None:
-                    raise RuntimeError(f"{name}: the {what} request (history {h}) sent no "
-                                       "content")
+            try:
+                base, t1, t2 = await _conversation(session, name, url, h, r, count, temperature,
+                                                   top_p, seed + r)
+            except (RuntimeError, aiohttp.ClientError, TimeoutError) as e:
+                print(f"  chat {name} history {h} round {r} failed: {e}", flush=True)
+                continue
+            assert base.ttft is not None and t1.ttft is not None and t2.ttft is not None
             one.append(base.ttft)
             first.append(t1.ttft)
             second.append(t2.ttft)
             if t2.prompt_n is not None:
                 computed.append(t2.prompt_n)
             prompt = t2.prompt_tokens
-        rows.append(ChatRow(name, h, prompt, statistics.median(one), statistics.median(first),
-                            statistics.median(second),
-                            int(statistics.median(computed)) if computed else None))
+            print(f"  chat {name} history {h} round {r}: TTFT one-line {base.ttft * 1e3:.1f} ms, "
+                  f"turn 1 {t1.ttft * 1e3:.1f} ms, turn 2 {t2.ttft * 1e3:.1f} ms "
+                  f"({t2.prompt_tokens} prompt tokens, {t2.prompt_n} computed)", flush=True)
+        if one:
+            rows.append(ChatRow(name, h, prompt, statistics.median(one),
+                                statistics.median(first), statistics.median(second),
+                                int(statistics.median(computed)) if computed else None))
     return rows
+
+
+async def _conversation(session: aiohttp.ClientSession, name: str, url: str, h: int, r: int,
+                        count: Callable[[str], int], temperature: float, top_p: float,
+                        seed: int) -> tuple[Turn, Turn, Turn]:
+    """The baseline, turn 1 and turn 2 of one round at history h."""
+    tag = f"{name} round {r} history {h}"
+    base = await chat_turn(session, url, [{"role": "user", "content": f"Hello ({tag})!"}],
+                           seed, temperature, top_p)
+    messages = history(h, count, tag)
+    messages.append({"role": "user", "content": "What happened next?"})
+    t1 = await chat_turn(session, url, messages, seed, temperature, top_p)
+    messages += [{"role": "assistant", "content": t1.text or "I do not know."},
+                 {"role": "user", "content": "And then?"}]
+    t2 = await chat_turn(session, url, messages, seed, temperature, top_p)
+    for turn, what in ((base, "one-line"), (t1, "turn 1"), (t2, "turn 2")):
+        if turn.ttft is None:
+            raise RuntimeError(f"the {what} request sent no content")
+    return base, t1, t2
 
 
 def format_chat(rows: list[ChatRow]) -> list[str]:

@@ -56,8 +56,18 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the server process (all its threads) so far."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return _cpu_seconds(Path(f"/proc/{self.proc.pid}/stat"))
+
+    def main_thread_cpu_seconds(self) -> float:
+        """CPU time of the process's first thread so far: tiller's event loop (its engine,
+        numba and worker threads are others). CPU time, so other processes' load does not
+        inflate it as it does wall time."""
+        return _cpu_seconds(Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/stat"))
+
+
+def _cpu_seconds(stat: Path) -> float:
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
         """SIGTERM and wait; the exit code (None if it had to be killed). Idempotent."""

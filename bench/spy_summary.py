@@ -56,6 +56,8 @@ def summarise(path: Path, top: int, seconds: float | None) -> str:
         if not stack:
             continue
         frames = stack.split(";")[1:]  # the first is the process
+        if not frames:
+            continue
         n = int(count)
         r = role(frames)
         if frames[-1].split(" (", 1)[0] in WAITING:
