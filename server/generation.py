@@ -13,7 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +91,9 @@ class Generation:
         self.t_submit = time.perf_counter()
         self.t_first: float | None = None
         self.n_tokens = 0
+        # NOTE: awaited whenever events() is about to wait for the engine thread (merged() sets
+        # it to the response's SSE.flush): what a burst of events queued is written then, once
+        self.on_wait: Callable[[], Awaitable[None]] | None = None
 
     def timings(self) -> dict:
         """llama.cpp's `timings` so far: the prompt until the first token, generation since."""
@@ -107,6 +117,8 @@ class Generation:
         eos = False
         try:
             while True:
+                if self.on_wait is not None and handle.queue.empty():
+                    await self.on_wait()
                 event = await handle.queue.get()
                 if isinstance(event, PromptLogprobs | PromptReadings | Captured):
                     yield event
@@ -173,9 +185,11 @@ async def merged(generations: list[Generation], sse: SSE | None = None
     """Events of several generations as (index, event), as they come; all cancelled on exit.
 
     Each is consumed by its own task, so one slow choice never holds back the others. With
-    `sse`, its queued frames are flushed whenever no event is ready, before waiting: the frames
-    of a burst of events go out in one write. A GenerationError propagates -- unless `sse` has
-    started, where it ends the stream with an error event and sets `sse.failed` instead.
+    `sse`, its queued frames are flushed whenever no event is ready, before waiting for one
+    (a generation's own wait included: it may skip events): the frames of a burst of events go
+    out in one write, and no frame waits for the next token. A GenerationError propagates --
+    unless `sse` has started, where it ends the stream with an error event and sets
+    `sse.failed` instead.
     """
     try:
         async for item in _merged(generations, sse):
@@ -188,20 +202,17 @@ async def merged(generations: list[Generation], sse: SSE | None = None
 
 async def _merged(generations: list[Generation], sse: SSE | None
                   ) -> AsyncIterator[tuple[int, Any]]:
+    if sse is not None:
+        for g in generations:
+            g.on_wait = sse.flush
     streams = [g.events() for g in generations]
     if len(streams) == 1:
-        stream, generation = streams[0], generations[0]
         try:
-            while True:
-                if sse is not None and not generation.ready():
-                    await sse.flush()
-                try:
-                    item = await anext(stream)
-                except StopAsyncIteration:
-                    return
+            async for item in streams[0]:
                 yield 0, item
         finally:
-            await stream.aclose()
+            await streams[0].aclose()
+        return
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 

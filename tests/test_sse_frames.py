@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from pathlib import Path
 
 import pytest
-from tiller.server.generation import merged
+from tiller.engine.loader import load_tokenizer
+from tiller.engine.sampling import SamplingParams
+from tiller.server.generation import Generation, Piece, merged
 from tiller.server.http import FrameTemplate
+from tiller.server.runner import Finished, FinishReason, GenerationRequest, Handle, TokenEvent
 
 TEXTS = ["", "a", " Once", 'quote " and \\ backslash', "line\nbreak\ttab\r", "\x00\x1f\x7f",
          "é ü 中文 🙂", "\u2028\u2029", "</script>", "\ufffd"]
@@ -44,21 +47,24 @@ def test_template_needs_one_slot() -> None:
         FrameTemplate({"a": FrameTemplate.SLOT, "b": FrameTemplate.SLOT})
 
 
-class FakeGeneration:
-    """What merged() uses of a Generation, fed from a queue the test fills."""
+BUILTIN = Path(__file__).resolve().parents[1] / "tiller" / "models" / "tiller-tiny.gguf"
+
+
+class FakeRunner:
+    """What a Generation uses of the Runner; the test plays the engine thread by putting
+    events on the handle's queue."""
 
     def __init__(self) -> None:
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.finished: list[str] = []
 
-    def ready(self) -> bool:
-        return not self.queue.empty()
+    def submit(self, request: GenerationRequest) -> Handle:
+        return Handle("r0", asyncio.Queue(), seed=0)
 
-    async def events(self) -> Any:
-        while (item := await self.queue.get()) is not None:
-            yield item
-
-    def cancel(self) -> None:
+    def cancel(self, request_id: str) -> None:
         pass
+
+    def finish(self, request_id: str) -> None:
+        self.finished.append(request_id)
 
 
 class RecordingSSE:
@@ -79,34 +85,55 @@ class RecordingSSE:
             self.frames = []
 
 
+def _finished() -> Finished:
+    return Finished(FinishReason.LENGTH, 3, 5, 0.0, 0.0, 0)
+
+
 @pytest.mark.parametrize("choices", [1, 2])
-def test_burst_is_one_write_and_flushed_before_waiting(choices: int) -> None:
-    async def run() -> list[list[str]]:
-        gens = [FakeGeneration() for _ in range(choices)]
+def test_burst_is_one_write_and_nothing_waits(choices: int) -> None:
+    """Tokens already queued when the handler runs go out in one write; whatever was queued
+    is written before the handler waits for the engine thread, also when the event it read
+    last was one it skips (a token sampled after a stop string)."""
+    tokenizer = load_tokenizer(BUILTIN)
+    ids = tokenizer.encode("the dog ran to the park", bos=False)
+    assert [tokenizer.piece_bytes(t) for t in ids] == [
+        b" the", b" dog", b" ran", b" to", b" the", b" park"]
+
+    async def run() -> tuple[list[list[str]], list[str]]:
+        runner = FakeRunner()
+        request = GenerationRequest(ids[:1], SamplingParams(temperature=0.0), 8)
+        gens = [Generation(runner, tokenizer, request, ("park",))  # type: ignore[arg-type]
+                for _ in range(choices)]
         sse = RecordingSSE()
-        for g in gens:  # a burst: three tokens each, there before the consumer starts
-            for t in "abc":
-                g.queue.put_nowait(t)
+        for g in gens:  # a burst: three tokens, there before the handler runs
+            for t in ids[1:4]:
+                g.handle.queue.put_nowait(TokenEvent(t))
 
-        async def consume() -> None:
-            async for i, item in merged(gens, sse):  # type: ignore[arg-type]
-                sse.send_frame(f"{i}{item}")
+        async def handler() -> None:
+            async for i, event in merged(gens, sse):  # type: ignore[arg-type]
+                if isinstance(event, Piece) and event.text:
+                    sse.send_frame(f"{i}:{event.text}")
 
-        task = asyncio.create_task(consume())
-        await asyncio.sleep(0.05)  # the consumer has taken the burst and waits
-        # everything taken so far was written before waiting: nothing is held back
+        task = asyncio.create_task(handler())
+        await asyncio.sleep(0.05)  # the handler took the burst and waits
         assert sse.frames == [] and sum(map(len, sse.writes)) == 3 * choices
+        assert len(sse.writes[0]) == 3 * choices  # one write, not one per token
+        # the stop string completes; the next token was sampled before the runner heard of it
         for g in gens:
-            g.queue.put_nowait("d")
-        await asyncio.sleep(0.05)
+            for t in ids[4:]:
+                g.handle.queue.put_nowait(TokenEvent(t))
+            g.handle.queue.put_nowait(TokenEvent(ids[1]))
+        await asyncio.sleep(0.05)  # the handler waits for Finished: nothing may wait with it
+        assert sse.frames == []
         for g in gens:
-            g.queue.put_nowait(None)
+            g.handle.queue.put_nowait(_finished())
         await task
-        await sse.flush()
-        return sse.writes
+        return sse.writes, runner.finished
 
-    writes = asyncio.run(run())
-    assert sorted(f for w in writes for f in w) == sorted(
-        f"{i}{t}" for i in range(choices) for t in "abcd")
-    assert len(writes[0]) == 3 * choices  # the burst in one write, not one per token
-    assert len(writes) == 2  # then the later tokens, together
+    writes, finished = asyncio.run(run())
+    # the text after the first token, cut before the stop string, from each choice's frames
+    expected = " dog ran to the "
+    for i in range(choices):
+        assert "".join(f.split(":", 1)[1] for w in writes for f in w
+                       if f.startswith(f"{i}:")) == expected
+    assert finished == ["r0"] * choices  # the stop string ended each request
