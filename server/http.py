@@ -177,23 +177,38 @@ _SLOT = "\x00tiller-slot\x00"
 
 
 class FrameTemplate:
-    """One SSE frame of a stream's per-token chunks, encoded once around its one string field:
-    per token only that string is encoded (json's C string encoder), and the bytes are exactly
-    those `SSE.send` writes for the whole object. Build it from the chunk with `FrameTemplate.SLOT`
-    as the value of that field."""
+    """One SSE frame of a stream's per-token chunks, encoded once around the fields that change:
+    per token only those values are encoded (a string by json's C string encoder, an int by
+    str()), and the bytes are exactly those `SSE.send` writes for the whole object. Build it
+    from the chunk with `FrameTemplate.SLOT` as each changing value, `slots` of them, in the
+    order json.dumps writes them; `frame()` takes the values in that order."""
 
     SLOT = _SLOT
 
-    def __init__(self, data: dict) -> None:
-        text = dumps(data, ensure_ascii=False)
-        before, slot, after = text.partition(dumps(_SLOT, ensure_ascii=False))
-        if not slot or slot in after:
-            raise ValueError("a FrameTemplate's object holds FrameTemplate.SLOT exactly once")
-        self.head = f"data: {before}".encode()
-        self.tail = f"{after}\n\n".encode()
+    def __init__(self, data: dict, slots: int = 1) -> None:
+        parts = dumps(data, ensure_ascii=False).split(dumps(_SLOT, ensure_ascii=False))
+        if len(parts) != slots + 1:
+            raise ValueError(f"a FrameTemplate's object holds FrameTemplate.SLOT "
+                             f"{len(parts) - 1} times, not {slots}")
+        parts[0] = f"data: {parts[0]}"
+        parts[-1] = f"{parts[-1]}\n\n"
+        self.parts = [p.encode() for p in parts]
+        self.head, self.tail = self.parts[0], self.parts[-1]
 
-    def frame(self, value: str) -> bytes:
-        return self.head + encode_basestring(value).encode() + self.tail
+    def frame(self, *values: str | int) -> bytes:
+        if len(values) == 1 and isinstance(values[0], str) and len(self.parts) == 2:
+            return self.head + encode_basestring(values[0]).encode() + self.tail
+        out = [self.parts[0]]
+        for value, part in zip(values, self.parts[1:], strict=True):
+            if isinstance(value, str):
+                out.append(encode_basestring(value).encode())
+            elif type(value) is int:  # NOTE: not bool, whose str() is no JSON
+                out.append(str(value).encode())
+            else:
+                raise TypeError(f"a FrameTemplate slot takes a str or an int, not "
+                                f"{type(value).__name__}")
+            out.append(part)
+        return b"".join(out)
 
 
 # middlewares --------------------------------------------------------------------------------

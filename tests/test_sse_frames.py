@@ -40,10 +40,26 @@ def test_frame_matches_json_dumps(text: str) -> None:
     assert FrameTemplate(delta(FrameTemplate.SLOT)).frame(text) == reference(delta(text))
 
 
-def test_template_needs_one_slot() -> None:
-    with pytest.raises(ValueError, match="exactly once"):
+@pytest.mark.parametrize("text", TEXTS)
+def test_llama_frame_with_three_slots(text: str) -> None:
+    """llama.cpp's /completion chunk: text, token id and count change per token."""
+    def chunk(content: object, token: object, n: object) -> dict:
+        return {"content": content, "tokens": [token], "stop": False, "id_slot": 3,
+                "tokens_predicted": n, "tokens_evaluated": 12}
+
+    slot = FrameTemplate.SLOT
+    template = FrameTemplate(chunk(slot, slot, slot), slots=3)
+    assert template.frame(text, 31999, 7) == reference(chunk(text, 31999, 7))
+    with pytest.raises(TypeError, match="bool"):
+        template.frame(text, True, 7)
+    with pytest.raises(ValueError):
+        template.frame(text, 1)
+
+
+def test_template_slot_count() -> None:
+    with pytest.raises(ValueError, match="0 times, not 1"):
         FrameTemplate({"text": "no slot"})
-    with pytest.raises(ValueError, match="exactly once"):
+    with pytest.raises(ValueError, match="2 times, not 1"):
         FrameTemplate({"a": FrameTemplate.SLOT, "b": FrameTemplate.SLOT})
 
 
