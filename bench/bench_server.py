@@ -26,6 +26,7 @@ import asyncio
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -673,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.peer:
         try:
             args.peer_binary, peer_commit = peer_server_binary()
-        except (OSError, RuntimeError, ImportError) as e:
+        except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as e:
             sys.exit(f"llama-server is missing and could not be built ({e}); build it with "
                      "'python bench/peer.py' (TILLER_PEER_DIR), or run with --no-peer")
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
