@@ -55,18 +55,28 @@ class ChatRow:
         return self.turn2 / self.one_line
 
 
+def _chatml(message: dict) -> str:
+    return f"<|im_start|>{message['role']}\n{message['content']}<|im_end|>\n"
+
+
 def history(tokens: int, count: Callable[[str], int], tag: str) -> list[dict]:
-    """Earlier turns of about `tokens` tokens (user and assistant alternating), after a system
-    line `tag`."""
+    """Earlier turns (user and assistant alternating) after a system line `tag`, of about
+    `tokens` tokens as ChatML renders them (the default model's template; in a vocabulary
+    without ChatML's special tokens each marker is several tokens), ending with the assistant
+    (a short last answer may go a few tokens over)."""
     messages = [{"role": "system", "content": f"Conversation {tag}."}]
-    total, i = count(messages[0]["content"]), 0
-    while total < tokens:
-        text = " ".join(SENTENCES[(i + k) % len(SENTENCES)] for k in range(3))
-        messages.append({"role": "user" if i % 2 == 0 else "assistant", "content": text})
-        total += count(text) + 5  # ChatML's markers around a message
+    total, i = count(_chatml(messages[0])), 0
+    while True:
+        text = " ".join(SENTENCES[(i + k) % len(SENTENCES)] for k in range(2))
+        message = {"role": "user" if i % 2 == 0 else "assistant", "content": text}
+        cost = count(_chatml(message))
+        if total + cost > tokens:
+            break
+        messages.append(message)
+        total += cost
         i += 1
     if messages[-1]["role"] == "user":
-        messages.append({"role": "assistant", "content": SENTENCES[i % len(SENTENCES)]})
+        messages.append({"role": "assistant", "content": "I see."})
     return messages
 
 

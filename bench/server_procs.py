@@ -65,10 +65,6 @@ class Server:
         return _cpu_seconds(Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/stat"))
 
 
-def _cpu_seconds(stat: Path) -> float:
-    fields = stat.read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
     def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
         """SIGTERM and wait; the exit code (None if it had to be killed). Idempotent."""
         try:
@@ -83,6 +79,11 @@ def _cpu_seconds(stat: Path) -> float:
             return self.proc.returncode
         finally:
             self._log.close()
+
+
+def _cpu_seconds(stat: Path) -> float:
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def tiller_server(model: Path, tokenizer: Path | None, *, parallel: int, threads: int,
