@@ -219,7 +219,10 @@ async def run_load(session: aiohttp.ClientSession, url: str, concurrency: int,
                 return
             index = issued
             issued += 1
-            results.append(await stream_completion(session, url, body(index)))
+            try:
+                results.append(await stream_completion(session, url, body(index)))
+            except (aiohttp.ClientError, TimeoutError) as e:  # counted as failed, reported
+                results.append(RequestResult(ok=False, error=f"{type(e).__name__}: {e}"))
 
     before = await server_metrics(session, url) if tiller_metrics else {}
     meter = CpuMeter(server)
@@ -475,13 +478,14 @@ async def engine_while_idle(engine: Engine, thread: ThreadPoolExecutor, prompt: 
     return result
 
 
-def new_session(force_close: bool = False) -> aiohttp.ClientSession:
-    """A client session for one phase. NOTE: a fresh one per phase, because llama-server (cpp-
-    httplib) closes a keep-alive connection after 5 idle seconds, and a POST on a connection
-    the server has just closed fails rather than being retried."""
+def new_session() -> aiohttp.ClientSession:
+    """A client session that opens a connection per request. NOTE: llama-server (cpp-httplib)
+    closes a keep-alive connection after 5 idle seconds or 5 requests, and a POST on a
+    connection the server has just closed fails rather than being retried; a local connect
+    costs well under a millisecond, the same for both servers."""
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=REQUEST_TIMEOUT)
     return aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(
-        limit=0, force_close=force_close))
+        limit=0, force_close=True))
 
 
 async def warm_up(session: aiohttp.ClientSession, url: str, prompt: list[int]) -> None:
@@ -527,7 +531,7 @@ async def run(args: argparse.Namespace, model: Path, tokenizer: Tokenizer, tmp: 
                 args.peer_binary, model, parallel=args.parallel, threads=args.threads,
                 ctx_per_slot=ctx, log_path=tmp / "llama-server.log")
             urls["llama-server"] = servers["llama-server"].url
-        async with new_session(force_close=True) as session:
+        async with new_session() as session:
             for name, server in servers.items():
                 result["startup_seconds"][name] = await wait_ready(session, server,
                                                                    args.startup_timeout)
