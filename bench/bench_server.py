@@ -1,17 +1,22 @@
-"""Server throughput and latency: N concurrent streaming clients against `tiller serve`.
-
-Starts a server on a free port (or uses `--url`), and for each concurrency N runs N asyncio
-clients that send streaming /v1/completions requests back to back: aggregate generated tok/s,
-time to first token and inter-token latency (between SSE chunks) at p50 and p99. Beside each N,
-with the server idle, this process times the engine's own decode steps at batch N on the same
-model file, so the server's overhead is a ratio taken within one run.
-
-The default model is a random-weight model shaped like stories15M with the llama2 tokenizer
-(32000 pieces), written to a temporary directory; `--model/--tokenizer` take real files.
+"""Server throughput and latency: N concurrent streaming clients against `tiller serve` and,
+through the same load generator, llama.cpp's `llama-server` on the same file.
 
     python bench/bench_server.py [--concurrency 1,4,16] [--duration S | --requests N]
-                                 [--max-tokens N] [--model PATH --tokenizer PATH] [--url URL]
-                                 [--threads N] [--json [PATH]]
+        [--rounds 2] [--max-tokens 64] [--temperature 0.8] [--top-p 0.95] [--threads 2]
+        [--parallel 16] [--model PATH [--tokenizer PATH]] [--no-peer] [--no-engine]
+        [--chat-histories 200,400,800] [--chat-rounds 2] [--url URL] [--json [PATH]]
+
+Both servers get the same model file (default: a stories110M-shaped Q8_0 GGUF of random weights
+with the Llama 2 vocabulary and a ChatML template, written once under --cache-dir), the same
+threads and slots (llama-server: -np P -c P x context --cont-batching). For each round and
+each N, each server in turn serves N clients sending streaming /v1/completions requests back to
+back (the same token-id prompt, max_tokens, temperature, top_p, and seed i for request i):
+aggregate tok/s, TTFT and ITL (between text chunks). Between them, with both servers idle,
+this process times tiller's own engine at batch N on the same file (decode step + sampling with
+the same parameters), so tiller's server / engine ratio is taken within one run. The table
+shows medians over the rounds. Then the multi-turn chat scenario (bench/chat_turns.py) runs on
+each server. llama-server is bench/peer.py's build (llama.cpp at its pinned commit, under
+$TILLER_PEER_DIR, built there if missing).
 """
 
 from __future__ import annotations
@@ -20,8 +25,7 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,104 +35,51 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import aiohttp
-import numba
 import numpy as np
-from tiller.engine.config import ModelConfig
-from tiller.engine.engine import Engine, SeqRequest
-from tiller.engine.llama2c import random_tensors, write_llama2c
+from chat_turns import ChatRow, chat_scenario, format_chat
+from server_procs import Server, llama_server, tiller_server, wait_ready
+from tiller.engine.engine import Engine, SeqRequest, SeqResult
+from tiller.engine.loader import load_tokenizer
 from tiller.engine.sampling import Sampler, SamplingParams
-from tiller.engine.tokenizer import SpmTokenizer
+from tiller.engine.tokenizer import Tokenizer
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared/models"
-DEFAULT_TOKENIZER = SHARED / "llama2-tokenizer.bin"
-STORIES15M = ModelConfig(288, 768, 6, 6, 6, 32000, 256)
+ROOT = Path(__file__).resolve().parents[1]
 PROMPT_TEXT = ("Once upon a time, there was a little girl named Lily. She loved to play outside "
                "in the park with her friends.")
-STARTUP_TIMEOUT = 180.0  # the first start of a checkout compiles the kernels (numba)
+DEFAULT_SHAPE = "stories110M"
+STARTUP_TIMEOUT = 300.0  # the first start of a checkout compiles the kernels (numba)
+REQUEST_TIMEOUT = 120.0  # no byte of a stream for this long: the request fails
 ENGINE_MIN_SECONDS = 2.0  # repeat the engine's decode until it has run this long
 IDLE_PAUSE = 1.0  # seconds between phases, so neither process measures the other's tail
 NOISY = 0.25  # cores used by other processes during a measurement that mark its row
 
 
 # -----------------------------------------------------------------------------------------------
-# model and server process
+# model, peer, metering
 
 
-def random_model(directory: Path, seed: int) -> Path:
-    """A stories15M-shaped llama2.c file (legacy v0 layout) with random weights."""
-    return write_llama2c(directory / "random-stories15M.bin", STORIES15M,
-                         random_tensors(STORIES15M, seed), "v0")
+def default_model(cache_dir: Path) -> Path:
+    """The stories110M-shaped Q8_0 GGUF with a ChatML template, written once under cache_dir
+    (bench/compare.py's writer: random weights, the Llama 2 vocabulary)."""
+    from bench_engine import SHAPES
+    from compare import write_gguf
+    from tiller.server.chat import DEFAULT_CHAT_TEMPLATE
+
+    path = cache_dir / f"{DEFAULT_SHAPE}-chatml-random-q8_0.gguf"
+    if not path.is_file():
+        print(f"writing {path}", flush=True)
+        write_gguf(path, SHAPES[DEFAULT_SHAPE], chat_template=DEFAULT_CHAT_TEMPLATE)
+    return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def peer_server_binary() -> tuple[Path, str]:
+    """llama-server of bench/peer.py (built if missing) and the commit it was built from."""
+    from peer import llama_cpp, peer_dir
 
-
-class Server:
-    """A `tiller serve` child process: started here, stopped with SIGTERM."""
-
-    def __init__(self, model: Path, tokenizer: Path, *, parallel: int, dtype: str,
-                 threads: int | None, log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        cmd = [sys.executable, "-m", "tiller", "serve", "--model", str(model),
-               "--tokenizer", str(tokenizer), "--host", "127.0.0.1", "--port", str(self.port),
-               "--parallel", str(parallel), "--dtype", dtype]
-        if threads:
-            cmd += ["--threads", str(threads)]
-        self._log = log_path.open("wb")
-        # NOTE: its own session, so a ^C here reaches only this process, which then stops the
-        # server with SIGTERM like any supervisor would
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=os.environ | {"PYTHONUNBUFFERED": "1"},
-                                     start_new_session=True)
-
-    def log_tail(self, lines: int = 20) -> str:
-        text = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process (all its threads) so far."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM and wait; the exit code (None if it had to be killed)."""
-        try:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    return self.proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
-                    return None
-            return self.proc.returncode
-        finally:
-            self._log.close()
-
-
-async def wait_ready(session: aiohttp.ClientSession, url: str, timeout: float,
-                     server: Server | None) -> float:
-    """Poll /health until it answers 200; seconds waited."""
-    start = time.perf_counter()
-    while True:
-        if server is not None and server.proc.poll() is not None:
-            raise RuntimeError(f"server exited with code {server.proc.returncode}:\n"
-                               f"{server.log_tail()}")
-        try:
-            async with session.get(f"{url}/health") as resp:
-                if resp.status == 200:
-                    return time.perf_counter() - start
-        except aiohttp.ClientError:
-            pass
-        if time.perf_counter() - start > timeout:
-            tail = f":\n{server.log_tail()}" if server is not None else ""
-            raise RuntimeError(f"{url}/health not ready after {timeout:.0f} s{tail}")
-        await asyncio.sleep(0.5)
+    binary = llama_cpp()["llama-server"]
+    commit_file = peer_dir() / "llama.cpp" / "COMMIT"
+    commit = commit_file.read_text().strip() if commit_file.is_file() else "unknown"
+    return binary, commit
 
 
 async def server_metrics(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
@@ -157,6 +108,7 @@ class CpuUse:
     here: float  # this process: load generator, or the engine when it is timed
     server: float | None  # None: a server we did not start
     others: float  # every other process on the machine (the machine is shared)
+    server_main_seconds: float | None = None  # CPU seconds of the server's main thread
 
 
 class CpuMeter:
@@ -164,16 +116,19 @@ class CpuMeter:
         self.server = server
         self._start = self._read()
 
-    def _read(self) -> tuple[float, float, float, float]:
+    def _read(self) -> tuple[float, float, float, float, float]:
         server = self.server.cpu_seconds() if self.server is not None else 0.0
-        return time.perf_counter(), machine_cpu_seconds(), time.process_time(), server
+        main = self.server.main_thread_cpu_seconds() if self.server is not None else 0.0
+        return time.perf_counter(), machine_cpu_seconds(), time.process_time(), server, main
 
     def stop(self) -> CpuUse:
         end = self._read()
-        wall, machine, here, server = (b - a for a, b in zip(self._start, end, strict=True))
+        wall, machine, here, server, main = (b - a for a, b in
+                                             zip(self._start, end, strict=True))
         others = machine - here - server
-        return CpuUse(here / wall, server / wall if self.server is not None else None,
-                      max(others, 0.0) / wall)
+        started = self.server is not None
+        return CpuUse(here / wall, server / wall if started else None,
+                      max(others, 0.0) / wall, main if started else None)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -239,9 +194,10 @@ class LoadResult:
 
 async def run_load(session: aiohttp.ClientSession, url: str, concurrency: int,
                    prompt: list[int], args: argparse.Namespace, seed_base: int,
-                   server: Server | None) -> LoadResult:
+                   server: Server | None, tiller_metrics: bool) -> LoadResult:
     """`concurrency` clients, each sending requests back to back until the duration is up
-    (a request under way is finished) or the shared request count is used up."""
+    (a request under way is finished) or the shared request count is used up. Request i gets
+    seed seed_base + i, whichever server answers it."""
     results: list[RequestResult] = []
     issued = 0
 
@@ -263,15 +219,18 @@ async def run_load(session: aiohttp.ClientSession, url: str, concurrency: int,
                 return
             index = issued
             issued += 1
-            results.append(await stream_completion(session, url, body(index)))
+            try:
+                results.append(await stream_completion(session, url, body(index)))
+            except (aiohttp.ClientError, TimeoutError) as e:  # counted as failed, reported
+                results.append(RequestResult(ok=False, error=f"{type(e).__name__}: {e}"))
 
-    before = await server_metrics(session, url)
+    before = await server_metrics(session, url) if tiller_metrics else {}
     meter = CpuMeter(server)
     t0 = time.perf_counter()
     await asyncio.gather(*(client(t0 + args.duration) for _ in range(concurrency)))
     seconds = time.perf_counter() - t0
     cpu = meter.stop()
-    after = await server_metrics(session, url)
+    after = await server_metrics(session, url) if tiller_metrics else {}
     delta = {k: after[k] - before.get(k, 0.0) for k in after}
     return LoadResult(concurrency, seconds, results, cpu, delta)
 
@@ -286,7 +245,7 @@ class EngineResult:
     steps: int
     step_seconds: float  # mean decode step
     step_median: float
-    sample_seconds: float  # mean sampling time per token (Sampler.sample, same parameters)
+    sample_seconds: float  # mean sampling time per token (sample_step, same parameters)
     cpu: CpuUse | None = None
 
     @property
@@ -295,7 +254,17 @@ class EngineResult:
 
     @property
     def tok_s_with_sampling(self) -> float:
+        """What a server could deliver: a step plus sampling its batch's tokens."""
         return self.batch / (self.step_seconds + self.batch * self.sample_seconds)
+
+
+def sample_step(samplers: list[Sampler], results: list[SeqResult]) -> list[int]:
+    """The engine-side sampling of one decode step: a token for each sequence from its logits,
+    with its request's parameters and seed.
+
+    NOTE: the one place this benchmark samples, so that switching to the batched sampler
+    (engine/sample_kernel.py) is a change to this function only."""
+    return [smp.sample(r.logits) for smp, r in zip(samplers, results, strict=True)]
 
 
 def engine_decode(engine: Engine, prompt: list[int], batch: int, max_tokens: int,
@@ -303,7 +272,8 @@ def engine_decode(engine: Engine, prompt: list[int], batch: int, max_tokens: int
     """`batch` sequences prefilled with `prompt` in one step, then decoding one sampled token
     each per step, as many as a request's max_tokens; repeated for ENGINE_MIN_SECONDS.
 
-    Step times exclude sampling, which is timed apart: the engine figure is the forward pass."""
+    Step times and sampling times are taken apart: `tok_s` is the forward pass alone,
+    `tok_s_with_sampling` adds sampling, as a server must."""
     step_times: list[float] = []
     sample_total = 0.0
     samples = 0
@@ -318,7 +288,7 @@ def engine_decode(engine: Engine, prompt: list[int], batch: int, max_tokens: int
         results = engine.step([SeqRequest(s, prompt) for s in seqs])
         for _ in range(max_tokens - 1):  # the last sampled token is never fed back
             t0 = time.perf_counter()
-            tokens = [smp.sample(r.logits) for smp, r in zip(samplers, results, strict=True)]
+            tokens = sample_step(samplers, results)
             t1 = time.perf_counter()
             results = engine.step([SeqRequest(s, [t]) for s, t in zip(seqs, tokens, strict=True)])
             step_times.append(time.perf_counter() - t1)
@@ -336,6 +306,10 @@ def engine_decode(engine: Engine, prompt: list[int], batch: int, max_tokens: int
 
 @dataclass
 class Row:
+    """One server's run at one N in one round."""
+
+    server: str
+    round: int
     concurrency: int
     requests: int
     failed: int
@@ -347,160 +321,145 @@ class Row:
     itl_p50: float
     itl_p99: float
     chunks: int
-    engine: EngineResult | None
     cpu: CpuUse
-    server_steps: float
-    server_step_seconds: float  # engine.step time inside the server, summed
-    server_mean_batch: float
+    server_steps: float  # tiller's /metrics (0 for llama-server)
+    server_step_seconds: float  # engine.step time inside tiller, summed
     errors: list[str]
-    engine_runs: list[float] = field(default_factory=list)  # engine tok/s before and after
-
-    @property
-    def ratio(self) -> float | None:
-        return self.agg_tok_s / self.engine.tok_s if self.engine else None
 
     @property
     def noisy(self) -> bool:
-        """Other processes took a noticeable share of the cores during a measurement."""
-        engine_others = self.engine.cpu.others if self.engine and self.engine.cpu else 0.0
-        return max(self.cpu.others, engine_others) > NOISY
+        """Other processes took a noticeable share of the cores during the run."""
+        return self.cpu.others > NOISY
+
+    @property
+    def loop_ms_per_token(self) -> float | None:
+        """tiller's event loop (the server's main thread): CPU ms per generated token."""
+        main = self.cpu.server_main_seconds
+        if main is None or self.server != "tiller" or not self.completion_tokens:
+            return None
+        return main * 1e3 / self.completion_tokens
 
 
 def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def make_row(load: LoadResult, engine: EngineResult | None) -> Row:
+def make_row(server: str, rnd: int, load: LoadResult) -> Row:
     ok = [r for r in load.requests if r.ok]
     ttft = [r.ttft for r in ok if r.ttft is not None]
     itl = [x for r in ok for x in r.itl]
     tokens = sum(r.completion_tokens for r in ok)
     d = load.metrics_delta
-    steps = d.get("tiller_step_seconds_count", 0.0)
     return Row(
-        concurrency=load.concurrency, requests=len(ok), failed=len(load.requests) - len(ok),
-        seconds=load.seconds, completion_tokens=tokens, agg_tok_s=tokens / load.seconds,
-        ttft_p50=_pct(ttft, 50), ttft_p99=_pct(ttft, 99),
+        server=server, round=rnd, concurrency=load.concurrency, requests=len(ok),
+        failed=len(load.requests) - len(ok), seconds=load.seconds, completion_tokens=tokens,
+        agg_tok_s=tokens / load.seconds, ttft_p50=_pct(ttft, 50), ttft_p99=_pct(ttft, 99),
         itl_p50=_pct(itl, 50), itl_p99=_pct(itl, 99), chunks=sum(r.chunks for r in ok),
-        engine=engine, cpu=load.cpu, server_steps=steps,
+        cpu=load.cpu, server_steps=d.get("tiller_step_seconds_count", 0.0),
         server_step_seconds=d.get("tiller_step_seconds_sum", 0.0),
-        server_mean_batch=d.get("tiller_batch_size_sum", 0.0) / max(steps, 1),
         errors=sorted({r.error for r in load.requests if not r.ok})[:3])
 
 
-HEADER = ("N", "requests", "agg tok/s", "engine tok/s", "ratio", "TTFT p50", "TTFT p99",
-          "ITL p50", "ITL p99")
-WIDTHS = (3, 8, 10, 12, 7, 9, 9, 8, 8)
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None or seconds != seconds else f"{seconds * 1e3:.1f}"
 
 
-def _table_line(cells: list[str] | tuple[str, ...]) -> str:
-    return "  ".join(c.rjust(w) for c, w in zip(cells, WIDTHS, strict=True))
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.1f}ms"
-
-
-def format_row(row: Row) -> str:
-    return _table_line([
-        str(row.concurrency), str(row.requests) + (f"+{row.failed}!" if row.failed else ""),
-        f"{row.agg_tok_s:.1f}", f"{row.engine.tok_s:.1f}" if row.engine else "-",
-        (f"{row.ratio:.2f}" + ("*" if row.noisy else "")) if row.engine else "-",
-        _ms(row.ttft_p50), _ms(row.ttft_p99), _ms(row.itl_p50), _ms(row.itl_p99)])
-
-
-def _cores(x: float | None) -> str:
-    return "?" if x is None else f"{x:.2f}"
-
-
-def row_notes(row: Row) -> list[str]:
-    n = row.concurrency
-    per_step = row.seconds / row.server_steps if row.server_steps else float("nan")
-    step = row.server_step_seconds / row.server_steps if row.server_steps else float("nan")
-    out = [f"N={n}: {row.completion_tokens} tokens in {row.seconds:.1f}s ({row.chunks} text "
-           f"chunks); server: {row.server_steps:.0f} steps, mean batch "
-           f"{row.server_mean_batch:.1f}, {_ms(step)} in engine.step of {_ms(per_step)} wall "
-           f"per step ({row.server_step_seconds / row.seconds:.0%} of the run)"]
+def run_line(row: Row) -> str:
+    """One run as it is measured."""
     cpu = row.cpu
-    busy = (f"cores busy under load: server {_cores(cpu.server)}, load generator "
-            f"{_cores(cpu.here)}, other processes {_cores(cpu.others)}")
-    if row.engine is not None:
-        e = row.engine
-        runs = " / ".join(f"{x:.1f}" for x in row.engine_runs)
-        out.append(f"  engine alone, batch {n}: {runs} tok/s before / after the run; kept the "
-                   f"faster: step {_ms(e.step_seconds)} (mean of {e.steps}, median "
-                   f"{_ms(e.step_median)})")
-        out.append(f"  sampling (Sampler.sample, same parameters, this model's logits): "
-                   f"{_ms(e.sample_seconds)} per token -> engine + sampling "
-                   f"{e.tok_s_with_sampling:.1f} tok/s; server / that = "
-                   f"{row.agg_tok_s / e.tok_s_with_sampling:.2f}")
-        busy += f"; other processes while the engine ran {_cores(e.cpu.others)}"
-    out.append(f"  {busy}")
-    if row.failed:
-        out.append(f"  {row.failed} failed requests: {'; '.join(row.errors)}")
+    tail = (f"; tiller engine.step {row.server_step_seconds / row.seconds:.0%} of the run, "
+            f"{row.server_steps:.0f} steps" if row.server_steps else "")
+    if row.loop_ms_per_token is not None:
+        tail += f"; event loop {row.loop_ms_per_token:.3f} CPU ms/token"
+    return (f"  round {row.round} N={row.concurrency:<3} {row.server:>12}: "
+            f"{row.agg_tok_s:7.1f} tok/s  TTFT p50/p99 {_ms(row.ttft_p50)}/{_ms(row.ttft_p99)} ms"
+            f"  ITL p50/p99 {_ms(row.itl_p50)}/{_ms(row.itl_p99)} ms  {row.requests} requests"
+            + (f" +{row.failed} FAILED" if row.failed else "")
+            + f"  cores: server {cpu.server if cpu.server is not None else float('nan'):.2f}, "
+              f"others {cpu.others:.2f}" + ("*" if row.noisy else "") + tail)
+
+
+@dataclass
+class Summary:
+    """Medians over the rounds at one N."""
+
+    concurrency: int
+    tiller: dict[str, float | None]
+    llama: dict[str, float | None] | None
+    engine_tok_s: float | None  # decode + sampling, batch N (the faster of before/after)
+    engine_forward_tok_s: float | None  # decode alone
+    sample_ms: float | None  # sampling per token
+    noisy: bool
+    failed: int = 0
+
+    @property
+    def ratio(self) -> float | None:
+        return self.tiller["agg_tok_s"] / self.llama["agg_tok_s"] if self.llama else None
+
+    @property
+    def server_engine(self) -> float | None:
+        return self.tiller["agg_tok_s"] / self.engine_tok_s if self.engine_tok_s else None
+
+
+METRICS = ("agg_tok_s", "ttft_p50", "itl_p50", "ttft_p99", "itl_p99", "loop_ms_per_token")
+
+
+def _medians(rows: list[Row]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for k in METRICS:
+        values = [v for r in rows if (v := getattr(r, k)) is not None]
+        out[k] = statistics.median(values) if values else None
     return out
 
 
+def summarise(rows: list[Row], engines: dict[int, list[EngineResult]]) -> list[Summary]:
+    out = []
+    for n in sorted({r.concurrency for r in rows}, key=[r.concurrency for r in rows].index):
+        mine = [r for r in rows if r.concurrency == n and r.server == "tiller"]
+        peer = [r for r in rows if r.concurrency == n and r.server == "llama-server"]
+        runs = engines.get(n, [])
+        out.append(Summary(
+            n, _medians(mine), _medians(peer) if peer else None,
+            statistics.median(e.tok_s_with_sampling for e in runs) if runs else None,
+            statistics.median(e.tok_s for e in runs) if runs else None,
+            statistics.median(e.sample_seconds for e in runs) * 1e3 if runs else None,
+            any(r.noisy for r in mine + peer), sum(r.failed for r in mine + peer)))
+    return out
+
+
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def _f(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def format_table(summaries: list[Summary]) -> list[str]:
+    """The issue's table, plus tiller's engine (decode + sampling) and server / engine."""
+    lines = ["| N | tiller tok/s | llama-server tok/s | ratio | TTFT p50 tiller / llama | "
+             "ITL p50 tiller / llama | tiller engine tok/s (+sampling) | server / engine |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        t, ll = s.tiller, s.llama
+        lines.append(
+            f"| {s.concurrency}{'*' if s.noisy else ''} | {t['agg_tok_s']:.1f} | "
+            f"{_f(ll['agg_tok_s']) if ll else '-'} | {_x(s.ratio)} | "
+            f"{_ms(t['ttft_p50'])} / {_ms(ll['ttft_p50']) if ll else '-'} ms | "
+            f"{_ms(t['itl_p50'])} / {_ms(ll['itl_p50']) if ll else '-'} ms | "
+            f"{_f(s.engine_tok_s)} | {_x(s.server_engine)} |")
+    return lines
+
+
 # -----------------------------------------------------------------------------------------------
-# CLI
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts")
-    p.add_argument("--duration", type=float, default=20.0,
-                   help="seconds of load per concurrency (requests under way are finished)")
-    p.add_argument("--requests", type=int, default=None,
-                   help="requests per concurrency instead of a duration")
-    p.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request")
-    p.add_argument("--prompt-tokens", type=int, default=16,
-                   help="prompt length: the first tokens of a fixed text (BOS included)")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-p", type=float, default=None, help="default: the server's (1.0)")
-    p.add_argument("--seed", type=int, default=0, help="request i gets seed + i")
-    p.add_argument("--model", type=Path,
-                   help="llama2.c model file (default: random weights, stories15M shape)")
-    p.add_argument("--tokenizer", type=Path,
-                   help="tokenizer.bin (default: beside --model; without --model "
-                        f"{DEFAULT_TOKENIZER})")
-    p.add_argument("--url", help="use this running server instead of starting one (the engine "
-                   "column needs --model: the same file the server runs)")
-    p.add_argument("--parallel", type=int, default=None,
-                   help="server --parallel (default: max(16, largest N))")
-    p.add_argument("--dtype", choices=("q8_0", "f32"), default="q8_0")
-    p.add_argument("--threads", type=int, default=None,
-                   help=f"numba threads, server and engine (default: all "
-                        f"{numba.config.NUMBA_NUM_THREADS})")
-    p.add_argument("--json", nargs="?", const="bench_server.json", default=None, metavar="PATH",
-                   help="also write the results as JSON (default path: bench_server.json)")
-    args = p.parse_args(argv)
-    try:
-        args.concurrency = [int(x) for x in args.concurrency.split(",") if x.strip()]
-    except ValueError:
-        p.error("--concurrency must be comma-separated integers")
-    if not args.concurrency or min(args.concurrency) < 1:
-        p.error("--concurrency needs positive client counts")
-    if args.duration <= 0 or (args.requests is not None and args.requests < 1):
-        p.error("--duration and --requests must be positive")
-    if args.max_tokens < 1 or args.prompt_tokens < 1:
-        p.error("--max-tokens and --prompt-tokens must be at least 1")
-    if args.parallel is None:
-        args.parallel = max(16, *args.concurrency)
-    if args.tokenizer is None:
-        args.tokenizer = (args.model.with_name("tokenizer.bin") if args.model
-                          else DEFAULT_TOKENIZER)
-    for name in ("model", "tokenizer"):
-        path = getattr(args, name)
-        if path is not None and not path.is_file():
-            p.error(f"--{name} {path}: no such file")
-    return args
+# the run
 
 
 def load_engine(model: Path, args: argparse.Namespace, prompt_len: int, token: int) -> Engine:
     """The engine as the server builds it, with one step run (compiles or loads the kernels)."""
+    tokens = max(args.concurrency) * (prompt_len + args.max_tokens)
     engine = Engine.load(model, dtype=args.dtype, threads=args.threads,
-                         max_tokens=max(256, max(args.concurrency) * prompt_len),
-                         kv_sequences=max(args.concurrency))
+                         max_tokens=max(256, tokens), kv_sequences=max(args.concurrency))
     seq = engine.new_sequence()
     engine.step([SeqRequest(seq, [token])])
     engine.release(seq)
@@ -509,9 +468,9 @@ def load_engine(model: Path, args: argparse.Namespace, prompt_len: int, token: i
 
 async def engine_while_idle(engine: Engine, thread: ThreadPoolExecutor, prompt: list[int],
                             batch: int, args: argparse.Namespace, params: SamplingParams,
-                            server: Server | None) -> EngineResult:
-    await asyncio.sleep(IDLE_PAUSE)  # let the server's last step and our clients settle
-    meter = CpuMeter(server)
+                            servers: list[Server]) -> EngineResult:
+    await asyncio.sleep(IDLE_PAUSE)  # let the servers' last steps and our clients settle
+    meter = CpuMeter(None)
     result = await asyncio.get_running_loop().run_in_executor(
         thread, engine_decode, engine, prompt, batch, args.max_tokens, params)
     result.cpu = meter.stop()
@@ -519,10 +478,27 @@ async def engine_while_idle(engine: Engine, thread: ThreadPoolExecutor, prompt: 
     return result
 
 
-async def run(args: argparse.Namespace, model: Path | None, tmp: Path) -> dict:
-    tokenizer = SpmTokenizer.from_llama2c(args.tokenizer)
+def new_session() -> aiohttp.ClientSession:
+    """A client session that opens a connection per request. NOTE: llama-server (cpp-httplib)
+    closes a keep-alive connection after 5 idle seconds or 5 requests, and a POST on a
+    connection the server has just closed fails rather than being retried; a local connect
+    costs well under a millisecond, the same for both servers."""
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=REQUEST_TIMEOUT)
+    return aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(
+        limit=0, force_close=True))
+
+
+async def warm_up(session: aiohttp.ClientSession, url: str, prompt: list[int]) -> None:
+    warm = await stream_completion(session, url, {
+        "prompt": prompt, "max_tokens": 4, "stream": True,
+        "stream_options": {"include_usage": True}})
+    if not warm.ok:
+        raise RuntimeError(f"{url}: warm-up request failed: {warm.error}")
+
+
+async def run(args: argparse.Namespace, model: Path, tokenizer: Tokenizer, tmp: Path) -> dict:
     prompt = tokenizer.encode(PROMPT_TEXT, bos=True)[: args.prompt_tokens]
-    engine = None
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p)
     # NOTE: threads as in the server: the model is loaded and its first step run on one worker
     # thread, decode steps run on another. With numba's OpenMP layer this matters a lot: each
     # thread that starts parallel regions owns a libgomp team, and libgomp spin-waits at its
@@ -532,112 +508,235 @@ async def run(args: argparse.Namespace, model: Path | None, tmp: Path) -> dict:
     # team lives as long as its thread: the loader is kept, like the server's executor.)
     loader = ThreadPoolExecutor(1, thread_name_prefix="load")
     thread = ThreadPoolExecutor(1, thread_name_prefix="engine")
-    if model is not None:
-        engine = loader.submit(load_engine, model, args, len(prompt), prompt[0]).result()
-        if engine.config.vocab_size != tokenizer.vocab_size:
-            raise ValueError(f"{args.tokenizer} has {tokenizer.vocab_size} pieces, the model "
-                             f"{engine.config.vocab_size}")
-    params = SamplingParams(temperature=args.temperature,
-                            top_p=1.0 if args.top_p is None else args.top_p)
-    server = None
-    if args.url is None:
-        server = Server(model, args.tokenizer, parallel=args.parallel, dtype=args.dtype,
-                        threads=args.threads, log_path=tmp / "server.log")
-    url = args.url or server.url
-    timeout = aiohttp.ClientTimeout(total=None, sock_read=120)
-    connector = aiohttp.TCPConnector(limit=0)
-    rows: list[Row] = []
-    exit_code = None
+    servers: dict[str, Server] = {}
+    urls: dict[str, str] = {}
+    result: dict = {"prompt_tokens": len(prompt), "startup_seconds": {}, "exit_codes": {}}
     try:
-        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-            ready = await wait_ready(session, url, STARTUP_TIMEOUT, server)
-            print(f"server {url} ready after {ready:.1f}s"
-                  + (f" (parallel {args.parallel}, log {server.log_path})" if server else ""))
-            async with session.get(f"{url}/v1/models") as resp:
-                meta = (await resp.json())["data"][0]
-            print(f"model {meta['id']}: {meta['meta']}")
-            warm = await stream_completion(session, url, {
-                "prompt": prompt, "max_tokens": 4, "stream": True,
-                "stream_options": {"include_usage": True}})
-            if not warm.ok:
-                raise RuntimeError(f"warm-up request failed: {warm.error}")
+        engine = None
+        if args.engine:
+            engine = loader.submit(load_engine, model, args, len(prompt), prompt[0]).result()
+            if engine.config.vocab_size != tokenizer.vocab_size:
+                raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces, the model "
+                                 f"{engine.config.vocab_size}")
+        if args.url is None:
+            servers["tiller"] = tiller_server(model, args.tokenizer, parallel=args.parallel,
+                                              threads=args.threads, dtype=args.dtype,
+                                              log_path=tmp / "tiller.log")
+            urls["tiller"] = servers["tiller"].url
+        else:
+            urls["tiller"] = args.url
+        if args.peer:
+            ctx = engine.config.max_seq_len if engine else args.peer_ctx
+            servers["llama-server"] = llama_server(
+                args.peer_binary, model, parallel=args.parallel, threads=args.threads,
+                ctx_per_slot=ctx, log_path=tmp / "llama-server.log")
+            urls["llama-server"] = servers["llama-server"].url
+        async with new_session() as session:
+            for name, server in servers.items():
+                result["startup_seconds"][name] = await wait_ready(session, server,
+                                                                   args.startup_timeout)
+                print(f"{name} ready at {server.url} after "
+                      f"{result['startup_seconds'][name]:.1f}s (log {server.log_path})",
+                      flush=True)
+            if "llama-server" in servers:
+                result["peer_buffers"] = sorted(set(
+                    servers["llama-server"].log_lines("model buffer size")))
+                print("llama-server: " + "; ".join(result["peer_buffers"]), flush=True)
+            for url in urls.values():
+                await warm_up(session, url, prompt)
             print(f"prompt: {len(prompt)} tokens; max_tokens {args.max_tokens}, temperature "
-                  f"{args.temperature}, top_p {params.top_p}; "
+                  f"{args.temperature}, top_p {args.top_p}; "
                   + (f"{args.requests} requests" if args.requests else f"{args.duration:g}s")
-                  + " per N")
-            print()
-            print(_table_line(HEADER), flush=True)
-            notes: list[str] = []
+                  + f" per N and server; {args.rounds} rounds", flush=True)
+            rows: list[Row] = []
+            engines: dict[int, list[EngineResult]] = {}
             seed_base = args.seed
-            for n in args.concurrency:
-                # NOTE: other processes' load drifts (the machine is shared): time the engine
-                # on both sides of the server's run and keep the faster, so the ratio errs low
-                runs: list[EngineResult] = []
-                if engine is not None:
-                    runs.append(await engine_while_idle(engine, thread, prompt, n, args, params,
-                                                        server))
-                load = await run_load(session, url, n, prompt, args, seed_base, server)
-                seed_base += len(load.requests)
-                if engine is not None:
-                    runs.append(await engine_while_idle(engine, thread, prompt, n, args, params,
-                                                        server))
-                row = make_row(load, max(runs, key=lambda r: r.tok_s) if runs else None)
-                row.engine_runs = [r.tok_s for r in runs]
-                rows.append(row)
-                notes.extend(row_notes(row))
-                print(format_row(row), flush=True)
+            for rnd in range(args.rounds):
+                for n in args.concurrency:
+                    # NOTE: other processes' load drifts (the machine is shared): time the
+                    # engine on both sides of the servers' runs and keep the faster, so the
+                    # server / engine ratio errs low
+                    runs = []
+                    if engine is not None:
+                        runs.append(await engine_while_idle(engine, thread, prompt, n, args,
+                                                            params, list(servers.values())))
+                    for name, url in urls.items():
+                        async with new_session() as phase:
+                            load = await run_load(phase, url, n, prompt, args, seed_base,
+                                                  servers.get(name), name == "tiller")
+                        row = make_row(name, rnd, load)
+                        rows.append(row)
+                        print(run_line(row), flush=True)
+                    seed_base += 100_000  # the next N and round: new seeds, same on both
+                    if engine is not None:
+                        runs.append(await engine_while_idle(engine, thread, prompt, n, args,
+                                                            params, list(servers.values())))
+                        best = max(runs, key=lambda r: r.tok_s_with_sampling)
+                        engines.setdefault(n, []).append(best)
+                        print(f"  round {rnd} N={n:<3} tiller engine: "
+                              + " / ".join(f"{r.tok_s_with_sampling:.1f}" for r in runs)
+                              + f" tok/s before / after (decode {best.tok_s:.1f} tok/s, "
+                              f"sampling {best.sample_seconds * 1e3:.2f} ms/token)", flush=True)
+            result["rows"] = rows
+            result["engines"] = engines
+            chat: list[ChatRow] = []
+            if args.chat_histories:
+                print(f"chat scenario: histories {args.chat_histories}, {args.chat_rounds} "
+                      "rounds", flush=True)
+
+                def count(text: str) -> int:
+                    return len(tokenizer.encode(text, bos=False))
+
+                for name, url in urls.items():
+                    chat += await chat_scenario(session, name, url, args.chat_histories,
+                                                args.chat_rounds, count, args.temperature,
+                                                args.top_p, args.seed)
+            result["chat"] = chat
     finally:
         thread.shutdown()
         loader.shutdown()
-        if server is not None:
-            exit_code = server.stop()
-    return {"rows": rows, "notes": notes, "prompt_tokens": len(prompt),
-            "server_exit_code": exit_code, "startup_seconds": ready}
+        for name, server in servers.items():
+            result["exit_codes"][name] = server.stop()
+    return result
+
+
+# -----------------------------------------------------------------------------------------------
+# CLI
+
+
+def _ints(text: str, what: str, p: argparse.ArgumentParser) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--{what} must be comma-separated integers")
+    if any(v < 1 for v in values):
+        p.error(f"--{what} needs positive numbers")
+    return values
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts")
+    p.add_argument("--duration", type=float, default=20.0,
+                   help="seconds of load per N and server (requests under way are finished)")
+    p.add_argument("--requests", type=int, default=None,
+                   help="requests per N and server instead of a duration")
+    p.add_argument("--rounds", type=int, default=2, help="rounds; the table shows medians")
+    p.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request")
+    p.add_argument("--prompt-tokens", type=int, default=16,
+                   help="prompt length: the first tokens of a fixed text (BOS included)")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0, help="request i gets seed + i")
+    p.add_argument("--model", type=Path, help="model file both servers load (default: a "
+                   f"random-weight {DEFAULT_SHAPE}-shaped Q8_0 GGUF with a ChatML template, "
+                   "written under --cache-dir)")
+    p.add_argument("--tokenizer", type=Path,
+                   help="tiller's tokenizer for a llama2.c --model (a GGUF carries its own)")
+    p.add_argument("--cache-dir", type=Path, default=Path("/tmp/tiller-bench"),
+                   help="where the default model file is written once")
+    p.add_argument("--url", help="a tiller server already running (instead of starting one)")
+    p.add_argument("--parallel", type=int, default=16, help="slots of both servers")
+    p.add_argument("--threads", type=int, default=2, help="threads of both servers and the "
+                   "engine")
+    p.add_argument("--dtype", choices=("q8_0", "f32"), default="q8_0")
+    p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run llama-server (bench/peer.py's build; --no-peer: tiller only)")
+    p.add_argument("--peer-ctx", type=int, default=1024,
+                   help="llama-server's context per slot when --no-engine (else the model's)")
+    p.add_argument("--engine", action=argparse.BooleanOptionalAction, default=True,
+                   help="time tiller's engine alone at each N (--no-engine: skip)")
+    p.add_argument("--chat-histories", default="200,400,800",
+                   help="history lengths (tokens) of the chat scenario; '' skips it")
+    p.add_argument("--chat-rounds", type=int, default=2)
+    p.add_argument("--startup-timeout", type=float, default=STARTUP_TIMEOUT)
+    p.add_argument("--json", nargs="?", const="bench_server.json", default=None, metavar="PATH",
+                   help="also write the results as JSON (default path: bench_server.json)")
+    args = p.parse_args(argv)
+    args.concurrency = _ints(args.concurrency, "concurrency", p)
+    args.chat_histories = _ints(args.chat_histories, "chat-histories", p)
+    if not args.concurrency:
+        p.error("--concurrency needs at least one client count")
+    if args.duration <= 0 or (args.requests is not None and args.requests < 1):
+        p.error("--duration and --requests must be positive")
+    if args.max_tokens < 1 or args.prompt_tokens < 1 or args.rounds < 1 or args.chat_rounds < 1:
+        p.error("--max-tokens, --prompt-tokens, --rounds and --chat-rounds must be at least 1")
+    if args.parallel < max(args.concurrency):
+        p.error(f"--parallel {args.parallel} is below the largest N {max(args.concurrency)}")
+    for name in ("model", "tokenizer"):
+        path = getattr(args, name)
+        if path is not None and not path.is_file():
+            p.error(f"--{name} {path}: no such file")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cores = os.cpu_count()
+    model = args.model or default_model(args.cache_dir)
+    tokenizer = load_tokenizer(model, args.tokenizer)
+    peer_commit = None
+    if args.peer:
+        try:
+            args.peer_binary, peer_commit = peer_server_binary()
+        except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as e:
+            sys.exit(f"llama-server is missing and could not be built ({e}); build it with "
+                     "'python bench/peer.py' (TILLER_PEER_DIR), or run with --no-peer")
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    cpu = next((line.split(":", 1)[1].strip() for line in flags.splitlines()
+                if line.startswith("model name")), "unknown CPU")
+    isa = ", ".join(f for f in ("avx512_vnni", "amx_int8") if f in flags) or "no VNNI/AMX"
+    print(f"CPU: {cpu}, {os.cpu_count()} cores ({isa}; "
+          f"{'AMX' if 'amx_int8' in flags else 'no AMX'}); threads {args.threads}, "
+          f"slots {args.parallel}; model {model}")
+    if peer_commit:
+        print(f"peer: llama.cpp {peer_commit} ({args.peer_binary})")
     with tempfile.TemporaryDirectory(prefix="bench_server-") as tmp_name:
-        tmp = Path(tmp_name)
-        model = args.model
-        if model is None and args.url is None:
-            model = random_model(tmp, args.seed)
-            print(f"model: random weights, stories15M shape, written to {model}")
-        print(f"CPU: {cores} cores, shared by the server and this load generator (which also "
-              f"times the engine, while the server is idle); numba threads "
-              f"{args.threads or numba.config.NUMBA_NUM_THREADS}")
-        result = asyncio.run(run(args, model, tmp))
-    rows: list[Row] = result["rows"]
+        result = asyncio.run(run(args, model, tokenizer, Path(tmp_name)))
+    summaries = summarise(result["rows"], result["engines"])
     print()
-    print("agg tok/s: completion tokens (from usage) / wall time of the run, N clients sending "
-          "back to back; engine tok/s: this process's Engine.step at batch N, decode only (mean "
-          "step, sampling excluded), server idle; ratio = agg / engine. TTFT: request sent to "
-          "first text chunk; ITL: gaps between text chunks of a request.")
-    if any(r.noisy for r in rows):
-        print(f"  * other processes used more than {NOISY} of a core while this row's server "
-              "run or kept engine run was measured: compare with care")
-    for note in result["notes"]:
-        print(f"  {note}")
-    code = result["server_exit_code"]
-    if args.url is None:
-        print(f"server stopped with SIGTERM: exit code {code if code is not None else 'killed'}")
+    print(f"medians of {args.rounds} rounds; llama-server = llama.cpp {peer_commit}"
+          if peer_commit else f"medians of {args.rounds} rounds; tiller only")
+    for line in format_table(summaries):
+        print(line)
+    print("tok/s: completion tokens (usage) / wall time, N clients back to back; TTFT: request "
+          "sent to first text chunk; ITL: gaps between a request's text chunks; engine: "
+          "tiller's Engine.step at batch N in this process, decode + sampling (same "
+          "temperature and top_p), servers idle; * other processes used more than "
+          f"{NOISY} of a core during a run: compare with care.")
+    for s in summaries:
+        parts = []
+        if s.engine_forward_tok_s is not None:
+            parts.append(f"engine decode alone {s.engine_forward_tok_s:.1f} tok/s, sampling "
+                         f"{s.sample_ms:.2f} ms per token")
+        if s.tiller["loop_ms_per_token"] is not None:
+            parts.append(f"tiller's event loop {s.tiller['loop_ms_per_token']:.3f} CPU ms per "
+                         "token (its main thread's CPU time / tokens)")
+        if parts:
+            print(f"  N={s.concurrency}: " + "; ".join(parts))
+    if result["chat"]:
+        print()
+        print(f"chat scenario (one client; TTFT to the first content; {args.chat_rounds} "
+              "rounds, medians; 't2 computed': turn 2's timings.prompt_n)")
+        for line in format_chat(result["chat"]):
+            print(line)
+    print(f"servers stopped with SIGTERM: exit codes {result['exit_codes']}")
     if args.json:
         out = {
-            "cores": cores, "threads": args.threads or numba.config.NUMBA_NUM_THREADS,
-            "model": str(args.model) if args.model else "random stories15M shape",
-            "tokenizer": str(args.tokenizer), "url": args.url, "dtype": args.dtype,
-            "parallel": args.parallel, "prompt_tokens": result["prompt_tokens"],
-            "max_tokens": args.max_tokens, "temperature": args.temperature,
-            "top_p": args.top_p, "duration": args.duration, "requests": args.requests,
-            "startup_seconds": result["startup_seconds"], "server_exit_code": code,
-            "rows": [asdict(r) | {"ratio": r.ratio, "engine_tok_s": r.engine.tok_s
-                                  if r.engine else None} for r in rows],
-            "notes": result["notes"],
+            "cpu": cpu, "isa": isa, "cores": os.cpu_count(), "threads": args.threads,
+            "parallel": args.parallel, "model": str(model), "peer_commit": peer_commit,
+            "peer_buffers": result.get("peer_buffers"), "dtype": args.dtype,
+            "prompt_tokens": result["prompt_tokens"], "max_tokens": args.max_tokens,
+            "temperature": args.temperature, "top_p": args.top_p, "rounds": args.rounds,
+            "duration": args.duration, "requests": args.requests,
+            "startup_seconds": result["startup_seconds"], "exit_codes": result["exit_codes"],
+            "table": [asdict(s) | {"ratio": s.ratio, "server_engine": s.server_engine}
+                      for s in summaries],
+            "runs": [asdict(r) for r in result["rows"]],
+            "chat": [asdict(c) | {"ratio": c.ratio} for c in result["chat"]],
         }
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
-    return 0 if all(r.failed == 0 for r in rows) else 1
+        print(f"wrote {args.json}")
+    return 0 if all(s.failed == 0 for s in summaries) else 1
 
 
 if __name__ == "__main__":

@@ -110,8 +110,9 @@ def peer_buffers(bin_dir: Path, model: Path, threads: int) -> list[str]:
 # the shared files
 
 
-def write_gguf(path: Path, c: ModelConfig) -> None:
-    """A Q8_0 GGUF of random weights in shape c, with the Llama 2 vocabulary (vocab 32000)."""
+def write_gguf(path: Path, c: ModelConfig, chat_template: str | None = None) -> None:
+    """A Q8_0 GGUF of random weights in shape c, with the Llama 2 vocabulary (vocab 32000) and,
+    if given, a `tokenizer.chat_template`."""
     vocab = gguf.GGUFReader(VOCAB)
 
     def strings(name: str) -> list[str]:
@@ -141,6 +142,8 @@ def write_gguf(path: Path, c: ModelConfig) -> None:
     w.add_token_types(values("tokenizer.ggml.token_type"))
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
     plan = [("token_embd.weight", (c.vocab_size, c.dim), T.Q8_0),
             ("output_norm.weight", (c.dim,), T.F32)]
     if not c.shared_classifier:

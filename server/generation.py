@@ -13,7 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +96,9 @@ class Generation:
         self.t_submit = time.perf_counter()
         self.t_first: float | None = None
         self.n_tokens = 0
+        # NOTE: awaited whenever events() is about to wait for the engine thread (merged() sets
+        # it to the response's SSE.flush): what a burst of events queued is written then, once
+        self.on_wait: Callable[[], Awaitable[None]] | None = None
 
     def timings(self) -> dict:
         """llama.cpp's `timings` so far: the prompt until the first token, generation since."""
@@ -96,6 +106,10 @@ class Generation:
         first = self.t_first or now
         return timings(len(self.request.prompt), self.n_tokens, first - self.t_submit,
                        now - first)
+
+    def ready(self) -> bool:
+        """An event is waiting: reading the next one would not wait for the engine thread."""
+        return not self.handle.queue.empty()
 
     def cancel(self) -> None:
         if not self.done:
@@ -108,6 +122,8 @@ class Generation:
         eos = False
         try:
             while True:
+                if self.on_wait is not None and handle.queue.empty():
+                    await self.on_wait()
                 event = await handle.queue.get()
                 if isinstance(event, PromptLogprobs | PromptReadings | Captured):
                     yield event
@@ -177,12 +193,15 @@ async def merged(generations: list[Generation], sse: SSE | None = None
                  ) -> AsyncIterator[tuple[int, Any]]:
     """Events of several generations as (index, event), as they come; all cancelled on exit.
 
-    Each is consumed by its own task, so one slow choice never holds back the others. A
-    GenerationError propagates -- unless `sse` has started, where it ends the stream with an
-    error event and sets `sse.failed` instead.
+    Each is consumed by its own task, so one slow choice never holds back the others. With
+    `sse`, its queued frames are flushed whenever no event is ready, before waiting for one
+    (a generation's own wait included: it may skip events): the frames of a burst of events go
+    out in one write, and no frame waits for the next token. A GenerationError propagates --
+    unless `sse` has started, where it ends the stream with an error event and sets
+    `sse.failed` instead.
     """
     try:
-        async for item in _merged(generations):
+        async for item in _merged(generations, sse):
             yield item
     except GenerationError as e:
         if sse is None or not sse.started:
@@ -190,7 +209,11 @@ async def merged(generations: list[Generation], sse: SSE | None = None
         await sse.fail(ApiError(500, str(e), "server_error"))
 
 
-async def _merged(generations: list[Generation]) -> AsyncIterator[tuple[int, Any]]:
+async def _merged(generations: list[Generation], sse: SSE | None
+                  ) -> AsyncIterator[tuple[int, Any]]:
+    if sse is not None:
+        for g in generations:
+            g.on_wait = sse.flush
     streams = [g.events() for g in generations]
     if len(streams) == 1:
         try:
@@ -214,6 +237,8 @@ async def _merged(generations: list[Generation]) -> AsyncIterator[tuple[int, Any
     remaining = len(streams)
     try:
         while remaining:
+            if sse is not None and queue.empty() and not any(g.ready() for g in generations):
+                await sse.flush()
             i, item = await queue.get()
             if item is done:
                 remaining -= 1

@@ -11,6 +11,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
+from json.encoder import encode_basestring
 from typing import TypeVar
 
 import numpy as np
@@ -120,12 +121,20 @@ def json_bytes(body: bytes, status: int = 200) -> web.Response:
 
 
 class SSE:
-    """A server-sent events response: `data: <json>` lines, flushed as they are written."""
+    """A server-sent events response: `data: <json>` frames.
+
+    NOTE: frames are buffered and written together by `flush()`, which `generation.merged`
+    calls whenever no further event is ready (before it waits), and by `close()`: a burst of
+    tokens that reached the event loop together goes out in one write (one send() and one
+    HTTP chunk) instead of one per token, and nothing is held back while the stream waits.
+    aiohttp's write() itself only waits for the socket when more than 64 KiB are unsent.
+    """
 
     def __init__(self, request: web.Request) -> None:
         self.request = request
         self.started = False
         self.failed = False
+        self._frames: list[bytes] = []
         self.response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no",  # nginx: pass events through unbuffered
@@ -136,10 +145,22 @@ class SSE:
         self.started = True
 
     async def send(self, data: dict | str) -> None:
+        """Queue one event (a dict is encoded as JSON, a str sent as it is)."""
         text = data if isinstance(data, str) else dumps(data, ensure_ascii=False)
-        await self.response.write(f"data: {text}\n\n".encode())
+        self._frames.append(f"data: {text}\n\n".encode())
+
+    def send_frame(self, frame: bytes) -> None:
+        """Queue a frame already encoded (`FrameTemplate.frame`)."""
+        self._frames.append(frame)
+
+    async def flush(self) -> None:
+        """Write every queued frame, in one write."""
+        if self._frames:
+            frames, self._frames = self._frames, []
+            await self.response.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
     async def close(self) -> web.StreamResponse:
+        await self.flush()
         await self.response.write_eof()
         return self.response
 
@@ -150,6 +171,44 @@ class SSE:
         await self.send({"error": {"message": error.message, "type": error.type,
                                    "param": error.param, "code": error.code}})
         return await self.close()
+
+
+_SLOT = "\x00tiller-slot\x00"
+
+
+class FrameTemplate:
+    """One SSE frame of a stream's per-token chunks, encoded once around the fields that change:
+    per token only those values are encoded (a string by json's C string encoder, an int by
+    str()), and the bytes are exactly those `SSE.send` writes for the whole object. Build it
+    from the chunk with `FrameTemplate.SLOT` as each changing value, `slots` of them, in the
+    order json.dumps writes them; `frame()` takes the values in that order."""
+
+    SLOT = _SLOT
+
+    def __init__(self, data: dict, slots: int = 1) -> None:
+        parts = dumps(data, ensure_ascii=False).split(dumps(_SLOT, ensure_ascii=False))
+        if len(parts) != slots + 1:
+            raise ValueError(f"a FrameTemplate's object holds FrameTemplate.SLOT "
+                             f"{len(parts) - 1} times, not {slots}")
+        parts[0] = f"data: {parts[0]}"
+        parts[-1] = f"{parts[-1]}\n\n"
+        self.parts = [p.encode() for p in parts]
+        self.head, self.tail = self.parts[0], self.parts[-1]
+
+    def frame(self, *values: str | int) -> bytes:
+        if len(values) == 1 and isinstance(values[0], str) and len(self.parts) == 2:
+            return self.head + encode_basestring(values[0]).encode() + self.tail
+        out = [self.parts[0]]
+        for value, part in zip(values, self.parts[1:], strict=True):
+            if isinstance(value, str):
+                out.append(encode_basestring(value).encode())
+            elif type(value) is int:  # NOTE: not bool, whose str() is no JSON
+                out.append(str(value).encode())
+            else:
+                raise TypeError(f"a FrameTemplate slot takes a str or an int, not "
+                                f"{type(value).__name__}")
+            out.append(part)
+        return b"".join(out)
 
 
 # middlewares --------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from .generation import (
     outcome_timings,
     start_generations,
 )
-from .http import SSE, encode_json, json_bytes, json_response, read_body
+from .http import SSE, FrameTemplate, encode_json, json_bytes, json_response, read_body
 from .openapi import operation
 from .prepare import llama_choice, render_chat
 from .protocol import (
@@ -49,23 +49,33 @@ async def completion(request: web.Request) -> web.StreamResponse:
     (generation,) = start_generations(model, runner, [choice.spec])
     ids, n_new = choice.prompt, choice.spec[0].max_tokens
     sse = SSE(request) if body.stream else None
+    # NOTE: a token's chunk without probabilities, readouts or timings (the common one) is
+    # written from prebuilt bytes around its text, token id and count
+    frame = FrameTemplate({
+        "content": FrameTemplate.SLOT, "tokens": [FrameTemplate.SLOT], "stop": False,
+        "id_slot": max(body.id_slot, 0), "tokens_predicted": FrameTemplate.SLOT,
+        "tokens_evaluated": len(ids)}, slots=3)
+    plain = not body.n_probs and not body.timings_per_token
     if sse:
         await sse.start()
-    content, tokens, probs = "", [], []
+    parts: list[str] = []  # the text, joined once at the end
+    tokens, probs = [], []
     outcome: Outcome | None = None
     async for _, event in merged([generation], sse):
         if isinstance(event, PromptReadings):
             readings.add_prompt(event)
         elif isinstance(event, Piece):
             read = readings.add(event)
-            content += event.text
+            parts.append(event.text)
             if event.token is not None:
                 tokens.append(event.token)
             entry = None
             if body.n_probs and event.token is not None:
                 entry = llama_probs(model.tokenizer, event, body.post_sampling_probs)
                 probs.append(entry)
-            if sse and (event.text or entry):
+            if sse and plain and event.text and event.token is not None and not read:
+                sse.send_frame(frame.frame(event.text, event.token, generation.n_tokens))
+            elif sse and (event.text or entry):
                 chunk: dict = {"content": event.text, "tokens": [] if event.token is None
                                else [event.token], "stop": False, "id_slot": max(body.id_slot, 0),
                                "tokens_predicted": generation.n_tokens,
@@ -81,6 +91,7 @@ async def completion(request: web.Request) -> web.StreamResponse:
     if sse and sse.failed:
         return sse.response
     assert outcome is not None
+    content = "".join(parts)
     request[TOKENS] = outcome.completion_tokens
     final = {"content": "" if sse else content,
              "tokens": tokens if body.return_tokens and not sse else [],

@@ -16,7 +16,7 @@ from .generation import (
     start_generations,
     token_logprobs,
 )
-from .http import SSE, json_response, read_body
+from .http import SSE, FrameTemplate, json_response, read_body
 from .openapi import operation
 from .prepare import chat_choices, completion_choices
 from .protocol import (
@@ -67,7 +67,7 @@ class _CompletionChoice:
 
     def __init__(self, model: Model, echo_text: str, prompt_ids: list[int], logprobs: int | None):
         self.model = model
-        self.text = echo_text
+        self.parts = [echo_text]  # NOTE: joined once at the end, not re-copied per token
         self.base = len(echo_text)
         self.logprobs = logprobs
         self.tokens: list[str] = []
@@ -75,6 +75,12 @@ class _CompletionChoice:
         self.top: list[dict[str, float] | None] = []
         self.offsets: list[int] = []
         self.prompt_ids = prompt_ids
+
+    @property
+    def text(self) -> str:
+        if len(self.parts) > 1:
+            self.parts = ["".join(self.parts)]
+        return self.parts[0]
 
     def add_prompt(self, event: PromptLogprobs) -> None:
         offset = 0
@@ -90,7 +96,7 @@ class _CompletionChoice:
 
     def add(self, piece: Piece) -> dict | None:
         """Record a piece; returns its logprobs fragment for a stream chunk."""
-        self.text += piece.text
+        self.parts.append(piece.text)
         if self.logprobs is None or piece.token is None:
             return None
         fragment: dict[str, Any] = {
@@ -129,6 +135,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
     outcomes: dict[int, Outcome] = {}
     sse = SSE(request) if body.stream else None
     finish_chunk: dict | None = None  # held back: llama.cpp's timings go on the last chunk
+    # NOTE: the chunk of a token with text only (no logprobs, readouts or timings), by far the
+    # most common, is written from prebuilt bytes around its text
+    frames = [FrameTemplate({**head, "choices": [{
+        "index": i, "text": FrameTemplate.SLOT, "logprobs": None, "finish_reason": None}]})
+        for i in range(len(choices))] if sse else []
     if sse:
         await sse.start()
         for i, c in enumerate(choices):
@@ -148,7 +159,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
         elif isinstance(event, Piece):
             fragment = choice.add(event)
             read = readings[i].add(event)
-            if sse and (event.text or fragment):
+            if sse and event.text and not (fragment or read or body.timings_per_token):
+                sse.send_frame(frames[i].frame(event.text))
+            elif sse and (event.text or fragment):
                 chunk = {**head, "choices": [{"index": i, "text": event.text,
                                               "logprobs": fragment, "finish_reason": None,
                                               **(read or {})}]}
@@ -198,7 +211,7 @@ class _ChatChoice:
     def __init__(self, model: Model, logprobs: bool, tools: ToolRequest | None = None) -> None:
         self.model = model
         self.logprobs = logprobs
-        self.text = ""
+        self.parts: list[str] = []  # NOTE: joined once at the end, not re-copied per token
         self.parser = None if tools is None else ToolCallParser(
             tools.format, tools.names, stream_arguments=tools.forced, parallel=tools.parallel)
         self.entries: list[dict] = []
@@ -218,6 +231,10 @@ class _ChatChoice:
         """The deltas of text the parser still held when the generation ended."""
         return [] if self.parser is None else self._deltas(self.parser.finish())
 
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
     def finish_reason(self, outcome: Outcome) -> str:
         calls = self.parser is not None and self.parser.calls
         return "tool_calls" if calls and outcome.finish_reason == "stop" \
@@ -233,7 +250,7 @@ class _ChatChoice:
         out: list[tuple[dict, list[dict]]] = []
         for event in events:
             if isinstance(event, ContentDelta):
-                self.text += event.text
+                self.parts.append(event.text)
                 out.append(({"content": event.text}, []))
             elif isinstance(event, CallStart):
                 out.append(({"tool_calls": [{
@@ -267,6 +284,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     outcomes: dict[int, Outcome] = {}
     sse = SSE(request) if body.stream else None
     chunk_head = {**head, "object": "chat.completion.chunk"}
+    # NOTE: a content delta without logprobs, readouts or timings is written from prebuilt bytes
+    plain = not body.logprobs and not body.timings_per_token
+    frames = [FrameTemplate({**chunk_head, "choices": [{
+        "index": i, "delta": {"content": FrameTemplate.SLOT}, "logprobs": None,
+        "finish_reason": None}]}) for i in range(body.n)] if sse else []
     if sse:
         await sse.start()
         for i in range(body.n):
@@ -285,6 +307,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             for delta, entries in deltas:
                 if sse is None:
                     break
+                if plain and read is None and len(delta) == 1 and "content" in delta:
+                    sse.send_frame(frames[i].frame(delta["content"]))
+                    continue
                 chunk = {**chunk_head, "choices": [{
                     "index": i, "delta": delta,
                     "logprobs": {"content": entries} if body.logprobs else None,
