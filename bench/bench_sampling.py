@@ -100,11 +100,11 @@ def main() -> None:
                 logits = make_logits(rng, rows, args.vocab, shape)
                 samplers = make_samplers(rows, settings, args.vocab, rng)
                 cells = [shape, name, str(rows)]
-                ms = time_steps(lambda: numpy_step(samplers, logits), args.steps)
+                ms = time_steps(lambda s=samplers, x=logits: numpy_step(s, x), args.steps)
                 cells.append(f"{ms:.2f} ({ms / rows:.3f})")
                 for threads in range(1, max_threads + 1):
-                    ms = time_steps(lambda t=threads: sample_batch(samplers, logits, threads=t),
-                                    args.steps)
+                    ms = time_steps(lambda s=samplers, x=logits, t=threads:
+                                    sample_batch(s, x, threads=t), args.steps)
                     cells.append(f"{ms:.2f} ({ms / rows:.3f})")
                 print(" | ".join(cells), flush=True)
 

@@ -40,11 +40,12 @@ OK, BAD_LOGITS, NO_TOKEN, BAD_CONTEXT = 0, 1, 2, 3
 TEMPERATURE, TOP_K, TOP_P, MIN_P, LOG_MIN_P, REPETITION, FREQUENCY, PRESENCE = range(8)
 N_PARAMS = 8
 
-# The depth histogram: bin b holds the candidates whose logit is b/4 .. (b+1)/4 below the
+# The depth histogram: bin b holds the candidates whose logit is b/32 .. (b+1)/32 below the
 # best; the last bin holds everything deeper. Equal logits always share a bin, so a band of
 # bins never splits a tie.
-_N_BINS = 256
-_BINS_PER_LOGIT = 4.0
+_N_BINS = 2048
+_BINS_PER_LOGIT = 32.0
+_EPS = 2.0 ** -53  # unit roundoff of float64
 # How far past the target the histogram's (differently ordered) mass must reach before a band
 # is trusted to hold the answer; only speed depends on it, since `_walk` widens if it does not.
 _MARGIN = 1e-6
@@ -238,6 +239,11 @@ def _draw_filtered(x, top_k, top_p, min_p, log_min_p, temperature, u):
                 ids[k] = j
                 k += 1
     mx64 = np.float64(vals.max())
+    if not 0 < top_k < n:
+        pos = _draw_by_bins(vals, mx64, top_p, min_p, log_min_p, temperature, u)
+        if pos >= 0:
+            return (pos if ids.size == 0 else ids[pos]), OK
+        # else too close to call without numpy's exact order: the sorting path below
 
     # sorted: the survivors svals/spos (positions into vals), in candidate order
     is_sorted = False
@@ -420,6 +426,119 @@ def _hist_weights(vals, mx64, temperature, w, count, mass):
         b = _bin(vals[j], mx64)
         count[b] += 1
         mass[b] += wj
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _in_prefix(v, j, vstar, pstar):
+    """Whether position j of value v lies in the candidate-order prefix that ends at value
+    vstar, position pstar (descending value, ties by position)."""
+    return v > vstar or (v == vstar and j <= pstar)
+
+
+@njit(nogil=True, cache=True)
+def _prefix_weights(vals, mx64, temperature, vstar, pstar, w, count, mass):
+    """`_hist_weights`, the histogram restricted to the prefix (vstar, pstar); w for all."""
+    for j in range(vals.size):
+        wj = math.exp((np.float64(vals[j]) - mx64) / temperature)
+        w[j] = wj
+        if _in_prefix(vals[j], j, vstar, pstar):
+            b = _bin(vals[j], mx64)
+            count[b] += 1
+            mass[b] += wj
+
+
+@njit(nogil=True, cache=True)
+def _draw_by_bins(vals, mx64, top_p, min_p, log_min_p, temperature, u):
+    """top_p, min_p and the draw over unsorted candidates vals (n,) without sorting them:
+    -> the drawn position, or -1 when rounding makes it too close to call (then the caller
+    takes the sorting path, which follows numpy's order exactly).
+
+    numpy walks the candidates in sorted order, summing weights one by one. Here the depth
+    histogram's bin weights stand in for the sum over whole bins, and only the bin where the
+    sum reaches its target is sorted. Summed in another order, a prefix sum differs from
+    numpy's by at most 2 n eps S (n terms, S the total: the textbook bound for sums of
+    nonnegative terms, for both orders); a decision with a larger margin than that is the one
+    numpy makes, and a closer one (probability ~1e-11 for a random u) goes to the exact path.
+    The kept set is a prefix of candidate order, named by its last (value, position).
+    """
+    n = vals.size
+    vstar = np.float32(-np.inf)                      # the prefix: everything
+    pstar = n
+    limit = n
+    if min_p > 0:                                    # min_p's prefix: logits above its cut
+        limit = 0
+        vstar = np.float32(np.inf)
+        for j in range(n):
+            if np.float64(vals[j]) - mx64 >= log_min_p:
+                limit += 1
+                vstar = min(vstar, vals[j])
+    w = np.empty(n, np.float64)
+    count = np.zeros(_N_BINS, np.int64)
+    mass = np.zeros(_N_BINS, np.float64)
+    if top_p < 1:
+        # NOTE: top_p normalizes over every candidate left, at temperature 1, exactly as numpy
+        _prefix_weights(vals, mx64, 1.0, vstar, pstar, w, count, mass)
+        found, pos = _walk_bins(vals, w, mx64, count, mass, vstar, pstar,
+                                top_p * _pairwise_sum(w, 0, n), 0.0, False)
+        if found < 0:
+            return -1
+        if found == 1:                               # else none reached it: keep `limit`
+            vstar, pstar = vals[pos], pos
+    # numpy draws over a sorted copy of the survivors when anything truncated them, and then
+    # its total is a pairwise sum in that order: only known to within the bound
+    sorted_total = top_p < 1 or limit < n
+    count[:] = 0
+    mass[:] = 0.0
+    _prefix_weights(vals, mx64, temperature, vstar, pstar, w, count, mass)
+    if sorted_total:
+        total = mass.sum()
+        bound = (2.0 * count.sum() + 16.0) * _EPS * total
+    else:
+        total = _pairwise_sum(w, 0, n)
+        bound = 0.0
+    found, pos = _walk_bins(vals, w, mx64, count, mass, vstar, pstar, u * total, bound, True)
+    return pos if found == 1 else -1
+
+
+@njit(nogil=True, cache=True)
+def _walk_bins(vals, w, mx64, count, mass, vstar, pstar, target, target_error, strict):
+    """Walk the prefix (vstar, pstar) of vals in candidate order, summing w, to the first
+    position whose running sum is > target (strict) or >= target -> (1, position); (0, -1)
+    when the sum never gets there; (-1, -1) when a running sum lies within rounding of the
+    target (target_error: how far numpy's target may be from this one)."""
+    total = mass.sum()
+    margin = target_error + (2.0 * count.sum() + 16.0) * _EPS * total
+    running = 0.0
+    for b in range(_N_BINS):
+        if count[b] == 0:
+            continue
+        if running + mass[b] < target - margin:      # the whole bin stays short of it
+            running += mass[b]
+            continue
+        band = _gather_prefix_bin(vals, mx64, b, vstar, pstar)
+        for q in range(band.size):
+            running += w[band[q]]
+            if running - target > margin:            # > and >= agree beyond the margin
+                return 1, band[q]
+            if running - target >= -margin:
+                return -1, -1
+    return 0, -1
+
+
+@njit(nogil=True, cache=True)
+def _gather_prefix_bin(vals, mx64, b, vstar, pstar):
+    """The positions of depth bin b inside the prefix (vstar, pstar), in candidate order."""
+    k = 0
+    for j in range(vals.size):
+        if _bin(vals[j], mx64) == b and _in_prefix(vals[j], j, vstar, pstar):
+            k += 1
+    band = np.empty(k, np.int64)
+    k = 0
+    for j in range(vals.size):
+        if _bin(vals[j], mx64) == b and _in_prefix(vals[j], j, vstar, pstar):
+            band[k] = j
+            k += 1
+    return _sort_band(vals, band)
 
 
 @njit(nogil=True, cache=True)

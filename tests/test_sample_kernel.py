@@ -4,6 +4,8 @@ on thousands of random cases; a batch equals its rows sampled alone at any threa
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from tiller.engine.sample_kernel import (
     BAD_LOGITS,
     NO_TOKEN,
     OK,
+    _draw_by_bins,
     _pairwise_sum,
     param_row,
     sample_rows,
@@ -154,6 +157,34 @@ def test_penalty_windows_and_prompt_splits_match_numpy() -> None:
                                 repeat_last_n=int(rng.choice([-1, 0, 1, 7, 29, 100])))
         assert sampler_for(params, context, n_prompt).sample(logits) == \
             reference(logits, params, context, n_prompt), (case, params)
+
+
+def test_the_histogram_path_decides_clear_draws_and_defers_close_ones() -> None:
+    # Without sorting, _draw_by_bins must give numpy's token whenever it answers; it answers
+    # almost always on spread logits and defers (-1) when a running sum can equal its target
+    # (equal weights: top_p 0.5 of 64 equal logits ends exactly on a token).
+    rng = np.random.default_rng(6)
+    answered = 0
+    for i in range(200):
+        vocab = int(rng.choice([50, 4000, 32000]))
+        x = (rng.standard_normal(vocab) * rng.choice([0.5, 3.0])).astype(np.float32)
+        params = SamplingParams(temperature=float(rng.choice([0.5, 0.8, 1.3])),
+                                top_p=float(rng.choice([1.0, 0.95, 0.3])),
+                                min_p=float(rng.choice([0.0, 0.0, 0.05])))
+        if params.top_p == 1 and params.min_p == 0:
+            continue  # the id-order draw, not this path
+        u = float(rng.random())
+        log_min_p = math.log(params.min_p) if params.min_p else -math.inf
+        pos = _draw_by_bins(x, np.float64(x.max()), params.top_p, params.min_p, log_min_p,
+                            params.temperature, u)
+        if pos >= 0:
+            answered += 1
+            assert pos == sample_token(x, params, u), (i, params, u)
+    assert answered >= 120
+    flat = np.zeros(64, np.float32)
+    assert _draw_by_bins(flat, 0.0, 0.5, 0.0, -math.inf, 1.0, 0.3) == -1
+    assert Sampler(SamplingParams(top_p=0.5, seed=3)).sample(flat) == \
+        reference(flat, SamplingParams(top_p=0.5, seed=3), np.empty(0, np.int64), 0)
 
 
 def batch_cases(seed: int, rows: int, vocab: int
