@@ -10,7 +10,8 @@ does after each forward step:
 Settings: temperature 0.8 with top_p 0.95 (the issue's load), greedy, and temperature 0.8
 top_p 0.95 with repetition/frequency/presence penalties over a 64-token window. Two logit
 shapes: "zipf" (a trained model's: a few likely tokens and a long tail, -1.1 log rank plus
-noise) and "random" (a random-weight model's: normal, sd 1, which top_p 0.95 keeps most of).
+noise), "random" (normal, sd 1) and "narrow" (normal, sd 0.05, a random-weight model's: top_p
+0.95 keeps most of the vocabulary).
 Each figure is the median over `--steps` steps of ms per step, and per row.
 
     python bench/bench_sampling.py [--vocab 32000] [--steps 30] [--rows 1 4 16]
@@ -47,7 +48,7 @@ def make_logits(rng: np.random.Generator, rows: int, vocab: int, shape: str) -> 
         base = -1.1 * np.log(ranks)
         out = np.stack([rng.permutation(base) + rng.normal(0, 0.3, vocab) for _ in range(rows)])
     else:
-        out = rng.standard_normal((rows, vocab))
+        out = rng.standard_normal((rows, vocab)) * (0.05 if shape == "narrow" else 1.0)
     return out.astype(np.float32)
 
 
@@ -94,7 +95,7 @@ def main() -> None:
     header = ["logits", "setting", "B", "numpy"] + [f"kernel {t}t" for t in
                                                     range(1, max_threads + 1)]
     print(" | ".join(header))
-    for shape in ("zipf", "random"):
+    for shape in ("zipf", "random", "narrow"):
         for name, settings in SETTINGS.items():
             for rows in args.rows:
                 logits = make_logits(rng, rows, args.vocab, shape)

@@ -40,11 +40,12 @@ OK, BAD_LOGITS, NO_TOKEN, BAD_CONTEXT = 0, 1, 2, 3
 TEMPERATURE, TOP_K, TOP_P, MIN_P, LOG_MIN_P, REPETITION, FREQUENCY, PRESENCE = range(8)
 N_PARAMS = 8
 
-# The depth histogram: bin b holds the candidates whose logit is b/32 .. (b+1)/32 below the
-# best; the last bin holds everything deeper. Equal logits always share a bin, so a band of
-# bins never splits a tie.
+# The depth histogram: bin b holds the candidates whose logit is b/scale .. (b+1)/scale below
+# the best, the bins spread over the row's range of logits (at most _MAX_DEPTH logits: weights
+# deeper than that are below e^-64 of the best); the last bin holds everything deeper. Equal
+# logits always share a bin, so a band of bins never splits a tie.
 _N_BINS = 2048
-_BINS_PER_LOGIT = 32.0
+_MAX_DEPTH = 64.0
 _EPS = 2.0 ** -53  # unit roundoff of float64
 # How far past the target the histogram's (differently ordered) mass must reach before a band
 # is trusted to hold the answer; only speed depends on it, since `_walk` widens if it does not.
@@ -239,8 +240,9 @@ def _draw_filtered(x, top_k, top_p, min_p, log_min_p, temperature, u):
                 ids[k] = j
                 k += 1
     mx64 = np.float64(vals.max())
+    scale = _depth_scale(vals, mx64)
     if not 0 < top_k < n:
-        pos = _draw_by_bins(vals, mx64, top_p, min_p, log_min_p, temperature, u)
+        pos = _draw_by_bins(vals, mx64, scale, top_p, min_p, log_min_p, temperature, u)
         if pos >= 0:
             return (pos if ids.size == 0 else ids[pos]), OK
         # else too close to call without numpy's exact order: the sorting path below
@@ -249,7 +251,7 @@ def _draw_filtered(x, top_k, top_p, min_p, log_min_p, temperature, u):
     is_sorted = False
     spos = np.arange(0)
     if 0 < top_k < n:
-        spos = _top_order(vals, mx64, top_k)
+        spos = _top_order(vals, mx64, scale, top_k)
         is_sorted = True
     if not (top_p == 1 and min_p == 0):
         if is_sorted:
@@ -285,9 +287,9 @@ def _draw_filtered(x, top_k, top_p, min_p, log_min_p, temperature, u):
                 w = np.empty(n, np.float64)
                 count = np.zeros(_N_BINS, np.int64)
                 mass = np.zeros(_N_BINS, np.float64)
-                _hist_weights(vals, mx64, 1.0, w, count, mass)
+                _hist_weights(vals, mx64, scale, 1.0, w, count, mass)
                 target = top_p * _pairwise_sum(w, 0, n)
-                order, i = _walk(vals, w, mx64, count, mass, target, False, limit)
+                order, i = _walk(vals, w, mx64, scale, count, mass, target, False, limit)
                 spos = order[:limit if i < 0 else i + 1]
                 is_sorted = True
             elif limit < n:                          # min_p alone: the logits above its cut
@@ -324,9 +326,9 @@ def _draw_filtered(x, top_k, top_p, min_p, log_min_p, temperature, u):
         w = np.empty(n, np.float64)
         count = np.zeros(_N_BINS, np.int64)
         mass = np.zeros(_N_BINS, np.float64)
-        _hist_weights(vals, mx64, temperature, w, count, mass)
+        _hist_weights(vals, mx64, scale, temperature, w, count, mass)
         target = u * _pairwise_sum(w, 0, n)
-        order, i = _walk(vals, w, mx64, count, mass, target, True, n)
+        order, i = _walk(vals, w, mx64, scale, count, mass, target, True, n)
         if i < 0:                                    # `order` is then complete
             i = -1
             for j in range(n):
@@ -408,22 +410,30 @@ def _pairwise_block(a, start, n):
     return res
 
 
+@njit(nogil=True, cache=True)
+def _depth_scale(vals, mx64):
+    """Bins per logit for the row's histogram: its range of logits over the bins, so that a
+    flat row (a random-weight model's) is spread as thinly as a peaked one."""
+    depth = min(mx64 - np.float64(vals.min()), _MAX_DEPTH)
+    return (_N_BINS - 1) / depth if depth > 1e-30 else 1.0  # (no inf * 0)
+
+
 @njit(nogil=True, cache=True, inline="always")
-def _bin(v, mx64):
-    """Depth bin of logit v (f32) below the best mx64."""
-    q = (mx64 - np.float64(v)) * _BINS_PER_LOGIT
+def _bin(v, mx64, scale):
+    """Depth bin of logit v (f32) below the best mx64, at `scale` bins per logit."""
+    q = (mx64 - np.float64(v)) * scale
     return _N_BINS - 1 if q >= _N_BINS - 1 else int(q)
 
 
 @njit(nogil=True, cache=True)
-def _hist_weights(vals, mx64, temperature, w, count, mass):
+def _hist_weights(vals, mx64, scale, temperature, w, count, mass):
     """w[j] = exp((vals[j] - max) / T) (the numpy formula), and per depth bin the number of
     candidates and their weight."""
     for j in range(vals.size):
         d = np.float64(vals[j]) - mx64
         wj = math.exp(d / temperature)
         w[j] = wj
-        b = _bin(vals[j], mx64)
+        b = _bin(vals[j], mx64, scale)
         count[b] += 1
         mass[b] += wj
 
@@ -436,19 +446,19 @@ def _in_prefix(v, j, vstar, pstar):
 
 
 @njit(nogil=True, cache=True)
-def _prefix_weights(vals, mx64, temperature, vstar, pstar, w, count, mass):
+def _prefix_weights(vals, mx64, scale, temperature, vstar, pstar, w, count, mass):
     """`_hist_weights`, the histogram restricted to the prefix (vstar, pstar); w for all."""
     for j in range(vals.size):
         wj = math.exp((np.float64(vals[j]) - mx64) / temperature)
         w[j] = wj
         if _in_prefix(vals[j], j, vstar, pstar):
-            b = _bin(vals[j], mx64)
+            b = _bin(vals[j], mx64, scale)
             count[b] += 1
             mass[b] += wj
 
 
 @njit(nogil=True, cache=True)
-def _draw_by_bins(vals, mx64, top_p, min_p, log_min_p, temperature, u):
+def _draw_by_bins(vals, mx64, scale, top_p, min_p, log_min_p, temperature, u):
     """top_p, min_p and the draw over unsorted candidates vals (n,) without sorting them:
     -> the drawn position, or -1 when rounding makes it too close to call (then the caller
     takes the sorting path, which follows numpy's order exactly).
@@ -477,8 +487,8 @@ def _draw_by_bins(vals, mx64, top_p, min_p, log_min_p, temperature, u):
     mass = np.zeros(_N_BINS, np.float64)
     if top_p < 1:
         # NOTE: top_p normalizes over every candidate left, at temperature 1, exactly as numpy
-        _prefix_weights(vals, mx64, 1.0, vstar, pstar, w, count, mass)
-        found, pos = _walk_bins(vals, w, mx64, count, mass, vstar, pstar,
+        _prefix_weights(vals, mx64, scale, 1.0, vstar, pstar, w, count, mass)
+        found, pos = _walk_bins(vals, w, mx64, scale, count, mass, vstar, pstar,
                                 top_p * _pairwise_sum(w, 0, n), 0.0, False)
         if found < 0:
             return -1
@@ -489,19 +499,20 @@ def _draw_by_bins(vals, mx64, top_p, min_p, log_min_p, temperature, u):
     sorted_total = top_p < 1 or limit < n
     count[:] = 0
     mass[:] = 0.0
-    _prefix_weights(vals, mx64, temperature, vstar, pstar, w, count, mass)
+    _prefix_weights(vals, mx64, scale, temperature, vstar, pstar, w, count, mass)
     if sorted_total:
         total = mass.sum()
         bound = (2.0 * count.sum() + 16.0) * _EPS * total
     else:
         total = _pairwise_sum(w, 0, n)
         bound = 0.0
-    found, pos = _walk_bins(vals, w, mx64, count, mass, vstar, pstar, u * total, bound, True)
+    found, pos = _walk_bins(vals, w, mx64, scale, count, mass, vstar, pstar, u * total, bound,
+                            True)
     return pos if found == 1 else -1
 
 
 @njit(nogil=True, cache=True)
-def _walk_bins(vals, w, mx64, count, mass, vstar, pstar, target, target_error, strict):
+def _walk_bins(vals, w, mx64, scale, count, mass, vstar, pstar, target, target_error, strict):
     """Walk the prefix (vstar, pstar) of vals in candidate order, summing w, to the first
     position whose running sum is > target (strict) or >= target -> (1, position); (0, -1)
     when the sum never gets there; (-1, -1) when a running sum lies within rounding of the
@@ -515,7 +526,7 @@ def _walk_bins(vals, w, mx64, count, mass, vstar, pstar, target, target_error, s
         if running + mass[b] < target - margin:      # the whole bin stays short of it
             running += mass[b]
             continue
-        band = _gather_prefix_bin(vals, mx64, b, vstar, pstar)
+        band = _gather_prefix_bin(vals, mx64, scale, b, vstar, pstar)
         for q in range(band.size):
             running += w[band[q]]
             if running - target > margin:            # > and >= agree beyond the margin
@@ -526,16 +537,16 @@ def _walk_bins(vals, w, mx64, count, mass, vstar, pstar, target, target_error, s
 
 
 @njit(nogil=True, cache=True)
-def _gather_prefix_bin(vals, mx64, b, vstar, pstar):
+def _gather_prefix_bin(vals, mx64, scale, b, vstar, pstar):
     """The positions of depth bin b inside the prefix (vstar, pstar), in candidate order."""
     k = 0
     for j in range(vals.size):
-        if _bin(vals[j], mx64) == b and _in_prefix(vals[j], j, vstar, pstar):
+        if _bin(vals[j], mx64, scale) == b and _in_prefix(vals[j], j, vstar, pstar):
             k += 1
     band = np.empty(k, np.int64)
     k = 0
     for j in range(vals.size):
-        if _bin(vals[j], mx64) == b and _in_prefix(vals[j], j, vstar, pstar):
+        if _bin(vals[j], mx64, scale) == b and _in_prefix(vals[j], j, vstar, pstar):
             band[k] = j
             k += 1
     return _sort_band(vals, band)
@@ -551,17 +562,17 @@ def _sort_band(vals, band):
 
 
 @njit(nogil=True, cache=True)
-def _gather_bins(vals, mx64, low, high):
+def _gather_bins(vals, mx64, scale, low, high):
     """Positions whose depth bin is in [low, high], ascending, sorted into candidate order."""
     k = 0
     for j in range(vals.size):
-        b = _bin(vals[j], mx64)
+        b = _bin(vals[j], mx64, scale)
         if low <= b <= high:
             k += 1
     band = np.empty(k, np.int64)
     k = 0
     for j in range(vals.size):
-        b = _bin(vals[j], mx64)
+        b = _bin(vals[j], mx64, scale)
         if low <= b <= high:
             band[k] = j
             k += 1
@@ -569,11 +580,11 @@ def _gather_bins(vals, mx64, low, high):
 
 
 @njit(nogil=True, cache=True)
-def _top_order(vals, mx64, m):
+def _top_order(vals, mx64, scale, m):
     """sampling._top_order: positions of the m largest vals, descending, ties by position."""
     count = np.zeros(_N_BINS, np.int64)
     for j in range(vals.size):
-        count[_bin(vals[j], mx64)] += 1
+        count[_bin(vals[j], mx64, scale)] += 1
     total = 0
     last = _N_BINS - 1
     for b in range(_N_BINS):
@@ -581,11 +592,11 @@ def _top_order(vals, mx64, m):
         if total >= m:
             last = b
             break
-    return _gather_bins(vals, mx64, 0, last)[:m]
+    return _gather_bins(vals, mx64, scale, 0, last)[:m]
 
 
 @njit(nogil=True, cache=True)
-def _walk(vals, w, mx64, count, mass, target, strict, limit):
+def _walk(vals, w, mx64, scale, count, mass, target, strict, limit):
     """sampling._first_passing: walk vals in candidate order summing w (sequentially) ->
     (order, i): i the first index with running sum > target (strict) or >= target, among the
     first `limit`; -1 if none, and then `order` holds at least `limit` positions."""
@@ -599,7 +610,7 @@ def _walk(vals, w, mx64, count, mass, target, strict, limit):
         if seen >= limit or reach > target * (1.0 + _MARGIN):
             last = b
             break
-    order = _gather_bins(vals, mx64, 0, last)
+    order = _gather_bins(vals, mx64, scale, 0, last)
     running = 0.0
     q = 0
     while True:
@@ -611,5 +622,6 @@ def _walk(vals, w, mx64, count, mass, target, strict, limit):
         if q >= limit or last == _N_BINS - 1:
             return order, -1
         # rounding kept the answer deeper than the histogram said: the rest, sorted
-        order = np.concatenate((order, _gather_bins(vals, mx64, last + 1, _N_BINS - 1)))
+        rest = _gather_bins(vals, mx64, scale, last + 1, _N_BINS - 1)
+        order = np.concatenate((order, rest))
         last = _N_BINS - 1

@@ -14,6 +14,7 @@ from tiller.engine.sample_kernel import (
     BAD_LOGITS,
     NO_TOKEN,
     OK,
+    _depth_scale,
     _draw_by_bins,
     _pairwise_sum,
     param_row,
@@ -32,7 +33,7 @@ BIG_VOCABS = [32000, 128256]
 
 
 def make_logits(rng: np.random.Generator, vocab: int, kind: str) -> np.ndarray:
-    """Logits of a few shapes: coarse (ties), peaked, flat, real-like, masked (-inf)."""
+    """Logits of a few shapes: coarse (ties), peaked, flat, narrow, real-like; some masked."""
     if kind == "coarse":
         x = np.round(rng.standard_normal(vocab) * 2, 1)
     elif kind == "peaked":
@@ -40,6 +41,8 @@ def make_logits(rng: np.random.Generator, vocab: int, kind: str) -> np.ndarray:
         x[rng.integers(vocab, size=3)] += 15
     elif kind == "flat":
         x = np.full(vocab, 0.25) + (rng.random(vocab) < 0.1) * 1e-3
+    elif kind == "narrow":  # a random-weight model's: close logits, most survive top_p
+        x = rng.standard_normal(vocab) * 0.05
     else:  # "normal": a trained model's spread
         x = rng.standard_normal(vocab) * 3
     x = x.astype(np.float32)
@@ -74,7 +77,7 @@ def reference(logits: np.ndarray, params: SamplingParams, context: np.ndarray,
 
 def random_case(rng: np.random.Generator, vocab: int, seed: int
                 ) -> tuple[np.ndarray, SamplingParams, np.ndarray, int]:
-    kind = str(rng.choice(["coarse", "peaked", "flat", "normal"]))
+    kind = str(rng.choice(["coarse", "peaked", "flat", "narrow", "normal"]))
     logits = make_logits(rng, vocab, kind)
     params = random_params(rng, vocab, seed)
     n_prompt = int(rng.integers(0, 80))
@@ -175,14 +178,15 @@ def test_the_histogram_path_decides_clear_draws_and_defers_close_ones() -> None:
             continue  # the id-order draw, not this path
         u = float(rng.random())
         log_min_p = math.log(params.min_p) if params.min_p else -math.inf
-        pos = _draw_by_bins(x, np.float64(x.max()), params.top_p, params.min_p, log_min_p,
+        mx = np.float64(x.max())
+        pos = _draw_by_bins(x, mx, _depth_scale(x, mx), params.top_p, params.min_p, log_min_p,
                             params.temperature, u)
         if pos >= 0:
             answered += 1
             assert pos == sample_token(x, params, u), (i, params, u)
     assert answered >= 120
     flat = np.zeros(64, np.float32)
-    assert _draw_by_bins(flat, 0.0, 0.5, 0.0, -math.inf, 1.0, 0.3) == -1
+    assert _draw_by_bins(flat, 0.0, 1.0, 0.5, 0.0, -math.inf, 1.0, 0.3) == -1
     assert Sampler(SamplingParams(top_p=0.5, seed=3)).sample(flat) == \
         reference(flat, SamplingParams(top_p=0.5, seed=3), np.empty(0, np.int64), 0)
 
