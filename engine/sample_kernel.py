@@ -446,15 +446,18 @@ def _in_prefix(v, j, vstar, pstar):
 
 
 @njit(nogil=True, cache=True)
-def _prefix_weights(vals, mx64, scale, temperature, vstar, pstar, w, count, mass):
-    """`_hist_weights`, the histogram restricted to the prefix (vstar, pstar); w for all."""
+def _prefix_weights(vals, mx64, scale, temperature, vstar, pstar, every, w, count, mass):
+    """`_hist_weights` with the histogram restricted to the prefix (vstar, pstar); w of every
+    candidate if `every` (for an exact total over all), else of the prefix's only."""
     for j in range(vals.size):
-        wj = math.exp((np.float64(vals[j]) - mx64) / temperature)
-        w[j] = wj
-        if _in_prefix(vals[j], j, vstar, pstar):
-            b = _bin(vals[j], mx64, scale)
-            count[b] += 1
-            mass[b] += wj
+        inside = _in_prefix(vals[j], j, vstar, pstar)
+        if every or inside:
+            wj = math.exp((np.float64(vals[j]) - mx64) / temperature)
+            w[j] = wj
+            if inside:
+                b = _bin(vals[j], mx64, scale)
+                count[b] += 1
+                mass[b] += wj
 
 
 @njit(nogil=True, cache=True)
@@ -487,7 +490,7 @@ def _draw_by_bins(vals, mx64, scale, top_p, min_p, log_min_p, temperature, u):
     mass = np.zeros(_N_BINS, np.float64)
     if top_p < 1:
         # NOTE: top_p normalizes over every candidate left, at temperature 1, exactly as numpy
-        _prefix_weights(vals, mx64, scale, 1.0, vstar, pstar, w, count, mass)
+        _prefix_weights(vals, mx64, scale, 1.0, vstar, pstar, True, w, count, mass)
         found, pos = _walk_bins(vals, w, mx64, scale, count, mass, vstar, pstar,
                                 top_p * _pairwise_sum(w, 0, n), 0.0, False)
         if found < 0:
@@ -499,7 +502,8 @@ def _draw_by_bins(vals, mx64, scale, top_p, min_p, log_min_p, temperature, u):
     sorted_total = top_p < 1 or limit < n
     count[:] = 0
     mass[:] = 0.0
-    _prefix_weights(vals, mx64, scale, temperature, vstar, pstar, w, count, mass)
+    _prefix_weights(vals, mx64, scale, temperature, vstar, pstar, not sorted_total, w, count,
+                    mass)
     if sorted_total:
         total = mass.sum()
         bound = (2.0 * count.sum() + 16.0) * _EPS * total
