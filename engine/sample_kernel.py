@@ -87,7 +87,7 @@ def sample_rows(logits: np.ndarray, params: np.ndarray, context: np.ndarray,
       context[context_start[r]:context_start[r + 1]] (empty: no penalties), and its generated
       tokens start at context[generated_start[r]] (generated_start (rows,) int64).
     u (rows,) float64 in [0, 1): each row's uniform (ignored by greedy rows).
-    threads: numba threads for the call (thread-local in numba; None keeps the caller's).
+    threads: numba threads for this call (None: the calling thread's setting, left as it was).
     A row's token is -1 where its error code is not OK.
     """
     if logits.ndim != 2 or logits.dtype != np.float32 or logits.shape[1] == 0:
@@ -112,10 +112,15 @@ def sample_rows(logits: np.ndarray, params: np.ndarray, context: np.ndarray,
         raise ValueError(f"u must be ({rows},) float64 in [0, 1)")
     tokens = np.empty(rows, np.int64)
     errors = np.empty(rows, np.int32)
+    previous = numba.get_num_threads()
     if threads is not None:
-        numba.set_num_threads(threads)
-    _sample_rows(np.ascontiguousarray(logits), params, context, context_start, generated_start,
-                 u, tokens, errors)
+        numba.set_num_threads(threads)  # thread-local in numba; restored below
+    try:
+        _sample_rows(np.ascontiguousarray(logits), params, context, context_start,
+                     generated_start, u, tokens, errors)
+    finally:
+        if threads is not None:
+            numba.set_num_threads(previous)
     return tokens, errors
 
 

@@ -378,7 +378,8 @@ class Sampler:
         logits = np.asarray(logits, dtype=np.float32)
         if logits.ndim != 1 or logits.size == 0:
             raise ValueError(f"logits must be a non-empty 1-D array, got shape {logits.shape}")
-        tokens, errors = sample_batch([self], logits[None])
+        # NOTE: one thread: waking a pool costs more than it could save on a single row
+        tokens, errors = sample_batch([self], logits[None], threads=1)
         if errors[0] is not None:
             raise ValueError(errors[0])
         return int(tokens[0])
