@@ -379,7 +379,8 @@ class Runner:
         """Sample every row of the step in one compiled call, then finish each row's events.
         A row that fails (NaN or +inf logits, nothing allowed, a grammar refusing the token)
         fails its request alone, and none of its events are posted."""
-        logits = np.stack([row.masked for row in rows])  # type: ignore[misc]
+        logits = np.stack([row.masked for row in rows]).astype(  # type: ignore[misc]
+            np.float32, copy=False)
         # NOTE: a parallel launch costs more than it saves for a single row
         tokens, errors = sample_batch([row.chunk.request.payload.sampler for row in rows],
                                       logits, threads=min(self.engine.threads, len(rows)))
