@@ -7,8 +7,9 @@ does after each forward step:
   `Sampler.sample` did before engine/sample_kernel.py);
 - **kernel**: one `sample_batch` call for all B rows (prange over rows), at 1 and 2 threads.
 
-Settings: temperature 0.8 with top_p 0.95 (the issue's load), greedy, and temperature 0.8
-top_p 0.95 with repetition/frequency/presence penalties over a 64-token window. Two logit
+Settings: temperature 0.8 with top_p 0.95 (the issue's load), greedy, llama.cpp's /completion
+defaults (0.8, top_k 40, top_p 0.95, min_p 0.05), and temperature 0.8 top_p 0.95 with
+repetition/frequency/presence penalties over a 64-token window. Two logit
 shapes: "zipf" (a trained model's: a few likely tokens and a long tail, -1.1 log rank plus
 noise), "random" (normal, sd 1) and "narrow" (normal, sd 0.05, a random-weight model's: top_p
 0.95 keeps most of the vocabulary).
@@ -36,6 +37,7 @@ from tiller.engine.sampling import (
 SETTINGS = {
     "t0.8 top_p0.95": {"temperature": 0.8, "top_p": 0.95},
     "greedy": {"temperature": 0.0},
+    "llama.cpp defaults": {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05},
     "t0.8 top_p0.95 penalties": {"temperature": 0.8, "top_p": 0.95, "repetition_penalty": 1.1,
                                  "frequency_penalty": 0.3, "presence_penalty": 0.2,
                                  "repeat_last_n": 64},
