@@ -227,9 +227,14 @@ def _draw_filtered(x, top_k, top_p, min_p, log_min_p, temperature, u):
     # the candidates: finite logits, in id order (`ids` None in numpy: positions are ids)
     vocab = x.size
     n = 0
-    for j in range(vocab):
-        if x[j] > -np.inf:
+    top = np.float32(-np.inf)
+    bottom = np.float32(np.inf)
+    for j in range(vocab):                           # one pass: count, max and min
+        v = x[j]
+        if v > -np.inf:
             n += 1
+            top = max(top, v)
+            bottom = min(bottom, v)
     if n == 0:
         return -1, NO_TOKEN
     if n == vocab:
@@ -244,8 +249,8 @@ def _draw_filtered(x, top_k, top_p, min_p, log_min_p, temperature, u):
                 vals[k] = x[j]
                 ids[k] = j
                 k += 1
-    mx64 = np.float64(vals.max())
-    scale = _depth_scale(vals, mx64)
+    mx64 = np.float64(top)
+    scale = _depth_scale(mx64, np.float64(bottom))
     if not 0 < top_k < n:
         pos = _draw_by_bins(vals, mx64, scale, top_p, min_p, log_min_p, temperature, u)
         if pos >= 0:
@@ -416,10 +421,11 @@ def _pairwise_block(a, start, n):
 
 
 @njit(nogil=True, cache=True)
-def _depth_scale(vals, mx64):
-    """Bins per logit for the row's histogram: its range of logits over the bins, so that a
-    flat row (a random-weight model's) is spread as thinly as a peaked one."""
-    depth = min(mx64 - np.float64(vals.min()), _MAX_DEPTH)
+def _depth_scale(mx64, mn64):
+    """Bins per logit for the row's histogram: its range of logits (max mx64, min mn64) over
+    the bins, so that a flat row (a random-weight model's) is spread as thinly as a peaked
+    one."""
+    depth = min(mx64 - mn64, _MAX_DEPTH)
     return (_N_BINS - 1) / depth if depth > 1e-30 else 1.0  # (no inf * 0)
 
 
@@ -535,7 +541,7 @@ def _walk_bins(vals, w, mx64, scale, count, mass, vstar, pstar, target, target_e
         if running + mass[b] < target - margin:      # the whole bin stays short of it
             running += mass[b]
             continue
-        band = _gather_prefix_bin(vals, mx64, scale, b, vstar, pstar)
+        band = _gather_prefix_bin(vals, mx64, scale, b, vstar, pstar, count[b])
         for q in range(band.size):
             running += w[band[q]]
             if running - target > margin:            # > and >= agree beyond the margin
@@ -546,13 +552,10 @@ def _walk_bins(vals, w, mx64, scale, count, mass, vstar, pstar, target, target_e
 
 
 @njit(nogil=True, cache=True)
-def _gather_prefix_bin(vals, mx64, scale, b, vstar, pstar):
-    """The positions of depth bin b inside the prefix (vstar, pstar), in candidate order."""
-    k = 0
-    for j in range(vals.size):
-        if _bin(vals[j], mx64, scale) == b and _in_prefix(vals[j], j, vstar, pstar):
-            k += 1
-    band = np.empty(k, np.int64)
+def _gather_prefix_bin(vals, mx64, scale, b, vstar, pstar, size):
+    """The `size` positions of depth bin b inside the prefix (vstar, pstar) (the histogram
+    counted them), in candidate order."""
+    band = np.empty(size, np.int64)
     k = 0
     for j in range(vals.size):
         if _bin(vals[j], mx64, scale) == b and _in_prefix(vals[j], j, vstar, pstar):

@@ -179,7 +179,8 @@ def test_the_histogram_path_decides_clear_draws_and_defers_close_ones() -> None:
         u = float(rng.random())
         log_min_p = math.log(params.min_p) if params.min_p else -math.inf
         mx = np.float64(x.max())
-        pos = _draw_by_bins(x, mx, _depth_scale(x, mx), params.top_p, params.min_p, log_min_p,
+        scale = _depth_scale(mx, np.float64(x.min()))
+        pos = _draw_by_bins(x, mx, scale, params.top_p, params.min_p, log_min_p,
                             params.temperature, u)
         if pos >= 0:
             answered += 1
