@@ -227,14 +227,14 @@ def _draw_filtered(x, top_k, top_p, min_p, log_min_p, temperature, u):
     # the candidates: finite logits, in id order (`ids` None in numpy: positions are ids)
     vocab = x.size
     n = 0
-    top = np.float32(-np.inf)
-    bottom = np.float32(np.inf)
+    highest = np.float32(-np.inf)
+    lowest = np.float32(np.inf)
     for j in range(vocab):                           # one pass: count, max and min
         v = x[j]
         if v > -np.inf:
             n += 1
-            top = max(top, v)
-            bottom = min(bottom, v)
+            highest = max(highest, v)
+            lowest = min(lowest, v)
     if n == 0:
         return -1, NO_TOKEN
     if n == vocab:
@@ -249,8 +249,8 @@ def _draw_filtered(x, top_k, top_p, min_p, log_min_p, temperature, u):
                 vals[k] = x[j]
                 ids[k] = j
                 k += 1
-    mx64 = np.float64(top)
-    scale = _depth_scale(mx64, np.float64(bottom))
+    mx64 = np.float64(highest)
+    scale = _depth_scale(mx64, np.float64(lowest))
     if not 0 < top_k < n:
         pos = _draw_by_bins(vals, mx64, scale, top_p, min_p, log_min_p, temperature, u)
         if pos >= 0:
