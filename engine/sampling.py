@@ -12,6 +12,11 @@ running weight exceeds u * (total weight) -- inverse-CDF sampling. When no filte
 without sorting the vocabulary. Temperature 0 is greedy: the
 argmax of the penalized logits, ties to the lowest id; it consumes no randomness.
 
+`Sampler.sample` and `sample_batch` (every row of a step in one call) run the compiled kernel in
+engine/sample_kernel.py, which picks the same token as `apply_penalties` + `sample_token` here;
+these numpy functions are the plain reference it is tested against, and `sampling_probs`,
+`logprobs` and `top_logprobs` (computed only when a request asks) stay numpy.
+
 Randomness is per request: `Sampler` owns a `numpy.random.Generator(PCG64(seed))` and takes
 exactly one uniform per sampled token, so a request's tokens depend only on its seed and its
 logits, never on other requests, batch composition or thread count.
@@ -37,6 +42,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from .sample_kernel import N_PARAMS, OK, error_message, param_row, sample_rows
 
 # The progressive search sorts only the top of the candidate list and widens it when the
 # answer lies deeper: a full stable sort of 128k logits costs ~20 ms, a partition ~1 ms.
@@ -357,16 +364,38 @@ class Sampler:
         self.rng = np.random.Generator(np.random.PCG64(self.seed))
         prompt = np.asarray(prompt, dtype=np.int64).reshape(-1)
         self.n_prompt = prompt.size
+        self._penalized = params.has_penalties
         # Tokens seen so far (prompt, then generated); only kept when a penalty needs them.
-        self._tokens = prompt.copy() if params.has_penalties else np.empty(0, np.int64)
+        self._tokens = prompt.copy() if self._penalized else np.empty(0, np.int64)
         self._n = self._tokens.size
+        # the kernel's parameter row, built once per request rather than once per token
+        self._row = param_row(params.temperature, params.top_k, params.top_p, params.min_p,
+                              params.repetition_penalty, params.frequency_penalty,
+                              params.presence_penalty)
 
     def sample(self, logits: np.ndarray) -> int:
         """Next token for this sequence's logits (vocab,); call `accept` with what is kept."""
-        logits = apply_penalties(logits, self.params, self._tokens[: self._n], self.n_prompt)
-        if self.params.greedy:
-            return sample_token(logits, self.params, 0.0)
-        return sample_token(logits, self.params, float(self.rng.random()))
+        logits = np.asarray(logits, dtype=np.float32)
+        if logits.ndim != 1 or logits.size == 0:
+            raise ValueError(f"logits must be a non-empty 1-D array, got shape {logits.shape}")
+        # NOTE: one thread: waking a pool costs more than it could save on a single row
+        tokens, errors = sample_batch([self], logits[None], threads=1)
+        if errors[0] is not None:
+            raise ValueError(errors[0])
+        return int(tokens[0])
+
+    def window(self) -> tuple[np.ndarray, int]:
+        """The penalty window (a view of the context: the last repeat_last_n tokens, empty
+        when no penalty applies) and the index in it where the generated tokens start."""
+        if not self._penalized:
+            return _NO_TOKENS, 0
+        n = self._n
+        start = 0 if self.params.repeat_last_n == -1 else max(0, n - self.params.repeat_last_n)
+        return self._tokens[start:n], max(start, self.n_prompt) - start
+
+    def draw(self) -> float:
+        """This token's uniform: one per sampled token, none for greedy."""
+        return 0.0 if self.params.greedy else float(self.rng.random())
 
     def probs(self, logits: np.ndarray, token: int, n: int
               ) -> tuple[float, list[tuple[int, float]]]:
@@ -377,7 +406,7 @@ class Sampler:
 
     def accept(self, token: int) -> None:
         """Record a generated token in the penalty context."""
-        if not self.params.has_penalties:
+        if not self._penalized:
             return
         if self._n == self._tokens.size:             # amortized doubling
             grown = np.empty(max(16, 2 * self._tokens.size), np.int64)
@@ -385,6 +414,42 @@ class Sampler:
             self._tokens = grown
         self._tokens[self._n] = token
         self._n += 1
+
+
+_NO_TOKENS = np.empty(0, np.int64)
+
+
+def sample_batch(samplers: Sequence[Sampler], logits: np.ndarray, threads: int | None = None
+                 ) -> tuple[np.ndarray, list[str | None]]:
+    """Sample every row of `logits` (rows, vocab) float32, row r for `samplers[r]`, in one
+    compiled call -> (tokens (rows,) int64, error message or None per row).
+
+    Each sampler draws its own uniform (none when greedy), so a row's token depends only on
+    its sampler and its logits, whatever else is in the batch and whatever `threads` is. A
+    row with an error (NaN or +inf logits, nothing allowed) has token -1 and its message; its
+    uniform is spent, which does not matter as its request ends there.
+    """
+    rows = len(samplers)
+    if logits.shape[0] != rows:
+        raise ValueError(f"{rows} samplers for {logits.shape[0]} rows of logits")
+    params = np.empty((rows, N_PARAMS), np.float64)
+    starts = np.zeros(rows + 1, np.int64)
+    generated = np.empty(rows, np.int64)
+    u = np.empty(rows, np.float64)
+    windows = []
+    for r, sampler in enumerate(samplers):
+        params[r] = sampler._row
+        window, offset = sampler.window()
+        windows.append(window)
+        generated[r] = starts[r] + offset
+        starts[r + 1] = starts[r] + window.size
+        u[r] = sampler.draw()
+    # NOTE: one C-level concatenation of the windows (at most repeat_last_n tokens each, or the
+    # whole context with -1); no Python work per context token
+    context = np.concatenate(windows) if starts[-1] else _NO_TOKENS
+    tokens, codes = sample_rows(logits, params, context, starts, generated, u, threads)
+    errors = [None if c == OK else error_message(c, logits.shape[1]) for c in codes.tolist()]
+    return tokens, errors
 
 
 # ---------------------------------------------------------------------------------------------

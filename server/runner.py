@@ -2,7 +2,8 @@
 
 The event loop never runs the model. Handlers `submit` a GenerationRequest and read events
 from its asyncio queue; this thread plans a step with the Scheduler, runs Engine.step (numba,
-GIL released), samples each sequence with its own Sampler, and posts TokenEvents back with
+GIL released), samples every sequence of the step in one compiled call (`sample_batch`: each
+row with its own Sampler's parameters and seed), and posts the step's events back with one
 `loop.call_soon_threadsafe`. Text (detokenizing, stop strings) is the handler's business:
 when it sees a stop string it calls `finish`, and a handler whose client went away calls
 `cancel`; either way the sequence's KV blocks are released before the next step.
@@ -29,7 +30,7 @@ import numpy as np
 
 from ..engine.engine import Engine, Readout, SeqRequest, SeqResult, Sequence, SteeringTerm
 from ..engine.kvcache import KV_BLOCK, blocks_for
-from ..engine.sampling import Sampler, SamplingParams, logprobs, top_logprobs
+from ..engine.sampling import Sampler, SamplingParams, logprobs, sample_batch, top_logprobs
 from .constraints import Constraint, MaskBatch
 from .scheduler import Chunk, FinishReason, Plan, QueueFull, Request, Scheduler
 
@@ -144,6 +145,25 @@ class _Job:
     error: str | None = None
 
 
+@dataclass(eq=False)
+class _Row:
+    """One chunk of a step between the engine and the sampler: its events so far and, if it
+    samples, its logits (raw, for logprobs) and the ones it samples from (masked)."""
+
+    chunk: Chunk
+    result: SeqResult
+    events: list[object]
+    logits: np.ndarray | None = None  # (vocab,)
+    masked: np.ndarray | None = None  # (vocab,); None: the chunk samples nothing
+    hidden: np.ndarray | None = None  # hidden states captured at every step (hidden_blocks)
+
+
+def _deliver(events: list[tuple[Handle, object]]) -> None:
+    """On the event loop: each event to its handle's queue, in the order the step made them."""
+    for handle, event in events:
+        handle.queue.put_nowait(event)
+
+
 @dataclass
 class StepStats:
     """Token totals and the latest step's latency for /metrics, read at scrape time without a
@@ -253,6 +273,14 @@ class Runner:
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
             self._loop.call_soon_threadsafe(handle.queue.put_nowait, event)
 
+    def _post_all(self, events: list[tuple[Handle, object]]) -> None:
+        """Post a step's events in one callback: one wake-up of the event loop per step, not
+        one per token."""
+        assert self._loop is not None
+        if events:
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening
+                self._loop.call_soon_threadsafe(_deliver, events)
+
     def _run(self) -> None:
         while True:
             with self._lock:
@@ -301,7 +329,9 @@ class Runner:
     def _step(self, plan: Plan) -> None:
         sampled: dict[str, int] = {}
         failed: dict[str, str] = {}  # request id -> what went wrong, for its handler
-        elapsed = self._run_chunks(plan.chunks, sampled, failed)
+        outbox: list[tuple[Handle, object]] = []
+        elapsed = self._run_chunks(plan.chunks, sampled, failed, outbox)
+        self._post_all(outbox)
         s = self.stats
         s.last_step_seconds = elapsed
         s.prompt_tokens += sum(len(c.tokens) for c in plan.chunks
@@ -318,15 +348,15 @@ class Runner:
             self.scheduler.update(plan, sampled)
 
     def _run_chunks(self, chunks: list[Chunk], sampled: dict[str, int],
-                    failed: dict[str, str]) -> float:
-        """Run chunks as one engine step and take each one's results; returns the seconds spent
-        in the engine.
+                    failed: dict[str, str], outbox: list[tuple[Handle, object]]) -> float:
+        """Run chunks as one engine step, sample every sequence that samples in one call, and
+        put each chunk's events in `outbox`; returns the seconds spent in the engine.
 
         One request must never fail another. If the step raises, its two halves are run again
         as steps of their own, down to single chunks, and only a chunk that fails alone fails
         its request: a failed step changes no sequence (Engine.step's docstring says why), so
         running the same chunks again is safe and gives the same bits (batch invariance). If
-        sampling one sequence raises (NaN or +inf logits, say), that request alone fails.
+        sampling one sequence fails (NaN or +inf logits, say), that request alone fails.
         """
         batch = [self._seq_request(chunk) for chunk in chunks]
         # NOTE: the masks depend only on the tokens sampled so far, so they are computed while
@@ -349,20 +379,49 @@ class Runner:
             results = None
         if results is None:  # outside the except: the halves' errors are their own
             half = len(chunks) // 2
-            return (elapsed + self._run_chunks(chunks[:half], sampled, failed)
-                    + self._run_chunks(chunks[half:], sampled, failed))
+            return (elapsed + self._run_chunks(chunks[:half], sampled, failed, outbox)
+                    + self._run_chunks(chunks[half:], sampled, failed, outbox))
         elapsed = time.perf_counter() - start
         allowed = {} if masks is None else masks.result()
+        rows: list[_Row] = []
         for chunk, result in zip(chunks, results, strict=True):
             try:
-                token = self._take(chunk, result, allowed.get(chunk.request.id))
+                row = self._take(chunk, result, allowed.get(chunk.request.id))
             except Exception as e:
                 log.exception("sampling failed for %s", chunk.request.id)
                 failed[chunk.request.id] = f"sampling this request failed: {e}"
                 continue
-            if token is not None:
-                sampled[chunk.request.id] = token
+            if row.masked is None:
+                outbox.extend((chunk.request.payload.handle, event) for event in row.events)
+            else:
+                rows.append(row)
+        if rows:
+            self._sample(rows, sampled, failed, outbox)
         return elapsed
+
+    def _sample(self, rows: list[_Row], sampled: dict[str, int], failed: dict[str, str],
+                outbox: list[tuple[Handle, object]]) -> None:
+        """Sample every row of the step in one compiled call, then finish each row's events.
+        A row that fails (NaN or +inf logits, nothing allowed, a grammar refusing the token)
+        fails its request alone, and none of its events are posted."""
+        logits = np.stack([row.masked for row in rows]).astype(  # type: ignore[misc]
+            np.float32, copy=False)
+        # NOTE: a parallel launch costs more than it saves for a single row
+        tokens, errors = sample_batch([row.chunk.request.payload.sampler for row in rows],
+                                      logits, threads=min(self.engine.threads, len(rows)))
+        for row, token, error in zip(rows, tokens.tolist(), errors, strict=True):
+            request_id = row.chunk.request.id
+            try:
+                if error is not None:
+                    raise ValueError(error)
+                row.events.append(self._token_event(row, token))
+            except Exception as e:
+                log.error("sampling failed for %s: %s", request_id, e)
+                failed[request_id] = f"sampling this request failed: {e}"
+                continue
+            sampled[request_id] = token
+            handle = row.chunk.request.payload.handle
+            outbox.extend((handle, event) for event in row.events)
 
     def _masks(self, constrained: list[Chunk]) -> dict[str, np.ndarray]:
         """Allowed tokens of each constrained sequence that samples in this step, by request
@@ -387,62 +446,67 @@ class Runner:
                           capture_final=job.gen.capture_final and prefilling)
 
     def _take(self, chunk: Chunk, result: SeqResult, allowed: np.ndarray | None = None
-              ) -> int | None:
-        """A chunk's results: its captures and prompt logprobs, then its sampled token (None if
-        the chunk samples none), drawn from the tokens `allowed` if the request is constrained.
-        Events are posted only once all of them have been computed."""
+              ) -> _Row:
+        """A chunk's results before sampling: its captures and prompt logprobs as events, and,
+        if it samples, the logits to sample from (masked to the tokens `allowed` if the request
+        is constrained)."""
         request = chunk.request
         job: _Job = request.payload
-        events: list[object] = []
+        row = _Row(chunk, result, [])
         logits = result.logits
         gen = job.gen
-        hidden = None
         if gen.hidden_blocks:
-            hidden = result.captures
+            row.hidden = result.captures
         elif result.captures is not None or result.final is not None:
-            events.append(Captured(result.captures, result.final))
+            row.events.append(Captured(result.captures, result.final))
         if request.prefilling:
-            readings = self._prompt_readings(gen, result, hidden)
+            readings = self._prompt_readings(gen, result, row.hidden)
             if readings is not None:
-                events.append(readings)
+                row.events.append(readings)
         if job.gen.prompt_logprobs and request.prefilling:
             assert logits is not None  # asked for "all"
             done = self._prompt_logprobs(job, request, chunk, logits)
             if done is not None:
-                events.append(done)
+                row.events.append(done)
             logits = logits[-1]
-        token = None
         if chunk.sample:
             assert logits is not None  # a sampled chunk asks for logits
             constraint = job.gen.constraint
             # NOTE: the mask only moves logits to -inf, and the sampler draws one uniform per
             # token as always: a seed gives the same tokens, constrained or not, run after run
-            masked = logits if constraint is None or allowed is None \
+            row.logits = logits
+            row.masked = logits if constraint is None or allowed is None \
                 else constraint.apply(logits, allowed)
-            token = job.sampler.sample(masked)  # raises on NaN or +inf logits, or none allowed
-            if constraint is not None:
-                constraint.consume(token)
-            sampled = TokenEvent(token)
-            if result.readouts is not None:
-                sampled.readouts = result.readouts[-1]
-            if result.gates is not None:
-                sampled.gates = result.gates[-1]
-            if hidden is not None and gen.hidden_positions != "prompt":
-                sampled.hidden = hidden[:, :, -1]
-            if job.gen.logprobs is not None and job.gen.post_sampling_probs:
-                # before accept(): the penalties must be the ones this draw saw
-                sampled.prob, sampled.top_probs = job.sampler.probs(masked, token,
-                                                                    job.gen.logprobs)
-            job.sampler.accept(token)
-            if job.gen.logprobs is not None and not job.gen.post_sampling_probs:
-                sampled.logprob = float(logprobs(logits)[token])
-                sampled.top = top_logprobs(logits, job.gen.logprobs) if job.gen.logprobs else []
-            events.append(sampled)
-            if job.t_first is None:
-                job.t_first = time.perf_counter()
-        for event in events:
-            self._post(job.handle, event)
-        return token
+        return row
+
+    @staticmethod
+    def _token_event(row: _Row, token: int) -> TokenEvent:
+        """The sampled token's event (its readouts, hidden states and logprobs, as asked); the
+        token goes to the request's grammar and penalty context."""
+        job: _Job = row.chunk.request.payload
+        gen = job.gen
+        result = row.result
+        if gen.constraint is not None:
+            gen.constraint.consume(token)
+        sampled = TokenEvent(token)
+        if result.readouts is not None:
+            sampled.readouts = result.readouts[-1]
+        if result.gates is not None:
+            sampled.gates = result.gates[-1]
+        if row.hidden is not None and gen.hidden_positions != "prompt":
+            sampled.hidden = row.hidden[:, :, -1]
+        if gen.logprobs is not None and gen.post_sampling_probs:
+            assert row.masked is not None
+            # before accept(): the penalties must be the ones this draw saw
+            sampled.prob, sampled.top_probs = job.sampler.probs(row.masked, token, gen.logprobs)
+        job.sampler.accept(token)
+        if gen.logprobs is not None and not gen.post_sampling_probs:
+            assert row.logits is not None
+            sampled.logprob = float(logprobs(row.logits)[token])
+            sampled.top = top_logprobs(row.logits, gen.logprobs) if gen.logprobs else []
+        if job.t_first is None:
+            job.t_first = time.perf_counter()
+        return sampled
 
     @staticmethod
     def _prompt_readings(gen: GenerationRequest, result: SeqResult, hidden: np.ndarray | None
