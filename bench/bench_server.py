@@ -40,7 +40,7 @@ from chat_turns import ChatRow, chat_scenario, format_chat
 from server_procs import Server, llama_server, tiller_server, wait_ready
 from tiller.engine.engine import Engine, SeqRequest, SeqResult
 from tiller.engine.loader import load_tokenizer
-from tiller.engine.sampling import Sampler, SamplingParams
+from tiller.engine.sampling import Sampler, SamplingParams, sample_batch
 from tiller.engine.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -258,13 +258,18 @@ class EngineResult:
         return self.batch / (self.step_seconds + self.batch * self.sample_seconds)
 
 
-def sample_step(samplers: list[Sampler], results: list[SeqResult]) -> list[int]:
+def sample_step(samplers: list[Sampler], results: list[SeqResult], threads: int
+                ) -> list[int]:
     """The engine-side sampling of one decode step: a token for each sequence from its logits,
     with its request's parameters and seed.
 
-    NOTE: the one place this benchmark samples, so that switching to the batched sampler
-    (engine/sample_kernel.py) is a change to this function only."""
-    return [smp.sample(r.logits) for smp, r in zip(samplers, results, strict=True)]
+    As the server's runner does: the rows stacked, one compiled call (engine/sample_kernel.py)
+    with the engine's threads."""
+    logits = np.stack([r.logits for r in results]).astype(np.float32, copy=False)
+    tokens, errors = sample_batch(samplers, logits, threads)
+    if any(errors):
+        raise RuntimeError(f"sampling failed: {errors}")
+    return tokens.tolist()
 
 
 def engine_decode(engine: Engine, prompt: list[int], batch: int, max_tokens: int,
@@ -288,7 +293,7 @@ def engine_decode(engine: Engine, prompt: list[int], batch: int, max_tokens: int
         results = engine.step([SeqRequest(s, prompt) for s in seqs])
         for _ in range(max_tokens - 1):  # the last sampled token is never fed back
             t0 = time.perf_counter()
-            tokens = sample_step(samplers, results)
+            tokens = sample_step(samplers, results, engine.threads)
             t1 = time.perf_counter()
             results = engine.step([SeqRequest(s, [t]) for s, t in zip(seqs, tokens, strict=True)])
             step_times.append(time.perf_counter() - t1)

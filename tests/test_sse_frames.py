@@ -73,7 +73,7 @@ class FakeRunner:
     def __init__(self) -> None:
         self.finished: list[str] = []
 
-    def submit(self, request: GenerationRequest) -> Handle:
+    def submit(self, request: GenerationRequest, after: Handle | None = None) -> Handle:
         return Handle("r0", asyncio.Queue(), seed=0)
 
     def cancel(self, request_id: str) -> None:
