@@ -30,7 +30,7 @@ from .interventions import (
     step_arrays,
 )
 from .kvcache import KV_BLOCK, CacheFull, KVCache, blocks_for
-from .prefix import Span, block_key, steering_spans
+from .prefix import Span, block_key, row_anchor, steering_spans
 from .weight_cache import load_or_build
 from .weights import DTYPES, Progress, Weights, padded
 
@@ -116,6 +116,7 @@ class Sequence:
     keys: list[bytes] = field(default_factory=list, repr=False)
     spans: tuple[Span, ...] = field(default=(), repr=False)
     reusable: bool = True
+    prompt_len: int = 0
 
 
 @dataclass
@@ -230,7 +231,7 @@ class Engine:
         spans = steering_spans(steering, scopes, prompt_len or 0)
         reusable = not any(t.when is not None and t.when.scope == "prompt" for t in steering)
         return Sequence(id=next(self._ids), steering=folded, interventions=extra, spans=spans,
-                        reusable=reusable)
+                        reusable=reusable, prompt_len=prompt_len or 0)
 
     def _interventions(self, terms: SequenceOf[SteeringTerm], readouts: SequenceOf[Readout],
                        prompt_len: int | None) -> SeqInterventions | None:
@@ -296,7 +297,10 @@ class Engine:
 
     def release(self, seq: Sequence) -> None:
         """Give the sequence's KV blocks back to the pool; the sequence is empty afterwards.
-        Its full blocks stay cached (evictable) for later sequences with the same prefix."""
+        Its full blocks stay cached (evictable) for later sequences with the same prefix, and
+        its last, partial one offers its rows (a conversation's next turn continues there)."""
+        if self.prefix_cache:
+            self._offer_partial(seq)
         self.cache.release(seq.blocks)
         seq.blocks = []
         seq.length = 0
@@ -328,10 +332,45 @@ class Engine:
             seq.keys.append(key)
             seq.tokens.extend(tokens)
             parent = key
-        seq.length = len(seq.tokens)
         stats.hit_blocks += len(seq.blocks)
+        self._copy_rows(seq, prompt, parent)
+        seq.length = len(seq.tokens)
         stats.hit_tokens += seq.length
         return seq.length
+
+    def _copy_rows(self, seq: Sequence, prompt: SequenceOf[int], parent: bytes) -> None:
+        """Past the shared blocks: the first rows of a cached block that holds the prompt's
+        next tokens (not all 16 of them, or the whole block would have been shared) are copied
+        into a block of the sequence's own, which it then fills on."""
+        index = len(seq.blocks)
+        lo = index * KV_BLOCK
+        wanted = tuple(prompt[lo:min(lo + KV_BLOCK - 1, len(prompt) - 1)])
+        if not wanted:
+            return
+        hit = self.cache.best_rows(row_anchor(parent, index, seq.spans), wanted)
+        if hit is None:
+            return
+        source, n = hit
+        self.cache.acquire(source)  # NOTE: so that allocating cannot evict it
+        try:
+            block = self.cache.allocate(1)[0]
+        except CacheFull:  # the scheduler reserves the sequence's blocks; but not worth failing
+            return
+        finally:
+            self.cache.release([source])
+        self.cache.copy_rows(source, block, n)
+        seq.blocks.append(block)
+        seq.tokens.extend(wanted[:n])
+        self.cache.stats.row_hits += 1
+
+    def _offer_partial(self, seq: Sequence) -> None:
+        """Let the rows of the sequence's last block, partly filled, be copied by others."""
+        index, n = divmod(seq.length, KV_BLOCK)
+        if n == 0 or index >= len(seq.blocks):
+            return
+        parent = seq.keys[index - 1] if index else b""
+        self.cache.offer(seq.blocks[index], row_anchor(parent, index, seq.spans),
+                         tuple(seq.tokens[index * KV_BLOCK:seq.length]))
 
     def _register(self, seq: Sequence) -> None:
         """Key the blocks a step filled; a key another block already holds leaves ours private
@@ -339,8 +378,12 @@ class Engine:
         for i in range(len(seq.keys), seq.length // KV_BLOCK):
             key = block_key(seq.keys[-1] if seq.keys else b"",
                             seq.tokens[i * KV_BLOCK:(i + 1) * KV_BLOCK], i, seq.spans)
+            anchor = row_anchor(seq.keys[-1] if seq.keys else b"", i, seq.spans)
             seq.keys.append(key)
             self.cache.register(seq.blocks[i], key)
+            # its first rows too: a prompt ending inside it, sent again, copies them
+            self.cache.offer(seq.blocks[i], anchor,
+                             tuple(seq.tokens[i * KV_BLOCK:(i + 1) * KV_BLOCK]))
 
     # the step --------------------------------------------------------------------------------
 
@@ -537,6 +580,8 @@ class Engine:
             r.seq.tokens.extend(r.tokens)
             if self.prefix_cache:
                 self._register(r.seq)
+                if r.seq.length == r.seq.prompt_len:  # the prompt's end: n choices copy it
+                    self._offer_partial(r.seq)
         for s, r in enumerate(requests):
             self._decide(r.seq, layout.iv.sums, layout.sums[s])
         return results

@@ -8,6 +8,13 @@ cache, engine/prefix.py computes the keys). A full block may carry a content key
 last reference goes it stays cached, evictable, at the tail of an LRU queue, and `allocate`
 takes plain free blocks first, then evicts the least recently used cached ones (vLLM's
 automatic prefix caching). Evictable blocks count as free, so capacity checks are unchanged.
+
+A block's first rows can also be copied into another sequence's block when their tokens agree
+but the blocks do not as a whole (`offer` / `best_rows`): a conversation's next turn continues
+its history inside the history's last, partial block, and the n choices of a prompt, or the
+same prompt sent again, share the rows of the block where that prompt ends. Such blocks are
+indexed by an anchor (engine/prefix.py `row_anchor`: the parent block's key and the steering
+at the block) and the tokens they hold; they stay cached, and evictable, like keyed ones.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ class CacheStats:
     lookups: int = 0  # prompt tokens looked up
     hit_tokens: int = 0  # of those, served from cached blocks
     hit_blocks: int = 0
+    row_hits: int = 0  # lookups that copied the first rows of a cached block
     evictions: int = 0  # cached blocks dropped to make room
 
 
@@ -54,6 +62,8 @@ class KVCache:
         self._refs = [0] * n_blocks
         self._key_of: dict[int, bytes] = {}  # block -> content key
         self._block_of: dict[bytes, int] = {}  # content key -> block
+        self._rows_of: dict[int, tuple[bytes, tuple[int, ...]]] = {}  # block -> anchor, tokens
+        self._by_anchor: dict[bytes, dict[int, tuple[int, ...]]] = {}  # anchor -> block: tokens
         self._evictable: OrderedDict[int, None] = OrderedDict()  # refs 0, keyed; oldest first
         self.stats = CacheStats()
 
@@ -69,8 +79,11 @@ class KVCache:
 
     @property
     def cached_blocks(self) -> int:
-        """Blocks holding a content key (referenced or not)."""
-        return len(self._key_of)
+        """Blocks holding a content key or offering their rows (referenced or not)."""
+        return len(self._key_of.keys() | self._rows_of.keys())
+
+    def _cached(self, block: int) -> bool:
+        return block in self._key_of or block in self._rows_of
 
     @property
     def evictable_blocks(self) -> int:
@@ -92,7 +105,7 @@ class KVCache:
         del self._free[len(self._free) - k:]
         for _ in range(n - k):
             block, _ = self._evictable.popitem(last=False)
-            del self._block_of[self._key_of.pop(block)]
+            self._forget(block)
             self.stats.evictions += 1
             taken.append(block)
         for block in taken:
@@ -109,7 +122,7 @@ class KVCache:
             self._refs[block] = refs
             if refs:
                 continue
-            if block in self._key_of:
+            if self._cached(block):
                 self._evictable[block] = None
             else:
                 self._free.append(block)
@@ -122,7 +135,7 @@ class KVCache:
 
     def acquire(self, block: int) -> None:
         """Take a reference to a cached block (a prefix hit); it stops being evictable."""
-        if block not in self._key_of:
+        if not self._cached(block):
             raise RuntimeError(f"KV block {block} is not cached")
         if self._refs[block] == 0:
             del self._evictable[block]
@@ -138,3 +151,51 @@ class KVCache:
         self._key_of[block] = key
         self._block_of[key] = block
         return True
+
+    def _forget(self, block: int) -> None:
+        key = self._key_of.pop(block, None)
+        if key is not None:
+            del self._block_of[key]
+        rows = self._rows_of.pop(block, None)
+        if rows is not None:
+            same = self._by_anchor[rows[0]]
+            del same[block]
+            if not same:
+                del self._by_anchor[rows[0]]
+
+    # rows of blocks ----------------------------------------------------------------------------
+
+    def offer(self, block: int, anchor: bytes, tokens: tuple[int, ...]) -> None:
+        """Let later sequences copy this block's first rows: it holds K/V for `tokens` (its
+        first len(tokens) positions, final) under `anchor`. A block offers itself once per
+        anchor and token prefix; offering more tokens replaces what it offered before."""
+        if self._refs[block] <= 0:
+            raise RuntimeError(f"KV block {block} is not held by any sequence")
+        old = self._rows_of.get(block)
+        if old is not None and old[0] != anchor:
+            raise RuntimeError(f"KV block {block} offered under two anchors")
+        same = self._by_anchor.setdefault(anchor, {})
+        for other, held in same.items():  # another block already offers these rows
+            if other != block and held[:len(tokens)] == tokens:
+                return
+        same[block] = tokens
+        self._rows_of[block] = (anchor, tokens)
+
+    def best_rows(self, anchor: bytes, tokens: tuple[int, ...]) -> tuple[int, int] | None:
+        """The cached block under `anchor` whose tokens agree longest with `tokens`, and how
+        many of its first rows do (None: none agrees on the first token)."""
+        best, best_n = -1, 0
+        for block, held in self._by_anchor.get(anchor, {}).items():
+            n = 0
+            for a, b in zip(held, tokens, strict=False):
+                if a != b:
+                    break
+                n += 1
+            if n > best_n:
+                best, best_n = block, n
+        return (best, best_n) if best_n else None
+
+    def copy_rows(self, src: int, dst: int, n: int) -> None:
+        """K/V of the first n positions of block src into block dst (all layers)."""
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :n] = self.v[:, src, :n]

@@ -98,15 +98,29 @@ def steering_spans(terms: SequenceOf[Term], scopes: SequenceOf[tuple[int, int]],
     return tuple(spans)
 
 
-def block_key(parent: bytes, tokens: SequenceOf[int], index: int,
-              spans: SequenceOf[Span]) -> bytes:
-    """The key of block `index` (positions index * KV_BLOCK ...) holding `tokens`."""
+def _spans_at(h: blake3, index: int, spans: SequenceOf[Span]) -> None:
     lo, hi = index * KV_BLOCK, (index + 1) * KV_BLOCK
-    h = blake3(parent)
-    h.update(np.asarray(tokens, "<i4").tobytes())
     for span in spans:
         if span.start < hi and lo < span.end:
             # NOTE: clipped to the block: what changed here is the same whatever the span's
             # extent beyond it (a "prompt" scope of a longer prompt, say)
             h.update(struct.pack("<qq", max(span.start, lo), min(span.end, hi)) + span.digest)
+
+
+def block_key(parent: bytes, tokens: SequenceOf[int], index: int,
+              spans: SequenceOf[Span]) -> bytes:
+    """The key of block `index` (positions index * KV_BLOCK ...) holding `tokens`."""
+    h = blake3(parent)
+    h.update(np.asarray(tokens, "<i4").tobytes())
+    _spans_at(h, index, spans)
+    return h.digest()
+
+
+def row_anchor(parent: bytes, index: int, spans: SequenceOf[Span]) -> bytes:
+    """What the first rows of block `index` depend on besides their own tokens: the parent
+    block's key (every token before) and the steering at the block's positions. Blocks with
+    one anchor hold the same K/V rows for as long as their tokens agree (KVCache.best_rows)."""
+    h = blake3(b"rows" + parent)
+    h.update(struct.pack("<q", index))
+    _spans_at(h, index, spans)
     return h.digest()

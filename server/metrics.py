@@ -60,6 +60,9 @@ class _RunnerCollector(Collector):
         yield CounterMetricFamily("tiller_prefix_cache_hit_blocks",
                                   "KV blocks served from the prefix cache.",
                                   value=cache.hit_blocks)
+        yield CounterMetricFamily("tiller_prefix_cache_row_copies",
+                                  "Lookups that copied the first rows of a cached block.",
+                                  value=cache.row_hits)
         yield CounterMetricFamily("tiller_prefix_cache_evictions",
                                   "Cached KV blocks evicted to make room.",
                                   value=cache.evictions)
