@@ -50,7 +50,10 @@ class PoisonedEngine:
 
     def step(self, requests: list[SeqRequest]):
         for r in requests:
-            if r.seq.length == 0 and list(r.tokens[:len(self.marker)]) == self.marker:
+            # NOTE: with what the sequence already holds: the prefix cache may have given it
+            # the marker's first tokens (BOS is every prompt's)
+            held = [*r.seq.tokens, *r.tokens]
+            if r.seq.length < len(self.marker) and held[:len(self.marker)] == self.marker:
                 self.poisoned.add(r.seq.id)
         hit = [r for r in requests
                if r.seq.id in self.poisoned and r.seq.length + len(r.tokens) > self.after]
