@@ -448,9 +448,12 @@ def attention(out, qkv, k_cache, v_cache, layer, positions, seq_index, block_tab
     T = qkv.shape[0]
     kv_mul = n_heads // n_kv_heads
     scale = np.float32(1.0 / math.sqrt(head_dim))
+    # NOTE: heads outer, tokens inner: a thread's share is whole heads, so the tokens of a
+    # prompt chunk read the same head's keys and values one after another (from L2 rather
+    # than L3), and a decode batch's uneven lengths are split evenly between the threads
     for th in prange(T * n_heads):
-        t = th // n_heads
-        h = th % n_heads
+        h = th // T
+        t = th % T
         att = scratch[numba.get_thread_id()]
         n_pos = positions[t] + 1
         table = block_tables[seq_index[t]]
