@@ -63,7 +63,10 @@ class KVCache:
         self._key_of: dict[int, bytes] = {}  # block -> content key
         self._block_of: dict[bytes, int] = {}  # content key -> block
         self._rows_of: dict[int, tuple[bytes, tuple[int, ...]]] = {}  # block -> anchor, tokens
-        self._by_anchor: dict[bytes, dict[int, tuple[int, ...]]] = {}  # anchor -> block: tokens
+        # (anchor, first token) -> block: tokens. NOTE: the first token in the index key keeps
+        # a lookup from scanning every block under one anchor (every unsteered sequence's
+        # first block shares one): only blocks that agree on a row at all are compared
+        self._by_anchor: dict[tuple[bytes, int], dict[int, tuple[int, ...]]] = {}
         self._evictable: OrderedDict[int, None] = OrderedDict()  # refs 0, keyed; oldest first
         self.stats = CacheStats()
 
@@ -158,10 +161,7 @@ class KVCache:
             del self._block_of[key]
         rows = self._rows_of.pop(block, None)
         if rows is not None:
-            same = self._by_anchor[rows[0]]
-            del same[block]
-            if not same:
-                del self._by_anchor[rows[0]]
+            self._unindex(block, rows)
 
     # rows of blocks ----------------------------------------------------------------------------
 
@@ -174,18 +174,31 @@ class KVCache:
         old = self._rows_of.get(block)
         if old is not None and old[0] != anchor:
             raise RuntimeError(f"KV block {block} offered under two anchors")
-        same = self._by_anchor.setdefault(anchor, {})
+        if not tokens:
+            return
+        same = self._by_anchor.setdefault((anchor, tokens[0]), {})
         for other, held in same.items():  # another block already offers these rows
             if other != block and held[:len(tokens)] == tokens:
                 return
-        same[block] = tokens
+        if old is not None:
+            self._unindex(block, old)
+        self._by_anchor.setdefault((anchor, tokens[0]), {})[block] = tokens
         self._rows_of[block] = (anchor, tokens)
+
+    def _unindex(self, block: int, rows: tuple[bytes, tuple[int, ...]]) -> None:
+        key = (rows[0], rows[1][0])
+        same = self._by_anchor[key]
+        del same[block]
+        if not same:
+            del self._by_anchor[key]
 
     def best_rows(self, anchor: bytes, tokens: tuple[int, ...]) -> tuple[int, int] | None:
         """The cached block under `anchor` whose tokens agree longest with `tokens`, and how
         many of its first rows do (None: none agrees on the first token)."""
         best, best_n = -1, 0
-        for block, held in self._by_anchor.get(anchor, {}).items():
+        if not tokens:
+            return None
+        for block, held in self._by_anchor.get((anchor, tokens[0]), {}).items():
             n = 0
             for a, b in zip(held, tokens, strict=False):
                 if a != b:
