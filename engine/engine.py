@@ -19,6 +19,7 @@ import numpy as np
 
 from .config import GROUP_SIZE, ModelConfig
 from .forward import CAPTURE_POINTS, Workspace, forward_step
+from .kernels import ATT_ROWS
 from .interventions import (
     OPS,
     Condition,
@@ -193,7 +194,7 @@ class Engine:
             qkv=np.zeros((T, c.q_dim + 2 * c.kv_dim), f), att=np.zeros((T, c.q_dim), f),
             proj=np.zeros((T, c.dim), f), h13=np.zeros((T, 2 * c.hidden_dim), f),
             hact=np.zeros((T, c.hidden_dim), f),
-            scores=np.zeros((n_threads, blocks_for(c.max_seq_len) * KV_BLOCK), f),
+            scores=np.zeros((n_threads, ATT_ROWS, blocks_for(c.max_seq_len) * KV_BLOCK), f),
         )
 
     @classmethod

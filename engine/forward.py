@@ -46,7 +46,7 @@ class Workspace(NamedTuple):
     proj: np.ndarray  # (T, dim)
     h13: np.ndarray  # (T, 2 hidden)
     hact: np.ndarray  # (T, hidden)
-    scores: np.ndarray  # (n_threads, max_seq_len rounded up to KV blocks)
+    scores: np.ndarray  # (n_threads, K.ATT_ROWS, max_seq_len rounded up to KV blocks)
 
 
 @njit(**K._opts)

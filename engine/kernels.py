@@ -382,29 +382,31 @@ def _axpy(y, a, x):
 
 
 SCORE_BLOCKS = 4  # KV blocks scored together: independent fma chains
+ATT_ROWS = 4  # query rows that share each key and value load (registers: 4 x 4 chains)
+RUN_TOKENS = 4  # consecutive tokens of a sequence in one work item of the parallel loop
 
-_scores4 = make_scores(SCORE_BLOCKS)
-_scores1 = make_scores(1)
-# attention's weighted sums of values, one per head width the models use (16-lane chunks)
-_wsum2 = make_weighted_sum(2)
-_wsum4 = make_weighted_sum(4)
-_wsum8 = make_weighted_sum(8)
+_scores_blocks = make_scores(SCORE_BLOCKS)
+_scores_block = make_scores(1)
+# attention's weighted sums of values, 64 or 32 lanes of a head per pass
+_wsum64 = make_weighted_sum(4)
+_wsum32 = make_weighted_sum(2)
 
 
 @njit(**_opts)
-def _scores(att, q, k_cache, layer, table, n_blocks, k0):
-    """att[:16 n_blocks] = q . k for every position of the sequence's first n_blocks blocks.
+def _scores(atts, qs, k_cache, layer, table, n_blocks, k0):
+    """atts[r][:16 n_blocks] = qs[r] . k for every position of the sequence's first n_blocks
+    blocks, for each row r of the tuples.
 
     Each score is the same fma chain over the head's dimensions whichever call computes it
-    (engine/simd.py), so it depends neither on the batch nor on the chunking; lanes past the
-    sequence's end are computed from stale cache rows and ignored by the caller.
+    (engine/simd.py), so it depends neither on the batch, the chunking nor the rows scored
+    with it; lanes past a row's end are computed from stale cache rows and ignored.
     """
     b = 0
     while b + SCORE_BLOCKS <= n_blocks:
-        _scores4(att, q, k_cache, layer, table, b, k0)
+        _scores_blocks(atts, qs, k_cache, layer, table, b, k0)
         b += SCORE_BLOCKS
     while b < n_blocks:
-        _scores1(att, q, k_cache, layer, table, b, k0)
+        _scores_block(atts, qs, k_cache, layer, table, b, k0)
         b += 1
 
 
@@ -421,19 +423,95 @@ def _scale_max(att, n, scale):
 
 
 @njit(**_opts)
-def _weighted_values(o, a, v_cache, layer, table, n_pos, k0):
-    """o (head_dim,) = sum over p < n_pos of a[p] * the value at position p, in order."""
+def _softmax(att, n, scale):
+    """att[:n] = softmax(scale * att[:n])"""
+    top = _scale_max(att, n, scale)
+    total = exp_sum(att, n, top)  # type: ignore[call-arg, var-annotated]
+    for p in range(n):
+        att[p] = att[p] / total
+
+
+@njit(**_opts)
+def _weighted_values(os, ws, v_cache, layer, table, p0, p1, k0):
+    """os[r] += sum over p0 <= p < p1 of ws[r][p] * the value at position p, in order, for
+    each row r of the tuples (head widths that are multiples of 32)."""
+    hd = os[0].shape[0]
+    if hd % 64 == 0:
+        for c in range(0, hd, 64):
+            _wsum64(tuple_slices(os, c, c + 64), ws, v_cache, layer, table, p0, p1, k0 + c)
+    else:
+        for c in range(0, hd, 32):
+            _wsum32(tuple_slices(os, c, c + 32), ws, v_cache, layer, table, p0, p1, k0 + c)
+
+
+def tuple_slices(arrays, a, b):
+    """tuple(x[a:b] for x in arrays) inside kernels."""
+    return tuple(x[a:b] for x in arrays)
+
+
+@overload(tuple_slices)
+def _tuple_slices(arrays, a, b):
+    if arrays.count == 1:
+        return lambda arrays, a, b: (arrays[0][a:b],)
+    if arrays.count == ATT_ROWS:
+        return lambda arrays, a, b: (arrays[0][a:b], arrays[1][a:b], arrays[2][a:b],
+                                     arrays[3][a:b])
+    return None
+
+
+@njit(**_opts)
+def _attend_rows(out, qkv, att, k_cache, v_cache, table, layer, ts, hs, ns, k0, head_dim,
+                 scale):
+    """ATT_ROWS query rows (token ts[r], head hs[r], ns[r] positions, ns ascending) of one
+    sequence and KV head: scores and weighted values share each key and value load; a row's
+    arithmetic is _attend_row's."""
+    q = (qkv[ts[0], hs[0] * head_dim:(hs[0] + 1) * head_dim],
+         qkv[ts[1], hs[1] * head_dim:(hs[1] + 1) * head_dim],
+         qkv[ts[2], hs[2] * head_dim:(hs[2] + 1) * head_dim],
+         qkv[ts[3], hs[3] * head_dim:(hs[3] + 1) * head_dim])
+    o = (out[ts[0], hs[0] * head_dim:(hs[0] + 1) * head_dim],
+         out[ts[1], hs[1] * head_dim:(hs[1] + 1) * head_dim],
+         out[ts[2], hs[2] * head_dim:(hs[2] + 1) * head_dim],
+         out[ts[3], hs[3] * head_dim:(hs[3] + 1) * head_dim])
+    a = (att[0], att[1], att[2], att[3])
+    _scores(a, q, k_cache, layer, table, (ns[3] + KV_BLOCK - 1) // KV_BLOCK, k0)
+    for r in range(ATT_ROWS):
+        _softmax(att[r], ns[r], scale)
+        out[ts[r], hs[r] * head_dim:(hs[r] + 1) * head_dim] = 0
+    _weighted_values(o, a, v_cache, layer, table, 0, ns[0], k0)
+    for r in range(1, ATT_ROWS):  # the later rows' last positions, one row at a time
+        if ns[r] > ns[0]:
+            _weighted_values((o[r],), (att[r],), v_cache, layer, table, ns[0], ns[r], k0)
+
+
+@njit(**_opts)
+def _attend_row(o, q, att, k_cache, v_cache, table, layer, n_pos, k0, scale):
+    """o (head_dim,) = one query row's attention over its sequence's first n_pos positions."""
+    _scores((att,), (q,), k_cache, layer, table, (n_pos + KV_BLOCK - 1) // KV_BLOCK, k0)
+    _softmax(att, n_pos, scale)
+    o[:] = 0
     hd = o.shape[0]
-    if hd == 32:
-        _wsum2(o, a, v_cache, layer, table, n_pos, k0)
-    elif hd == 64:
-        _wsum4(o, a, v_cache, layer, table, n_pos, k0)
-    elif hd == 128:
-        _wsum8(o, a, v_cache, layer, table, n_pos, k0)
+    if hd % 32 == 0:
+        _weighted_values((o,), (att,), v_cache, layer, table, 0, n_pos, k0)
     else:  # other head widths: the same order, in plain numba
-        o[:] = 0
         for p in range(n_pos):
-            _axpy(o, a[p], v_cache[layer, table[p // KV_BLOCK], p % KV_BLOCK, k0:k0 + hd])
+            _axpy(o, att[p], v_cache[layer, table[p // KV_BLOCK], p % KV_BLOCK, k0:k0 + hd])
+
+
+@njit(**_opts)
+def _runs(positions, seq_index):
+    """Starts of the token runs (and T at the end): up to RUN_TOKENS consecutive tokens of one
+    sequence at consecutive positions."""
+    T = positions.shape[0]
+    starts = np.empty(T + 1, np.int64)
+    n = 0
+    for t in range(T):
+        if (t == 0 or t - starts[n - 1] >= RUN_TOKENS or seq_index[t] != seq_index[t - 1]
+                or positions[t] != positions[t - 1] + 1):
+            starts[n] = t
+            n += 1
+    starts[n] = T
+    return starts[:n + 1]
 
 
 @njit(parallel=True, **_opts)
@@ -442,30 +520,43 @@ def attention(out, qkv, k_cache, v_cache, layer, positions, seq_index, block_tab
     """out (T, dim): causal grouped-query attention of each token over its sequence's cache.
 
     k_cache (L, blocks, kv_dim, KV_BLOCK) (transposed blocks), v_cache (L, blocks, KV_BLOCK,
-    kv_dim); scratch (n_threads, max_seq_len rounded up to blocks) f32 holds one thread's
-    attention scores.
+    kv_dim); scratch (n_threads, ATT_ROWS, max_seq_len rounded up to blocks) f32 holds one
+    thread's attention scores.
     """
-    T = qkv.shape[0]
     kv_mul = n_heads // n_kv_heads
     scale = np.float32(1.0 / math.sqrt(head_dim))
-    # NOTE: heads outer, tokens inner: a thread's share is whole heads, so the tokens of a
-    # prompt chunk read the same head's keys and values one after another (from L2 rather
-    # than L3), and a decode batch's uneven lengths are split evenly between the threads
-    for th in prange(T * n_heads):
-        h = th // T
-        t = th % T
+    runs = _runs(positions, seq_index)
+    n_runs = runs.shape[0] - 1
+    # NOTE: a work item is a run of a sequence's tokens and one KV head; its query rows (each
+    # token x the heads that share that KV head) go ATT_ROWS at a time, so a prompt chunk's
+    # tokens, or a decode token's grouped heads, read each key and value once per ATT_ROWS
+    # rows rather than once per row. KV heads outer: a thread's share is whole heads, and a
+    # decode batch's uneven lengths split evenly between the threads.
+    for item in prange(n_runs * n_kv_heads):
+        g = item // n_runs
+        ta = runs[item % n_runs]
+        n_rows = (runs[item % n_runs + 1] - ta) * kv_mul
+        table = block_tables[seq_index[ta]]
         att = scratch[numba.get_thread_id()]
-        n_pos = positions[t] + 1
-        table = block_tables[seq_index[t]]
-        q0 = h * head_dim
-        k0 = (h // kv_mul) * head_dim
-        _scores(att, qkv[t, q0:q0 + head_dim], k_cache, layer, table,
-                (n_pos + KV_BLOCK - 1) // KV_BLOCK, k0)
-        top = _scale_max(att, n_pos, scale)
-        total = exp_sum(att, n_pos, top)  # type: ignore[call-arg, var-annotated]
-        for p in range(n_pos):
-            att[p] = att[p] / total
-        _weighted_values(out[t, q0:q0 + head_dim], att, v_cache, layer, table, n_pos, k0)
+        k0 = g * head_dim
+        i = 0
+        if head_dim % 32 == 0:
+            while i + ATT_ROWS <= n_rows:
+                rt = (ta + i // kv_mul, ta + (i + 1) // kv_mul, ta + (i + 2) // kv_mul,
+                      ta + (i + 3) // kv_mul)
+                rh = (g * kv_mul + i % kv_mul, g * kv_mul + (i + 1) % kv_mul,
+                      g * kv_mul + (i + 2) % kv_mul, g * kv_mul + (i + 3) % kv_mul)
+                rn = (positions[rt[0]] + 1, positions[rt[1]] + 1, positions[rt[2]] + 1,
+                      positions[rt[3]] + 1)
+                _attend_rows(out, qkv, att, k_cache, v_cache, table, layer, rt, rh, rn, k0,
+                             head_dim, scale)
+                i += ATT_ROWS
+        while i < n_rows:
+            t = ta + i // kv_mul
+            q0 = (g * kv_mul + i % kv_mul) * head_dim
+            _attend_row(out[t, q0:q0 + head_dim], qkv[t, q0:q0 + head_dim], att[0], k_cache,
+                        v_cache, table, layer, positions[t] + 1, k0, scale)
+            i += 1
 
 
 @njit(**_opts)

@@ -299,22 +299,33 @@ def make_qtile(blocks: int, cols: int, vnni: bool = HAS_VNNI):
     return qtile
 
 
+def _tuple_arrays(context, builder, tuple_type, value) -> list:
+    """The array structs of a UniTuple of arrays."""
+    return [context.make_array(tuple_type.dtype)(context, builder,
+                                                 builder.extract_value(value, i))
+            for i in range(tuple_type.count)]
+
+
 def make_scores(blocks: int):
-    """An intrinsic scores(att, q, k_cache, layer, table, b0, k0): for the KV blocks
-    b = b0..b0+blocks-1 of a sequence (block ids in table), att[16 b + i] = sum over d of
-    q[d] * k_cache[layer, table[b], k0 + d, i], d = 0, 1, ... in order, one fma chain per block
-    (keys transposed per block: k_cache (L, n_blocks, kv_dim, 16)); the same operations for
-    a block whichever call computes it. q is a contiguous (head_dim,) float32 array.
+    """An intrinsic scores(atts, qs, k_cache, layer, table, b0, k0): for each row r of the
+    tuples (query qs[r], scores atts[r]) and the KV blocks b = b0..b0+blocks-1 of a sequence
+    (block ids in table), atts[r][16 b + i] = sum over d of qs[r][d] * k_cache[layer, table[b],
+    k0 + d, i], d = 0, 1, ... in order, one fma chain per row and block (keys transposed per
+    block: k_cache (L, n_blocks, kv_dim, 16)). Rows share each key load, and a row's chain is
+    the same operations whichever call, with however many rows, computes it. qs[r] contiguous
+    (head_dim,) float32 arrays.
     """
 
     @intrinsic
-    def scores(typingctx, att, q, k_cache, layer, table, b0, k0):
-        sig = types.void(att, q, k_cache, layer, table, b0, k0)
+    def scores(typingctx, atts, qs, k_cache, layer, table, b0, k0):
+        sig = types.void(atts, qs, k_cache, layer, table, b0, k0)
+        rows = atts.count
 
         def codegen(context, builder, signature, args):
-            att_a, q_a, k_a, table_a = (
-                context.make_array(signature.args[i])(context, builder, args[i])
-                for i in (0, 1, 2, 4))
+            att_as = _tuple_arrays(context, builder, signature.args[0], args[0])
+            q_as = _tuple_arrays(context, builder, signature.args[1], args[1])
+            k_a, table_a = (context.make_array(signature.args[i])(context, builder, args[i])
+                            for i in (2, 4))
             layer_v, b0_v, k0_v = (context.cast(builder, args[i], signature.args[i], types.intp)
                                    for i in (3, 5, 6))
             intp = layer_v.type
@@ -328,21 +339,25 @@ def make_scores(blocks: int):
                 blk = builder.load(builder.gep(table_a.data, [bj]))
                 blk = context.cast(builder, blk, table_t, types.intp)
                 block_ptrs.append(builder.add(base, builder.mul(blk, s1)))
-            hd = builder.extract_value(q_a.shape, 0)
-            slots = [cgutils.alloca_once_value(builder, ir.Constant(_v16f, [0.0] * LANES))
-                     for _ in range(blocks)]
+            hd = builder.extract_value(q_as[0].shape, 0)
+            slots = [[cgutils.alloca_once_value(builder, ir.Constant(_v16f, [0.0] * LANES))
+                      for _ in range(rows)] for _ in range(blocks)]
             with cgutils.for_range(builder, hd) as loop:
                 d = loop.index
-                qd = _broadcast(builder, builder.load(builder.gep(q_a.data, [d])), _v16f)
+                qds = [_broadcast(builder, builder.load(builder.gep(q.data, [d])), _v16f)
+                       for q in q_as]
                 row = builder.mul(d, s2)
                 for j in range(blocks):
                     ptr = builder.inttoptr(builder.add(block_ptrs[j], row), _v16f.as_pointer())
                     kv = builder.load(ptr, align=4)
-                    builder.store(_fma(builder, qd, kv, builder.load(slots[j])), slots[j])
+                    for r in range(rows):
+                        slot = slots[j][r]
+                        builder.store(_fma(builder, qds[r], kv, builder.load(slot)), slot)
             for j in range(blocks):
                 at = builder.mul(builder.add(b0_v, ir.Constant(intp, j)), ir.Constant(intp, LANES))
-                ptr = builder.bitcast(builder.gep(att_a.data, [at]), _v16f.as_pointer())
-                builder.store(builder.load(slots[j]), ptr, align=4)
+                for r in range(rows):
+                    ptr = builder.bitcast(builder.gep(att_as[r].data, [at]), _v16f.as_pointer())
+                    builder.store(builder.load(slots[j][r]), ptr, align=4)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -351,43 +366,55 @@ def make_scores(blocks: int):
 
 
 def make_weighted_sum(chunks: int):
-    """An intrinsic weighted_sum(o, a, v_cache, layer, table, n_pos, k0): o[c] = sum over
-    p < n_pos (in order, one fma chain per 16 lanes) of a[p] * v_cache[layer, table[p // 16],
-    p % 16, k0 + c] for c < 16 chunks; o and a contiguous float32."""
+    """An intrinsic weighted_sum(os, ws, v_cache, layer, table, p0, p1, k0): for each row r of
+    the tuples, os[r][c] += sum over p0 <= p < p1 (in order, one fma chain per 16 lanes, which
+    starts from os[r]'s value) of ws[r][p] * v_cache[layer, table[p // 16], p % 16, k0 + c] for
+    c < 16 chunks. Rows share each value load; a row's chain is the same operations whichever
+    call computes it, and continuing a chain in a second call (p0 = the first call's p1)
+    computes it exactly as one call would. os[r], ws[r] contiguous float32."""
 
     @intrinsic
-    def weighted_sum(typingctx, o, a, v_cache, layer, table, n_pos, k0):
-        sig = types.void(o, a, v_cache, layer, table, n_pos, k0)
+    def weighted_sum(typingctx, os, ws, v_cache, layer, table, p0, p1, k0):
+        sig = types.void(os, ws, v_cache, layer, table, p0, p1, k0)
+        rows = os.count
 
         def codegen(context, builder, signature, args):
-            o_a, a_a, v_a, table_a = (
-                context.make_array(signature.args[i])(context, builder, args[i])
-                for i in (0, 1, 2, 4))
-            layer_v, n_v, k0_v = (context.cast(builder, args[i], signature.args[i], types.intp)
-                                  for i in (3, 5, 6))
+            o_as = _tuple_arrays(context, builder, signature.args[0], args[0])
+            w_as = _tuple_arrays(context, builder, signature.args[1], args[1])
+            v_a, table_a = (context.make_array(signature.args[i])(context, builder, args[i])
+                            for i in (2, 4))
+            layer_v, p0_v, p1_v, k0_v = (
+                context.cast(builder, args[i], signature.args[i], types.intp)
+                for i in (3, 5, 6, 7))
             intp = layer_v.type
             s0, s1, s2 = (builder.extract_value(v_a.strides, i) for i in range(3))
             table_t = signature.args[4].dtype
             base = builder.add(builder.ptrtoint(v_a.data, intp), builder.mul(layer_v, s0))
             base = builder.add(base, builder.mul(k0_v, ir.Constant(intp, 4)))
-            slots = [cgutils.alloca_once_value(builder, ir.Constant(_v16f, [0.0] * LANES))
-                     for _ in range(chunks)]
+            o_ptrs = [[builder.bitcast(builder.gep(o.data, [ir.Constant(intp, LANES * c)]),
+                                       _v16f.as_pointer()) for c in range(chunks)]
+                      for o in o_as]
+            slots = [[cgutils.alloca_once_value(builder, builder.load(o_ptrs[r][c], align=4))
+                      for c in range(chunks)] for r in range(rows)]
             block = ir.Constant(intp, LANES)
+            n_v = builder.sub(p1_v, p0_v)
             with cgutils.for_range(builder, n_v) as loop:
-                p = loop.index
+                p = builder.add(p0_v, loop.index)
                 blk = builder.load(builder.gep(table_a.data, [builder.sdiv(p, block)]))
                 blk = context.cast(builder, blk, table_t, types.intp)
                 row = builder.add(builder.add(base, builder.mul(blk, s1)),
                                   builder.mul(builder.srem(p, block), s2))
-                ap = _broadcast(builder, builder.load(builder.gep(a_a.data, [p])), _v16f)
+                aps = [_broadcast(builder, builder.load(builder.gep(w.data, [p])), _v16f)
+                       for w in w_as]
                 for c in range(chunks):
                     addr = builder.add(row, ir.Constant(intp, 4 * LANES * c))
                     vv = builder.load(builder.inttoptr(addr, _v16f.as_pointer()), align=4)
-                    builder.store(_fma(builder, ap, vv, builder.load(slots[c])), slots[c])
-            for c in range(chunks):
-                ptr = builder.bitcast(builder.gep(o_a.data, [ir.Constant(intp, LANES * c)]),
-                                      _v16f.as_pointer())
-                builder.store(builder.load(slots[c]), ptr, align=4)
+                    for r in range(rows):
+                        slot = slots[r][c]
+                        builder.store(_fma(builder, aps[r], vv, builder.load(slot)), slot)
+            for r in range(rows):
+                for c in range(chunks):
+                    builder.store(builder.load(slots[r][c]), o_ptrs[r][c], align=4)
             return context.get_dummy_value()
 
         return sig, codegen
