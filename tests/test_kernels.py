@@ -208,7 +208,7 @@ def test_attention_matches_numpy_over_paged_transposed_keys(head_dim, n_heads, n
     qkv = RNG.standard_normal((5, dim + 2 * kv_dim), dtype=np.float32)
     out = np.zeros((5, dim), np.float32)
     K.attention(out, qkv, k_cache, v_cache, 0, positions, seq_index, block_tables, n_heads,
-                n_kv, head_dim, np.zeros((2, 48), np.float32))
+                n_kv, head_dim, np.zeros((2, K.ATT_ROWS, 48), np.float32))
     for t, (p, s) in enumerate(zip(positions, seq_index, strict=True)):
         for h in range(n_heads):
             kh = (h // (n_heads // n_kv)) * head_dim
@@ -218,6 +218,30 @@ def test_attention_matches_numpy_over_paged_transposed_keys(head_dim, n_heads, n
             ref = (w / w.sum()) @ values[s, :p + 1, kh:kh + head_dim]
             np.testing.assert_allclose(out[t, h * head_dim:(h + 1) * head_dim], ref, rtol=1e-5,
                                        atol=1e-5)
+
+
+@pytest.mark.parametrize("head_dim, n_heads, n_kv", [(64, 2, 2), (128, 2, 1), (32, 8, 2),
+                                                     (48, 2, 2)])
+def test_attention_of_a_chunk_is_bitwise_each_token_alone(head_dim, n_heads, n_kv):
+    # a chunk's tokens (and the heads sharing a KV head) are computed several rows at a time,
+    # sharing key and value loads: each row must still be the bits it gets when computed alone
+    T, kv_dim = 37, n_kv * head_dim
+    dim = n_heads * head_dim
+    block_tables = np.array([[3, 0, 5, 1, 4, 2]], np.int32)
+    k_cache = RNG.standard_normal((1, 6, kv_dim, K.KV_BLOCK), dtype=np.float32)
+    v_cache = RNG.standard_normal((1, 6, K.KV_BLOCK, kv_dim), dtype=np.float32)
+    qkv = RNG.standard_normal((T, dim + 2 * kv_dim), dtype=np.float32)
+    positions = np.arange(50, 50 + T, dtype=np.int32)
+    seq_index = np.zeros(T, np.int32)
+    scratch = np.zeros((2, K.ATT_ROWS, 96), np.float32)
+    chunk = np.zeros((T, dim), np.float32)
+    K.attention(chunk, qkv, k_cache, v_cache, 0, positions, seq_index, block_tables, n_heads,
+                n_kv, head_dim, scratch)
+    for t in range(T):
+        alone = np.zeros((1, dim), np.float32)
+        K.attention(alone, qkv[t:t + 1], k_cache, v_cache, 0, positions[t:t + 1],
+                    seq_index[:1], block_tables, n_heads, n_kv, head_dim, scratch)
+        assert np.array_equal(alone[0], chunk[t]), t
 
 
 def test_tiller_simd_chooses_the_path_and_refuses_unknown_names(monkeypatch):
