@@ -16,7 +16,8 @@ from numba.extending import overload
 
 from .config import GROUP_SIZE
 from .kvcache import KV_BLOCK
-from .simd import ROW_BLOCK, exp_sum, make_qtile, make_scores, make_tile, make_weighted_sum
+from .simd import (ROW_BLOCK, exp_sum, make_qtile, make_scores, make_tile, make_weighted_sum,
+                   scale_max)
 
 TILE_ROWS = 4  # f32 tiles: weight rows x activation rows
 TILE_COLS = 4
@@ -410,22 +411,10 @@ def _scores(atts, qs, k_cache, layer, table, n_blocks, k0):
         b += 1
 
 
-@njit(nogil=True, cache=True, fastmath=True)
-def _scale_max(att, n, scale):
-    """att[:n] *= scale, returning the new max (fastmath vectorizes it; a max is exact in any
-    order and the products are single roundings)."""
-    top = np.float32(-np.inf)
-    for p in range(n):
-        v = att[p] * scale
-        att[p] = v
-        top = v if v > top else top
-    return top
-
-
 @njit(**_opts)
 def _softmax(att, n, scale):
     """att[:n] = softmax(scale * att[:n])"""
-    top = _scale_max(att, n, scale)
+    top = scale_max(att, n, scale)  # type: ignore[call-arg, var-annotated]
     total = exp_sum(att, n, top)  # type: ignore[call-arg, var-annotated]
     for p in range(n):
         att[p] = att[p] / total

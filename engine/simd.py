@@ -396,22 +396,34 @@ def make_weighted_sum(chunks: int):
                       for o in o_as]
             slots = [[cgutils.alloca_once_value(builder, builder.load(o_ptrs[r][c], align=4))
                       for c in range(chunks)] for r in range(rows)]
+            # NOTE: block by block, so the block table is read once per 16 positions and a
+            # position's address is one multiply-add
             block = ir.Constant(intp, LANES)
-            n_v = builder.sub(p1_v, p0_v)
-            with cgutils.for_range(builder, n_v) as loop:
-                p = builder.add(p0_v, loop.index)
-                blk = builder.load(builder.gep(table_a.data, [builder.sdiv(p, block)]))
+            zero = ir.Constant(intp, 0)
+            b_first = builder.sdiv(p0_v, block)
+            b_end = builder.sdiv(builder.add(p1_v, ir.Constant(intp, LANES - 1)), block)
+            with cgutils.for_range(builder, builder.sub(b_end, b_first)) as blocks_loop:
+                b = builder.add(b_first, blocks_loop.index)
+                blk = builder.load(builder.gep(table_a.data, [b]))
                 blk = context.cast(builder, blk, table_t, types.intp)
-                row = builder.add(builder.add(base, builder.mul(blk, s1)),
-                                  builder.mul(builder.srem(p, block), s2))
-                aps = [_broadcast(builder, builder.load(builder.gep(w.data, [p])), _v16f)
-                       for w in w_as]
-                for c in range(chunks):
-                    addr = builder.add(row, ir.Constant(intp, 4 * LANES * c))
-                    vv = builder.load(builder.inttoptr(addr, _v16f.as_pointer()), align=4)
-                    for r in range(rows):
-                        slot = slots[r][c]
-                        builder.store(_fma(builder, aps[r], vv, builder.load(slot)), slot)
+                block_base = builder.add(base, builder.mul(blk, s1))
+                p_base = builder.mul(b, block)
+                i0 = builder.sub(p0_v, p_base)
+                i0 = builder.select(builder.icmp_signed("<", i0, zero), zero, i0)
+                i1 = builder.sub(p1_v, p_base)
+                i1 = builder.select(builder.icmp_signed(">", i1, block), block, i1)
+                with cgutils.for_range(builder, builder.sub(i1, i0)) as rows_loop:
+                    i = builder.add(i0, rows_loop.index)
+                    p = builder.add(p_base, i)
+                    row = builder.add(block_base, builder.mul(i, s2))
+                    aps = [_broadcast(builder, builder.load(builder.gep(w.data, [p])), _v16f)
+                           for w in w_as]
+                    for c in range(chunks):
+                        addr = builder.add(row, ir.Constant(intp, 4 * LANES * c))
+                        vv = builder.load(builder.inttoptr(addr, _v16f.as_pointer()), align=4)
+                        for r in range(rows):
+                            slot = slots[r][c]
+                            builder.store(_fma(builder, aps[r], vv, builder.load(slot)), slot)
             for r in range(rows):
                 for c in range(chunks):
                     builder.store(builder.load(slots[r][c]), o_ptrs[r][c], align=4)
@@ -445,6 +457,49 @@ def _vexp(builder: ir.IRBuilder, x: ir.Value) -> ir.Value:
     bits = builder.shl(builder.add(builder.fptosi(n, _v16i32), ir.Constant(_v16i32, [127] * LANES)),
                        ir.Constant(_v16i32, [23] * LANES))
     return builder.fmul(y, builder.bitcast(bits, _v16f))
+
+
+def _max_lanes(builder: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    """The largest of 16 float lanes (NaN lanes ignored; exact in any order)."""
+    n = LANES
+    while n > 1:
+        h = n // 2
+        lo = builder.shuffle_vector(v, v, _mask(list(range(h))))
+        hi = builder.shuffle_vector(v, v, _mask(list(range(h, n))))
+        v = builder.select(builder.fcmp_ordered(">", hi, lo), hi, lo)
+        n = h
+    return builder.extract_element(v, ir.Constant(_i32, 0))
+
+
+@intrinsic
+def scale_max(typingctx, a, n, scale):
+    """a[p] *= scale for p < n (a's length a multiple of 16 and >= n; lanes past n are scaled
+    too, and ignored), returning the largest a[p], p < n (NaN ignored; -inf for n = 0)."""
+    sig = types.float32(a, n, scale)
+
+    def codegen(context, builder, signature, args):
+        a_a = context.make_array(signature.args[0])(context, builder, args[0])
+        n_v = context.cast(builder, args[1], signature.args[1], types.intp)
+        scale_v = context.cast(builder, args[2], signature.args[2], types.float32)
+        intp = n_v.type
+        chunks = builder.sdiv(builder.add(n_v, ir.Constant(intp, LANES - 1)),
+                              ir.Constant(intp, LANES))
+        lanes = ir.Constant(_v16i32, list(range(LANES)))
+        scale_b = _broadcast(builder, scale_v, _v16f)
+        slot = cgutils.alloca_once_value(builder, ir.Constant(_v16f, [float("-inf")] * LANES))
+        with cgutils.for_range(builder, chunks) as loop:
+            at = builder.mul(loop.index, ir.Constant(intp, LANES))
+            ptr = builder.bitcast(builder.gep(a_a.data, [at]), _v16f.as_pointer())
+            v = builder.fmul(builder.load(ptr, align=4), scale_b)
+            builder.store(v, ptr, align=4)
+            left = builder.trunc(builder.sub(n_v, at), _i32)
+            keep = builder.icmp_signed("<", lanes, _broadcast(builder, left, _v16i32))
+            top = builder.load(slot)
+            bigger = builder.and_(keep, builder.fcmp_ordered(">", v, top))
+            builder.store(builder.select(bigger, v, top), slot)
+        return _max_lanes(builder, builder.load(slot))
+
+    return sig, codegen
 
 
 @intrinsic

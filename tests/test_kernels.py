@@ -8,7 +8,7 @@ from numba import njit
 from tiller.engine import kernels as K
 from tiller.engine.config import GROUP_SIZE
 from tiller.engine.quant import quantize_q8_0
-from tiller.engine.simd import HAS_VNNI, exp_sum, make_qtile
+from tiller.engine.simd import HAS_VNNI, exp_sum, make_qtile, scale_max
 from tiller.engine.weights import deinterleave, interleave
 
 RNG = np.random.default_rng(1234)
@@ -186,6 +186,23 @@ def test_exp_sum_matches_numpy_exp_and_zeroes_the_tail():
     np.testing.assert_allclose(a[:37], want, rtol=3e-7, atol=1e-37)
     assert not a[37:].any()  # past n: zero, left out of the sum
     np.testing.assert_allclose(total, want.sum(), rtol=1e-6)
+
+
+@njit
+def _scale_max(a, n, scale):
+    return scale_max(a, n, scale)
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 40])
+def test_scale_max_scales_and_finds_the_largest_of_the_first_n(n):
+    a = RNG.standard_normal(48).astype(np.float32)
+    a[n:] = 1e30  # past n: scaled, but never the max
+    if n > 3:
+        a[2] = np.nan  # NaN is passed over, as `v > top` does
+    want = a * np.float32(0.125)
+    top = _scale_max(a, n, np.float32(0.125))
+    assert np.array_equal(a[:n], want[:n], equal_nan=True)
+    assert top == np.nanmax(want[:n])
 
 
 @pytest.mark.parametrize("head_dim,n_heads,n_kv", [(64, 4, 2), (8, 2, 2)])
