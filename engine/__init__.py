@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .. import __version__
 from .paths import cache_root
+from .threading_layer import preload_tbb
 
 
 def _numba_cache_dir() -> None:
@@ -31,3 +32,4 @@ def _numba_cache_dir() -> None:
 
 
 _numba_cache_dir()
+preload_tbb()
