@@ -19,7 +19,6 @@ import numpy as np
 
 from .config import GROUP_SIZE, ModelConfig
 from .forward import CAPTURE_POINTS, Workspace, forward_step
-from .kernels import ATT_ROWS
 from .interventions import (
     OPS,
     Condition,
@@ -30,6 +29,7 @@ from .interventions import (
     empty_step,
     step_arrays,
 )
+from .kernels import ATT_ROWS
 from .kvcache import KV_BLOCK, CacheFull, KVCache, blocks_for
 from .prefix import Span, block_key, row_anchor, steering_spans
 from .weight_cache import load_or_build

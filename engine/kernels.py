@@ -16,8 +16,15 @@ from numba.extending import overload
 
 from .config import GROUP_SIZE
 from .kvcache import KV_BLOCK
-from .simd import (ROW_BLOCK, exp_sum, make_qtile, make_scores, make_tile, make_weighted_sum,
-                   scale_max)
+from .simd import (
+    ROW_BLOCK,
+    exp_sum,
+    make_qtile,
+    make_scores,
+    make_tile,
+    make_weighted_sum,
+    scale_max,
+)
 
 TILE_ROWS = 4  # f32 tiles: weight rows x activation rows
 TILE_COLS = 4
@@ -415,7 +422,7 @@ def _scores(atts, qs, k_cache, layer, table, n_blocks, k0):
 def _softmax(att, n, scale):
     """att[:n] = softmax(scale * att[:n])"""
     top = scale_max(att, n, scale)  # type: ignore[call-arg, var-annotated]
-    total = exp_sum(att, n, top)  # type: ignore[call-arg, var-annotated]
+    total = exp_sum(att, n, top)
     for p in range(n):
         att[p] = att[p] / total
 

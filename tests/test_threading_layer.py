@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from tiller.engine.threading_layer import tbb_library
 
 # a prefill chunk beside a second sequence, then decode steps of both, on 2 threads; prints the
