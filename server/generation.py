@@ -105,7 +105,7 @@ class Generation:
         now = time.perf_counter()
         first = self.t_first or now
         return timings(len(self.request.prompt), self.n_tokens, first - self.t_submit,
-                       now - first)
+                       now - first, self.handle.cached)
 
     def ready(self) -> bool:
         """An event is waiting: reading the next one would not wait for the engine thread."""

@@ -128,6 +128,9 @@ class Handle:
     id: str
     queue: asyncio.Queue
     seed: int
+    # prompt tokens reused from the prefix cache: set on the engine thread before the request's
+    # first event is posted, so a handler that has read an event sees it
+    cached: int = 0
 
 
 @dataclass(eq=False)
@@ -324,7 +327,8 @@ class Runner:
         job: _Job = request.payload
         if job.sequence is None or not job.gen.reuses_prompt:
             return 0
-        return self.engine.attach_prefix(job.sequence, request.prompt)
+        job.handle.cached = self.engine.attach_prefix(job.sequence, request.prompt)
+        return job.handle.cached
 
     def _step(self, plan: Plan) -> None:
         sampled: dict[str, int] = {}

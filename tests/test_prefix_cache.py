@@ -453,6 +453,15 @@ async def test_llama_completion_reports_cache_n(client, model):
     assert second["tokens_cached"] == n_prompt + second["tokens_predicted"]
     off = await post(client, "/completion", {**body, "cache_prompt": False})
     assert off["timings"]["cache_n"] == 0 and off["content"] == first["content"]
+    # streamed with timings per token: every chunk's timings count the reused tokens already
+    response = await client.post("/completion", json={**body, "stream": True,
+                                                      "timings_per_token": True})
+    events = [json.loads(line[6:]) for line in (await response.text()).splitlines()
+              if line.startswith("data: {")]
+    assert len(events) > 1
+    for event in events:
+        assert event["timings"]["cache_n"] == reused
+        assert event["timings"]["prompt_n"] == n_prompt - reused
 
 
 async def test_requests_reading_their_prompt_compute_it(client, model):
