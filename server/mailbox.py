@@ -53,11 +53,14 @@ class Mailbox:
 
     def _drain(self) -> None:
         """On the event loop: every callback posted so far."""
-        # NOTE: cleared before the queue is read: a post after this line is either seen by
-        # the loop below or writes a new byte (whose wake-up may then find nothing: harmless)
-        self._signalled = False
+        # NOTE: the pipe is read first, then the flag cleared, then the queue emptied. A post
+        # after the clear writes a new byte (whose wake-up may find nothing: harmless), one
+        # before it is in the queue. Clearing before the read would let the read swallow the
+        # byte of a post made in between, with its flag still set: no later post would write
+        # one, and the loop would never wake for them.
         with contextlib.suppress(BlockingIOError):
             os.read(self._read_fd, 4096)
+        self._signalled = False
         pending = self._pending
         while pending:
             pending.popleft()()

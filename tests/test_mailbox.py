@@ -9,8 +9,10 @@ import os
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
+from tiller.server import mailbox as mailbox_module
 from tiller.server.mailbox import Mailbox
 
 
@@ -30,6 +32,40 @@ async def test_posts_from_a_thread_arrive_in_order() -> None:
     await asyncio.wait_for(done.wait(), 10)
     thread.join()
     assert got == list(range(5000))
+    mailbox.close()
+
+
+async def test_no_wake_up_is_lost_when_a_post_races_a_drain(monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    """A post landing while the loop drains (made likely by a pause in the drain's pipe read,
+    where the GIL is free) is still run: a drain that cleared its flag before reading the pipe
+    would swallow such a post's wake-up byte yet leave its flag set, and every later post
+    would then wait forever."""
+    real_read = os.read
+
+    def slow_read(fd: int, n: int) -> bytes:
+        time.sleep(0.0005)  # the poster runs meanwhile
+        return real_read(fd, n)
+
+    loop = asyncio.get_running_loop()
+    mailbox = Mailbox(loop)
+    monkeypatch.setattr(mailbox_module, "os", SimpleNamespace(read=slow_read))
+    got: list[int] = []
+    total = 3000
+
+    def poster() -> None:
+        for i in range(total):
+            mailbox.post(lambda i=i: got.append(i))
+            time.sleep(0.00005)
+
+    thread = threading.Thread(target=poster)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while (len(got) < total or thread.is_alive()) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    thread.join()
+    assert got == list(range(total))
+    monkeypatch.undo()
     mailbox.close()
 
 
