@@ -159,6 +159,24 @@ class _Row:
     hidden: np.ndarray | None = None  # hidden states captured at every step (hidden_blocks)
 
 
+def _batch(arrays: list[np.ndarray]) -> np.ndarray:
+    """Rows of logits as one (rows, vocab) float32 array: a view when they are consecutive rows
+    of one array -- the engine's logits when nothing masked them, the usual case -- else a
+    copy (16 rows of 32,000 cost 0.2 ms to stack)."""
+    base = arrays[0].base
+    if (isinstance(base, np.ndarray) and base.ndim == 2 and base.dtype == np.float32
+            and base.flags.c_contiguous):
+        origin = base.__array_interface__["data"][0]
+        stride = base.strides[0]
+        first, rem = divmod(arrays[0].__array_interface__["data"][0] - origin, stride)
+        if rem == 0 and first >= 0 and first + len(arrays) <= base.shape[0] and all(
+                a.base is base and a.shape == base.shape[1:]
+                and a.__array_interface__["data"][0] == origin + (first + i) * stride
+                for i, a in enumerate(arrays)):
+            return base[first:first + len(arrays)]
+    return np.stack(arrays).astype(np.float32, copy=False)
+
+
 def _deliver(events: list[tuple[Handle, object]]) -> None:
     """On the event loop: each event to its handle's queue, in the order the step made them."""
     for handle, event in events:
@@ -407,8 +425,7 @@ class Runner:
         """Sample every row of the step in one compiled call, then finish each row's events.
         A row that fails (NaN or +inf logits, nothing allowed, a grammar refusing the token)
         fails its request alone, and none of its events are posted."""
-        logits = np.stack([row.masked for row in rows]).astype(  # type: ignore[misc]
-            np.float32, copy=False)
+        logits = _batch([row.masked for row in rows])  # type: ignore[misc]
         # NOTE: the engine's threads take whole rows, or share a single row's exps
         tokens, errors = sample_batch([row.chunk.request.payload.sampler for row in rows],
                                       logits, threads=self.engine.threads)
