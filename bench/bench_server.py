@@ -207,6 +207,10 @@ async def run_load(session: aiohttp.ClientSession, url: str, concurrency: int,
              "stream_options": {"include_usage": True}}
         if args.top_p is not None:
             b["top_p"] = args.top_p
+        # NOTE: explicit, so both servers run the same sampler chain: llama-server's defaults
+        # are top_k 40 and min_p 0.05 where a request leaves them out, tiller's 0 and 0
+        b["top_k"] = args.top_k
+        b["min_p"] = args.min_p
         return b
 
     async def client(deadline: float) -> None:
@@ -503,7 +507,8 @@ async def warm_up(session: aiohttp.ClientSession, url: str, prompt: list[int]) -
 
 async def run(args: argparse.Namespace, model: Path, tokenizer: Tokenizer, tmp: Path) -> dict:
     prompt = tokenizer.encode(PROMPT_TEXT, bos=True)[: args.prompt_tokens]
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            min_p=args.min_p)
     # NOTE: threads as in the server: the model is loaded and its first step run on one worker
     # thread, decode steps run on another. With numba's OpenMP layer this matters a lot: each
     # thread that starts parallel regions owns a libgomp team, and libgomp spin-waits at its
@@ -550,7 +555,8 @@ async def run(args: argparse.Namespace, model: Path, tokenizer: Tokenizer, tmp: 
             for url in urls.values():
                 await warm_up(session, url, prompt)
             print(f"prompt: {len(prompt)} tokens; max_tokens {args.max_tokens}, temperature "
-                  f"{args.temperature}, top_p {args.top_p}; "
+                  f"{args.temperature}, top_p {args.top_p}, top_k {args.top_k}, "
+                  f"min_p {args.min_p}; "
                   + (f"{args.requests} requests" if args.requests else f"{args.duration:g}s")
                   + f" per N and server; {args.rounds} rounds", flush=True)
             rows: list[Row] = []
@@ -632,6 +638,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="prompt length: the first tokens of a fixed text (BOS included)")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=0,
+                   help="sent to both servers (0: off; llama-server's default is 40)")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="sent to both servers (0: off; llama-server's default is 0.05)")
     p.add_argument("--seed", type=int, default=0, help="request i gets seed + i")
     p.add_argument("--model", type=Path, help="model file both servers load (default: a "
                    f"random-weight {DEFAULT_SHAPE}-shaped Q8_0 GGUF with a ChatML template, "
@@ -731,7 +741,8 @@ def main(argv: list[str] | None = None) -> int:
             "parallel": args.parallel, "model": str(model), "peer_commit": peer_commit,
             "peer_buffers": result.get("peer_buffers"), "dtype": args.dtype,
             "prompt_tokens": result["prompt_tokens"], "max_tokens": args.max_tokens,
-            "temperature": args.temperature, "top_p": args.top_p, "rounds": args.rounds,
+            "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+            "min_p": args.min_p, "rounds": args.rounds,
             "duration": args.duration, "requests": args.requests,
             "startup_seconds": result["startup_seconds"], "exit_codes": result["exit_codes"],
             "table": [asdict(s) | {"ratio": s.ratio, "server_engine": s.server_engine}

@@ -16,7 +16,6 @@ error in its Finished event and its KV blocks are released like any other's.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import threading
@@ -24,6 +23,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -32,6 +32,7 @@ from ..engine.engine import Engine, Readout, SeqRequest, SeqResult, Sequence, St
 from ..engine.kvcache import KV_BLOCK, blocks_for
 from ..engine.sampling import Sampler, SamplingParams, logprobs, sample_batch, top_logprobs
 from .constraints import Constraint, MaskBatch
+from .mailbox import Mailbox
 from .scheduler import Chunk, FinishReason, Plan, QueueFull, Request, Scheduler
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,24 @@ class _Row:
     hidden: np.ndarray | None = None  # hidden states captured at every step (hidden_blocks)
 
 
+def _batch(arrays: list[np.ndarray]) -> np.ndarray:
+    """Rows of logits as one (rows, vocab) float32 array: a view when they are consecutive rows
+    of one array -- the engine's logits when nothing masked them, the usual case -- else a
+    copy (16 rows of 32,000 cost 0.2 ms to stack)."""
+    base = arrays[0].base
+    if (isinstance(base, np.ndarray) and base.ndim == 2 and base.dtype == np.float32
+            and base.flags.c_contiguous):
+        origin = base.__array_interface__["data"][0]
+        stride = base.strides[0]
+        first, rem = divmod(arrays[0].__array_interface__["data"][0] - origin, stride)
+        if rem == 0 and first >= 0 and first + len(arrays) <= base.shape[0] and all(
+                a.base is base and a.shape == base.shape[1:]
+                and a.__array_interface__["data"][0] == origin + (first + i) * stride
+                for i, a in enumerate(arrays)):
+            return base[first:first + len(arrays)]
+    return np.stack(arrays).astype(np.float32, copy=False)
+
+
 def _deliver(events: list[tuple[Handle, object]]) -> None:
     """On the event loop: each event to its handle's queue, in the order the step made them."""
     for handle, event in events:
@@ -196,11 +215,13 @@ class Runner:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._mailbox: Mailbox | None = None
 
     # lifecycle -------------------------------------------------------------------------------
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        self._mailbox = Mailbox(loop)
         self._thread = threading.Thread(target=self._run, name="tiller-engine", daemon=True)
         self._thread.start()
 
@@ -213,6 +234,8 @@ class Runner:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._mailbox is not None and not (self._thread and self._thread.is_alive()):
+            self._mailbox.close()
         self._mask_pool.shutdown(wait=False)
 
     # called from the event loop ------------------------------------------------------------
@@ -272,17 +295,15 @@ class Runner:
     # the engine thread -----------------------------------------------------------------------
 
     def _post(self, handle: Handle, event: object) -> None:
-        assert self._loop is not None
-        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
-            self._loop.call_soon_threadsafe(handle.queue.put_nowait, event)
+        assert self._mailbox is not None
+        self._mailbox.post(partial(handle.queue.put_nowait, event))
 
     def _post_all(self, events: list[tuple[Handle, object]]) -> None:
         """Post a step's events in one callback: one wake-up of the event loop per step, not
         one per token."""
-        assert self._loop is not None
+        assert self._mailbox is not None
         if events:
-            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening
-                self._loop.call_soon_threadsafe(_deliver, events)
+            self._mailbox.post(partial(_deliver, events))
 
     def _run(self) -> None:
         while True:
@@ -408,11 +429,10 @@ class Runner:
         """Sample every row of the step in one compiled call, then finish each row's events.
         A row that fails (NaN or +inf logits, nothing allowed, a grammar refusing the token)
         fails its request alone, and none of its events are posted."""
-        logits = np.stack([row.masked for row in rows]).astype(  # type: ignore[misc]
-            np.float32, copy=False)
-        # NOTE: a parallel launch costs more than it saves for a single row
+        logits = _batch([row.masked for row in rows])  # type: ignore[misc]
+        # NOTE: the engine's threads take whole rows, or share a single row's exps
         tokens, errors = sample_batch([row.chunk.request.payload.sampler for row in rows],
-                                      logits, threads=min(self.engine.threads, len(rows)))
+                                      logits, threads=self.engine.threads)
         for row, token, error in zip(rows, tokens.tolist(), errors, strict=True):
             request_id = row.chunk.request.id
             try:
