@@ -13,19 +13,31 @@ other seeds than the measured (held-out) prompts.
    sentence, then the corpus's own closing template cut before the word it chooses:
    "... At the end of the day, {name} was very" -> " happy" or " sad". Measured: P(happy) /
    (P(happy) + P(sad)) as the next word (echo logprobs of both), per story kind, with a
-   bootstrap 95% interval. The mood direction at stream layer l = 1..6 is the difference of the
-   mean states of happy and sad calibration stories at that same position (/v1/features), the
-   layer's own direction ablated at that layer at every position (6 inline `direction` entries):
-   `op: ablate` (the component set to 0), with and without `norm_match`, and `op: clamp` to the
-   calibration mean of the component (mean ablation); and bench/builtin_steering.py's mood
-   vector ablated at layers 1..6. After each, a difference-of-means probe refitted on the
-   ablated calibration states is scored on the ablated held-out states (at layer 6, what the
-   classifier reads, the op is applied here in numpy: /v1/features captures the last block's
-   output before it), and |component - target| at layers 1..5 is reported. A sweep clamps to
-   0.25, 0.5, 0.75 x the mean: where the choice flips (a knob, not counted).
-   PASS (the issue's wording) for a single-direction row when the unsteered model prefers the
-   story's mood (mean > 0.8 in happy stories, < 0.2 in sad ones) and the ablated one does not:
-   both kinds' means within 0.3..0.7 ("about equally likely") and < 0.2 apart.
+   bootstrap 95% interval.
+   The reference for "no mood": mood-free stories (make_story(neutral=True): the same beats,
+   the animal's doings in place of the mood's events, no mood word) + the same closing, read by
+   the unsteered model (held-out seed). Its share is what removing the mood should leave.
+   Ways of removing it, all fitted on calibration stories (other seeds than the measured ones)
+   and sent as inline `direction` entries at stream layers 1..6, every position:
+   - bench/builtin_steering.py's mood vector, `ablate`d;
+   - "1 dir": per layer the difference of the mean states of happy and sad calibration stories
+     at the word's position (/v1/features, unsteered stream), set to 0 (`ablate`), or
+     `clamp`ed to the component's mean over the (balanced) calibration stories, or over
+     mood-free calibration stories (mean ablation to a neutral reference, as in LEACE);
+   - "2 dirs": a subspace per layer, fitted layer by layer on the stream the earlier layers'
+     ops leave (a block re-derives mood from the story's tokens, so a direction fitted on the
+     unsteered stream misses what it writes): the class-mean difference at the word's
+     position, then the top principal direction of the class-mean differences at the PROBE's
+     tokens, orthonormal; set to 0, or clamped to the mood-free means (a separate fit each,
+     since each fit reads the stream its own ops leave). 2 per layer: a request takes 16
+     entries. Orthonormal ops one after another are the projection onto the subspace.
+   After each: a difference-of-means probe refitted on the ablated calibration states, scored
+   on the ablated held-out ones (at layer 6, what the classifier reads, the op is applied here
+   in numpy: /v1/features captures the last block's output before it); |component - target|
+   at layers 1..5; the larger distance of the two kinds' means from the mood-free share.
+   PASS (the issue's wording) for a row when the unsteered model prefers the story's mood
+   (mean > 0.8 in happy stories, < 0.2 in sad ones) and the ablated one does not: both kinds'
+   means within 0.3..0.7 ("about equally likely") and < 0.2 apart.
 2. CAST, on chat requests whose mood the model does carry: "Tell me a sad story about a dog."
    and the other mood-naming requests of the chat corpus (train/corpus.py REQUESTS), as ChatML
    text to /v1/completions (see answer()). The condition vector at stream layer l is the mean
@@ -196,20 +208,34 @@ def probe_accuracy(cal: np.ndarray, cal_y: np.ndarray, test: np.ndarray, test_y:
 # server calls ----------------------------------------------------------------------------------
 
 
-async def stream_states(post: Post, texts: Sequence[str | list[int]], positions: str,
-                        steering: list[dict] | None = None) -> list[np.ndarray]:
-    """Per text, the stream at layers 0..6 at `positions` ("last" or "all"): (7, T, dim)."""
+async def stream_states(post: Post, texts: Sequence[str | list[int]],
+                        positions: str | list[int], steering: list[dict] | None = None,
+                        per_text: Sequence[list[dict] | None] | None = None
+                        ) -> list[np.ndarray]:
+    """Per text, the stream at layers 0..6 at `positions` ("last", "all" or indices, negative
+    from the end): (7, T, dim). `per_text`: each text's own steering, instead of `steering`."""
     blocks = list(range(N_LAYERS))
     body: dict[str, Any] = {"layers": blocks, "points": ["resid_pre", "resid_post"],
                             "positions": positions}
-    if steering is not None:
-        body["steering"] = steering
+    steerings = per_text if per_text is not None else [steering] * len(texts)
 
-    async def one(text: str | list[int]) -> np.ndarray:
-        data = (await post("/v1/features", {**body, "input": text}))["data"]
+    async def one(text: str | list[int], entries: list[dict] | None) -> np.ndarray:
+        request = {**body, "input": text}
+        if entries is not None:
+            request["steering"] = entries
+        data = (await post("/v1/features", request))["data"]
         pre = np.asarray(data["resid_pre"], np.float64)  # (blocks, T, dim)
         post_last = np.asarray(data["resid_post"][-1], np.float64)[None]
         return np.concatenate([pre, post_last])
+    return list(await asyncio.gather(*(one(t, e) for t, e in zip(texts, steerings,
+                                                                 strict=True))))
+
+
+async def token_counts(post: Post, texts: Sequence[str]) -> list[int]:
+    """How many tokens the server makes of each text (with BOS): positions are absolute."""
+    async def one(text: str) -> int:
+        body = {"input": text, "layers": [0], "positions": "last"}
+        return len((await post("/v1/features", body))["tokens"])
     return list(await asyncio.gather(*(one(t) for t in texts)))
 
 
@@ -252,14 +278,17 @@ class Ablation:
     """One way of removing the mood: per stream layer, orthonormal directions (k, dim) and the
     values their components are set to (None: 0, `ablate`; else `clamp`), sent as inline
     `direction` entries in row order (ops on orthonormal directions one after another set the
-    subspace's coordinates: the affine projection onto it), or given as `steering`."""
+    subspace's coordinates: the affine projection onto it), or given as `steering`. At every
+    position, or with at_word only at the prompt's last token (where the word is read)."""
 
     directions: dict[int, np.ndarray]  # layer -> (k, dim), orthonormal rows
     values: dict[int, np.ndarray] | None = None  # layer -> (k,); None: ablate (0)
     steering: list[dict] | None = None  # else built from the above
     energy: dict[int, float] | None = None  # fit_subspace's
+    at_word: bool = False
 
-    def entries(self) -> list[dict]:
+    def entries(self, n_tokens: int | None = None) -> list[dict]:
+        """The steering entries for a prompt of n_tokens (needed with at_word)."""
         if self.steering is not None:
             return self.steering
         out = []
@@ -269,6 +298,9 @@ class Ablation:
                                      "op": "ablate" if self.values is None else "clamp"}
                 if self.values is not None:
                     e["value"] = float(value)
+                if self.at_word:
+                    assert n_tokens is not None
+                    e["positions"] = [n_tokens - 1, n_tokens]
                 out.append(e)
         return out
 
@@ -285,29 +317,40 @@ class Ablation:
         return y
 
 
+async def steerings(post: Post, ab: Ablation | None, texts: Sequence[str]
+                    ) -> list[list[dict] | None]:
+    """Each text's steering entries for `ab` (None: unsteered)."""
+    if ab is None or (not ab.directions and ab.steering is None):
+        return [None] * len(texts)
+    if not ab.at_word:
+        return [ab.entries()] * len(texts)
+    return [ab.entries(n) for n in await token_counts(post, texts)]
+
+
 def mean_components(x: np.ndarray, directions: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
     """Per layer, the mean of each direction's component over x (n, 7, dim)."""
     return {layer: (x[:, layer] @ rows.T).mean(axis=0) for layer, rows in directions.items()}
 
 
 async def fit_subspace(post: Post, cal: Sequence[str], y: np.ndarray, neutral: Sequence[str],
-                       k: int, clamp: bool) -> Ablation:
+                       k: int, clamp: bool, at_word: bool = False) -> Ablation:
     """k orthonormal mood directions per stream layer, fitted layer by layer on the stream as
     the layers before it leave it (their ops applied: a block re-derives mood from the tokens,
     so a direction fitted on the unsteered stream misses what it writes), set to 0 (ablate) or,
     with clamp, to the mean of each component on mood-free stories. The first direction is
     the class-mean difference where the word is read (the last token); the next ones the top
     principal directions of the class-mean differences at the PROBE's tokens (aligned from the
-    end), orthogonalized.
+    end), orthogonalized. at_word: the ops act at the last token only.
     `energy`: per layer, the share of those differences' squared norm that the k span."""
     positions = list(range(-SUFFIX, 0))
     directions: dict[int, np.ndarray] = {}
     values: dict[int, np.ndarray] = {}
     energy: dict[int, float] = {}
     for layer in STREAM:
-        steering = Ablation(directions, values if clamp else None).entries() or None
-        x, xn = await asyncio.gather(stream_states(post, cal, positions, steering),
-                                     stream_states(post, neutral, positions, steering))
+        so_far = Ablation(directions, values if clamp else None, at_word=at_word)
+        x, xn = [await stream_states(post, texts, positions,
+                                     per_text=await steerings(post, so_far, texts))
+                 for texts in (cal, neutral)]
         xs, xns = np.stack(x)[:, layer], np.stack(xn)[:, layer]  # (n, SUFFIX, dim)
         diffs = xs[y].mean(axis=0) - xs[~y].mean(axis=0)  # (SUFFIX, dim)
         rows = [unit(diffs[-1])]
@@ -321,7 +364,7 @@ async def fit_subspace(post: Post, cal: Sequence[str], y: np.ndarray, neutral: S
         directions[layer] = d
         values[layer] = (xns[:, -1] @ d.T).mean(axis=0)
         energy[layer] = float(np.linalg.norm(diffs @ d.T) ** 2 / np.linalg.norm(diffs) ** 2)
-    return Ablation(directions, values if clamp else None, energy=energy)
+    return Ablation(directions, values if clamp else None, energy=energy, at_word=at_word)
 
 
 def _row(share: Sequence[float], mass: Sequence[float], y: np.ndarray) -> dict[str, Any]:
@@ -346,6 +389,7 @@ async def ablation(post: Post, mood_vector: str, builtin: dict[int, np.ndarray],
               for layer in STREAM}
     sub_ablate, sub_clamp = [await fit_subspace(post, cal_texts, cal_y, neutral_cal, SUBSPACE_K,
                                                 clamp) for clamp in (False, True)]
+    at_word = await fit_subspace(post, cal_texts, cal_y, neutral_cal, 1, True, at_word=True)
     rows: dict[str, Ablation | None] = {
         "unsteered": None,
         "builtin vector, ablate": Ablation(builtin, steering=[{"vector": mood_vector,
@@ -355,24 +399,28 @@ async def ablation(post: Post, mood_vector: str, builtin: dict[int, np.ndarray],
         "1 dir, clamp to mood-free mean": Ablation(single, mean_components(x_neutral, single)),
         f"{SUBSPACE_K} dirs, ablate (0)": sub_ablate,
         f"{SUBSPACE_K} dirs, clamp to mood-free mean": sub_clamp,
+        "1 dir at the word, clamp to mood-free": at_word,
     }
-    # the reference: the unsteered model after held-out mood-free stories
-    got = await asyncio.gather(*(p_happy(post, t, None) for t in neutral_test))
-    reference = {"share": mean_ci([g[0] for g in got]), "mass": float(np.mean([g[1] for g in got])),
-                 "shares": [g[0] for g in got]}
     out: dict[str, Any] = {"prompts_per_kind": n, "calibration_per_kind": n_cal,
-                           "probe": PROBE.strip(), "mood_free": reference,
-                           "subspace_k": SUBSPACE_K, "rows": {}}
+                           "probe": PROBE.strip(), "subspace_k": SUBSPACE_K, "rows": {}}
+    test_texts = [t for t, _ in test]
     for label, ab in rows.items():
-        steering = None if ab is None else ab.entries()
-        got = await asyncio.gather(*(p_happy(post, t, steering) for t, _ in test))
+        s_test, s_cal, s_free = [await steerings(post, ab, texts)
+                                 for texts in (test_texts, cal_texts, neutral_test)]
+        got = await asyncio.gather(*(p_happy(post, t, e) for t, e in zip(test_texts, s_test,
+                                                                         strict=True)))
         row = _row([g[0] for g in got], [g[1] for g in got], test_y)
+        # the same op on held-out mood-free stories: unsteered, the reference for "no mood"; a
+        # neutral op leaves it where it is
+        free = await asyncio.gather(*(p_happy(post, t, e) for t, e in zip(neutral_test, s_free,
+                                                                          strict=True)))
+        row["mood_free"] = mean_ci([g[0] for g in free])
         # what is left of the mood where the word is chosen: a difference-of-means probe
         # refitted on the ablated calibration states, scored on the ablated held-out ones
-        xa_cal = np.stack([s[:, -1] for s in await stream_states(
-            post, cal_texts, "last", steering)])
-        xa_test = np.stack([s[:, -1] for s in await stream_states(
-            post, [t for t, _ in test], "last", steering)])
+        xa_cal = np.stack([s[:, -1] for s in await stream_states(post, cal_texts, "last",
+                                                                 per_text=s_cal)])
+        xa_test = np.stack([s[:, -1] for s in await stream_states(post, test_texts, "last",
+                                                                  per_text=s_test)])
         if ab is not None:
             xa_cal[:, N_LAYERS] = ab.after_last_block(xa_cal[:, N_LAYERS])
             xa_test[:, N_LAYERS] = ab.after_last_block(xa_test[:, N_LAYERS])
@@ -383,10 +431,12 @@ async def ablation(post: Post, mood_vector: str, builtin: dict[int, np.ndarray],
                 for layer, d in ab.directions.items() if layer < N_LAYERS)
         if ab is not None and ab.energy is not None:
             row["subspace_energy"] = ab.energy
+            row["directions_per_layer"] = len(ab.directions[N_LAYERS])
         row["probe_accuracy"] = {layer: probe_accuracy(xa_cal[:, layer], cal_y,
                                                        xa_test[:, layer], test_y)
                                  for layer in STREAM}
         out["rows"][label] = row
+    reference = out["rows"]["unsteered"]["mood_free"][0]
     unsteered = out["rows"]["unsteered"]
     prefers = unsteered["happy"][0] > 0.8 and unsteered["sad"][0] < 0.2
     for label, row in out["rows"].items():
@@ -396,7 +446,7 @@ async def ablation(post: Post, mood_vector: str, builtin: dict[int, np.ndarray],
         row["erased"] = abs(a - b) < 0.2
         row["equal"] = min(a, b) >= 0.3 and max(a, b) <= 0.7
         row["pass"] = prefers and row["erased"] and row["equal"]
-        row["from_mood_free"] = max(abs(a - reference["share"][0]), abs(b - reference["share"][0]))
+        row["from_mood_free"] = max(abs(a - reference), abs(b - reference))
     out["unsteered_prefers"] = prefers
     out["pass"] = any(r.get("pass", False) for r in out["rows"].values())
     return out
@@ -531,27 +581,30 @@ def report(result: dict[str, Any]) -> None:
     a, c = result["ablation"], result["cast"]
     print(f"ablation: {a['prompts_per_kind']} held-out stories of each mood + "
           f"\"{a['probe']}\"; P(happy) / (P(happy) + P(sad)) as the next word, mean [95% CI]")
-    ref = a["mood_free"]
-    print(f"  mood-free stories ({a['prompts_per_kind']} held-out), unsteered: "
-          f"{_ci(ref['share'])}, mass {ref['mass']:.2f}  (what the model says when no mood is "
-          "set)")
-    print(f"  {'':<36} {'happy stories':>22} {'sad stories':>22} {'gap (happy - sad)':>24} "
-          f"{'mass':>5} {'|-free|':>7}  {'probe@1..6':<29} {'err':>5}")
+    ref = a["rows"]["unsteered"]["mood_free"]
+    print(f"  mood-free stories ({a['prompts_per_kind']} held-out), unsteered: {_ci(ref)}  (what "
+          "the model says when no mood is set: the reference)")
+    print(f"  {'':<37} {'happy stories':>22} {'sad stories':>22} {'gap (happy - sad)':>24} "
+          f"{'mass':>5} {'|-free|':>7} {'mood-free, same op':>22}  {'probe@1..6':<29} "
+          f"{'err':>5}")
     for label, row in a["rows"].items():
         err = f"{row['component_error']:.0e}" if "component_error" in row else "-"
         free = f"{row['from_mood_free']:.3f}" if "from_mood_free" in row else "-"
         probes = " ".join(f"{row['probe_accuracy'][k]:.2f}" for k in STREAM)
-        print(f"  {label:<36} {_ci(row['happy']):>22} {_ci(row['sad']):>22} "
+        print(f"  {label:<37} {_ci(row['happy']):>22} {_ci(row['sad']):>22} "
               f"{row['gap'][0]:>+7.3f} [{row['gap'][1]:+.3f}, {row['gap'][2]:+.3f}] "
-              f"{row['mass']:>5.2f} {free:>7}  {probes:<29} {err:>5}")
+              f"{row['mass']:>5.2f} {free:>7} {_ci(row['mood_free']):>22}  {probes:<29} "
+              f"{err:>5}")
     print("  (mass: P(happy) + P(sad); |-free|: the larger distance of the two kinds' means from "
-          "the mood-free stories'; probe@l: a difference-of-means probe refitted on the ablated "
-          "calibration states, accuracy on the held-out ones; err: largest |component - target| "
-          "at layers 1..5)")
+          "the reference; mood-free, same op: the share on the mood-free stories with the row's "
+          "op (a neutral op leaves the reference); probe@l: a difference-of-means probe "
+          "refitted on the ablated calibration states, accuracy on the held-out ones; err: "
+          "largest |component - target| at layers 1..5)")
     for label, row in a["rows"].items():
         if "subspace_energy" in row:
             energy = " ".join(f"{row['subspace_energy'][k]:.2f}" for k in STREAM)
-            print(f"  {label}: the {a['subspace_k']} directions span this share of the "
+            k = row["directions_per_layer"]
+            print(f"  {label}: the {k} direction{'s' * (k > 1)} span this share of the "
                   f"class-mean differences at the probe's tokens, layers 1..6: {energy}")
     for label, row in a["rows"].items():
         if label != "unsteered":
