@@ -31,10 +31,15 @@ other seeds than the measured (held-out) prompts.
      tokens, orthonormal; set to 0, or clamped to the mood-free means (a separate fit each,
      since each fit reads the stream its own ops leave). 2 per layer: a request takes 16
      entries. Orthonormal ops one after another are the projection onto the subspace.
-   After each: a difference-of-means probe refitted on the ablated calibration states, scored
-   on the ablated held-out ones (at layer 6, what the classifier reads, the op is applied here
-   in numpy: /v1/features captures the last block's output before it); |component - target|
-   at layers 1..5; the larger distance of the two kinds' means from the mood-free share.
+   - "1 dir at the word": fitted the same way (k = 1), clamped to the mood-free mean at the
+     prompt's last token only (`positions` [T-1, T) per request), where the word is read and
+     where the mood-free mean was taken: the ops above impose that one value at every position.
+   After each: the share on the mood-free stories with the same op (a neutral op leaves the
+   reference where it is); a difference-of-means probe refitted on the ablated calibration
+   states, scored on the ablated held-out ones (at layer 6, what the classifier reads, the op
+   is applied here in numpy: /v1/features captures the last block's output before it);
+   |component - target| at layers 1..5; the larger distance of the two kinds' means from the
+   reference.
    PASS (the issue's wording) for a row when the unsteered model prefers the story's mood
    (mean > 0.8 in happy stories, < 0.2 in sad ones) and the ablated one does not: both kinds'
    means within 0.3..0.7 ("about equally likely") and < 0.2 apart.

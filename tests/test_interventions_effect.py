@@ -41,6 +41,7 @@ from bench.interventions_effect import (
     p_happy,
     probe_accuracy,
     probe_prompts,
+    steerings,
     stream_states,
     unit,
 )
@@ -135,3 +136,41 @@ async def test_the_subspace_leaves_no_linear_mood_and_the_model_its_own_default(
     # and the subspace's removal leaves both kinds there, not at 50/50
     assert min(happy, sad) > 0.7 and max(abs(happy - free), abs(sad - free)) < 0.2, (
         happy, sad, free)
+
+
+async def test_clamping_at_the_word_to_the_mood_free_mean_is_neutral_and_leaves_the_default(post):
+    """The most neutral removal the bench has: the mood direction at the prompt's last token only
+    (a position range per request), clamped to its mean on mood-free stories, fitted layer by
+    layer. It leaves mood-free stories where they were, erases the kinds' difference, and both
+    kinds then get the mood-free default -- "happy", not 50/50."""
+    cal = probe_prompts(N_CAL, CALIBRATION_SEED)
+    test = probe_prompts(N, TEST_SEED)
+    cal_y = np.array([m == "happy" for _, m in cal])
+    ab = await fit_subspace(post, [t for t, _ in cal], cal_y,
+                            neutral_prompts(N_CAL, NEUTRAL_CALIBRATION_SEED), 1, clamp=True,
+                            at_word=True)
+    texts = [t for t, _ in test]
+    per_text = await steerings(post, ab, texts)
+    n_tokens = [len((await post("/v1/features", {"input": t, "layers": [0]}))["tokens"])
+                for t in texts[:4]]
+    for e, n in zip(per_text, n_tokens, strict=False):  # each prompt's own last position
+        assert e is not None and all(x["positions"] == [n - 1, n] for x in e)
+    after = np.stack([s[:, -1] for s in await stream_states(post, texts, "last",
+                                                            per_text=per_text)])
+    for layer in STREAM[:-1]:  # the clamped value, at the last token
+        got = after[:, layer] @ ab.directions[layer].T
+        assert np.abs(got - ab.target(layer)).max() < 1e-3 * max(1, np.abs(got).max()), layer
+    kinds = np.array([m == "happy" for _, m in test])
+    got = await asyncio.gather(*(p_happy(post, t, e) for t, e in zip(texts, per_text,
+                                                                     strict=True)))
+    share = np.array([g[0] for g in got])
+    happy, sad = float(share[kinds].mean()), float(share[~kinds].mean())
+    free_texts = neutral_prompts(N, NEUTRAL_TEST_SEED)
+    free = [await asyncio.gather(*(p_happy(post, t, e) for t, e in zip(free_texts, steer,
+                                                                       strict=True)))
+            for steer in ([None] * N, await steerings(post, ab, free_texts))]
+    free_plain, free_op = (float(np.mean([g[0] for g in f])) for f in free)
+    assert abs(free_op - free_plain) < 0.1, (free_plain, free_op)  # neutral on no mood
+    assert abs(happy - sad) < 0.2, (happy, sad)
+    assert max(abs(happy - free_plain), abs(sad - free_plain)) < 0.2, (happy, sad, free_plain)
+    assert min(happy, sad) > 0.7, (happy, sad)
