@@ -607,10 +607,11 @@ def report(result: dict[str, Any]) -> None:
           "largest |component - target| at layers 1..5)")
     for label, row in a["rows"].items():
         if "subspace_energy" in row:
-            energy = " ".join(f"{row['subspace_energy'][k]:.2f}" for k in STREAM)
-            k = row["directions_per_layer"]
-            print(f"  {label}: the {k} direction{'s' * (k > 1)} span this share of the "
-                  f"class-mean differences at the probe's tokens, layers 1..6: {energy}")
+            energy = " ".join(f"{row['subspace_energy'][layer]:.2f}" for layer in STREAM)
+            n = row["directions_per_layer"]
+            print(f"  {label}: the {n} direction{'s' * (n > 1)} span{'s' * (n == 1)} this "
+                  "share of the class-mean differences at the probe's tokens, layers 1..6: "
+                  f"{energy}")
     for label, row in a["rows"].items():
         if label != "unsteered":
             print(f"  {label}: mood erased (gap < 0.2) {'yes' if row['erased'] else 'no'}, "
