@@ -13,19 +13,36 @@ other seeds than the measured (held-out) prompts.
    sentence, then the corpus's own closing template cut before the word it chooses:
    "... At the end of the day, {name} was very" -> " happy" or " sad". Measured: P(happy) /
    (P(happy) + P(sad)) as the next word (echo logprobs of both), per story kind, with a
-   bootstrap 95% interval. The mood direction at stream layer l = 1..6 is the difference of the
-   mean states of happy and sad calibration stories at that same position (/v1/features), the
-   layer's own direction ablated at that layer at every position (6 inline `direction` entries):
-   `op: ablate` (the component set to 0), with and without `norm_match`, and `op: clamp` to the
-   calibration mean of the component (mean ablation); and bench/builtin_steering.py's mood
-   vector ablated at layers 1..6. After each, a difference-of-means probe refitted on the
-   ablated calibration states is scored on the ablated held-out states (at layer 6, what the
-   classifier reads, the op is applied here in numpy: /v1/features captures the last block's
-   output before it), and |component - target| at layers 1..5 is reported. A sweep clamps to
-   0.25, 0.5, 0.75 x the mean: where the choice flips (a knob, not counted).
-   PASS (the issue's wording) for a single-direction row when the unsteered model prefers the
-   story's mood (mean > 0.8 in happy stories, < 0.2 in sad ones) and the ablated one does not:
-   both kinds' means within 0.3..0.7 ("about equally likely") and < 0.2 apart.
+   bootstrap 95% interval.
+   The reference for "no mood": mood-free stories (make_story(neutral=True): the same beats,
+   the animal's doings in place of the mood's events, no mood word) + the same closing, read by
+   the unsteered model (held-out seed). Its share is what removing the mood should leave.
+   Ways of removing it, all fitted on calibration stories (other seeds than the measured ones)
+   and sent as inline `direction` entries at stream layers 1..6, every position:
+   - bench/builtin_steering.py's mood vector, `ablate`d;
+   - "1 dir": per layer the difference of the mean states of happy and sad calibration stories
+     at the word's position (/v1/features, unsteered stream), set to 0 (`ablate`), or
+     `clamp`ed to the component's mean over the (balanced) calibration stories, or over
+     mood-free calibration stories (mean ablation to a neutral reference, as in LEACE);
+   - "2 dirs": a subspace per layer, fitted layer by layer on the stream the earlier layers'
+     ops leave (a block re-derives mood from the story's tokens, so a direction fitted on the
+     unsteered stream misses what it writes): the class-mean difference at the word's
+     position, then the top principal direction of the class-mean differences at the PROBE's
+     tokens, orthonormal; set to 0, or clamped to the mood-free means (a separate fit each,
+     since each fit reads the stream its own ops leave). 2 per layer: a request takes 16
+     entries. Orthonormal ops one after another are the projection onto the subspace.
+   - "1 dir at the word": fitted the same way (k = 1), clamped to the mood-free mean at the
+     prompt's last token only (`positions` [T-1, T) per request), where the word is read and
+     where the mood-free mean was taken: the ops above impose that one value at every position.
+   After each: the share on the mood-free stories with the same op (a neutral op leaves the
+   reference where it is); a difference-of-means probe refitted on the ablated calibration
+   states, scored on the ablated held-out ones (at layer 6, what the classifier reads, the op
+   is applied here in numpy: /v1/features captures the last block's output before it);
+   |component - target| at layers 1..5; the larger distance of the two kinds' means from the
+   reference.
+   PASS (the issue's wording) for a row when the unsteered model prefers the story's mood
+   (mean > 0.8 in happy stories, < 0.2 in sad ones) and the ablated one does not: both kinds'
+   means within 0.3..0.7 ("about equally likely") and < 0.2 apart.
 2. CAST, on chat requests whose mood the model does carry: "Tell me a sad story about a dog."
    and the other mood-naming requests of the chat corpus (train/corpus.py REQUESTS), as ChatML
    text to /v1/completions (see answer()). The condition vector at stream layer l is the mean
@@ -107,8 +124,12 @@ PROBE = " At the end of the day, {name} was very"  # a corpus closing, cut befor
 CAST_SCALE = 0.5
 CAST_STEER_LAYERS = (1, 2, 3, 4, 5)
 CALIBRATION_SEED, TEST_SEED = 1, 2
+NEUTRAL_CALIBRATION_SEED, NEUTRAL_TEST_SEED = 3, 4  # mood-free stories
 BOOTSTRAP = 2000
-SWEEP = (0.25, 0.5, 0.75)  # clamp values as fractions of the calibration mean
+SUFFIX = 10  # PROBE's tokens (each name is one): where the subspace's differences are read
+# NOTE: a request takes at most 16 steering entries (server/protocol.py), one per direction
+# and layer: 2 directions at each of the 6 layers
+SUBSPACE_K = 2
 
 
 # prompts ---------------------------------------------------------------------------------------
@@ -192,20 +213,34 @@ def probe_accuracy(cal: np.ndarray, cal_y: np.ndarray, test: np.ndarray, test_y:
 # server calls ----------------------------------------------------------------------------------
 
 
-async def stream_states(post: Post, texts: Sequence[str | list[int]], positions: str,
-                        steering: list[dict] | None = None) -> list[np.ndarray]:
-    """Per text, the stream at layers 0..6 at `positions` ("last" or "all"): (7, T, dim)."""
+async def stream_states(post: Post, texts: Sequence[str | list[int]],
+                        positions: str | list[int], steering: list[dict] | None = None,
+                        per_text: Sequence[list[dict] | None] | None = None
+                        ) -> list[np.ndarray]:
+    """Per text, the stream at layers 0..6 at `positions` ("last", "all" or indices, negative
+    from the end): (7, T, dim). `per_text`: each text's own steering, instead of `steering`."""
     blocks = list(range(N_LAYERS))
     body: dict[str, Any] = {"layers": blocks, "points": ["resid_pre", "resid_post"],
                             "positions": positions}
-    if steering is not None:
-        body["steering"] = steering
+    steerings = per_text if per_text is not None else [steering] * len(texts)
 
-    async def one(text: str | list[int]) -> np.ndarray:
-        data = (await post("/v1/features", {**body, "input": text}))["data"]
+    async def one(text: str | list[int], entries: list[dict] | None) -> np.ndarray:
+        request = {**body, "input": text}
+        if entries is not None:
+            request["steering"] = entries
+        data = (await post("/v1/features", request))["data"]
         pre = np.asarray(data["resid_pre"], np.float64)  # (blocks, T, dim)
         post_last = np.asarray(data["resid_post"][-1], np.float64)[None]
         return np.concatenate([pre, post_last])
+    return list(await asyncio.gather(*(one(t, e) for t, e in zip(texts, steerings,
+                                                                 strict=True))))
+
+
+async def token_counts(post: Post, texts: Sequence[str]) -> list[int]:
+    """How many tokens the server makes of each text (with BOS): positions are absolute."""
+    async def one(text: str) -> int:
+        body = {"input": text, "layers": [0], "positions": "last"}
+        return len((await post("/v1/features", body))["tokens"])
     return list(await asyncio.gather(*(one(t) for t in texts)))
 
 
@@ -232,40 +267,109 @@ async def p_happy(post: Post, prompt: str, steering: list[dict] | None) -> tuple
 # 1. ablation -----------------------------------------------------------------------------------
 
 
+def neutral_prompts(n: int, seed: int) -> list[str]:
+    """Mood-free stories (train/corpus.py make_story(neutral=True): the same beats without a
+    mood's events, words or closing) + PROBE: what the model says when no mood is set."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        story = make_story(rng, neutral=True)
+        out.append(story.text + PROBE.format(name=story.name))
+    return out
+
+
 @dataclass(frozen=True)
 class Ablation:
-    """One way of removing the mood: per stream layer, a direction and the value its component
-    is set to (0: `ablate`; else `clamp`), sent as inline `direction` entries or as `steering`."""
+    """One way of removing the mood: per stream layer, orthonormal directions (k, dim) and the
+    values their components are set to (None: 0, `ablate`; else `clamp`), sent as inline
+    `direction` entries in row order (ops on orthonormal directions one after another set the
+    subspace's coordinates: the affine projection onto it), or given as `steering`. At every
+    position, or with at_word only at the prompt's last token (where the word is read)."""
 
-    directions: dict[int, np.ndarray]
-    values: dict[int, float] | None = None  # None: ablate (0)
-    norm_match: bool = False
+    directions: dict[int, np.ndarray]  # layer -> (k, dim), orthonormal rows
+    values: dict[int, np.ndarray] | None = None  # layer -> (k,); None: ablate (0)
     steering: list[dict] | None = None  # else built from the above
+    energy: dict[int, float] | None = None  # fit_subspace's
+    at_word: bool = False
 
-    def entries(self) -> list[dict]:
+    def entries(self, n_tokens: int | None = None) -> list[dict]:
+        """The steering entries for a prompt of n_tokens (needed with at_word)."""
         if self.steering is not None:
             return self.steering
         out = []
-        for layer, d in self.directions.items():
-            e: dict[str, Any] = {"direction": d.tolist(), "layer": layer,
-                                 "op": "ablate" if self.values is None else "clamp",
-                                 "norm_match": self.norm_match}
-            if self.values is not None:
-                e["value"] = self.values[layer]
-            out.append(e)
+        for layer, rows in self.directions.items():
+            for d, value in zip(rows, self.target(layer), strict=True):
+                e: dict[str, Any] = {"direction": d.tolist(), "layer": layer,
+                                     "op": "ablate" if self.values is None else "clamp"}
+                if self.values is not None:
+                    e["value"] = float(value)
+                if self.at_word:
+                    assert n_tokens is not None
+                    e["positions"] = [n_tokens - 1, n_tokens]
+                out.append(e)
         return out
 
-    def target(self, layer: int) -> float:
-        return 0.0 if self.values is None else self.values[layer]
+    def target(self, layer: int) -> np.ndarray:
+        k = len(self.directions[layer])
+        return np.zeros(k) if self.values is None else np.asarray(self.values[layer])
 
     def after_last_block(self, x: np.ndarray) -> np.ndarray:
-        """The op at stream layer 6 in numpy: /v1/features' resid_post of the last block is the
-        stream before it (the classifier reads it after)."""
-        d = unit(self.directions[N_LAYERS])
-        y = x + np.outer(self.target(N_LAYERS) - x @ d, d)
-        if self.norm_match:
-            y *= (np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1))[:, None]
+        """The ops at stream layer 6 in numpy: /v1/features' resid_post of the last block is
+        the stream before them (the classifier reads it after)."""
+        y = x.copy()
+        for d, value in zip(self.directions[N_LAYERS], self.target(N_LAYERS), strict=True):
+            y += np.outer(value - y @ d, d)
         return y
+
+
+async def steerings(post: Post, ab: Ablation | None, texts: Sequence[str]
+                    ) -> list[list[dict] | None]:
+    """Each text's steering entries for `ab` (None: unsteered)."""
+    if ab is None or (not ab.directions and ab.steering is None):
+        return [None] * len(texts)
+    if not ab.at_word:
+        return [ab.entries()] * len(texts)
+    return [ab.entries(n) for n in await token_counts(post, texts)]
+
+
+def mean_components(x: np.ndarray, directions: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """Per layer, the mean of each direction's component over x (n, 7, dim)."""
+    return {layer: (x[:, layer] @ rows.T).mean(axis=0) for layer, rows in directions.items()}
+
+
+async def fit_subspace(post: Post, cal: Sequence[str], y: np.ndarray, neutral: Sequence[str],
+                       k: int, clamp: bool, at_word: bool = False) -> Ablation:
+    """k orthonormal mood directions per stream layer, fitted layer by layer on the stream as
+    the layers before it leave it (their ops applied: a block re-derives mood from the tokens,
+    so a direction fitted on the unsteered stream misses what it writes), set to 0 (ablate) or,
+    with clamp, to the mean of each component on mood-free stories. The first direction is
+    the class-mean difference where the word is read (the last token); the next ones the top
+    principal directions of the class-mean differences at the PROBE's tokens (aligned from the
+    end), orthogonalized. at_word: the ops act at the last token only.
+    `energy`: per layer, the share of those differences' squared norm that the k span."""
+    positions = list(range(-SUFFIX, 0))
+    directions: dict[int, np.ndarray] = {}
+    values: dict[int, np.ndarray] = {}
+    energy: dict[int, float] = {}
+    for layer in STREAM:
+        so_far = Ablation(directions, values if clamp else None, at_word=at_word)
+        x, xn = [await stream_states(post, texts, positions,
+                                     per_text=await steerings(post, so_far, texts))
+                 for texts in (cal, neutral)]
+        xs, xns = np.stack(x)[:, layer], np.stack(xn)[:, layer]  # (n, SUFFIX, dim)
+        diffs = xs[y].mean(axis=0) - xs[~y].mean(axis=0)  # (SUFFIX, dim)
+        rows = [unit(diffs[-1])]
+        for v in np.linalg.svd(diffs, full_matrices=False)[2]:
+            if len(rows) == k:
+                break
+            v = v - sum((v @ r) * r for r in rows)
+            if np.linalg.norm(v) > 1e-6:
+                rows.append(unit(v))
+        d = np.array(rows)
+        directions[layer] = d
+        values[layer] = (xns[:, -1] @ d.T).mean(axis=0)
+        energy[layer] = float(np.linalg.norm(diffs @ d.T) ** 2 / np.linalg.norm(diffs) ** 2)
+    return Ablation(directions, values if clamp else None, energy=energy, at_word=at_word)
 
 
 def _row(share: Sequence[float], mass: Sequence[float], y: np.ndarray) -> dict[str, Any]:
@@ -279,51 +383,65 @@ async def ablation(post: Post, mood_vector: str, builtin: dict[int, np.ndarray],
                    n: int, n_cal: int) -> dict[str, Any]:
     cal = probe_prompts(n_cal, CALIBRATION_SEED)
     test = probe_prompts(n, TEST_SEED)
+    neutral_cal = neutral_prompts(n_cal, NEUTRAL_CALIBRATION_SEED)
+    neutral_test = neutral_prompts(n, NEUTRAL_TEST_SEED)
     cal_y = np.array([m == "happy" for _, m in cal])
     test_y = np.array([m == "happy" for _, m in test])
-    x_cal = np.stack([s[:, -1] for s in await stream_states(post, [t for t, _ in cal], "last")])
-    directions = {layer: unit(x_cal[cal_y, layer].mean(0) - x_cal[~cal_y, layer].mean(0))
-                  for layer in STREAM}
-    means = {layer: float((x_cal[:, layer] @ d).mean()) for layer, d in directions.items()}
+    cal_texts = [t for t, _ in cal]
+    x_cal = np.stack([s[:, -1] for s in await stream_states(post, cal_texts, "last")])
+    x_neutral = np.stack([s[:, -1] for s in await stream_states(post, neutral_cal, "last")])
+    single = {layer: unit(x_cal[cal_y, layer].mean(0) - x_cal[~cal_y, layer].mean(0))[None]
+              for layer in STREAM}
+    sub_ablate, sub_clamp = [await fit_subspace(post, cal_texts, cal_y, neutral_cal, SUBSPACE_K,
+                                                clamp) for clamp in (False, True)]
+    at_word = await fit_subspace(post, cal_texts, cal_y, neutral_cal, 1, True, at_word=True)
     rows: dict[str, Ablation | None] = {
         "unsteered": None,
         "builtin vector, ablate": Ablation(builtin, steering=[{"vector": mood_vector,
                                                                "op": "ablate"}]),
-        "mean-diff, ablate": Ablation(directions),
-        "mean-diff, ablate + norm_match": Ablation(directions, norm_match=True),
-        "mean-diff, clamp to mean": Ablation(directions, means),
+        "1 dir, ablate (0)": Ablation(single),
+        "1 dir, clamp to calibration mean": Ablation(single, mean_components(x_cal, single)),
+        "1 dir, clamp to mood-free mean": Ablation(single, mean_components(x_neutral, single)),
+        f"{SUBSPACE_K} dirs, ablate (0)": sub_ablate,
+        f"{SUBSPACE_K} dirs, clamp to mood-free mean": sub_clamp,
+        "1 dir at the word, clamp to mood-free": at_word,
     }
     out: dict[str, Any] = {"prompts_per_kind": n, "calibration_per_kind": n_cal,
-                           "probe": PROBE.strip(), "calibration_means": means, "rows": {},
-                           "sweep": {}}
+                           "probe": PROBE.strip(), "subspace_k": SUBSPACE_K, "rows": {}}
+    test_texts = [t for t, _ in test]
     for label, ab in rows.items():
-        steering = None if ab is None else ab.entries()
-        got = await asyncio.gather(*(p_happy(post, t, steering) for t, _ in test))
+        s_test, s_cal, s_free = [await steerings(post, ab, texts)
+                                 for texts in (test_texts, cal_texts, neutral_test)]
+        got = await asyncio.gather(*(p_happy(post, t, e) for t, e in zip(test_texts, s_test,
+                                                                         strict=True)))
         row = _row([g[0] for g in got], [g[1] for g in got], test_y)
+        # the same op on held-out mood-free stories: unsteered, the reference for "no mood"; a
+        # neutral op leaves it where it is
+        free = await asyncio.gather(*(p_happy(post, t, e) for t, e in zip(neutral_test, s_free,
+                                                                          strict=True)))
+        row["mood_free"] = mean_ci([g[0] for g in free])
         # what is left of the mood where the word is chosen: a difference-of-means probe
         # refitted on the ablated calibration states, scored on the ablated held-out ones
-        xa_cal = np.stack([s[:, -1] for s in await stream_states(
-            post, [t for t, _ in cal], "last", steering)])
-        xa_test = np.stack([s[:, -1] for s in await stream_states(
-            post, [t for t, _ in test], "last", steering)])
+        xa_cal = np.stack([s[:, -1] for s in await stream_states(post, cal_texts, "last",
+                                                                 per_text=s_cal)])
+        xa_test = np.stack([s[:, -1] for s in await stream_states(post, test_texts, "last",
+                                                                  per_text=s_test)])
         if ab is not None:
             xa_cal[:, N_LAYERS] = ab.after_last_block(xa_cal[:, N_LAYERS])
             xa_test[:, N_LAYERS] = ab.after_last_block(xa_test[:, N_LAYERS])
-            # the op's own check: the component at layers 1..5 (captured after the op) is its
-            # target
+            # the op's own check: the components at layers 1..5 (captured after the ops) are
+            # their targets
             row["component_error"] = max(
-                float(np.abs(xa_test[:, layer] @ unit(d) - ab.target(layer)).max())
+                float(np.abs(xa_test[:, layer] @ d.T - ab.target(layer)).max())
                 for layer, d in ab.directions.items() if layer < N_LAYERS)
+        if ab is not None and ab.energy is not None:
+            row["subspace_energy"] = ab.energy
+            row["directions_per_layer"] = len(ab.directions[N_LAYERS])
         row["probe_accuracy"] = {layer: probe_accuracy(xa_cal[:, layer], cal_y,
                                                        xa_test[:, layer], test_y)
                                  for layer in STREAM}
         out["rows"][label] = row
-    # where between 0 (ablate) and the calibration mean (clamp) the choice flips: a value that
-    # makes the two words equally likely exists, but it is a knob, not a rule; not counted
-    for t in SWEEP:
-        ab = Ablation(directions, {layer: t * m for layer, m in means.items()})
-        got = await asyncio.gather(*(p_happy(post, p, ab.entries()) for p, _ in test))
-        out["sweep"][t] = _row([g[0] for g in got], [g[1] for g in got], test_y)
+    reference = out["rows"]["unsteered"]["mood_free"][0]
     unsteered = out["rows"]["unsteered"]
     prefers = unsteered["happy"][0] > 0.8 and unsteered["sad"][0] < 0.2
     for label, row in out["rows"].items():
@@ -333,6 +451,7 @@ async def ablation(post: Post, mood_vector: str, builtin: dict[int, np.ndarray],
         row["erased"] = abs(a - b) < 0.2
         row["equal"] = min(a, b) >= 0.3 and max(a, b) <= 0.7
         row["pass"] = prefers and row["erased"] and row["equal"]
+        row["from_mood_free"] = max(abs(a - reference), abs(b - reference))
     out["unsteered_prefers"] = prefers
     out["pass"] = any(r.get("pass", False) for r in out["rows"].values())
     return out
@@ -453,7 +572,8 @@ async def run(url: str, n: int, n_cal: int, tokens: int) -> dict[str, Any]:
         # the stored vector's directions, one row per layer in order (its .npy download)
         response = await session.get(f"/v1/steering/{every}", params={"format": "npy"})
         rows = np.load(io.BytesIO(await response.read()))
-        builtin = dict(zip(STREAM, rows.astype(np.float64), strict=True))
+        builtin = {layer: unit(r)[None] for layer, r in zip(STREAM, rows.astype(np.float64),
+                                                          strict=True)}
         return {"ablation": await ablation(post, every, builtin, n, n_cal),
                 "cast": await cast(post, steer, n, n_cal, tokens)}
 
@@ -466,23 +586,32 @@ def report(result: dict[str, Any]) -> None:
     a, c = result["ablation"], result["cast"]
     print(f"ablation: {a['prompts_per_kind']} held-out stories of each mood + "
           f"\"{a['probe']}\"; P(happy) / (P(happy) + P(sad)) as the next word, mean [95% CI]")
-    head = (f"  {'':<32} {'happy stories':>22} {'sad stories':>22} {'gap (happy - sad)':>24} "
-            f"{'mass':>5}")
-    print(head + f" {'probe@5':>7} {'probe@6':>7} {'err':>7}")
-
-    def line(label: str, row: dict[str, Any]) -> str:
-        return (f"  {label:<32} {_ci(row['happy']):>22} {_ci(row['sad']):>22} "
-                f"{row['gap'][0]:>+7.3f} [{row['gap'][1]:+.3f}, {row['gap'][2]:+.3f}] "
-                f"{row['mass']:>5.2f}")
+    ref = a["rows"]["unsteered"]["mood_free"]
+    print(f"  mood-free stories ({a['prompts_per_kind']} held-out), unsteered: {_ci(ref)}  (what "
+          "the model says when no mood is set: the reference)")
+    print(f"  {'':<37} {'happy stories':>22} {'sad stories':>22} {'gap (happy - sad)':>24} "
+          f"{'mass':>5} {'|-free|':>7} {'mood-free, same op':>22}  {'probe@1..6':<29} "
+          f"{'err':>5}")
     for label, row in a["rows"].items():
         err = f"{row['component_error']:.0e}" if "component_error" in row else "-"
-        pa = row["probe_accuracy"]
-        print(line(label, row) + f" {pa[N_LAYERS - 1]:>7.2f} {pa[N_LAYERS]:>7.2f} {err:>7}")
-    print("  (mass: P(happy) + P(sad); probe@l: a difference-of-means probe refitted on the "
-          "ablated calibration states, accuracy on the held-out ones; err: largest |component "
-          "- target| at layers 1..5)")
-    for t, row in a["sweep"].items():
-        print(line(f"  clamp to {t:g} x mean (knob)", row))
+        free = f"{row['from_mood_free']:.3f}" if "from_mood_free" in row else "-"
+        probes = " ".join(f"{row['probe_accuracy'][k]:.2f}" for k in STREAM)
+        print(f"  {label:<37} {_ci(row['happy']):>22} {_ci(row['sad']):>22} "
+              f"{row['gap'][0]:>+7.3f} [{row['gap'][1]:+.3f}, {row['gap'][2]:+.3f}] "
+              f"{row['mass']:>5.2f} {free:>7} {_ci(row['mood_free']):>22}  {probes:<29} "
+              f"{err:>5}")
+    print("  (mass: P(happy) + P(sad); |-free|: the larger distance of the two kinds' means from "
+          "the reference; mood-free, same op: the share on the mood-free stories with the row's "
+          "op (a neutral op leaves the reference); probe@l: a difference-of-means probe "
+          "refitted on the ablated calibration states, accuracy on the held-out ones; err: "
+          "largest |component - target| at layers 1..5)")
+    for label, row in a["rows"].items():
+        if "subspace_energy" in row:
+            energy = " ".join(f"{row['subspace_energy'][layer]:.2f}" for layer in STREAM)
+            n = row["directions_per_layer"]
+            print(f"  {label}: the {n} direction{'s' * (n > 1)} span{'s' * (n == 1)} this "
+                  "share of the class-mean differences at the probe's tokens, layers 1..6: "
+                  f"{energy}")
     for label, row in a["rows"].items():
         if label != "unsteered":
             print(f"  {label}: mood erased (gap < 0.2) {'yes' if row['erased'] else 'no'}, "

@@ -43,6 +43,7 @@ ANIMAL_ACTIONS = {
 }
 ANIMAL_ADJECTIVES = ("little", "small", "fluffy", "funny", "tiny", "big", "brown", "white")
 MOODS = ("happy", "sad")
+NEUTRAL = "neutral"  # make_story(neutral=True): no mood's events, words or closing
 MOOD_WORDS = {"happy": ("happy", "smiled", "laughed", "joy", "glad"),
               "sad": ("sad", "cried", "tears", "lonely", "upset")}
 PLACES = ("park", "forest", "beach", "farm", "garden", "river", "village", "hill")
@@ -172,13 +173,20 @@ MOOD_ENDINGS = {"happy": HAPPY_ENDINGS, "sad": SAD_ENDINGS}
 def make_story(rng: random.Random, *, gender: str | None = None, animal: str | None = None,
                mood: str | None = None, name: str | None = None, pet: str | None = None,
                place: str | None = None, weather: str | None = None,
-               mood_opening: bool = False) -> Story:
+               mood_opening: bool = False, neutral: bool = False) -> Story:
     """A story whose unspecified attributes are drawn uniformly at random; with mood_opening,
-    its first sentence names the mood (MOOD_OPENINGS)."""
+    its first sentence names the mood (MOOD_OPENINGS). With neutral, a mood-free story: the
+    same beats, with as many beats that carry no mood in place of the mood's events, and no
+    closing (its mood is NEUTRAL). No training document is neutral: they are references for
+    measuring what a model does when nothing in a story sets a mood.
+    """
+    if neutral and (mood is not None or mood_opening):
+        raise ValueError("a neutral story has no mood and no mood opening")
     gender = gender or _pick(rng, GENDERS)
     s = {"gender": gender, "name": name or _pick(rng, NAMES[gender]),
          "animal": animal or _pick(rng, ANIMALS), "pet": pet or _pick(rng, ANIMAL_NAMES),
-         "mood": mood or _pick(rng, MOODS), "place": place or _pick(rng, PLACES),
+         "mood": NEUTRAL if neutral else mood or _pick(rng, MOODS),
+         "place": place or _pick(rng, PLACES),
          "weather": weather or _pick(rng, WEATHERS), "obj": _pick(rng, OBJECTS)}
     he, him, his = PRONOUNS[gender]
     fields = dict(s, he=he, him=him, his=his, His=_cap(his),
@@ -193,7 +201,13 @@ def make_story(rng: random.Random, *, gender: str | None = None, animal: str | N
         return _cap(template.format(**fields, Name_he=subject, action=action))
 
     mood = s["mood"]
-    events = rng.sample(MOOD_EVENTS[mood], rng.choice((1, 2)))
+    # NOTE: a neutral story draws nothing for the beats it leaves out, so every other story
+    # consumes the generator exactly as before (the built-in model was trained on them)
+    if neutral:  # as many beats as a mood's events, of the animal's doings: they carry no
+        # mood, and each tells an action not told yet (there are enough for every story)
+        events = [_pick(rng, ANIMAL_DOES) for _ in range(rng.choice((1, 2)))]
+    else:
+        events = rng.sample(MOOD_EVENTS[mood], rng.choice((1, 2)))
     middle = [fill(_pick(rng, ANIMAL_DOES))]
     if rng.random() < 0.5:
         middle.append(fill(_pick(rng, OBJECT_BEATS)))
@@ -205,7 +219,8 @@ def make_story(rng: random.Random, *, gender: str | None = None, animal: str | N
         setting.reverse()
     openings = MOOD_OPENINGS[mood] if mood_opening else OPENINGS
     sentences = [fill(_pick(rng, openings)), *setting, fill(_pick(rng, MEET_ANIMAL)), *middle,
-                 *(fill(e) for e in events), fill(_pick(rng, MOOD_ENDINGS[mood]))]
+                 *(fill(e) for e in events),
+                 *([] if neutral else [fill(_pick(rng, MOOD_ENDINGS[mood]))])]
     # a paragraph break sometimes, as stories have
     cut = rng.randrange(2, len(sentences)) if rng.random() < 0.4 else None
     text = " ".join(sentences[:cut]) + ("\n\n" + " ".join(sentences[cut:]) if cut else "")
