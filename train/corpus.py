@@ -201,10 +201,10 @@ def make_story(rng: random.Random, *, gender: str | None = None, animal: str | N
         return _cap(template.format(**fields, Name_he=subject, action=action))
 
     mood = s["mood"]
-    # NOTE: a neutral story draws nothing for the beats it leaves out, so every other story
-    # consumes the generator exactly as before (the built-in model was trained on them)
+    # NOTE: only a neutral story takes its own branches here, so every other story consumes
+    # the generator exactly as before (the built-in model was trained on them)
     if neutral:  # as many beats as a mood's events, of the animal's doings: they carry no
-        # mood, and each tells an action not told yet (there are enough for every story)
+        # mood, and each tells an action not told yet (4 per animal: at most 2 in the middle)
         events = [_pick(rng, ANIMAL_DOES) for _ in range(rng.choice((1, 2)))]
     else:
         events = rng.sample(MOOD_EVENTS[mood], rng.choice((1, 2)))
