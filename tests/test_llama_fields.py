@@ -117,7 +117,10 @@ async def test_openai_completion_timings(client):
     events = await sse_events(await client.post("/v1/completions", json={
         **request, "stream": True, "timings_per_token": True}))
     text = [e for e in events[:-2] if e["choices"][0]["text"]]
-    assert text and all(e["timings"]["prompt_n"] == 5 for e in text)
+    assert text and all(e["timings"]["prompt_n"] + e["timings"]["cache_n"] == 5 for e in text)
+    # the second choice follows the first: all but the last prompt token come from its cache
+    second = [e for e in text if e["choices"][0]["index"] == 1]
+    assert second and all(e["timings"]["cache_n"] == 4 for e in second)
     assert events[-2]["choices"][0]["finish_reason"] == "length"
     check_timings(events[-2]["timings"], 10, 10)
 
