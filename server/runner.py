@@ -423,9 +423,9 @@ class Runner:
         A row that fails (NaN or +inf logits, nothing allowed, a grammar refusing the token)
         fails its request alone, and none of its events are posted."""
         logits = _batch([row.masked for row in rows])  # type: ignore[misc]
-        # NOTE: the engine's threads take whole rows, or share a single row's exps
+        # NOTE: a parallel launch costs more than it saves for a single row
         tokens, errors = sample_batch([row.chunk.request.payload.sampler for row in rows],
-                                      logits, threads=self.engine.threads)
+                                      logits, threads=min(self.engine.threads, len(rows)))
         for row, token, error in zip(rows, tokens.tolist(), errors, strict=True):
             request_id = row.chunk.request.id
             try:
