@@ -207,10 +207,12 @@ async def run_load(session: aiohttp.ClientSession, url: str, concurrency: int,
              "stream_options": {"include_usage": True}}
         if args.top_p is not None:
             b["top_p"] = args.top_p
-        # NOTE: explicit, so both servers run the same sampler chain: llama-server's defaults
-        # are top_k 40 and min_p 0.05 where a request leaves them out, tiller's 0 and 0
-        b["top_k"] = args.top_k
-        b["min_p"] = args.min_p
+        # NOTE: left out, each server uses its own default: llama-server's are top_k 40 and
+        # min_p 0.05, tiller's 0 and 0 (bench/README.md, bench_server)
+        if args.top_k is not None:
+            b["top_k"] = args.top_k
+        if args.min_p is not None:
+            b["min_p"] = args.min_p
         return b
 
     async def client(deadline: float) -> None:
@@ -507,8 +509,8 @@ async def warm_up(session: aiohttp.ClientSession, url: str, prompt: list[int]) -
 
 async def run(args: argparse.Namespace, model: Path, tokenizer: Tokenizer, tmp: Path) -> dict:
     prompt = tokenizer.encode(PROMPT_TEXT, bos=True)[: args.prompt_tokens]
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            min_p=args.min_p)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k or 0, min_p=args.min_p or 0.0)
     # NOTE: threads as in the server: the model is loaded and its first step run on one worker
     # thread, decode steps run on another. With numba's OpenMP layer this matters a lot: each
     # thread that starts parallel regions owns a libgomp team, and libgomp spin-waits at its
@@ -638,10 +640,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="prompt length: the first tokens of a fixed text (BOS included)")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--top-k", type=int, default=0,
-                   help="sent to both servers (0: off; llama-server's default is 40)")
-    p.add_argument("--min-p", type=float, default=0.0,
-                   help="sent to both servers (0: off; llama-server's default is 0.05)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sent to both servers (default: not sent, so llama-server uses 40 and "
+                   "tiller 0)")
+    p.add_argument("--min-p", type=float, default=None,
+                   help="sent to both servers (default: not sent, so llama-server uses 0.05 "
+                   "and tiller 0)")
     p.add_argument("--seed", type=int, default=0, help="request i gets seed + i")
     p.add_argument("--model", type=Path, help="model file both servers load (default: a "
                    f"random-weight {DEFAULT_SHAPE}-shaped Q8_0 GGUF with a ChatML template, "

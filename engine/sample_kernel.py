@@ -50,9 +50,6 @@ _EPS = 2.0 ** -53  # unit roundoff of float64
 # How far past the target the histogram's (differently ordered) mass must reach before a band
 # is trusted to hold the answer; only speed depends on it, since `_walk` widens if it does not.
 _MARGIN = 1e-6
-# A row alone splits its exps over the threads from this vocabulary size on: below it, a
-# parallel launch costs more than the exps (the tokens are the same either way)
-SPLIT_MIN_VOCAB = 4096
 
 
 def param_row(temperature: float, top_k: int, top_p: float, min_p: float,
@@ -90,9 +87,7 @@ def sample_rows(logits: np.ndarray, params: np.ndarray, context: np.ndarray,
       context[context_start[r]:context_start[r + 1]] (empty: no penalties), and its generated
       tokens start at context[generated_start[r]] (generated_start (rows,) int64).
     u (rows,) float64 in [0, 1): each row's uniform (ignored by greedy rows).
-    threads: numba threads for this call (None: the calling thread's setting, left as it was):
-      rows are spread over them, or a single row's weights are computed by all of them; the
-      tokens are the same whatever `threads` is.
+    threads: numba threads for this call (None: the calling thread's setting, left as it was).
     A row's token is -1 where its error code is not OK.
     """
     if logits.ndim != 2 or logits.dtype != np.float32 or logits.shape[1] == 0:
@@ -118,23 +113,14 @@ def sample_rows(logits: np.ndarray, params: np.ndarray, context: np.ndarray,
     tokens = np.empty(rows, np.int64)
     errors = np.empty(rows, np.int32)
     previous = numba.get_num_threads()
-    threads = previous if threads is None else threads
-    logits = np.ascontiguousarray(logits)
-    # NOTE: rows go to threads whole; a row alone (a server with one request) splits its
-    # exps over the threads instead, when there are enough of them to pay for the launch
-    split = rows == 1 and threads > 1 and logits.shape[1] >= SPLIT_MIN_VOCAB
-    numba.set_num_threads(threads if split else max(1, min(threads, rows)))  # restored below
+    if threads is not None:
+        numba.set_num_threads(threads)  # thread-local in numba; restored below
     try:
-        if split:
-            window = context[context_start[0]:context_start[1]]
-            tokens[0], errors[0] = _sample_row(logits[0], params[0], window,
-                                               generated_start[0] - context_start[0], u[0],
-                                               True)
-        else:
-            _sample_rows(logits, params, context, context_start, generated_start, u, tokens,
-                         errors)
+        _sample_rows(np.ascontiguousarray(logits), params, context, context_start,
+                     generated_start, u, tokens, errors)
     finally:
-        numba.set_num_threads(previous)
+        if threads is not None:
+            numba.set_num_threads(previous)
     return tokens, errors
 
 
@@ -146,16 +132,15 @@ def _sample_rows(logits, params, context, context_start, generated_start, u, tok
     for r in prange(logits.shape[0]):
         window = context[context_start[r]:context_start[r + 1]]
         token, error = _sample_row(logits[r], params[r], window,
-                                   generated_start[r] - context_start[r], u[r], False)
+                                   generated_start[r] - context_start[r], u[r])
         tokens[r] = token
         errors[r] = error
 
 
 @njit(nogil=True, cache=True)
-def _sample_row(row, prm, window, gen_offset, u, split):
+def _sample_row(row, prm, window, gen_offset, u):
     """One row: (token, error code). row (vocab,) f32 raw logits; window (w,) i64 the penalty
-    window, its generated tokens from window[gen_offset] on. split: the vocabulary-wide exps
-    run in parallel (`_weights`); never inside a parallel region (`_sample_rows`)."""
+    window, its generated tokens from window[gen_offset] on."""
     vocab = row.size
     for j in range(vocab):
         if not row[j] < np.inf:                      # NaN or +inf
@@ -185,8 +170,8 @@ def _sample_row(row, prm, window, gen_offset, u, split):
     top_p = prm[TOP_P]
     min_p = prm[MIN_P]
     if (top_k == 0 or top_k >= vocab) and top_p >= 1 and min_p == 0:
-        return _draw_in_id_order(x, temperature, u, split)
-    return _draw_filtered(x, top_k, top_p, min_p, prm[LOG_MIN_P], temperature, u, split)
+        return _draw_in_id_order(x, temperature, u)
+    return _draw_filtered(x, top_k, top_p, min_p, prm[LOG_MIN_P], temperature, u)
 
 
 @njit(nogil=True, cache=True)
@@ -213,16 +198,16 @@ def _penalize(x, window, gen_offset, penalty, frequency, presence):
 
 
 @njit(nogil=True, cache=True)
-def _draw_in_id_order(x, temperature, u, split):
+def _draw_in_id_order(x, temperature, u):
     """sampling._draw_in_id_order: inverse CDF over token ids in id order (nothing filtered)."""
     mx = x.max()
     if mx == -np.inf:
         return -1, NO_TOKEN
     mx64 = np.float64(mx)
     w = np.empty(x.size, np.float64)
-    _weights(x, mx64, temperature, np.float32(-np.inf), x.size, True, w, split)
     total = 0.0                                      # the cumsum's last entry, sequential
     for j in range(x.size):
+        w[j] = math.exp((np.float64(x[j]) - mx64) / temperature)
         total += w[j]
     target = u * total
     running = 0.0
@@ -237,7 +222,7 @@ def _draw_in_id_order(x, temperature, u, split):
 
 
 @njit(nogil=True, cache=True)
-def _draw_filtered(x, top_k, top_p, min_p, log_min_p, temperature, u, split):
+def _draw_filtered(x, top_k, top_p, min_p, log_min_p, temperature, u):
     """sampling._filter then the draw of sample_token, on penalized logits x (vocab,)."""
     # the candidates: finite logits, in id order (`ids` None in numpy: positions are ids)
     vocab = x.size
@@ -267,7 +252,7 @@ def _draw_filtered(x, top_k, top_p, min_p, log_min_p, temperature, u, split):
     mx64 = np.float64(highest)
     scale = _depth_scale(mx64, np.float64(lowest))
     if not 0 < top_k < n:
-        pos = _draw_by_bins(vals, mx64, scale, top_p, min_p, log_min_p, temperature, u, split)
+        pos = _draw_by_bins(vals, mx64, scale, top_p, min_p, log_min_p, temperature, u)
         if pos >= 0:
             return (pos if ids.size == 0 else ids[pos]), OK
         # else too close to call without numpy's exact order: the sorting path below
@@ -472,40 +457,22 @@ def _in_prefix(v, j, vstar, pstar):
 
 
 @njit(nogil=True, cache=True)
-def _prefix_weights(vals, mx64, scale, temperature, vstar, pstar, every, w, count, mass, split):
+def _prefix_weights(vals, mx64, scale, temperature, vstar, pstar, every, w, count, mass):
     """`_hist_weights` with the histogram restricted to the prefix (vstar, pstar); w of every
     candidate if `every` (for an exact total over all), else of the prefix's only."""
-    _weights(vals, mx64, temperature, vstar, pstar, every, w, split)
-    for j in range(vals.size):                       # in id order, as one pass would add them
-        if _in_prefix(vals[j], j, vstar, pstar):
-            b = _bin(vals[j], mx64, scale)
-            count[b] += 1
-            mass[b] += w[j]
-
-
-@njit(nogil=True, cache=True)
-def _weights(vals, mx64, temperature, vstar, pstar, every, w, split):
-    """w[j] = exp((vals[j] - max) / T) for every j, or only those in the prefix (vstar, pstar):
-    the exps are most of a row's sampling time. Each w[j] is computed alone, so splitting them
-    over threads (`split`) gives the same bits."""
-    if split:
-        _weights_parallel(vals, mx64, temperature, vstar, pstar, every, w)
-        return
     for j in range(vals.size):
-        if every or _in_prefix(vals[j], j, vstar, pstar):
-            w[j] = math.exp((np.float64(vals[j]) - mx64) / temperature)
-
-
-@njit(nogil=True, parallel=True, cache=True)
-def _weights_parallel(vals, mx64, temperature, vstar, pstar, every, w):
-    """`_weights` over the calling thread's numba threads."""
-    for j in prange(vals.size):
-        if every or _in_prefix(vals[j], j, vstar, pstar):
-            w[j] = math.exp((np.float64(vals[j]) - mx64) / temperature)
+        inside = _in_prefix(vals[j], j, vstar, pstar)
+        if every or inside:
+            wj = math.exp((np.float64(vals[j]) - mx64) / temperature)
+            w[j] = wj
+            if inside:
+                b = _bin(vals[j], mx64, scale)
+                count[b] += 1
+                mass[b] += wj
 
 
 @njit(nogil=True, cache=True)
-def _draw_by_bins(vals, mx64, scale, top_p, min_p, log_min_p, temperature, u, split=False):
+def _draw_by_bins(vals, mx64, scale, top_p, min_p, log_min_p, temperature, u):
     """top_p, min_p and the draw over unsorted candidates vals (n,) without sorting them:
     -> the drawn position, or -1 when rounding makes it too close to call (then the caller
     takes the sorting path, which follows numpy's order exactly).
@@ -534,7 +501,7 @@ def _draw_by_bins(vals, mx64, scale, top_p, min_p, log_min_p, temperature, u, sp
     mass = np.zeros(_N_BINS, np.float64)
     if top_p < 1:
         # NOTE: top_p normalizes over every candidate left, at temperature 1, exactly as numpy
-        _prefix_weights(vals, mx64, scale, 1.0, vstar, pstar, True, w, count, mass, split)
+        _prefix_weights(vals, mx64, scale, 1.0, vstar, pstar, True, w, count, mass)
         found, pos = _walk_bins(vals, w, mx64, scale, count, mass, vstar, pstar,
                                 top_p * _pairwise_sum(w, 0, n), 0.0, False)
         if found < 0:
@@ -547,7 +514,7 @@ def _draw_by_bins(vals, mx64, scale, top_p, min_p, log_min_p, temperature, u, sp
     count[:] = 0
     mass[:] = 0.0
     _prefix_weights(vals, mx64, scale, temperature, vstar, pstar, not sorted_total, w, count,
-                    mass, split)
+                    mass)
     if sorted_total:
         total = mass.sum()
         bound = (2.0 * count.sum() + 16.0) * _EPS * total

@@ -16,6 +16,7 @@ error in its Finished event and its KV blocks are released like any other's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import threading
@@ -23,7 +24,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -32,7 +32,6 @@ from ..engine.engine import Engine, Readout, SeqRequest, SeqResult, Sequence, St
 from ..engine.kvcache import KV_BLOCK, blocks_for
 from ..engine.sampling import Sampler, SamplingParams, logprobs, sample_batch, top_logprobs
 from .constraints import Constraint, MaskBatch
-from .mailbox import Mailbox
 from .scheduler import Chunk, FinishReason, Plan, QueueFull, Request, Scheduler
 
 log = logging.getLogger(__name__)
@@ -215,13 +214,11 @@ class Runner:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._mailbox: Mailbox | None = None
 
     # lifecycle -------------------------------------------------------------------------------
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._mailbox = Mailbox(loop)
         self._thread = threading.Thread(target=self._run, name="tiller-engine", daemon=True)
         self._thread.start()
 
@@ -234,8 +231,6 @@ class Runner:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join(timeout)
-        if self._mailbox is not None and not (self._thread and self._thread.is_alive()):
-            self._mailbox.close()
         self._mask_pool.shutdown(wait=False)
 
     # called from the event loop ------------------------------------------------------------
@@ -295,15 +290,17 @@ class Runner:
     # the engine thread -----------------------------------------------------------------------
 
     def _post(self, handle: Handle, event: object) -> None:
-        assert self._mailbox is not None
-        self._mailbox.post(partial(handle.queue.put_nowait, event))
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
+            self._loop.call_soon_threadsafe(handle.queue.put_nowait, event)
 
     def _post_all(self, events: list[tuple[Handle, object]]) -> None:
         """Post a step's events in one callback: one wake-up of the event loop per step, not
         one per token."""
-        assert self._mailbox is not None
+        assert self._loop is not None
         if events:
-            self._mailbox.post(partial(_deliver, events))
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening
+                self._loop.call_soon_threadsafe(_deliver, events)
 
     def _run(self) -> None:
         while True:
@@ -430,9 +427,9 @@ class Runner:
         A row that fails (NaN or +inf logits, nothing allowed, a grammar refusing the token)
         fails its request alone, and none of its events are posted."""
         logits = _batch([row.masked for row in rows])  # type: ignore[misc]
-        # NOTE: the engine's threads take whole rows, or share a single row's exps
+        # NOTE: a parallel launch costs more than it saves for a single row
         tokens, errors = sample_batch([row.chunk.request.payload.sampler for row in rows],
-                                      logits, threads=self.engine.threads)
+                                      logits, threads=min(self.engine.threads, len(rows)))
         for row, token, error in zip(rows, tokens.tolist(), errors, strict=True):
             request_id = row.chunk.request.id
             try:

@@ -9,17 +9,14 @@ import math
 import numba
 import numpy as np
 import pytest
-from tiller.engine import sample_kernel
 from tiller.engine.sample_kernel import (
     BAD_CONTEXT,
     BAD_LOGITS,
     NO_TOKEN,
     OK,
-    SPLIT_MIN_VOCAB,
     _depth_scale,
     _draw_by_bins,
     _pairwise_sum,
-    _weights,
     param_row,
     sample_rows,
 )
@@ -219,58 +216,6 @@ def test_a_batch_equals_each_row_alone_at_any_thread_count(threads: int) -> None
                 s.accept(int(t))
                 a.accept(int(t))
             logits = np.roll(logits, 1, axis=1)
-
-
-def needs_two_threads() -> None:
-    if numba.config.NUMBA_NUM_THREADS < 2:  # type: ignore[attr-defined]
-        pytest.skip("needs 2 numba threads")
-
-
-def test_split_weights_are_the_serial_ones_bit_for_bit() -> None:
-    needs_two_threads()
-    rng = np.random.default_rng(8)
-    for case in range(40):
-        vocab = int(rng.choice([4096, 5001, 32000]))
-        vals = make_logits(rng, vocab, ["coarse", "peaked", "narrow", "normal"][case % 4])
-        finite = vals[vals > -np.inf]
-        mx = np.float64(finite.max())
-        every = bool(case % 2)
-        vstar = np.float32(rng.choice(finite))
-        pstar = int(rng.integers(vocab))
-        temperature = float(rng.choice([0.3, 0.8, 1.0, 1.7]))
-        serial = np.full(vocab, -1.0)
-        split = np.full(vocab, -1.0)
-        _weights(vals, mx, temperature, vstar, pstar, every, serial, False)
-        numba.set_num_threads(2)
-        _weights(vals, mx, temperature, vstar, pstar, every, split, True)
-        assert np.array_equal(serial.view(np.int64), split.view(np.int64)), case
-        assert (serial >= 0).sum() < vocab or every  # the prefix alone, unless every
-
-
-def test_a_row_alone_splits_its_exps_and_draws_numpys_token(monkeypatch: pytest.MonkeyPatch
-                                                          ) -> None:
-    """A single row of a large vocabulary shares its exps between the threads (the server
-    with one request): the same token as on one thread, and as numpy's."""
-    needs_two_threads()
-    calls = []
-    row_kernel = sample_kernel._sample_row
-    monkeypatch.setattr(sample_kernel, "_sample_row",
-                        lambda *a: calls.append(a[-1]) or row_kernel(*a))  # split calls only
-    rng = np.random.default_rng(9)
-    for case in range(150):
-        vocab = int(rng.choice([SPLIT_MIN_VOCAB, 5001, 32000]))
-        logits, params, context, n_prompt = random_case(rng, vocab, seed=20_000 + case)
-        want = reference(logits, params, context, n_prompt)
-        one, errors_one = sample_batch([sampler_for(params, context, n_prompt)], logits[None],
-                                       threads=1)
-        two, errors_two = sample_batch([sampler_for(params, context, n_prompt)], logits[None],
-                                       threads=2)
-        assert errors_one == errors_two == [None]
-        assert int(one[0]) == int(two[0]) == want, (case, vocab, params)
-    assert calls == [True] * 150  # threads=2 took the split path every time, threads=1 never
-    small = batch_cases(0, rows=1, vocab=SPLIT_MIN_VOCAB - 1)[0]
-    sample_batch(small, np.zeros((1, SPLIT_MIN_VOCAB - 1), np.float32), threads=2)
-    assert len(calls) == 150  # below the size that pays for a launch: not split
 
 
 def test_batch_composition_does_not_change_a_row() -> None:
