@@ -25,6 +25,7 @@ a fixed pairwise tree.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import llvmlite.binding as llvm
 import numba
@@ -471,6 +472,23 @@ def _max_lanes(builder: ir.IRBuilder, v: ir.Value) -> ir.Value:
     return builder.extract_element(v, ir.Constant(_i32, 0))
 
 
+@contextmanager
+def _chunks_of(context, builder: ir.IRBuilder, signature, args):
+    """For an intrinsic f(a, n, x) over a contiguous float32 a: a loop over a's 16-lane chunks
+    up to n, yielding (x, the chunk's pointer, its lanes < n); x cast to float32."""
+    a_a = context.make_array(signature.args[0])(context, builder, args[0])
+    n_v = context.cast(builder, args[1], signature.args[1], types.intp)
+    x_v = context.cast(builder, args[2], signature.args[2], types.float32)
+    intp = n_v.type
+    chunks = builder.sdiv(builder.add(n_v, ir.Constant(intp, LANES - 1)), ir.Constant(intp, LANES))
+    lanes = ir.Constant(_v16i32, list(range(LANES)))
+    with cgutils.for_range(builder, chunks) as loop:
+        at = builder.mul(loop.index, ir.Constant(intp, LANES))
+        ptr = builder.bitcast(builder.gep(a_a.data, [at]), _v16f.as_pointer())
+        left = builder.trunc(builder.sub(n_v, at), _i32)
+        yield x_v, ptr, builder.icmp_signed("<", lanes, _broadcast(builder, left, _v16i32))
+
+
 @intrinsic
 def scale_max(typingctx, a, n, scale):
     """a[p] *= scale for p < n (a's length a multiple of 16 and >= n; lanes past n are scaled
@@ -478,22 +496,10 @@ def scale_max(typingctx, a, n, scale):
     sig = types.float32(a, n, scale)
 
     def codegen(context, builder, signature, args):
-        a_a = context.make_array(signature.args[0])(context, builder, args[0])
-        n_v = context.cast(builder, args[1], signature.args[1], types.intp)
-        scale_v = context.cast(builder, args[2], signature.args[2], types.float32)
-        intp = n_v.type
-        chunks = builder.sdiv(builder.add(n_v, ir.Constant(intp, LANES - 1)),
-                              ir.Constant(intp, LANES))
-        lanes = ir.Constant(_v16i32, list(range(LANES)))
-        scale_b = _broadcast(builder, scale_v, _v16f)
         slot = cgutils.alloca_once_value(builder, ir.Constant(_v16f, [float("-inf")] * LANES))
-        with cgutils.for_range(builder, chunks) as loop:
-            at = builder.mul(loop.index, ir.Constant(intp, LANES))
-            ptr = builder.bitcast(builder.gep(a_a.data, [at]), _v16f.as_pointer())
-            v = builder.fmul(builder.load(ptr, align=4), scale_b)
+        with _chunks_of(context, builder, signature, args) as (scale_v, ptr, keep):
+            v = builder.fmul(builder.load(ptr, align=4), _broadcast(builder, scale_v, _v16f))
             builder.store(v, ptr, align=4)
-            left = builder.trunc(builder.sub(n_v, at), _i32)
-            keep = builder.icmp_signed("<", lanes, _broadcast(builder, left, _v16i32))
             top = builder.load(slot)
             bigger = builder.and_(keep, builder.fcmp_ordered(">", v, top))
             builder.store(builder.select(bigger, v, top), slot)
@@ -509,21 +515,10 @@ def exp_sum(typingctx, a, n, top):
     sig = types.float32(a, n, top)
 
     def codegen(context, builder, signature, args):
-        a_a = context.make_array(signature.args[0])(context, builder, args[0])
-        n_v = context.cast(builder, args[1], signature.args[1], types.intp)
-        top_v = context.cast(builder, args[2], signature.args[2], types.float32)
-        intp = n_v.type
-        chunks = builder.sdiv(builder.add(n_v, ir.Constant(intp, LANES - 1)),
-                              ir.Constant(intp, LANES))
-        lanes = ir.Constant(_v16i32, list(range(LANES)))
-        top_b = _broadcast(builder, top_v, _v16f)
         slot = cgutils.alloca_once_value(builder, ir.Constant(_v16f, [0.0] * LANES))
-        with cgutils.for_range(builder, chunks) as loop:
-            at = builder.mul(loop.index, ir.Constant(intp, LANES))
-            ptr = builder.bitcast(builder.gep(a_a.data, [at]), _v16f.as_pointer())
+        with _chunks_of(context, builder, signature, args) as (top_v, ptr, keep):
+            top_b = _broadcast(builder, top_v, _v16f)
             e = _vexp(builder, builder.fsub(builder.load(ptr, align=4), top_b))
-            left = builder.trunc(builder.sub(n_v, at), _i32)
-            keep = builder.icmp_signed("<", lanes, _broadcast(builder, left, _v16i32))
             e = builder.select(keep, e, ir.Constant(_v16f, [0.0] * LANES))
             builder.store(e, ptr, align=4)
             builder.store(builder.fadd(builder.load(slot), e), slot)
