@@ -291,7 +291,7 @@ async def test_health_answers_while_text_is_tokenized(aiohttp_client, config, mo
           f"{len(latencies)} probes, max {max(latencies) * 1000:.1f} ms")
     assert n_tokens > 500_000
     assert len(latencies) >= 5, f"only {len(latencies)} probes in {busy:.1f} s"
-    assert median < 0.1
+    assert median < max(0.1, busy / 8)  # on the loop: about busy / 2 (see health_while)
 
 
 async def test_health_answers_while_features_are_encoded(aiohttp_client, config, model):
@@ -313,7 +313,7 @@ async def test_health_answers_while_features_are_encoded(aiohttp_client, config,
           f"{median * 1000:.1f} ms over {len(latencies)} probes")
     assert size > 15e6
     assert len(latencies) >= 5, f"only {len(latencies)} probes in {busy:.1f} s"
-    assert median < 0.1
+    assert median < max(0.1, busy / 8)  # on the loop: about busy / 2 (see health_while)
 
 
 # load that can never run is no 503 ---------------------------------------------------------------
