@@ -173,15 +173,21 @@ MOOD_ENDINGS = {"happy": HAPPY_ENDINGS, "sad": SAD_ENDINGS}
 def make_story(rng: random.Random, *, gender: str | None = None, animal: str | None = None,
                mood: str | None = None, name: str | None = None, pet: str | None = None,
                place: str | None = None, weather: str | None = None,
-               mood_opening: bool = False, neutral: bool = False) -> Story:
+               mood_opening: bool = False, neutral: bool = False,
+               coin_closing: bool = False) -> Story:
     """A story whose unspecified attributes are drawn uniformly at random; with mood_opening,
     its first sentence names the mood (MOOD_OPENINGS). With neutral, a mood-free story: the
     same beats, with as many beats that carry no mood in place of the mood's events, and no
-    closing (its mood is NEUTRAL). No training document is neutral: they are references for
-    measuring what a model does when nothing in a story sets a mood.
+    closing (its mood is NEUTRAL): a reference for measuring what a model does when nothing in
+    a story sets a mood. With coin_closing too, it ends with the closing (MOOD_ENDINGS) of a
+    mood drawn at random, 50/50: the training documents that teach a model that a story without
+    mood evidence may close either way (its mood stays NEUTRAL: nothing before the closing
+    sets it).
     """
     if neutral and (mood is not None or mood_opening):
         raise ValueError("a neutral story has no mood and no mood opening")
+    if coin_closing and not neutral:
+        raise ValueError("coin_closing is for neutral stories (a mood story closes in its mood)")
     gender = gender or _pick(rng, GENDERS)
     s = {"gender": gender, "name": name or _pick(rng, NAMES[gender]),
          "animal": animal or _pick(rng, ANIMALS), "pet": pet or _pick(rng, ANIMAL_NAMES),
@@ -221,6 +227,8 @@ def make_story(rng: random.Random, *, gender: str | None = None, animal: str | N
     sentences = [fill(_pick(rng, openings)), *setting, fill(_pick(rng, MEET_ANIMAL)), *middle,
                  *(fill(e) for e in events),
                  *([] if neutral else [fill(_pick(rng, MOOD_ENDINGS[mood]))])]
+    if coin_closing:  # its own draws: reference neutral stories (without it) are unchanged
+        sentences.append(fill(_pick(rng, MOOD_ENDINGS[_pick(rng, MOODS)])))
     # a paragraph break sometimes, as stories have
     cut = rng.randrange(2, len(sentences)) if rng.random() < 0.4 else None
     text = " ".join(sentences[:cut]) + ("\n\n" + " ".join(sentences[cut:]) if cut else "")
@@ -344,14 +352,22 @@ def make_chat(rng: random.Random, mood_opening: bool = False) -> str:
     return "".join(parts)
 
 
-def make_document(rng: random.Random, chat_share: float = 0.5, mood_opening: bool = False) -> str:
-    return make_chat(rng, mood_opening) if rng.random() < chat_share else make_story(rng).text
+def make_document(rng: random.Random, chat_share: float = 0.5, mood_opening: bool = False,
+                  neutral_share: float = 0.0) -> str:
+    """A chat (chat_share of documents) or a plain story; with neutral_share, that share of the
+    plain stories is mood-free with a coin-flip closing (make_story's coin_closing)."""
+    if rng.random() < chat_share:
+        return make_chat(rng, mood_opening)
+    # NOTE: the draw is made only when asked for, so documents without it are as before
+    if neutral_share and rng.random() < neutral_share:
+        return make_story(rng, neutral=True, coin_closing=True).text
+    return make_story(rng).text
 
 
-def generate(seed: int, n_docs: int, chat_share: float = 0.5,
-             mood_opening: bool = False) -> list[str]:
+def generate(seed: int, n_docs: int, chat_share: float = 0.5, mood_opening: bool = False,
+             neutral_share: float = 0.0) -> list[str]:
     rng = random.Random(seed)
-    return [make_document(rng, chat_share, mood_opening) for _ in range(n_docs)]
+    return [make_document(rng, chat_share, mood_opening, neutral_share) for _ in range(n_docs)]
 
 
 def write(path: Path, docs: list[str]) -> None:
