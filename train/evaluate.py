@@ -4,11 +4,12 @@ samples, and whether chat replies have the animal and mood the user asked for.
     python train/evaluate.py [--model tiller/models/tiller-tiny.gguf] [--seeds 50]
 
 The chat test renders each request with the model's chat template (tiller's ChatTemplate),
-samples at temperature 0.8 with seeds 0..N-1, stops at <|im_end|> or EOS, and counts words
-(train/corpus.py's constants). "restated": the reply's first paragraph restates the requested
-mood ("Here is a sad story about a dog."). The other columns count the story without that
-paragraph: "both" is the share naming the animal and using a word of the requested mood;
-"clean" also has no word of the other mood.
+tokenizes it as the server does (special tokens parsed: each text fragment between the ChatML
+markers gets its own dummy prefix), samples at temperature 0.8 with seeds 0..N-1, stops at
+<|im_end|> or EOS, and counts words (train/corpus.py's constants). "restated": the reply's
+first paragraph restates the requested mood ("Here is a sad story about a dog."). The other
+columns count the story without that paragraph: "both" is the share naming the animal and
+using a word of the requested mood; "clean" also has no word of the other mood.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def split_reply(reply: str) -> tuple[str, str]:
 
 def chat_prompt(template: ChatTemplate, tok: Tokenizer, request: str) -> list[int]:
     text = template.render([{"role": "user", "content": request}], add_generation_prompt=True)
-    return tok.encode(text, bos=True)
+    # NOTE: as server/prepare.py's chat_prompt (and llama.cpp) tokenize a rendered chat
+    return tok.encode(text, bos=True, special=True)
 
 
 def generate_batch(engine: Engine, prompts: list[list[int]], params: list[SamplingParams],
@@ -141,7 +143,7 @@ def samples(engine: Engine, tok: Tokenizer, template: ChatTemplate, stop: frozen
     text = template.render([{"role": "user", "content": chat[0]},
                             {"role": "assistant", "content": tok.decode(first)},
                             {"role": "user", "content": "What animal was in the story?"}])
-    answer = generate_batch(engine, [tok.encode(text)], [greedy], stop, 50)[0]
+    answer = generate_batch(engine, [tok.encode(text, special=True)], [greedy], stop, 50)[0]
     print("--- follow-up\n... What animal was in the story? ->", tok.decode(answer), flush=True)
 
 
@@ -158,8 +160,11 @@ def main() -> None:
     template = ChatTemplate.for_model(source, tok.piece(tok.bos_id), tok.piece(tok.eos_id))
     # NOTE: <|im_end|> (the file's eot token) ends a reply; tiller's CLI and server stop on EOS only
     stop = frozenset({tok.eos_id, *(i for i in range(tok.vocab_size) if tok.piece(i) == IM_END)})
-    print(f"held-out perplexity (tiller {a.dtype}, {a.ppl_docs} documents): "
-          f"{perplexity(engine, np.load(BUILD / 'heldout.npy'), a.ppl_docs):.3f}", flush=True)
+    # the held-out documents encoded whole (as pretraining saw them), and by fragments (chats
+    # as the server tokenizes them, what the chat stages learn; plain stories are the same)
+    for what, name in (("whole", "heldout.npy"), ("by fragments", "heldout-fragments.npy")):
+        print(f"held-out perplexity (tiller {a.dtype}, {a.ppl_docs} documents, {what}): "
+              f"{perplexity(engine, np.load(BUILD / name), a.ppl_docs):.3f}", flush=True)
     samples(engine, tok, template, stop)
     print(f"\nchat attributes, {a.seeds} seeds each, temperature {CHAT_TEMPERATURE}\n"
           "(in the story, without a first paragraph restating the request)\n"

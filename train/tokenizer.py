@@ -9,13 +9,19 @@ user-defined symbols: always single tokens, matched in text before BPE.
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
-from corpus import IM_END, IM_START
+
+try:
+    from corpus import IM_END, IM_START
+except ModuleNotFoundError:  # imported as train.tokenizer (tests), not from train/ (build)
+    from .corpus import IM_END, IM_START
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+_MARKER = re.compile(f"({re.escape(IM_START)}|{re.escape(IM_END)})")
 
 
 def train_tokenizer(docs: list[str], vocab_size: int, out: Path) -> spm.SentencePieceProcessor:
@@ -35,10 +41,30 @@ def train_tokenizer(docs: list[str], vocab_size: int, out: Path) -> spm.Sentence
     return spm.SentencePieceProcessor(model_proto=model.getvalue())
 
 
-def encode_docs(sp: spm.SentencePieceProcessor, docs: list[str]) -> np.ndarray:
-    """All documents as one stream: BOS, the text's ids, EOS, for each (uint16)."""
+def encode_fragments(sp: spm.SentencePieceProcessor, doc: str) -> list[int]:
+    """A document's ids as tiller's server and llama.cpp make them of a rendered chat (special
+    tokens parsed): the ChatML markers are tokens, and each text fragment between them is
+    encoded on its own, so each gets sentencepiece's dummy prefix "▁" (llama.cpp's
+    llama_tokenize_internal, SPM: `if (add_space_prefix && is_prev_special) text = ' ' +
+    text`). "<|im_start|>assistant\n" is then the marker, "▁as", "s", "ist", "ant", "\n".
+    A document without markers encodes as sentencepiece encodes it whole."""
     ids: list[int] = []
-    for piece_ids in sp.encode(docs):
+    for part in _MARKER.split(doc):
+        if part in (IM_START, IM_END):
+            ids.append(sp.piece_to_id(part))
+        elif part:  # (sentencepiece adds no prefix to an empty text either)
+            ids.extend(sp.encode(part))
+    return ids
+
+
+def encode_docs(sp: spm.SentencePieceProcessor, docs: list[str],
+                fragments: bool = False) -> np.ndarray:
+    """All documents as one stream: BOS, the text's ids, EOS, for each (uint16). Each document
+    is encoded whole (sentencepiece: one dummy prefix, at its start), or with `fragments` as
+    the server encodes a chat (encode_fragments)."""
+    ids: list[int] = []
+    encoded = [encode_fragments(sp, d) for d in docs] if fragments else sp.encode(docs)
+    for piece_ids in encoded:
         ids.append(BOS_ID)
         ids.extend(piece_ids)
         ids.append(EOS_ID)
@@ -49,9 +75,10 @@ def assistant_mask(sp: spm.SentencePieceProcessor, stream: np.ndarray) -> np.nda
     """Which tokens of an encoded stream a chat stage learns to predict (bool, per token): in a
     ChatML document, the assistant turns' content and their closing <|im_end|> only (not the
     user's or system's turns, nor the markers and role names that the template writes); plain
-    stories (documents without <|im_start|>) are all learned."""
+    stories (documents without <|im_start|>) are all learned. Either encoding (encode_docs, whole
+    or by fragments) works: the role name is what the role line's tokens decode to, one piece
+    ("assistant") or several ("▁as", "s", "ist", "ant")."""
     start, end, newline = (sp.piece_to_id(p) for p in (IM_START, IM_END, "<0x0A>"))
-    assistant = [sp.piece_to_id("assistant")]  # the role name after a marker: one piece
     mask = np.ones(len(stream), dtype=bool)
     bos = np.flatnonzero(stream == BOS_ID).tolist() + [len(stream)]
     for a, b in zip(bos[:-1], bos[1:], strict=True):
@@ -66,7 +93,7 @@ def assistant_mask(sp: spm.SentencePieceProcessor, stream: np.ndarray) -> np.nda
                 continue
             j = doc.index(newline, i) if newline in doc[i:] else len(doc)  # end of the role line
             k = doc.index(end, j) if end in doc[j:] else len(doc) - 1  # the turn's <|im_end|>
-            if doc[i + 1:j] == assistant:
+            if sp.decode(doc[i + 1:j]).strip() == "assistant":
                 mask[a + j + 1:a + k + 1] = True
             i = k + 1
     return mask
