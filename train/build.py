@@ -5,8 +5,10 @@
 
 Training has three stages: pretraining on the mixed corpus (stories and chats), a short chat
 stage on chats only (all tokens), then a second chat stage on chats whose stories set the
-requested mood in their first sentence, mixed with plain stories, with the loss on assistant
-tokens (and plain stories) only.
+requested mood in their first sentence, mixed with plain stories (a third of them mood-free,
+closing in a mood drawn at random), with the loss on assistant tokens (and plain stories) only.
+Pretraining encodes each document whole; the chat stages encode chats as the server does (each
+text fragment between ChatML markers on its own: tokenizer.encode_fragments).
 
 Intermediate files go to train/build/ (ignored by git); the model goes to
 tiller/models/tiller-tiny.gguf (Q8_0), with an F32 twin in train/build/ that the logit check
@@ -36,6 +38,9 @@ TRAIN_SEED, HELDOUT_SEED = 1, 2
 TRAIN_DOCS, HELDOUT_DOCS = 40_000, 1_000
 CHAT_SEED, CHAT_DOCS = 3, 10_000
 CHAT2_SEED, CHAT2_DOCS, CHAT2_SHARE = 5, 10_000, 0.75  # a quarter plain stories
+# NOTE: a third of those plain stories are mood-free with a coin-flip closing: a model that
+# never saw a story without mood has no balanced prior (it said "happy" 0.87 of the time)
+CHAT2_NEUTRAL_SHARE = 1 / 3
 VOCAB_SIZE = 1024  # the corpus's words fit; sentencepiece refuses much more (too few merges)
 
 
@@ -72,8 +77,11 @@ def main() -> None:
         (BUILD / "tokenizer.model").write_bytes(ckpt["tokenizer"])
     train_ids = tokenizer.encode_docs(sp, train_docs)
     heldout_ids = tokenizer.encode_docs(sp, heldout_docs)
+    # the chat stages learn, and are measured on, the ids the server feeds a rendered chat
+    heldout_chat_ids = tokenizer.encode_docs(sp, heldout_docs, fragments=True)
     np.save(BUILD / "train.npy", train_ids)
     np.save(BUILD / "heldout.npy", heldout_ids)
+    np.save(BUILD / "heldout-fragments.npy", heldout_chat_ids)
     stage(f"tokenizer: {sp.get_piece_size()} pieces; {len(train_ids):,} train and "
           f"{len(heldout_ids):,} held-out tokens", t0)
 
@@ -93,20 +101,26 @@ def main() -> None:
     if a.chat1 is None:
         # NOTE: the chat stage teaches what the mixed corpus barely rewards: answering a request
         # (restating its mood, then keeping to it), on chat documents only
-        chat_ids = tokenizer.encode_docs(sp, corpus.generate(CHAT_SEED, CHAT_DOCS, chat_share=1.0))
+        chat_ids = tokenizer.encode_docs(
+            sp, corpus.generate(CHAT_SEED, CHAT_DOCS, chat_share=1.0), fragments=True)
         config = train.CHAT_STAGE
-        model, stats = train.train(chat_ids, heldout_ids, model.a, config, init=model)
+        model, stats = train.train(chat_ids, heldout_chat_ids, model.a, config, init=model)
         train.save(model, stats, config, BUILD / "chat1.pt", sp.serialized_model_proto())
         stage("chat stage trained", t0)
 
     # NOTE: the first chat stage taught the restated mood but not the story's keeping to it
     # (about half): the second learns only replies (not requests and markers), whose stories
     # carry the mood from their first sentence, with plain stories mixed in so that they hold
+    # (some mood-free, closing either way)
     chat2_ids = tokenizer.encode_docs(sp, corpus.generate(
-        CHAT2_SEED, CHAT2_DOCS, chat_share=CHAT2_SHARE, mood_opening=True))
+        CHAT2_SEED, CHAT2_DOCS, chat_share=CHAT2_SHARE, mood_opening=True,
+        neutral_share=CHAT2_NEUTRAL_SHARE), fragments=True)
     config = train.CHAT2_STAGE
-    model, stats = train.train(chat2_ids, heldout_ids, model.a, config, init=model,
+    model, stats = train.train(chat2_ids, heldout_chat_ids, model.a, config, init=model,
                                mask=tokenizer.assistant_mask(sp, chat2_ids))
+    # and on the whole-document ids pretraining was measured on (chats encoded as one text)
+    whole = train.heldout_nll(model, heldout_ids, model.a.max_seq_len)
+    stats |= {"heldout_whole_nll": whole, "heldout_whole_ppl": float(np.exp(whole))}
     train.save(model, stats, config, BUILD / "model.pt", sp.serialized_model_proto())
     stage("second chat stage trained", t0)
 
@@ -116,12 +130,15 @@ def main() -> None:
     stage(f"exported {a.out} ({a.out.stat().st_size / 1e6:.1f} MB, uuid {uid})", t0)
 
     n = check.check_tokenizer(str(f32), sp, heldout_docs)
+    n_chats = check.check_chat_tokenizer(str(f32), sp, heldout_docs)
     ids = heldout_ids.tolist()
     starts = np.flatnonzero(heldout_ids == tokenizer.BOS_ID)[:4].tolist()
     worst = check.check_logits(str(f32), model, [ids[s:s + ModelArgs.max_seq_len] for s in starts])
-    stats |= {"tokenizer_docs_checked": n, "logits_max_abs_diff": worst, "uuid": uid}
+    stats |= {"tokenizer_docs_checked": n, "chat_docs_checked": n_chats,
+              "logits_max_abs_diff": worst, "uuid": uid}
     (BUILD / "stats.json").write_text(json.dumps(stats, indent=1))
-    stage(f"checked: tiller's tokenizer = sentencepiece on {n} documents; torch vs tiller f32 "
+    stage(f"checked: tiller's tokenizer = sentencepiece on {n} documents, and with special "
+          f"tokens = sentencepiece by fragments on them ({n_chats} chats); torch vs tiller f32 "
           f"logits max |diff| {worst:.2e}", t0)
 
 
