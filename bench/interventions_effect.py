@@ -44,21 +44,22 @@ other seeds than the measured (held-out) prompts.
    (mean > 0.8 in happy stories, < 0.2 in sad ones) and the ablated one does not: both kinds'
    means within 0.3..0.7 ("about equally likely") and < 0.2 apart.
 2. CAST, on chat requests whose mood the model does carry: "Tell me a sad story about a dog."
-   and the other mood-naming requests of the chat corpus (train/corpus.py REQUESTS), as ChatML
-   text to /v1/completions (see answer()). The condition vector at stream layer l is the mean
-   over the prompt's positions of the stream (as the server's prompt condition reads it),
-   averaged over sad calibration requests minus the same over happy ones; the layer is the one
-   whose cosines separate the calibration kinds best (d'), the threshold the midpoint of the
-   kinds' mean cosines there. The entry adds bench/builtin_steering.py's mood vector at
-   CAST_STEER_LAYERS, scale CAST_SCALE, to the generated tokens `when` the prompt's cosine is
-   above the threshold ("greater": sad). Held-out requests (>= --prompts of each kind, none in
-   the calibration set) are answered --tokens tokens at temperature 0.8 (seed = index),
-   unsteered and with the entry. Reported: fired share per kind, the happy share of the corpus's
-   mood words in the answers, and how many answers are bitwise the unsteered ones; the server's
-   similarities are checked against the cosine computed here from /v1/features. PASS when it
-   fired on >= 90% of the sad requests and <= 10% of the happy ones, the sad answers' happy
-   share rose (its bootstrap 95% interval over requests above 0), every answer whose condition
-   did not fire is unchanged, and the server's similarity is the numpy cosine (within 1e-3).
+   and the other mood-naming requests of the chat corpus (train/corpus.py REQUESTS), sent to
+   /v1/chat/completions (see answer(); /v1/features reads the same prompt ids, chat_ids()). The
+   condition vector at stream layer l is the mean over the prompt's positions of the stream (as
+   the server's prompt condition reads it), averaged over sad calibration requests minus the
+   same over happy ones; the layer is the one whose cosines separate the calibration kinds best
+   (d'), the threshold the midpoint of the kinds' mean cosines there. The entry adds
+   bench/builtin_steering.py's mood vector at CAST_STEER_LAYERS, scale CAST_SCALE, to the
+   generated tokens `when` the prompt's cosine is above the threshold ("greater": sad). Held-out
+   requests (>= --prompts of each kind, none in the calibration set) are answered --tokens
+   tokens at temperature 0.8 (seed = index), unsteered and with the entry. Reported: fired share
+   per kind, the happy share of the corpus's mood words in the answers, and how many answers are
+   bitwise the unsteered ones; the server's similarities are checked against the cosine computed
+   here from /v1/features. PASS when it fired on >= 90% of the sad requests and <= 10% of the
+   happy ones, the sad answers' happy share rose (its bootstrap 95% interval over requests above
+   0), every answer whose condition did not fire is unchanged, and the server's similarity is
+   the numpy cosine (within 1e-3).
 """
 
 from __future__ import annotations
@@ -99,13 +100,14 @@ except ModuleNotFoundError:  # run as a script: bench/ itself is on sys.path
         start_server,
         stop_server,
     )
+from tiller.engine.loader import load_tokenizer
+
 from tests.live_server import free_port  # builtin_steering put the checkout's root on sys.path
+from tiller import BUILTIN_MODEL
 from train.corpus import (
     ANIMAL_NAMES,
     ANIMALS,
     GENDERS,
-    IM_END,
-    IM_START,
     MOODS,
     NAMES,
     PLACES,
@@ -168,12 +170,6 @@ def chat_requests(n_per_mood: int, seed: int, exclude: frozenset[str] = frozense
             seen.add(text)
             out.append((text, mood))
     return out
-
-
-def chatml(user: str) -> str:
-    """One user turn and the assistant's opening in the chat corpus's ChatML, as the model was
-    trained on it (train/corpus.py turn())."""
-    return f"{IM_START}user\n{user}{IM_END}\n{IM_START}assistant\n"
 
 
 # statistics ------------------------------------------------------------------------------------
@@ -468,17 +464,33 @@ def mood_share(texts: Sequence[str]) -> float:
 
 async def answer(post: Post, user: str, seed: int, tokens: int, steering: list[dict] | None
                  ) -> dict[str, Any]:
-    """The assistant's answer to one request, its ChatML prompt sent as text to
-    /v1/completions: tokenized as in training. (/v1/chat/completions parses the template's
-    markers as special tokens, which gives this tokenizer a "▁" after each marker and
-    "assistant" in four pieces; the built-in model then often answers with a new user turn.)"""
-    body: dict[str, Any] = {"prompt": chatml(user), "max_tokens": tokens, "temperature": 0.8,
-                            "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": seed,
-                            "stop": [IM_END]}
+    """The assistant's answer to one request, from /v1/chat/completions: the server renders
+    the ChatML and tokenizes it with the markers as special tokens (each text fragment after a
+    marker with its own dummy prefix), as the built-in model's chat stages were trained
+    (train/tokenizer.py encode_fragments)."""
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": user}],
+                            "max_tokens": tokens, "temperature": 0.8, "top_k": 0, "top_p": 1.0,
+                            "min_p": 0.0, "seed": seed}
     if steering is not None:
         body["steering"] = steering
-    choice = (await post("/v1/completions", body))["choices"][0]
-    return {"text": choice["text"], "conditions": choice.get("steering_conditions")}
+    out = await post("/v1/chat/completions", body)
+    choice = out["choices"][0]
+    return {"text": choice["message"]["content"],
+            "conditions": choice.get("steering_conditions"),
+            "prompt_tokens": out["usage"]["prompt_tokens"]}
+
+
+async def chat_ids(post: Post, users: Sequence[str]) -> list[list[int]]:
+    """Each request's prompt as /v1/chat/completions makes it, for /v1/features: the server's
+    rendering (/apply-template), tokenized as server/prepare.py's chat_prompt does (BOS,
+    special tokens parsed) with the built-in model's tokenizer."""
+    tok = load_tokenizer(BUILTIN_MODEL)
+
+    async def one(user: str) -> list[int]:
+        text = (await post("/apply-template",
+                           {"messages": [{"role": "user", "content": user}]}))["prompt"]
+        return tok.encode(text, bos=True, special=True)
+    return list(await asyncio.gather(*(one(u) for u in users)))
 
 
 def share_rise_ci(before: Sequence[str], after: Sequence[str], seed: int = 0
@@ -509,7 +521,7 @@ async def cast(post: Post, mood_vector: str, n: int, n_cal: int, tokens: int) ->
     cal_y = np.array([m == "sad" for _, m in cal])
     # the mean prompt stream per layer, as the server's prompt condition computes it
     m_cal = np.stack([s.mean(axis=1) for s in await stream_states(
-        post, [chatml(u) for u, _ in cal], "all")])  # (n, 7, dim)
+        post, await chat_ids(post, [u for u, _ in cal]), "all")])  # (n, 7, dim)
     separation = {}
     for layer in range(N_LAYERS):  # the condition reads a block's input: layers 0..5
         v = m_cal[cal_y, layer].mean(0) - m_cal[~cal_y, layer].mean(0)
@@ -528,9 +540,12 @@ async def cast(post: Post, mood_vector: str, n: int, n_cal: int, tokens: int) ->
                                    for i, (u, _) in enumerate(test)))
     steered = await asyncio.gather(*(answer(post, u, i, tokens, entry)
                                      for i, (u, _) in enumerate(test)))
-    # the server's similarity against the cosine computed here from /v1/features
-    m_test = np.stack([s.mean(axis=1) for s in await stream_states(
-        post, [chatml(u) for u, _ in test], "all")])
+    # the server's similarity against the cosine computed here from /v1/features, on the
+    # chat route's own prompt (its length checked: a measurement error is no verdict)
+    test_ids = await chat_ids(post, [u for u, _ in test])
+    if [len(ids) for ids in test_ids] != [a["prompt_tokens"] for a in steered]:
+        raise RuntimeError("the chat route's prompts are not the ids /v1/features was given")
+    m_test = np.stack([s.mean(axis=1) for s in await stream_states(post, test_ids, "all")])
     ours = _cos(m_test[:, layer], v)
     theirs = np.array([s["conditions"][0]["similarity"] for s in steered])
     out: dict[str, Any] = {
