@@ -38,9 +38,10 @@ TRAIN_SEED, HELDOUT_SEED = 1, 2
 TRAIN_DOCS, HELDOUT_DOCS = 40_000, 1_000
 CHAT_SEED, CHAT_DOCS = 3, 10_000
 CHAT2_SEED, CHAT2_DOCS, CHAT2_SHARE = 5, 10_000, 0.75  # a quarter plain stories
-# NOTE: a third of those plain stories are mood-free with a coin-flip closing: a model that
-# never saw a story without mood has no balanced prior (it said "happy" 0.87 of the time)
-CHAT2_NEUTRAL_SHARE = 1 / 3
+# NOTE: two thirds of those plain stories are mood-free with a coin-flip closing: a model that
+# never saw a story without mood has no balanced prior (after one it said "happy" 0.87 of the
+# time as the closing's word, bench/interventions_effect.py); a third moved that only to 0.70
+CHAT2_NEUTRAL_SHARE = 2 / 3
 VOCAB_SIZE = 1024  # the corpus's words fit; sentencepiece refuses much more (too few merges)
 
 
