@@ -19,7 +19,7 @@ Starts `tiller serve` on the built-in model (tiller-tiny, no --model) on a free 
    at once and the server runs them as one batch (--parallel N).
 3. The unsteered NLL of each steered story: `echo: true, logprobs: 0, max_tokens: 0` on the
    prompt plus the story, without steering, averaged over the story's tokens (those at or
-   after the end of the prompt). The corpus is easy for the model (held-out perplexity 1.72),
+   after the end of the prompt). The corpus is easy for the model (held-out perplexity 1.78),
    so a story that stays near the unsteered NLL reads like the corpus; broken text costs nats.
 
 Per scale: the share of the positive words among both families' words (happy: MOOD_WORDS'
@@ -69,7 +69,10 @@ DEFAULT_LAYERS = (3,)
 # attribute's words. Steps of s are well above the noise of the shares at this many seeds
 # (about +-0.05 at 64); finer steps are not (a grid of 0.1 went up and down).
 # NOTE: +-1.5s, not +-1s: on the shipped model the animal vector acts past a threshold (at
-# +-0.8 the dog share is within noise of the unsteered 0.55), the mood vector all the way
+# +-0.8 the dog share is within noise of the unsteered 0.55), the mood vector all the way.
+# Swept again on the retrained model (64 seeds, -3s..3s): the same units hold -- at +-2s the
+# shares are near their ends (mood 0.03 / 0.89, dog 0.29 / 0.89) with NLL 0.52-0.57, at +-3s
+# it passes 0.6 (0.64-0.80); dog at -0.8 is still the unsteered share (0.48 against 0.49)
 DEFAULT_SCALES = (-2.0, -1.5, 0.0, 1.5, 2.0)
 DEFAULT_UNITS = {"mood": 0.5, "animal": 0.8}  # a sweep on the shipped model: 2s keeps NLL < 0.6
 START_TIMEOUT = 180.0  # the first start of a checkout compiles the kernels (numba)

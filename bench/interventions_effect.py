@@ -121,8 +121,9 @@ STREAM = tuple(range(1, N_LAYERS + 1))  # layer 0 is the token embedding: the sa
 PROBE = " At the end of the day, {name} was very"  # a corpus closing, cut before the mood word
 # NOTE: a chat answer restates the request's mood ("Here is a sad story about a dog.") and
 # keeps to it: builtin_steering's layer-3 vector at its 2-unit scale (1.0) leaves sad answers
-# sad (happy share 0.00 -> 0.02 on 12 requests), at every block input 1..5 scale 0.5 moves them
-# (0.31) with the text still the corpus's, and 1.0 there collapses it into "happy happy ..."
+# sad (happy share 0.00 -> 0.00 on 12 requests, the retrained model; the previous one 0.02), at
+# every block input 1..5 scale 0.5 moves them (0.22; 0.31) with the text still the corpus's,
+# 0.75 there already garbles it (0.80) and 1.0 breaks it into pieces of words
 CAST_SCALE = 0.5
 CAST_STEER_LAYERS = (1, 2, 3, 4, 5)
 CALIBRATION_SEED, TEST_SEED = 1, 2

@@ -3,10 +3,11 @@ version of bench/builtin_steering.py (see there), in process through aiohttp's t
 
 Happy/sad and dog/cat "mean" control vectors at layer 3, 64 seeds of 100 tokens at -2s, 0 and
 2s (the bench's units). What is asserted held for each of 3 disjoint blocks of 64 seeds on the
-shipped model: the share never falls and rises by at least 0.5 in all; the unsteered share
-alone is not pinned. 64 seeds, not 32: a block of 32 stories holds only about a dozen dog or
-cat mentions, and seeds 0..31 gave 0.75 unsteered and 0.73 at 2s. The NLL bound is well above
-what steered text scores (under 0.6 per token in the bench) and under broken text (3 and more).
+shipped model: the share never falls and rises by at least 0.5 in all (the retrained model:
+mood by 0.72-0.85, animal by 0.59-0.68); the unsteered share alone is not pinned. 64 seeds, not
+32: a block of 32 stories holds only about a dozen dog or cat mentions, and seeds 0..31 gave the
+dog share a rise of only 0.44 (0.44 -> 0.88). The NLL bound is well above what steered text
+scores (under 0.6 per token in the bench) and under broken text (3 and more).
 """
 
 from __future__ import annotations

@@ -1,19 +1,22 @@
 """What ablation and CAST do to the built-in model, through the HTTP API: a small, fixed-seed
 version of bench/interventions_effect.py (see there), in process through aiohttp's test client.
 
-CAST on held-out chat requests: the condition (fitted on calibration requests) fires on the
-sad ones and not the happy ones, the server's similarity is the cosine computed here in numpy
-from /v1/features, an answer whose condition did not fire is bitwise the unsteered one, and
-the sad answers turn happier. Ablation of the mean-difference mood direction erases what the
-story tells: after it the happy and sad stories' P(happy) differ by < 0.2 (unsteered: 1.0),
-and the component along each ablated direction is 0. The 2-direction subspace fitted layer by
-layer also leaves a refitted probe near chance where the word is read (layers 5 and 6; 1.0
-unsteered). And why none of it gives the issue's "about equally likely" (the bench's reported
-FAIL): on mood-free stories, where nothing sets a mood, the unsteered model itself says
-"happy" (0.87 in the bench's 60); removing the mood leaves it at its own default, not at 50/50.
-Fixed seeds (reproducible at any thread count): 24 held-out requests and stories of each
-kind; the sad answers' happy share rose 0.00 -> 0.30 (95% interval of the rise 0.19..0.40),
-and in the bench's 60 of each 0.02 -> 0.38; the ablated gap was -0.03 there.
+CAST on held-out chat requests (answered by /v1/chat/completions): the condition (fitted on
+calibration requests) fires on the sad ones and not the happy ones, the server's similarity is
+the cosine computed here in numpy from /v1/features, an answer whose condition did not fire is
+bitwise the unsteered one, and the sad answers turn happier. Ablation of the mean-difference
+mood direction erases what the story tells: after it the happy and sad stories' P(happy) differ
+by < 0.2 (unsteered: 1.0), and the component along each ablated direction is 0. The 2-direction
+subspace fitted layer by layer also leaves a refitted probe near chance where the word is read
+(layers 5 and 6; 1.0 unsteered), and both kinds where the same op puts mood-free stories. The
+clamp at the word to the mood-free mean, a neutral op, leaves the two words "about equally
+likely" (both kinds' P(happy) within 0.3..0.7, the bench's PASS), because the model's own prior
+after a story with no mood is balanced enough: it learned one from mood-free stories that
+close in a mood drawn at random (train/corpus.py coin_closing). The previous built-in model had
+none (0.87 "happy" after mood-free stories), and removing the mood left both kinds there.
+Fixed seeds (reproducible at any thread count): 24 held-out requests and stories of each kind;
+the sad answers' happy share rose 0.00 -> 0.19 (95% interval of the rise 0.11..0.27), and in the
+bench's 60 of each 0.02 -> 0.17; the mood-free prior was 0.66 here and 0.63 [0.59, 0.67] there.
 """
 
 from __future__ import annotations
@@ -128,21 +131,24 @@ async def test_the_subspace_leaves_no_linear_mood_and_the_model_its_own_default(
         assert probe_accuracy(after[0][:, layer], cal_y, after[1][:, layer], test_y) < 0.75
     happy, sad = await _shares(post, test, ab.entries())
     assert abs(happy - sad) < 0.2, (happy, sad)
-    # what "no mood" is for this model: after mood-free stories, unsteered, it says "happy"
-    neutral = await asyncio.gather(*(p_happy(post, t, None)
-                                     for t in neutral_prompts(N, NEUTRAL_TEST_SEED)))
+    # what "no mood" is for this model: after mood-free stories, unsteered, neither word is
+    # preferred strongly (the previous model said "happy" 0.87)
+    free_texts = neutral_prompts(N, NEUTRAL_TEST_SEED)
+    neutral = await asyncio.gather(*(p_happy(post, t, None) for t in free_texts))
     free = float(np.mean([g[0] for g in neutral]))
-    assert free > 0.7, free
-    # and the subspace's removal leaves both kinds there, not at 50/50
-    assert min(happy, sad) > 0.7 and max(abs(happy - free), abs(sad - free)) < 0.2, (
-        happy, sad, free)
+    assert 0.3 <= free <= 0.7, free
+    # setting the subspace to 0 is no neutral op (0 is not where mood-free stories are): it moves
+    # mood-free stories too, and both kinds land where it puts them
+    moved = await asyncio.gather(*(p_happy(post, t, ab.entries()) for t in free_texts))
+    free_op = float(np.mean([g[0] for g in moved]))
+    assert max(abs(happy - free_op), abs(sad - free_op)) < 0.2, (happy, sad, free_op, free)
 
 
 async def test_clamping_at_the_word_to_the_mood_free_mean_is_neutral_and_leaves_the_default(post):
     """The most neutral removal the bench has: the mood direction at the prompt's last token only
     (a position range per request), clamped to its mean on mood-free stories, fitted layer by
     layer. It leaves mood-free stories where they were, erases the kinds' difference, and both
-    kinds then get the mood-free default -- "happy", not 50/50."""
+    kinds then get the mood-free default -- which, for this model, is about equally likely."""
     cal = probe_prompts(N_CAL, CALIBRATION_SEED)
     test = probe_prompts(N, TEST_SEED)
     cal_y = np.array([m == "happy" for _, m in cal])
@@ -173,4 +179,4 @@ async def test_clamping_at_the_word_to_the_mood_free_mean_is_neutral_and_leaves_
     assert abs(free_op - free_plain) < 0.1, (free_plain, free_op)  # neutral on no mood
     assert abs(happy - sad) < 0.2, (happy, sad)
     assert max(abs(happy - free_plain), abs(sad - free_plain)) < 0.2, (happy, sad, free_plain)
-    assert min(happy, sad) > 0.7, (happy, sad)
+    assert min(happy, sad) >= 0.3 and max(happy, sad) <= 0.7, (happy, sad)
