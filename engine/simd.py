@@ -464,6 +464,33 @@ def _bf16_scores_codegen(blocks: int, rows: int, native: bool):
     return codegen
 
 
+@contextmanager
+def _rows_by_block(context, builder: ir.IRBuilder, table_a, table_t, base: ir.Value,
+                   s1: ir.Value, s2: ir.Value, r0: ir.Value, r1: ir.Value, per_block: int):
+    """A loop over rows r0 <= r < r1 of a sequence's KV blocks (per_block rows to a block;
+    the sequence's block b is table[b]), block by block, so that the table is read once per
+    block and a row's address is one multiply-add: yields r and the row's address, base +
+    block * s1 + (r % per_block) * s2."""
+    intp = r0.type
+    block = ir.Constant(intp, per_block)
+    zero = ir.Constant(intp, 0)
+    b_first = builder.sdiv(r0, block)
+    b_end = builder.sdiv(builder.add(r1, ir.Constant(intp, per_block - 1)), block)
+    with cgutils.for_range(builder, builder.sub(b_end, b_first)) as blocks_loop:
+        b = builder.add(b_first, blocks_loop.index)
+        blk = builder.load(builder.gep(table_a.data, [b]))
+        blk = context.cast(builder, blk, table_t, types.intp)
+        block_base = builder.add(base, builder.mul(blk, s1))
+        r_base = builder.mul(b, block)
+        i0 = builder.sub(r0, r_base)
+        i0 = builder.select(builder.icmp_signed("<", i0, zero), zero, i0)
+        i1 = builder.sub(r1, r_base)
+        i1 = builder.select(builder.icmp_signed(">", i1, block), block, i1)
+        with cgutils.for_range(builder, builder.sub(i1, i0)) as rows_loop:
+            i = builder.add(i0, rows_loop.index)
+            yield builder.add(r_base, i), builder.add(block_base, builder.mul(i, s2))
+
+
 def make_weighted_sum(chunks: int, native_bf16: bool = HAS_BF16):
     """An intrinsic weighted_sum(os, ws, v_cache, layer, table, p0, p1, k0): for each row r of
     the tuples, os[r][c] += sum over p0 <= p < p1 (in order, one fma chain per 16 lanes, which
@@ -503,34 +530,16 @@ def make_weighted_sum(chunks: int, native_bf16: bool = HAS_BF16):
                       for o in o_as]
             slots = [[cgutils.alloca_once_value(builder, builder.load(o_ptrs[r][c], align=4))
                       for c in range(chunks)] for r in range(rows)]
-            # NOTE: block by block, so the block table is read once per 16 positions and a
-            # position's address is one multiply-add
-            block = ir.Constant(intp, LANES)
-            zero = ir.Constant(intp, 0)
-            b_first = builder.sdiv(p0_v, block)
-            b_end = builder.sdiv(builder.add(p1_v, ir.Constant(intp, LANES - 1)), block)
-            with cgutils.for_range(builder, builder.sub(b_end, b_first)) as blocks_loop:
-                b = builder.add(b_first, blocks_loop.index)
-                blk = builder.load(builder.gep(table_a.data, [b]))
-                blk = context.cast(builder, blk, table_t, types.intp)
-                block_base = builder.add(base, builder.mul(blk, s1))
-                p_base = builder.mul(b, block)
-                i0 = builder.sub(p0_v, p_base)
-                i0 = builder.select(builder.icmp_signed("<", i0, zero), zero, i0)
-                i1 = builder.sub(p1_v, p_base)
-                i1 = builder.select(builder.icmp_signed(">", i1, block), block, i1)
-                with cgutils.for_range(builder, builder.sub(i1, i0)) as rows_loop:
-                    i = builder.add(i0, rows_loop.index)
-                    p = builder.add(p_base, i)
-                    row = builder.add(block_base, builder.mul(i, s2))
-                    aps = [_broadcast(builder, builder.load(builder.gep(w.data, [p])), _v16f)
-                           for w in w_as]
-                    for c in range(chunks):
-                        addr = builder.add(row, ir.Constant(intp, 4 * LANES * c))
-                        vv = builder.load(builder.inttoptr(addr, _v16f.as_pointer()), align=4)
-                        for r in range(rows):
-                            slot = slots[r][c]
-                            builder.store(_fma(builder, aps[r], vv, builder.load(slot)), slot)
+            walk = (context, builder, table_a, table_t, base, s1, s2)
+            with _rows_by_block(*walk, p0_v, p1_v, LANES) as (p, row):
+                aps = [_broadcast(builder, builder.load(builder.gep(w.data, [p])), _v16f)
+                       for w in w_as]
+                for c in range(chunks):
+                    addr = builder.add(row, ir.Constant(intp, 4 * LANES * c))
+                    vv = builder.load(builder.inttoptr(addr, _v16f.as_pointer()), align=4)
+                    for r in range(rows):
+                        slot = slots[r][c]
+                        builder.store(_fma(builder, aps[r], vv, builder.load(slot)), slot)
             for r in range(rows):
                 for c in range(chunks):
                     builder.store(builder.load(slots[r][c]), o_ptrs[r][c], align=4)
@@ -563,7 +572,6 @@ def _bf16_weighted_sum_codegen(chunks: int, rows: int, native: bool):
         slots = [[cgutils.alloca_once_value(builder, builder.load(o_ptrs[r][c], align=4))
                   for c in range(chunks)] for r in range(rows)]
         two = ir.Constant(intp, 2)
-        per_block = ir.Constant(intp, LANES // 2)  # pairs of positions in a KV block
         zero = ir.Constant(intp, 0)
 
         def pair(q: ir.Value, row: ir.Value, keep: ir.Value | None) -> None:
@@ -581,37 +589,19 @@ def _bf16_weighted_sum_codegen(chunks: int, rows: int, native: bool):
                     builder.store(_dpbf16(builder, builder.load(slot), aps[r], vv, native),
                                   slot)
 
-        def address(q: ir.Value) -> ir.Value:
-            b = builder.sdiv(q, per_block)
-            blk = builder.load(builder.gep(table_a.data, [b]))
-            blk = context.cast(builder, blk, table_t, types.intp)
-            return builder.add(builder.add(base, builder.mul(blk, s1)),
-                               builder.mul(builder.srem(q, per_block), s2))
-
-        # whole pairs below p1, block by block (the block table read once per 8 pairs)
-        q0 = builder.sdiv(p0_v, two)
+        # whole pairs below p1
         q1 = builder.sdiv(p1_v, two)
-        b_first = builder.sdiv(q0, per_block)
-        b_end = builder.sdiv(builder.add(q1, ir.Constant(intp, LANES // 2 - 1)), per_block)
-        with cgutils.for_range(builder, builder.sub(b_end, b_first)) as blocks_loop:
-            b = builder.add(b_first, blocks_loop.index)
-            blk = builder.load(builder.gep(table_a.data, [b]))
-            blk = context.cast(builder, blk, table_t, types.intp)
-            block_base = builder.add(base, builder.mul(blk, s1))
-            q_base = builder.mul(b, per_block)
-            i0 = builder.sub(q0, q_base)
-            i0 = builder.select(builder.icmp_signed("<", i0, zero), zero, i0)
-            i1 = builder.sub(q1, q_base)
-            i1 = builder.select(builder.icmp_signed(">", i1, per_block), per_block, i1)
-            with cgutils.for_range(builder, builder.sub(i1, i0)) as pairs_loop:
-                i = builder.add(i0, pairs_loop.index)
-                pair(builder.add(q_base, i), builder.add(block_base, builder.mul(i, s2)), None)
+        walk = (context, builder, table_a, table_t, base, s1, s2)
+        with _rows_by_block(*walk, builder.sdiv(p0_v, two), q1, LANES // 2) as (q, row):
+            pair(q, row, None)
         # NOTE: an odd p1 ends inside a pair: its second position's weight is 0, but its value
         # is whatever the block held (another sequence's, even inf): masked to +0, so 0 * it
         # adds nothing whatever it was
         odd = builder.icmp_signed("!=", builder.srem(p1_v, two), zero)
         with builder.if_then(odd):
-            pair(q1, address(q1), ir.Constant(_v16i32, [0xFFFF] * LANES))
+            last = builder.add(q1, ir.Constant(intp, 1))
+            with _rows_by_block(*walk, q1, last, LANES // 2) as (q, row):
+                pair(q, row, ir.Constant(_v16i32, [0xFFFF] * LANES))
         for r in range(rows):
             for c in range(chunks):
                 builder.store(builder.load(slots[r][c]), o_ptrs[r][c], align=4)
