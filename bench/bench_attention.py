@@ -4,7 +4,7 @@ cache, so only the chunk is computed), and a 512-token prefill; stories110M-shap
 weights by default. What grows with H is the chunk's attention over the history.
 
     python bench/bench_attention.py [--threads N] [--chunk 39] [--histories 0,400,880]
-                                    [--repeats 9] [--cpu] [--model M.gguf]
+                                    [--repeats 9] [--cpu] [--model M.gguf] [--cache-type bf16]
 
 Medians over --repeats; --cpu times the process's CPU time (steadier than wall time on a busy
 machine; use it with --threads 1). To compare two checkouts, run each with PYTHONPATH pointing
@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from bench_engine import SHAPES, random_checkpoint
 from tiller.engine.engine import Engine, SeqRequest
+from tiller.engine.kvcache import CACHE_TYPES
 from tiller.engine.weights import build_weights
 
 
@@ -33,8 +34,11 @@ def main() -> None:
     p.add_argument("--histories", default="0,400,880", help="cached tokens before the chunk")
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--cpu", action="store_true", help="process CPU time, not wall time")
+    p.add_argument("--cache-type", choices=CACHE_TYPES,
+                   help="the KV cache's type, keys and values (default: the engine's)")
     args = p.parse_args()
-    kwargs = {"max_tokens": 512, "threads": args.threads}
+    kwargs = {"max_tokens": 512, "threads": args.threads, "cache_type_k": args.cache_type,
+              "cache_type_v": args.cache_type}
     if args.model is not None:
         engine = Engine.load(args.model, **kwargs)  # type: ignore[arg-type]
     else:
@@ -55,8 +59,10 @@ def main() -> None:
         engine.step([SeqRequest(seq, tokens)])
         return clock() - t0
 
+    clock_name = "CPU" if args.cpu else "wall"
     print(f"{engine.config.dim}-dim x {engine.config.n_layers} layers, threads "
-          f"{engine.threads}, {'CPU' if args.cpu else 'wall'} time, medians of {args.repeats}")
+          f"{engine.threads}, {engine.cache.type_k} KV cache, {clock_name} time, "
+          f"medians of {args.repeats}")
     for h in histories:
         times = []
         for _ in range(args.repeats):

@@ -60,15 +60,17 @@ NOISY = 0.25  # cores used by other processes during a measurement that mark its
 
 def default_model(cache_dir: Path) -> Path:
     """The stories110M-shaped Q8_0 GGUF with a ChatML template, written once under cache_dir
-    (bench/compare.py's writer: random weights, the Llama 2 vocabulary)."""
+    (bench/compare.py's writer: random weights, the Llama 2 vocabulary plus the template's
+    markers as two control tokens, as a ChatML fine-tune of Llama 2 has them)."""
     from bench_engine import SHAPES
     from compare import write_gguf
     from tiller.server.chat import DEFAULT_CHAT_TEMPLATE
 
-    path = cache_dir / f"{DEFAULT_SHAPE}-chatml-random-q8_0.gguf"
+    path = cache_dir / f"{DEFAULT_SHAPE}-chatml-tokens-random-q8_0.gguf"
     if not path.is_file():
         print(f"writing {path}", flush=True)
-        write_gguf(path, SHAPES[DEFAULT_SHAPE], chat_template=DEFAULT_CHAT_TEMPLATE)
+        write_gguf(path, SHAPES[DEFAULT_SHAPE], chat_template=DEFAULT_CHAT_TEMPLATE,
+                   added_tokens=("<|im_start|>", "<|im_end|>"))
     return path
 
 
@@ -597,8 +599,8 @@ async def run(args: argparse.Namespace, model: Path, tokenizer: Tokenizer, tmp: 
                 print(f"chat scenario: histories {args.chat_histories}, {args.chat_rounds} "
                       "rounds", flush=True)
 
-                def count(text: str) -> int:
-                    return len(tokenizer.encode(text, bos=False))
+                def count(text: str) -> int:  # as the chat route counts the rendered turns
+                    return len(tokenizer.encode(text, bos=False, special=True))
 
                 for name, url in urls.items():
                     chat += await chat_scenario(session, name, url, args.chat_histories,

@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import gguf
@@ -110,10 +111,14 @@ def peer_buffers(bin_dir: Path, model: Path, threads: int) -> list[str]:
 # the shared files
 
 
-def write_gguf(path: Path, c: ModelConfig, chat_template: str | None = None) -> None:
-    """A Q8_0 GGUF of random weights in shape c, with the Llama 2 vocabulary (vocab 32000) and,
-    if given, a `tokenizer.chat_template`."""
+def write_gguf(path: Path, c: ModelConfig, chat_template: str | None = None,
+               added_tokens: tuple[str, ...] = ()) -> None:
+    """A Q8_0 GGUF of random weights in shape c, with the Llama 2 vocabulary (32000 pieces) and
+    `added_tokens` after it as CONTROL tokens (a chat fine-tune's markers, as Llama 2 ChatML
+    models such as OpenHermes add them: one token each), and, if given, a
+    `tokenizer.chat_template`."""
     vocab = gguf.GGUFReader(VOCAB)
+    c = replace(c, vocab_size=32000 + len(added_tokens))
 
     def strings(name: str) -> list[str]:
         f = vocab.fields[name]
@@ -137,9 +142,10 @@ def write_gguf(path: Path, c: ModelConfig, chat_template: str | None = None) -> 
     w.add_layer_norm_rms_eps(c.norm_eps)
     w.add_rope_dimension_count(c.head_dim)
     w.add_tokenizer_model("llama")
-    w.add_token_list(strings("tokenizer.ggml.tokens"))
-    w.add_token_scores(values("tokenizer.ggml.scores"))
-    w.add_token_types(values("tokenizer.ggml.token_type"))
+    w.add_token_list(strings("tokenizer.ggml.tokens") + list(added_tokens))
+    w.add_token_scores(values("tokenizer.ggml.scores") + [0.0] * len(added_tokens))
+    w.add_token_types(values("tokenizer.ggml.token_type")
+                      + [gguf.TokenType.CONTROL] * len(added_tokens))
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     if chat_template is not None:

@@ -152,10 +152,15 @@ def default_threads() -> int:
 class Engine:
     def __init__(self, config: ModelConfig, weights: Weights, *, max_tokens: int = 256,
                  kv_tokens: int | None = None, kv_sequences: int = 4,
-                 threads: int | None = None, prefix_cache: bool = True) -> None:
+                 threads: int | None = None, prefix_cache: bool = True,
+                 cache_type_k: str | None = None, cache_type_v: str | None = None) -> None:
         """max_tokens: tokens per step. The KV cache holds kv_tokens positions in all, by
         default kv_sequences full contexts (max_seq_len each), shared through paging.
-        prefix_cache: full blocks are kept by content key for `attach_prefix` to reuse."""
+        prefix_cache: full blocks are kept by content key for `attach_prefix` to reuse.
+        cache_type_k / cache_type_v: "f32", or "bf16" (half the memory; queries and keys, and
+        attention weights and values, multiplied as bfloat16 pairs into float32 sums); by
+        default bf16 with Q8_0 weights (whose activations are rounded to 8 bits anyway) where
+        the head width allows it, f32 with f32 weights (the exact reference)."""
         if max_tokens <= 0:
             raise ValueError(f"max_tokens must be positive, got {max_tokens}")
         max_threads: int = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
@@ -167,7 +172,9 @@ class Engine:
         self.max_tokens = max_tokens
         self.threads = threads or default_threads()
         kv_tokens = kv_tokens or kv_sequences * config.max_seq_len
-        self.cache = KVCache(config, blocks_for(kv_tokens))
+        auto = "bf16" if self.dtype == "q8_0" and config.head_dim % 16 == 0 else "f32"
+        self.cache = KVCache(config, blocks_for(kv_tokens), cache_type_k or auto,
+                             cache_type_v or auto)
         self.max_blocks_per_seq = blocks_for(config.max_seq_len)
         self.prefix_cache = prefix_cache
         self._ids = itertools.count()
@@ -186,6 +193,9 @@ class Engine:
         q8 = self.dtype == "q8_0"
         f = np.float32
         n_threads: int = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
+        # NOTE: rows of 32: simd.bf16_weights converts 32 scores at a time
+        scores = np.zeros((n_threads, ATT_ROWS, -(-c.max_seq_len // 32) * 32), f)
+        bf16_v, bf16_k = self.cache.type_v == "bf16", self.cache.type_k == "bf16"
         return Workspace(
             x=np.zeros((T, c.dim), f), xb=np.zeros((T, c.dim), f),
             xa=np.zeros((T, max_pad), act_dtype),
@@ -194,7 +204,9 @@ class Engine:
             qkv=np.zeros((T, c.q_dim + 2 * c.kv_dim), f), att=np.zeros((T, c.q_dim), f),
             proj=np.zeros((T, c.dim), f), h13=np.zeros((T, 2 * c.hidden_dim), f),
             hact=np.zeros((T, c.hidden_dim), f),
-            scores=np.zeros((n_threads, ATT_ROWS, blocks_for(c.max_seq_len) * KV_BLOCK), f),
+            scores=scores,
+            weights=np.zeros(scores.shape, np.uint16) if bf16_v else scores,
+            qb=np.zeros((T, c.q_dim if bf16_k else 0), np.uint16),
         )
 
     @classmethod

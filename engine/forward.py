@@ -46,7 +46,9 @@ class Workspace(NamedTuple):
     proj: np.ndarray  # (T, dim)
     h13: np.ndarray  # (T, 2 hidden)
     hact: np.ndarray  # (T, hidden)
-    scores: np.ndarray  # (n_threads, K.ATT_ROWS, max_seq_len rounded up to KV blocks)
+    scores: np.ndarray  # (n_threads, K.ATT_ROWS, max_seq_len rounded up to 32) f32
+    weights: np.ndarray  # scores itself, or uint16 of its shape: bfloat16 values' weights
+    qb: np.ndarray  # (T, q_dim) uint16: queries as bfloat16 for bfloat16 keys, else (T, 0)
 
 
 @njit(**K._opts)
@@ -133,10 +135,10 @@ def forward_step(w, ws, dims, eps, tokens, positions, seq_index, block_tables, k
         if w.q_norm.shape[1] > 0:  # qwen3: each head of q and k RMS-normalized before rope
             K.head_norms(qkv, w.q_norm[layer], w.k_norm[layer], n_heads, n_kv_heads, head_dim,
                          eps)
-        K.rope_store_kv(qkv, positions, w.rope_cos, w.rope_sin, n_heads, n_kv_heads, head_dim,
-                        k_cache, v_cache, layer, seq_index, block_tables)
-        K.attention(att, qkv, k_cache, v_cache, layer, positions, seq_index, block_tables,
-                    n_heads, n_kv_heads, head_dim, ws.scores)
+        K.rope_store_kv(qkv, ws.qb[:T], positions, w.rope_cos, w.rope_sin, n_heads, n_kv_heads,
+                        head_dim, k_cache, v_cache, layer, seq_index, block_tables)
+        K.attention(att, qkv, ws.qb[:T], k_cache, v_cache, layer, positions, seq_index,
+                    block_tables, n_heads, n_kv_heads, head_dim, ws.scores, ws.weights)
         K.load_activations(att, xa_q, xs_q, xc_q)
         K.linear(proj, xa_q, xs_q, xc_q, w.wo[layer], w.wo_scales[layer])
         if slot >= 0:

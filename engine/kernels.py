@@ -18,12 +18,14 @@ from .config import GROUP_SIZE
 from .kvcache import KV_BLOCK
 from .simd import (
     ROW_BLOCK,
+    bf16_weights,
     exp_sum,
     make_qtile,
     make_scores,
     make_tile,
     make_weighted_sum,
     scale_max,
+    to_bf16,
 )
 
 TILE_ROWS = 4  # f32 tiles: weight rows x activation rows
@@ -348,37 +350,115 @@ def _rope_row(v, p, cos, sin, n_heads, head_dim):
             v[base + 2 * i + 1] = v0 * s + v1 * c
 
 
+# KV cache types: float32 arrays, or bfloat16 held as uint16 in the layouts vdpbf16ps reads
+# (engine/kvcache.py): keys (L, blocks, kv_dim / 2, KV_BLOCK, 2), values (L, blocks,
+# KV_BLOCK / 2, kv_dim, 2). The helpers below pick their body by the cache's dtype when numba
+# compiles the caller.
+
+
+def store_k(k_cache, layer, blk, slot, k):
+    """k (kv_dim,) float32 into position `slot` of block blk."""
+
+
+@overload(store_k)
+def _store_k(k_cache, layer, blk, slot, k):
+    if k_cache.dtype == types.uint16:
+        def bf16(k_cache, layer, blk, slot, k):
+            for d in range(k.shape[0]):
+                k_cache[layer, blk, d // 2, slot, d % 2] = to_bf16(k[d])  # type: ignore[call-arg]
+        return bf16
+
+    def f32(k_cache, layer, blk, slot, k):
+        k_cache[layer, blk, :, slot] = k
+    return f32
+
+
+def store_v(v_cache, layer, blk, slot, v):
+    """v (kv_dim,) float32 into position `slot` of block blk."""
+
+
+@overload(store_v)
+def _store_v(v_cache, layer, blk, slot, v):
+    if v_cache.dtype == types.uint16:
+        def bf16(v_cache, layer, blk, slot, v):
+            for d in range(v.shape[0]):
+                v_cache[layer, blk, slot // 2, d, slot % 2] = to_bf16(v[d])  # type: ignore[call-arg]
+        return bf16
+
+    def f32(v_cache, layer, blk, slot, v):
+        v_cache[layer, blk, slot, :] = v
+    return f32
+
+
+def store_q(k_cache, qb, q):
+    """With bfloat16 keys, a token's queries q (q_dim,) as bfloat16 into qb (q_dim,) uint16,
+    what the scores read; with float32 keys nothing (they read qkv)."""
+
+
+@overload(store_q)
+def _store_q(k_cache, qb, q):
+    if k_cache.dtype == types.uint16:
+        def bf16(k_cache, qb, q):
+            for d in range(q.shape[0]):
+                qb[d] = to_bf16(q[d])  # type: ignore[call-arg]
+        return bf16
+    return lambda k_cache, qb, q: None
+
+
+def queries(k_cache, qkv, qb):
+    """Where the scores read queries: qkv (float32 keys) or qb (bfloat16 keys)."""
+
+
+@overload(queries)
+def _queries(k_cache, qkv, qb):
+    if k_cache.dtype == types.uint16:
+        return lambda k_cache, qkv, qb: qb
+    return lambda k_cache, qkv, qb: qkv
+
+
+def pair_positions(v_cache) -> int:
+    """Positions a weighted-sum step takes together: 2 for bfloat16 values, else 1."""
+    return 2 if v_cache.dtype == np.uint16 else 1
+
+
+@overload(pair_positions)
+def _pair_positions(v_cache):
+    n = 2 if v_cache.dtype == types.uint16 else 1
+    return lambda v_cache: n
+
+
 @njit(**_opts)
-def _rope_store_row(qkv, t, positions, cos, sin, n_heads, n_kv_heads, head_dim, k_cache,
+def _rope_store_row(qkv, qb, t, positions, cos, sin, n_heads, n_kv_heads, head_dim, k_cache,
                     v_cache, layer, seq_index, block_tables):
     dim = n_heads * head_dim
     kv_dim = n_kv_heads * head_dim
     p = positions[t]
     _rope_row(qkv[t], p, cos, sin, n_heads + n_kv_heads, head_dim)
     blk = block_tables[seq_index[t], p // KV_BLOCK]
-    k_cache[layer, blk, :, p % KV_BLOCK] = qkv[t, dim:dim + kv_dim]
-    v_cache[layer, blk, p % KV_BLOCK, :] = qkv[t, dim + kv_dim:dim + 2 * kv_dim]
+    store_q(k_cache, qb[t], qkv[t, :dim])
+    store_k(k_cache, layer, blk, p % KV_BLOCK, qkv[t, dim:dim + kv_dim])
+    store_v(v_cache, layer, blk, p % KV_BLOCK, qkv[t, dim + kv_dim:dim + 2 * kv_dim])
 
 
 @njit(parallel=True, **_opts)
-def _rope_store_kv_par(qkv, positions, cos, sin, n_heads, n_kv_heads, head_dim, k_cache,
+def _rope_store_kv_par(qkv, qb, positions, cos, sin, n_heads, n_kv_heads, head_dim, k_cache,
                        v_cache, layer, seq_index, block_tables):
     for t in prange(qkv.shape[0]):
-        _rope_store_row(qkv, t, positions, cos, sin, n_heads, n_kv_heads, head_dim, k_cache,
-                        v_cache, layer, seq_index, block_tables)
+        _rope_store_row(qkv, qb, t, positions, cos, sin, n_heads, n_kv_heads, head_dim,
+                        k_cache, v_cache, layer, seq_index, block_tables)
 
 
 @njit(**_opts)
-def rope_store_kv(qkv, positions, cos, sin, n_heads, n_kv_heads, head_dim, k_cache, v_cache,
-                  layer, seq_index, block_tables):
-    """rope, then each token's k and v into its sequence's cache block (serial below
-    PARALLEL_ROWS rows)."""
+def rope_store_kv(qkv, qb, positions, cos, sin, n_heads, n_kv_heads, head_dim, k_cache,
+                  v_cache, layer, seq_index, block_tables):
+    """rope, then each token's k and v into its sequence's cache block, and with bfloat16 keys
+    its queries as bfloat16 into qb (T, q_dim) (serial below PARALLEL_ROWS rows)."""
     if qkv.shape[0] >= PARALLEL_ROWS:
-        _rope_store_kv_par(qkv, positions, cos, sin, n_heads, n_kv_heads, head_dim, k_cache,
-                           v_cache, layer, seq_index, block_tables)
+        _rope_store_kv_par(qkv, qb, positions, cos, sin, n_heads, n_kv_heads, head_dim,
+                           k_cache, v_cache, layer, seq_index, block_tables)
     else:
         for t in range(qkv.shape[0]):
-            _rope_store_row(qkv, t, positions, cos, sin, n_heads, n_kv_heads, head_dim,
+            _rope_store_row(qkv, qb, t, positions, cos, sin, n_heads, n_kv_heads, head_dim,
                             k_cache, v_cache, layer, seq_index, block_tables)
 
 
@@ -398,6 +478,7 @@ _scores_block = make_scores(1)
 # attention's weighted sums of values, 64 or 32 lanes of a head per pass
 _wsum64 = make_weighted_sum(4)
 _wsum32 = make_weighted_sum(2)
+_wsum16 = make_weighted_sum(1)
 
 
 @njit(**_opts)
@@ -418,26 +499,57 @@ def _scores(atts, qs, k_cache, layer, table, n_blocks, k0):
         b += 1
 
 
+def normalize(w, att, n, total):
+    """The weights of att[:n] (exp'd) over total into w: float32 in place (w is att), or
+    bfloat16 (w uint16, att's float32 quotients rounded; simd.bf16_weights)."""
+
+
+@overload(normalize)
+def _normalize(w, att, n, total):
+    if w.dtype == types.uint16:
+        return lambda w, att, n, total: bf16_weights(w, att, n, total)  # type: ignore[call-arg]
+
+    def f32(w, att, n, total):
+        for p in range(n):
+            att[p] = att[p] / total
+    return f32
+
+
 @njit(**_opts)
-def _softmax(att, n, scale):
-    """att[:n] = softmax(scale * att[:n])"""
+def _softmax(w, att, n, scale):
+    """w[:n] = softmax(scale * att[:n]) (att overwritten; w may be att: `normalize`)"""
     top = scale_max(att, n, scale)  # type: ignore[call-arg, var-annotated]
     total = exp_sum(att, n, top)
-    for p in range(n):
-        att[p] = att[p] / total
+    normalize(w, att, n, total)
 
 
 @njit(**_opts)
 def _weighted_values(os, ws, v_cache, layer, table, p0, p1, k0):
     """os[r] += sum over p0 <= p < p1 of ws[r][p] * the value at position p, in order, for
-    each row r of the tuples (head widths that are multiples of 32)."""
+    each row r of the tuples (head widths that are multiples of 32, or of 16 with bfloat16
+    values: `vector_width`)."""
     hd = os[0].shape[0]
     if hd % 64 == 0:
         for c in range(0, hd, 64):
             _wsum64(tuple_slices(os, c, c + 64), ws, v_cache, layer, table, p0, p1, k0 + c)
-    else:
+    elif hd % 32 == 0:
         for c in range(0, hd, 32):
             _wsum32(tuple_slices(os, c, c + 32), ws, v_cache, layer, table, p0, p1, k0 + c)
+    else:
+        for c in range(0, hd, 16):
+            _wsum16(tuple_slices(os, c, c + 16), ws, v_cache, layer, table, p0, p1, k0 + c)
+
+
+def vector_width(v_cache, head_dim) -> bool:
+    """Whether attention runs on the vector kernels (simd.py) for this head width: multiples
+    of 32, and of 16 with bfloat16 values (which have no plain-numba path)."""
+    return head_dim % 32 == 0 or (v_cache.dtype == np.uint16 and head_dim % 16 == 0)
+
+
+@overload(vector_width)
+def _vector_width(v_cache, head_dim):
+    bf16 = v_cache.dtype == types.uint16
+    return lambda v_cache, head_dim: head_dim % 32 == 0 or (bf16 and head_dim % 16 == 0)
 
 
 def tuple_slices(arrays, a, b):
@@ -456,42 +568,63 @@ def _tuple_slices(arrays, a, b):
 
 
 @njit(**_opts)
-def _attend_rows(out, qkv, att, k_cache, v_cache, table, layer, ts, hs, ns, k0, head_dim,
+def _attend_rows(out, qs, att, wts, k_cache, v_cache, table, layer, ts, hs, ns, k0, head_dim,
                  scale):
     """ATT_ROWS query rows (token ts[r], head hs[r], ns[r] positions, ns ascending) of one
     sequence and KV head: scores and weighted values share each key and value load; a row's
     arithmetic is _attend_row's."""
-    q = (qkv[ts[0], hs[0] * head_dim:(hs[0] + 1) * head_dim],
-         qkv[ts[1], hs[1] * head_dim:(hs[1] + 1) * head_dim],
-         qkv[ts[2], hs[2] * head_dim:(hs[2] + 1) * head_dim],
-         qkv[ts[3], hs[3] * head_dim:(hs[3] + 1) * head_dim])
+    q = (qs[ts[0], hs[0] * head_dim:(hs[0] + 1) * head_dim],
+         qs[ts[1], hs[1] * head_dim:(hs[1] + 1) * head_dim],
+         qs[ts[2], hs[2] * head_dim:(hs[2] + 1) * head_dim],
+         qs[ts[3], hs[3] * head_dim:(hs[3] + 1) * head_dim])
     o = (out[ts[0], hs[0] * head_dim:(hs[0] + 1) * head_dim],
          out[ts[1], hs[1] * head_dim:(hs[1] + 1) * head_dim],
          out[ts[2], hs[2] * head_dim:(hs[2] + 1) * head_dim],
          out[ts[3], hs[3] * head_dim:(hs[3] + 1) * head_dim])
     a = (att[0], att[1], att[2], att[3])
+    w = (wts[0], wts[1], wts[2], wts[3])
     _scores(a, q, k_cache, layer, table, (ns[3] + KV_BLOCK - 1) // KV_BLOCK, k0)
     for r in range(ATT_ROWS):
-        _softmax(att[r], ns[r], scale)
+        _softmax(wts[r], att[r], ns[r], scale)
         out[ts[r], hs[r] * head_dim:(hs[r] + 1) * head_dim] = 0
-    _weighted_values(o, a, v_cache, layer, table, 0, ns[0], k0)
-    for r in range(1, ATT_ROWS):  # the later rows' last positions, one row at a time
-        if ns[r] > ns[0]:
-            _weighted_values((o[r],), (att[r],), v_cache, layer, table, ns[0], ns[r], k0)
+    # NOTE: together up to where every row goes, on a whole pair of positions with bfloat16
+    # values; then each row's own last positions, one row at a time
+    common = ns[0] - ns[0] % pair_positions(v_cache)
+    _weighted_values(o, w, v_cache, layer, table, 0, common, k0)
+    for r in range(ATT_ROWS):
+        if ns[r] > common:
+            _weighted_values((o[r],), (w[r],), v_cache, layer, table, common, ns[r], k0)
+
+
+def plain_values(o, w, v_cache, table, layer, n_pos, k0):
+    """o += the weighted values in plain numba (head widths not a multiple of 32; float32
+    values only: the engine refuses bfloat16 ones for widths that are not multiples of 16)."""
+
+
+@overload(plain_values)
+def _plain_values(o, w, v_cache, table, layer, n_pos, k0):
+    if v_cache.dtype == types.uint16:
+        def refuse(o, w, v_cache, table, layer, n_pos, k0):
+            raise ValueError("bfloat16 values need a head width that is a multiple of 16")
+        return refuse
+
+    def f32(o, w, v_cache, table, layer, n_pos, k0):
+        hd = o.shape[0]
+        for p in range(n_pos):
+            _axpy(o, w[p], v_cache[layer, table[p // KV_BLOCK], p % KV_BLOCK, k0:k0 + hd])
+    return f32
 
 
 @njit(**_opts)
-def _attend_row(o, q, att, k_cache, v_cache, table, layer, n_pos, k0, scale):
+def _attend_row(o, q, att, w, k_cache, v_cache, table, layer, n_pos, k0, scale):
     """o (head_dim,) = one query row's attention over its sequence's first n_pos positions."""
     _scores((att,), (q,), k_cache, layer, table, (n_pos + KV_BLOCK - 1) // KV_BLOCK, k0)
-    _softmax(att, n_pos, scale)
+    _softmax(w, att, n_pos, scale)
     o[:] = 0
-    hd = o.shape[0]
-    if hd % 32 == 0:
-        _weighted_values((o,), (att,), v_cache, layer, table, 0, n_pos, k0)
+    if vector_width(v_cache, o.shape[0]):
+        _weighted_values((o,), (w,), v_cache, layer, table, 0, n_pos, k0)
     else:  # other head widths: the same order, in plain numba
-        for p in range(n_pos):
-            _axpy(o, att[p], v_cache[layer, table[p // KV_BLOCK], p % KV_BLOCK, k0:k0 + hd])
+        plain_values(o, w, v_cache, table, layer, n_pos, k0)
 
 
 @njit(**_opts)
@@ -511,18 +644,21 @@ def _runs(positions, seq_index):
 
 
 @njit(parallel=True, **_opts)
-def attention(out, qkv, k_cache, v_cache, layer, positions, seq_index, block_tables,
-              n_heads, n_kv_heads, head_dim, scratch):
+def attention(out, qkv, qb, k_cache, v_cache, layer, positions, seq_index, block_tables,
+              n_heads, n_kv_heads, head_dim, scratch, wscratch):
     """out (T, dim): causal grouped-query attention of each token over its sequence's cache.
 
-    k_cache (L, blocks, kv_dim, KV_BLOCK) (transposed blocks), v_cache (L, blocks, KV_BLOCK,
-    kv_dim); scratch (n_threads, ATT_ROWS, max_seq_len rounded up to blocks) f32 holds one
-    thread's attention scores.
+    float32 caches: k_cache (L, blocks, kv_dim, KV_BLOCK) (transposed blocks), v_cache (L,
+    blocks, KV_BLOCK, kv_dim); bfloat16 ones in the layouts of store_k / store_v, with the
+    queries as bfloat16 in qb (rope_store_kv wrote them). scratch (n_threads, ATT_ROWS,
+    max_seq_len rounded up to 32) f32 holds one thread's attention scores, wscratch its
+    weights: the same array with float32 values, uint16 of that shape with bfloat16 ones.
     """
     kv_mul = n_heads // n_kv_heads
     scale = np.float32(1.0 / math.sqrt(head_dim))
     runs = _runs(positions, seq_index)
     n_runs = runs.shape[0] - 1
+    qs = queries(k_cache, qkv, qb)
     # NOTE: a work item is a run of a sequence's tokens and one KV head; its query rows (each
     # token x the heads that share that KV head) go ATT_ROWS at a time, so a prompt chunk's
     # tokens, or a decode token's grouped heads, read each key and value once per ATT_ROWS
@@ -534,9 +670,10 @@ def attention(out, qkv, k_cache, v_cache, layer, positions, seq_index, block_tab
         n_rows = (runs[item % n_runs + 1] - ta) * kv_mul
         table = block_tables[seq_index[ta]]
         att = scratch[numba.get_thread_id()]
+        wts = wscratch[numba.get_thread_id()]
         k0 = g * head_dim
         i = 0
-        if head_dim % 32 == 0:
+        if vector_width(v_cache, head_dim):
             while i + ATT_ROWS <= n_rows:
                 rt = (ta + i // kv_mul, ta + (i + 1) // kv_mul, ta + (i + 2) // kv_mul,
                       ta + (i + 3) // kv_mul)
@@ -544,14 +681,14 @@ def attention(out, qkv, k_cache, v_cache, layer, positions, seq_index, block_tab
                       g * kv_mul + (i + 2) % kv_mul, g * kv_mul + (i + 3) % kv_mul)
                 rn = (positions[rt[0]] + 1, positions[rt[1]] + 1, positions[rt[2]] + 1,
                       positions[rt[3]] + 1)
-                _attend_rows(out, qkv, att, k_cache, v_cache, table, layer, rt, rh, rn, k0,
-                             head_dim, scale)
+                _attend_rows(out, qs, att, wts, k_cache, v_cache, table, layer, rt, rh, rn,
+                             k0, head_dim, scale)
                 i += ATT_ROWS
         while i < n_rows:
             t = ta + i // kv_mul
             q0 = (g * kv_mul + i % kv_mul) * head_dim
-            _attend_row(out[t, q0:q0 + head_dim], qkv[t, q0:q0 + head_dim], att[0], k_cache,
-                        v_cache, table, layer, positions[t] + 1, k0, scale)
+            _attend_row(out[t, q0:q0 + head_dim], qs[t, q0:q0 + head_dim], att[0], wts[0],
+                        k_cache, v_cache, table, layer, positions[t] + 1, k0, scale)
             i += 1
 
 

@@ -48,14 +48,37 @@ class CacheStats:
     evictions: int = 0  # cached blocks dropped to make room
 
 
+CACHE_TYPES = ("f32", "bf16")
+
+
+def cache_arrays(config: ModelConfig, n_blocks: int, type_k: str = "f32",
+                 type_v: str = "f32") -> tuple[np.ndarray, np.ndarray]:
+    """Zeroed K and V pools. float32 keys are stored transposed within a block, (kv_dim,
+    KV_BLOCK), so attention scores a block's 16 positions as one vector per head dimension;
+    bfloat16 (uint16) ones as (kv_dim / 2, KV_BLOCK, 2), a pair of dims per position, what
+    vdpbf16ps multiplies with a pair of query dims. bfloat16 values as (KV_BLOCK / 2, kv_dim,
+    2): a pair of positions per dim, for a pair of weights (engine/kernels.py, simd.py)."""
+    for name, kind in (("type_k", type_k), ("type_v", type_v)):
+        if kind not in CACHE_TYPES:
+            raise ValueError(f"{name} must be one of {CACHE_TYPES}, got {kind!r}")
+    c, n = config, n_blocks
+    if "bf16" in (type_k, type_v) and c.head_dim % 16:
+        raise ValueError(f"a bf16 KV cache needs a head width that is a multiple of 16; this "
+                         f"model's is {c.head_dim}")
+    k = (np.zeros((c.n_layers, n, c.kv_dim // 2, KV_BLOCK, 2), np.uint16) if type_k == "bf16"
+         else np.zeros((c.n_layers, n, c.kv_dim, KV_BLOCK), np.float32))
+    v = (np.zeros((c.n_layers, n, KV_BLOCK // 2, c.kv_dim, 2), np.uint16) if type_v == "bf16"
+         else np.zeros((c.n_layers, n, KV_BLOCK, c.kv_dim), np.float32))
+    return k, v
+
+
 class KVCache:
-    def __init__(self, config: ModelConfig, n_blocks: int) -> None:
+    def __init__(self, config: ModelConfig, n_blocks: int, type_k: str = "f32",
+                 type_v: str = "f32") -> None:
         if n_blocks <= 0:
             raise ValueError(f"n_blocks must be positive, got {n_blocks}")
-        # NOTE: keys are stored transposed within a block, (kv_dim, KV_BLOCK), so attention
-        # scores a block's 16 positions as one vector per head dimension (engine/kernels.py)
-        self.k = np.zeros((config.n_layers, n_blocks, config.kv_dim, KV_BLOCK), np.float32)
-        self.v = np.zeros((config.n_layers, n_blocks, KV_BLOCK, config.kv_dim), np.float32)
+        self.k, self.v = cache_arrays(config, n_blocks, type_k, type_v)
+        self.type_k, self.type_v = type_k, type_v
         self.n_blocks = n_blocks
         # handed out from the end, so low block ids are reused first (better locality)
         self._free = list(range(n_blocks - 1, -1, -1))
@@ -209,6 +232,9 @@ class KVCache:
         return (best, best_n) if best_n else None
 
     def copy_rows(self, src: int, dst: int, n: int) -> None:
-        """K/V of the first n positions of block src into block dst (all layers)."""
+        """K/V of the first n positions of block src into block dst (all layers). bfloat16
+        values go by pairs of positions: an odd n copies position n too, which dst's sequence
+        computes (and overwrites) before any weight of its reads it."""
         self.k[:, dst, :, :n] = self.k[:, src, :, :n]
-        self.v[:, dst, :n] = self.v[:, src, :n]
+        rows = (n + 1) // 2 if self.type_v == "bf16" else n
+        self.v[:, dst, :rows] = self.v[:, src, :rows]

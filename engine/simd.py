@@ -72,6 +72,20 @@ def _target_has_vnni() -> bool:
 HAS_VNNI = _target_has_vnni()
 
 
+def _target_has_bf16() -> bool:
+    """True when numba compiles for AVX512-BF16 (vdpbf16ps) and TILLER_SIMD is not generic."""
+    if os.environ.get("TILLER_SIMD", "").lower() == "generic":
+        return False
+    if numba.config.CPU_NAME:  # type: ignore[attr-defined]
+        features = numba.config.CPU_FEATURES or ""  # type: ignore[attr-defined]
+    else:
+        features = llvm.get_host_cpu_features().flatten()
+    return "+avx512bf16" in features.split(",")
+
+
+HAS_BF16 = _target_has_bf16()
+
+
 def _mask(values: list[int]) -> ir.Constant:
     return ir.Constant(ir.VectorType(_i32, len(values)), values)
 
@@ -100,6 +114,37 @@ def _fma(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, c: ir.Value) -> ir.Val
     fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_v16f, [_v16f] * 3),
                                         "llvm.fma.v16f32")
     return builder.call(fn, [a, b, c])
+
+
+def _ftz(builder: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    """Subnormal lanes to zero of their sign (what vdpbf16ps does to each of its results)."""
+    bits = builder.bitcast(v, _v16i32)
+    exponent = builder.and_(bits, ir.Constant(_v16i32, [0x7F800000] * LANES))
+    tiny = builder.icmp_unsigned("==", exponent, ir.Constant(_v16i32, [0] * LANES))
+    signed_zero = builder.and_(bits, ir.Constant(_v16i32, [-0x80000000] * LANES))
+    return builder.bitcast(builder.select(tiny, signed_zero, bits), _v16f)
+
+
+def _dpbf16(builder: ir.IRBuilder, acc: ir.Value, a: ir.Value, b: ir.Value,
+            native: bool) -> ir.Value:
+    """acc + a . b per lane, a and b <16 x i32> each holding two bfloat16 (low half: element 0):
+    fma(a1, b1, acc), then fma(a0, b0, that), each result's subnormals flushed -- vdpbf16ps's
+    arithmetic (products of bfloat16 are exact in float32, so each step is one rounding),
+    which the portable IR repeats bit for bit. Inputs are never subnormal: to_bf16 flushes
+    them when it rounds."""
+    if native:
+        # NOTE: declared with i32 vectors, the pre-LLVM 17 signature, which LLVM's IR parser
+        # upgrades (llvmlite has no bfloat type)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_v16f, [_v16f, _v16i32, _v16i32]),
+            "llvm.x86.avx512bf16.dpbf16ps.512")
+        return builder.call(fn, [acc, a, b])
+    high = ir.Constant(_v16i32, [-0x10000] * LANES)
+    shift = ir.Constant(_v16i32, [16] * LANES)
+    a1, b1 = (builder.bitcast(builder.and_(x, high), _v16f) for x in (a, b))
+    a0, b0 = (builder.bitcast(builder.shl(x, shift), _v16f) for x in (a, b))
+    acc = _ftz(builder, _fma(builder, a1, b1, acc))
+    return _ftz(builder, _fma(builder, a0, b0, acc))
 
 
 def _reduce_lanes(builder: ir.IRBuilder, v: ir.Value) -> ir.Value:
@@ -307,7 +352,7 @@ def _tuple_arrays(context, builder, tuple_type, value) -> list:
             for i in range(tuple_type.count)]
 
 
-def make_scores(blocks: int):
+def make_scores(blocks: int, native_bf16: bool = HAS_BF16):
     """An intrinsic scores(atts, qs, k_cache, layer, table, b0, k0): for each row r of the
     tuples (query qs[r], scores atts[r]) and the KV blocks b = b0..b0+blocks-1 of a sequence
     (block ids in table), atts[r][16 b + i] = sum over d of qs[r][d] * k_cache[layer, table[b],
@@ -315,12 +360,18 @@ def make_scores(blocks: int):
     block: k_cache (L, n_blocks, kv_dim, 16)). Rows share each key load, and a row's chain is
     the same operations whichever call, with however many rows, computes it. qs[r] contiguous
     (head_dim,) float32 arrays.
+
+    bfloat16 keys (uint16 k_cache (L, n_blocks, kv_dim / 2, 16, 2): dims in pairs, 16
+    positions of each pair): qs[r] are bfloat16 (uint16) too, and each step of a chain is one
+    _dpbf16 over a pair of dims, d = 1, 0, 3, 2, ...; k0 is still in dims.
     """
 
     @intrinsic
     def scores(typingctx, atts, qs, k_cache, layer, table, b0, k0):
         sig = types.void(atts, qs, k_cache, layer, table, b0, k0)
         rows = atts.count
+        if k_cache.dtype == types.uint16:
+            return sig, _bf16_scores_codegen(blocks, rows, native_bf16)
 
         def codegen(context, builder, signature, args):
             att_as = _tuple_arrays(context, builder, signature.args[0], args[0])
@@ -366,18 +417,100 @@ def make_scores(blocks: int):
     return scores
 
 
-def make_weighted_sum(chunks: int):
+def _bf16_scores_codegen(blocks: int, rows: int, native: bool):
+    """make_scores' body for bfloat16 keys and queries."""
+
+    def codegen(context, builder, signature, args):
+        att_as = _tuple_arrays(context, builder, signature.args[0], args[0])
+        q_as = _tuple_arrays(context, builder, signature.args[1], args[1])
+        k_a, table_a = (context.make_array(signature.args[i])(context, builder, args[i])
+                        for i in (2, 4))
+        layer_v, b0_v, k0_v = (context.cast(builder, args[i], signature.args[i], types.intp)
+                               for i in (3, 5, 6))
+        intp = layer_v.type
+        s0, s1, s2 = (builder.extract_value(k_a.strides, i) for i in range(3))
+        table_t = signature.args[4].dtype
+        base = builder.add(builder.ptrtoint(k_a.data, intp), builder.mul(layer_v, s0))
+        base = builder.add(base, builder.mul(builder.sdiv(k0_v, ir.Constant(intp, 2)), s2))
+        block_ptrs = []
+        for j in range(blocks):
+            bj = builder.add(b0_v, ir.Constant(intp, j))
+            blk = builder.load(builder.gep(table_a.data, [bj]))
+            blk = context.cast(builder, blk, table_t, types.intp)
+            block_ptrs.append(builder.add(base, builder.mul(blk, s1)))
+        pairs = builder.sdiv(builder.extract_value(q_as[0].shape, 0), ir.Constant(intp, 2))
+        q_ptrs = [builder.bitcast(q.data, _i32.as_pointer()) for q in q_as]
+        slots = [[cgutils.alloca_once_value(builder, ir.Constant(_v16f, [0.0] * LANES))
+                  for _ in range(rows)] for _ in range(blocks)]
+        with cgutils.for_range(builder, pairs) as loop:
+            d2 = loop.index
+            qds = [_broadcast(builder, builder.load(builder.gep(q, [d2])), _v16i32)
+                   for q in q_ptrs]
+            row = builder.mul(d2, s2)
+            for j in range(blocks):
+                ptr = builder.inttoptr(builder.add(block_ptrs[j], row), _v16i32.as_pointer())
+                kv = builder.load(ptr, align=4)
+                for r in range(rows):
+                    slot = slots[j][r]
+                    builder.store(_dpbf16(builder, builder.load(slot), qds[r], kv, native),
+                                  slot)
+        for j in range(blocks):
+            at = builder.mul(builder.add(b0_v, ir.Constant(intp, j)), ir.Constant(intp, LANES))
+            for r in range(rows):
+                ptr = builder.bitcast(builder.gep(att_as[r].data, [at]), _v16f.as_pointer())
+                builder.store(builder.load(slots[j][r]), ptr, align=4)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+@contextmanager
+def _rows_by_block(context, builder: ir.IRBuilder, table_a, table_t, base: ir.Value,
+                   s1: ir.Value, s2: ir.Value, r0: ir.Value, r1: ir.Value, per_block: int):
+    """A loop over rows r0 <= r < r1 of a sequence's KV blocks (per_block rows to a block;
+    the sequence's block b is table[b]), block by block, so that the table is read once per
+    block and a row's address is one multiply-add: yields r and the row's address, base +
+    block * s1 + (r % per_block) * s2."""
+    intp = r0.type
+    block = ir.Constant(intp, per_block)
+    zero = ir.Constant(intp, 0)
+    b_first = builder.sdiv(r0, block)
+    b_end = builder.sdiv(builder.add(r1, ir.Constant(intp, per_block - 1)), block)
+    with cgutils.for_range(builder, builder.sub(b_end, b_first)) as blocks_loop:
+        b = builder.add(b_first, blocks_loop.index)
+        blk = builder.load(builder.gep(table_a.data, [b]))
+        blk = context.cast(builder, blk, table_t, types.intp)
+        block_base = builder.add(base, builder.mul(blk, s1))
+        r_base = builder.mul(b, block)
+        i0 = builder.sub(r0, r_base)
+        i0 = builder.select(builder.icmp_signed("<", i0, zero), zero, i0)
+        i1 = builder.sub(r1, r_base)
+        i1 = builder.select(builder.icmp_signed(">", i1, block), block, i1)
+        with cgutils.for_range(builder, builder.sub(i1, i0)) as rows_loop:
+            i = builder.add(i0, rows_loop.index)
+            yield builder.add(r_base, i), builder.add(block_base, builder.mul(i, s2))
+
+
+def make_weighted_sum(chunks: int, native_bf16: bool = HAS_BF16):
     """An intrinsic weighted_sum(os, ws, v_cache, layer, table, p0, p1, k0): for each row r of
     the tuples, os[r][c] += sum over p0 <= p < p1 (in order, one fma chain per 16 lanes, which
     starts from os[r]'s value) of ws[r][p] * v_cache[layer, table[p // 16], p % 16, k0 + c] for
     c < 16 chunks. Rows share each value load; a row's chain is the same operations whichever
     call computes it, and continuing a chain in a second call (p0 = the first call's p1)
-    computes it exactly as one call would. os[r], ws[r] contiguous float32."""
+    computes it exactly as one call would. os[r], ws[r] contiguous float32.
+
+    bfloat16 values (uint16 v_cache (L, n_blocks, 8, kv_dim, 2): positions in pairs, each
+    dim's pair together) and weights (ws[r] uint16): each step of a chain is one _dpbf16 over
+    a pair of positions, p = 1, 0, 3, 2, ...; p0 must be even (a pair is never split between
+    calls); an odd p1 ends in a pair whose second value is masked to 0.
+    """
 
     @intrinsic
     def weighted_sum(typingctx, os, ws, v_cache, layer, table, p0, p1, k0):
         sig = types.void(os, ws, v_cache, layer, table, p0, p1, k0)
         rows = os.count
+        if v_cache.dtype == types.uint16:
+            return sig, _bf16_weighted_sum_codegen(chunks, rows, native_bf16)
 
         def codegen(context, builder, signature, args):
             o_as = _tuple_arrays(context, builder, signature.args[0], args[0])
@@ -397,34 +530,16 @@ def make_weighted_sum(chunks: int):
                       for o in o_as]
             slots = [[cgutils.alloca_once_value(builder, builder.load(o_ptrs[r][c], align=4))
                       for c in range(chunks)] for r in range(rows)]
-            # NOTE: block by block, so the block table is read once per 16 positions and a
-            # position's address is one multiply-add
-            block = ir.Constant(intp, LANES)
-            zero = ir.Constant(intp, 0)
-            b_first = builder.sdiv(p0_v, block)
-            b_end = builder.sdiv(builder.add(p1_v, ir.Constant(intp, LANES - 1)), block)
-            with cgutils.for_range(builder, builder.sub(b_end, b_first)) as blocks_loop:
-                b = builder.add(b_first, blocks_loop.index)
-                blk = builder.load(builder.gep(table_a.data, [b]))
-                blk = context.cast(builder, blk, table_t, types.intp)
-                block_base = builder.add(base, builder.mul(blk, s1))
-                p_base = builder.mul(b, block)
-                i0 = builder.sub(p0_v, p_base)
-                i0 = builder.select(builder.icmp_signed("<", i0, zero), zero, i0)
-                i1 = builder.sub(p1_v, p_base)
-                i1 = builder.select(builder.icmp_signed(">", i1, block), block, i1)
-                with cgutils.for_range(builder, builder.sub(i1, i0)) as rows_loop:
-                    i = builder.add(i0, rows_loop.index)
-                    p = builder.add(p_base, i)
-                    row = builder.add(block_base, builder.mul(i, s2))
-                    aps = [_broadcast(builder, builder.load(builder.gep(w.data, [p])), _v16f)
-                           for w in w_as]
-                    for c in range(chunks):
-                        addr = builder.add(row, ir.Constant(intp, 4 * LANES * c))
-                        vv = builder.load(builder.inttoptr(addr, _v16f.as_pointer()), align=4)
-                        for r in range(rows):
-                            slot = slots[r][c]
-                            builder.store(_fma(builder, aps[r], vv, builder.load(slot)), slot)
+            walk = (context, builder, table_a, table_t, base, s1, s2)
+            with _rows_by_block(*walk, p0_v, p1_v, LANES) as (p, row):
+                aps = [_broadcast(builder, builder.load(builder.gep(w.data, [p])), _v16f)
+                       for w in w_as]
+                for c in range(chunks):
+                    addr = builder.add(row, ir.Constant(intp, 4 * LANES * c))
+                    vv = builder.load(builder.inttoptr(addr, _v16f.as_pointer()), align=4)
+                    for r in range(rows):
+                        slot = slots[r][c]
+                        builder.store(_fma(builder, aps[r], vv, builder.load(slot)), slot)
             for r in range(rows):
                 for c in range(chunks):
                     builder.store(builder.load(slots[r][c]), o_ptrs[r][c], align=4)
@@ -433,6 +548,66 @@ def make_weighted_sum(chunks: int):
         return sig, codegen
 
     return weighted_sum
+
+
+def _bf16_weighted_sum_codegen(chunks: int, rows: int, native: bool):
+    """make_weighted_sum's body for bfloat16 values and weights."""
+
+    def codegen(context, builder, signature, args):
+        o_as = _tuple_arrays(context, builder, signature.args[0], args[0])
+        w_as = _tuple_arrays(context, builder, signature.args[1], args[1])
+        v_a, table_a = (context.make_array(signature.args[i])(context, builder, args[i])
+                        for i in (2, 4))
+        layer_v, p0_v, p1_v, k0_v = (
+            context.cast(builder, args[i], signature.args[i], types.intp) for i in (3, 5, 6, 7))
+        intp = layer_v.type
+        s0, s1, s2, s3 = (builder.extract_value(v_a.strides, i) for i in range(4))
+        table_t = signature.args[4].dtype
+        base = builder.add(builder.ptrtoint(v_a.data, intp), builder.mul(layer_v, s0))
+        base = builder.add(base, builder.mul(k0_v, s3))
+        o_ptrs = [[builder.bitcast(builder.gep(o.data, [ir.Constant(intp, LANES * c)]),
+                                   _v16f.as_pointer()) for c in range(chunks)]
+                  for o in o_as]
+        w_ptrs = [builder.bitcast(w.data, _i32.as_pointer()) for w in w_as]
+        slots = [[cgutils.alloca_once_value(builder, builder.load(o_ptrs[r][c], align=4))
+                  for c in range(chunks)] for r in range(rows)]
+        two = ir.Constant(intp, 2)
+        zero = ir.Constant(intp, 0)
+
+        def pair(q: ir.Value, row: ir.Value, keep: ir.Value | None) -> None:
+            """Pair q of positions (its values at address row) into every row's sums; `keep`
+            masks the values' lanes (the last pair's second position, past p1)."""
+            aps = [_broadcast(builder, builder.load(builder.gep(w, [q])), _v16i32)
+                   for w in w_ptrs]
+            for c in range(chunks):
+                addr = builder.add(row, builder.mul(ir.Constant(intp, LANES * c), s3))
+                vv = builder.load(builder.inttoptr(addr, _v16i32.as_pointer()), align=4)
+                if keep is not None:
+                    vv = builder.and_(vv, keep)
+                for r in range(rows):
+                    slot = slots[r][c]
+                    builder.store(_dpbf16(builder, builder.load(slot), aps[r], vv, native),
+                                  slot)
+
+        # whole pairs below p1
+        q1 = builder.sdiv(p1_v, two)
+        walk = (context, builder, table_a, table_t, base, s1, s2)
+        with _rows_by_block(*walk, builder.sdiv(p0_v, two), q1, LANES // 2) as (q, row):
+            pair(q, row, None)
+        # NOTE: an odd p1 ends inside a pair: its second position's weight is 0, but its value
+        # is whatever the block held (another sequence's, even inf): masked to +0, so 0 * it
+        # adds nothing whatever it was
+        odd = builder.icmp_signed("!=", builder.srem(p1_v, two), zero)
+        with builder.if_then(odd):
+            last = builder.add(q1, ir.Constant(intp, 1))
+            with _rows_by_block(*walk, q1, last, LANES // 2) as (q, row):
+                pair(q, row, ir.Constant(_v16i32, [0xFFFF] * LANES))
+        for r in range(rows):
+            for c in range(chunks):
+                builder.store(builder.load(slots[r][c]), o_ptrs[r][c], align=4)
+        return context.get_dummy_value()
+
+    return codegen
 
 
 _EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
@@ -523,5 +698,66 @@ def exp_sum(typingctx, a, n, top):
             builder.store(e, ptr, align=4)
             builder.store(builder.fadd(builder.load(slot), e), slot)
         return _reduce_lanes(builder, builder.load(slot))
+
+    return sig, codegen
+
+
+def _round_bf16(builder: ir.IRBuilder, bits: ir.Value, ty: ir.Type) -> ir.Value:
+    """float32 bits (i32 or <16 x i32>) to bfloat16 bits in the low half: round to nearest
+    even, subnormals to +0 (vdpbf16ps would read them as 0: a path that reads them as
+    numbers would give other bits), NaN to the quiet NaN 0x7FC0."""
+    def const(v: int) -> ir.Constant:
+        return ir.Constant(ty, [v] * LANES) if isinstance(ty, ir.VectorType) else ir.Constant(ty, v)
+
+    odd = builder.and_(builder.lshr(bits, const(16)), const(1))
+    rounded = builder.lshr(builder.add(builder.add(bits, const(0x7FFF)), odd), const(16))
+    tiny = builder.icmp_unsigned("==", builder.and_(bits, const(0x7F800000)), const(0))
+    nan = builder.icmp_unsigned(">", builder.and_(bits, const(0x7FFFFFFF)), const(0x7F800000))
+    return builder.select(nan, const(0x7FC0), builder.select(tiny, const(0), rounded))
+
+
+@intrinsic
+def to_bf16(typingctx, x):
+    """float32 x as bfloat16 bits (uint16): _round_bf16."""
+    sig = types.uint16(types.float32)
+
+    def codegen(context, builder, signature, args):
+        x_v = context.cast(builder, args[0], signature.args[0], types.float32)
+        bits = _round_bf16(builder, builder.bitcast(x_v, _i32), _i32)
+        return builder.trunc(bits, ir.IntType(16))
+
+    return sig, codegen
+
+
+@intrinsic
+def bf16_weights(typingctx, wb, att, n, total):
+    """wb[p] = bfloat16 of att[p] / total (the float32 quotient rounded by _round_bf16), for p
+    up to n rounded up to 32 (att and wb at least that long; att[p] past n is 0 where a pair
+    of weights needs it, as exp_sum leaves it)."""
+    sig = types.void(wb, att, n, total)
+
+    def codegen(context, builder, signature, args):
+        wb_a, att_a = (context.make_array(signature.args[i])(context, builder, args[i])
+                       for i in (0, 1))
+        n_v = context.cast(builder, args[2], signature.args[2], types.intp)
+        total_v = _broadcast(builder, context.cast(builder, args[3], signature.args[3],
+                                                   types.float32), _v16f)
+        intp = n_v.type
+        step = 2 * LANES
+        chunks = builder.sdiv(builder.add(n_v, ir.Constant(intp, step - 1)),
+                              ir.Constant(intp, step))
+        v32i16 = ir.VectorType(ir.IntType(16), step)
+        with cgutils.for_range(builder, chunks) as loop:
+            at = builder.mul(loop.index, ir.Constant(intp, step))
+            halves = []
+            for h in range(2):
+                ptr = builder.bitcast(builder.gep(att_a.data, [builder.add(
+                    at, ir.Constant(intp, h * LANES))]), _v16f.as_pointer())
+                w = builder.fdiv(builder.load(ptr, align=4), total_v)
+                halves.append(_round_bf16(builder, builder.bitcast(w, _v16i32), _v16i32))
+            both = builder.shuffle_vector(halves[0], halves[1], _mask(list(range(step))))
+            out = builder.bitcast(builder.gep(wb_a.data, [at]), v32i16.as_pointer())
+            builder.store(builder.trunc(both, v32i16), out, align=2)
+        return context.get_dummy_value()
 
     return sig, codegen

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from ..engine.cvec import ControlVectorError
+from ..engine.kvcache import KV_BLOCK
 from . import (
     cors,
     features_routes,
@@ -63,8 +64,11 @@ def _engine_ctx(on_load_error: Callable[[str], None] | None
                     on_load_error(state.load_error)
                 return
             _start_runner(state, model)
-            log.info("model %s ready (%s, key %s)", model.name, model.engine.dtype,
-                     model.key[:16])
+            cache = model.engine.cache
+            log.info("model %s ready (%s, key %s); KV cache %d tokens, keys %s, values %s, "
+                     "%.0f MiB", model.name, model.engine.dtype, model.key[:16],
+                     cache.n_blocks * KV_BLOCK, cache.type_k, cache.type_v,
+                     (cache.k.nbytes + cache.v.nbytes) / 2**20)
 
         task = asyncio.create_task(load())
         yield

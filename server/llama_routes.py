@@ -135,7 +135,7 @@ async def apply_template(request: web.Request) -> web.Response:
 def _tokens(model: Model, body: TokenizeRequest) -> bytes:
     """/tokenize's body (on the worker pool: megabytes of text take seconds)."""
     tok = model.tokenizer
-    ids = tok.encode(body.content, bos=body.add_special)
+    ids = tok.encode(body.content, bos=body.add_special, special=body.parse_special)
     if not body.with_pieces:
         return encode_json({"tokens": ids})
     pieces = []

@@ -308,6 +308,9 @@ class LlamaCompletionRequest(LlamaFields):
 class TokenizeRequest(_Body):
     content: str
     add_special: bool = False
+    # NOTE: llama.cpp's /tokenize cuts special tokens written in the text ("<|im_start|>") out
+    # as their ids; parse_special false (later llama.cpp) tokenizes them as plain text
+    parse_special: bool = True
     with_pieces: bool = False
 
 

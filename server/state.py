@@ -71,6 +71,8 @@ class ServerConfig:
     control_vector_layers: tuple[int, int] | None = None  # llama.cpp numbering, inclusive
     webui: bool = True  # the playground page at / (server/webui_routes.py); --no-webui: off
     prefix_cache: bool = True  # reuse KV blocks of prompt prefixes (--no-prefix-cache: off)
+    cache_type_k: str | None = None  # the KV cache's types (-ctk/-ctv); None: the engine's
+    cache_type_v: str | None = None
 
 
 @dataclass
@@ -116,7 +118,9 @@ def load_model(config: ServerConfig) -> Model:
                                  config.weight_cache, threads=config.threads,
                                  max_tokens=config.token_budget, kv_tokens=config.ctx_size,
                                  kv_sequences=config.parallel,
-                                 prefix_cache=config.prefix_cache)
+                                 prefix_cache=config.prefix_cache,
+                                 cache_type_k=config.cache_type_k,
+                                 cache_type_v=config.cache_type_v)
     tokenizer = load_tokenizer(config.model_path, config.tokenizer_path, eng.config.vocab_size)
     key = model_key(config.model_path)  # NOTE: cached: a restart does not re-hash the file
     uuid = model_uuid(checkpoint)

@@ -153,12 +153,31 @@ def silu(x: np.ndarray) -> np.ndarray:
     return (x / (1.0 + np.exp(-x.astype(np.float64)))).astype(np.float32)
 
 
+def round_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 values rounded to bfloat16 (nearest, ties to even; subnormals to +0), as float32."""
+    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    top = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+    top = np.where((u & 0x7F800000) == 0, 0, top)
+    return top.astype(np.uint32).view(np.float32)
+
+
+def kv_is_bf16(config: ModelConfig, quantized: bool, kv_type: str | None) -> bool:
+    """The KV cache type a Q8_0 or f32 engine uses by default (engine/engine.py), or kv_type."""
+    if kv_type is None:
+        return quantized and config.head_dim % 16 == 0
+    return kv_type == "bf16"
+
+
 def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray,
-                     config: ModelConfig) -> np.ndarray:
+                     config: ModelConfig, bf16: bool = False) -> np.ndarray:
     """q (T, n_heads * hd) at `positions`, k/v (P, kv_dim) for 0..P-1 -> (T, n_heads * hd).
 
-    Query head h reads kv head h // kv_mul; position p attends to 0..p.
+    Query head h reads kv head h // kv_mul; position p attends to 0..p. With `bf16` (a
+    bfloat16 KV cache) queries, keys, values and the softmax weights are rounded to bfloat16
+    before they are multiplied.
     """
+    if bf16:
+        q, k, v = round_bf16(q), round_bf16(k), round_bf16(v)
     hd, kv_mul = config.head_dim, config.n_heads // config.n_kv_heads
     t, p = q.shape[0], k.shape[0]
     qh = q.reshape(t, config.n_heads, hd).transpose(1, 0, 2)               # (H, T, hd)
@@ -170,6 +189,8 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.
     scores = scores - scores.max(axis=-1, keepdims=True)
     probs = np.exp(scores)
     probs /= probs.sum(axis=-1, keepdims=True)
+    if bf16:
+        probs = round_bf16(probs)
     out = probs.astype(np.float32) @ vh                                     # (H, T, hd)
     return out.transpose(1, 0, 2).reshape(t, config.n_heads * hd).astype(np.float32)
 
@@ -256,8 +277,8 @@ def _steering_rows(vec: np.ndarray, positions: np.ndarray) -> np.ndarray:
 
 def _forward_chunk(weights: dict[str, Any], config: ModelConfig, tokens: np.ndarray,
                    cache: KVCache, linear: _Linear, steering: Steering,
-                   captures: dict[str, np.ndarray] | None, edit: Edit | None = None
-                   ) -> np.ndarray:
+                   captures: dict[str, np.ndarray] | None, edit: Edit | None = None,
+                   kv_bf16: bool = False) -> np.ndarray:
     """Runs `tokens` at positions cache.length.. against the cache -> logits (T, vocab).
 
     Appends the chunk's keys and values to the cache; fills `captures` (L, T, dim) if given.
@@ -291,7 +312,8 @@ def _forward_chunk(weights: dict[str, Any], config: ModelConfig, tokens: np.ndar
         k = apply_rope(k, positions, *rope)
         cache.k[layer, start:end] = k
         cache.v[layer, start:end] = v
-        att = causal_attention(q, cache.k[layer, :end], cache.v[layer, :end], positions, config)
+        att = causal_attention(q, cache.k[layer, :end], cache.v[layer, :end], positions, config,
+                               kv_bf16)
         attn_out = linear(att, "wo", layer)
         x = x + attn_out
 
@@ -325,7 +347,8 @@ def _check_tokens(tokens: Any, config: ModelConfig) -> np.ndarray:
 
 def reference_forward(weights: dict[str, Any], config: ModelConfig, tokens: list[int], *,
                       quantized: bool = False, steering: Steering | None = None,
-                      capture: bool = True, edit: Edit | None = None) -> dict[str, np.ndarray]:
+                      capture: bool = True, edit: Edit | None = None,
+                      kv_type: str | None = None) -> dict[str, np.ndarray]:
     """All positions of one sequence from position 0 (teacher forcing).
 
     Returns `logits` (T, vocab) and, when `capture`, the residual-stream tensors (L, T, dim):
@@ -333,7 +356,8 @@ def reference_forward(weights: dict[str, Any], config: ModelConfig, tokens: list
     the residual add), `mlp_out` (after w2, before the residual add), `resid_post` (leaving l).
     `steering` maps layer -> (T_s, dim) added at positions 0..T_s-1, or (dim,) added everywhere.
     `edit(layer, x, positions) -> x` rewrites the stream entering each layer (0..n_layers)
-    before `steering` is added (any intervention, written by the test).
+    before `steering` is added (any intervention, written by the test). `kv_type` "f32" or
+    "bf16"; by default the engine's for the mode (`kv_is_bf16`).
     """
     toks = _check_tokens(tokens, config)
     if len(toks) > config.max_seq_len:
@@ -345,13 +369,15 @@ def reference_forward(weights: dict[str, Any], config: ModelConfig, tokens: list
                     for name in CAPTURE_NAMES}
     cache = KVCache.empty(config, t)
     logits = _forward_chunk(weights, config, toks, cache, _Linear(weights, quantized),
-                            _check_steering(steering, config), captures, edit)
+                            _check_steering(steering, config), captures, edit,
+                            kv_is_bf16(config, quantized, kv_type))
     return {"logits": logits, **(captures or {})}
 
 
 def reference_generate(weights: dict[str, Any], config: ModelConfig, prompt_tokens: list[int],
                        n: int, *, quantized: bool = False,
-                       steering: Steering | None = None) -> list[int]:
+                       steering: Steering | None = None, kv_type: str | None = None
+                       ) -> list[int]:
     """Greedy continuation: exactly `n` new ids (argmax, ties -> lowest id), no stop token.
 
     Steering rows are indexed by absolute position, as in `reference_forward`.
@@ -363,7 +389,8 @@ def reference_generate(weights: dict[str, Any], config: ModelConfig, prompt_toke
     linear = _Linear(weights, quantized)
     steer = _check_steering(steering, config)
     cache = KVCache.empty(config, len(toks) + n)
-    logits = _forward_chunk(weights, config, toks, cache, linear, steer, None)
+    bf16 = kv_is_bf16(config, quantized, kv_type)
+    logits = _forward_chunk(weights, config, toks, cache, linear, steer, None, None, bf16)
     out: list[int] = []
     for _ in range(n):
         # NOTE: np.argmax returns the first maximum, which is the lowest id on ties.
@@ -371,7 +398,8 @@ def reference_generate(weights: dict[str, Any], config: ModelConfig, prompt_toke
         out.append(nxt)
         if len(out) == n:
             break
-        logits = _forward_chunk(weights, config, np.array([nxt]), cache, linear, steer, None)
+        logits = _forward_chunk(weights, config, np.array([nxt]), cache, linear, steer, None,
+                                None, bf16)
     return out
 
 

@@ -239,8 +239,11 @@ def test_a_model_in_each_type_matches_the_reference(qtype, tmp_path):
     want = reference_forward(ref, CONFIG, TOKENS, capture=False)["logits"]
     scale = np.abs(want).max()
     np.testing.assert_allclose(f32.forward_all(TOKENS).logits, want, atol=2e-5 * scale, rtol=0)
-    # q8_0: the engine's Q8_0 of those values (or the file's own Q8_0 blocks)
-    q8 = Engine(CONFIG, build_weights(CONFIG, ckpt.tensors, "q8_0"))
+    # q8_0: the engine's Q8_0 of those values (or the file's own Q8_0 blocks); a float32 KV
+    # cache, so that what is compared is the weights' path (the bfloat16 cache has its own
+    # tests: tests/test_kernels.py, tests/test_architectures.py)
+    q8 = Engine(CONFIG, build_weights(CONFIG, ckpt.tensors, "q8_0"), cache_type_k="f32",
+                cache_type_v="f32")
     qref = q8_reference(ref, blocks, qtype)
     weights = dequantized(q8.weights, CONFIG)
     for name in ref:
@@ -248,7 +251,8 @@ def test_a_model_in_each_type_matches_the_reference(qtype, tmp_path):
             values, scales = qref[name + "_q8"]
             assert np.array_equal(weights[name], QTensor(values, scales).dequantize()), name
     got = q8.forward_all(TOKENS).logits
-    want_q8 = reference_forward(qref, CONFIG, TOKENS, quantized=True, capture=False)["logits"]
+    want_q8 = reference_forward(qref, CONFIG, TOKENS, quantized=True, capture=False,
+                                kv_type="f32")["logits"]
     # NOTE: float32 sums differ from the reference's float64 ones in the last bit, which can
     # move an activation across a rounding boundary of its quantization (one quantum): allow
     # that in one token of six, bounded, and require the others to match closely.
@@ -273,11 +277,12 @@ def test_a_q4_k_m_style_mix_of_types_and_a_tied_embedding(tmp_path):
     want = reference_forward(ref, config, TOKENS, capture=False)["logits"]
     scale = np.abs(want).max()
     np.testing.assert_allclose(f32.forward_all(TOKENS).logits, want, atol=2e-5 * scale, rtol=0)
-    q8 = Engine(config, build_weights(config, ckpt.tensors, "q8_0")).forward_all(TOKENS).logits
+    q8 = Engine(config, build_weights(config, ckpt.tensors, "q8_0"), cache_type_k="f32",
+                cache_type_v="f32").forward_all(TOKENS).logits
     # NOTE: the Q8_0 layer keeps its own blocks, which gguf's quantizer made: requantizing
     # their values with the engine's rule gives the same int8 and scales
     want_q8 = reference_forward(q8_reference(ref, {}, None), config, TOKENS, quantized=True,
-                                capture=False)["logits"]
+                                capture=False, kv_type="f32")["logits"]
     np.testing.assert_allclose(q8[:6], want_q8[:6], atol=1e-5 * scale, rtol=0)
     assert (q8.argmax(-1) == want_q8.argmax(-1)).mean() >= 0.9
     # a stack mixing Q8_0 and other types materializes as float32

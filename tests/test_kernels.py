@@ -8,10 +8,31 @@ from numba import njit
 from tiller.engine import kernels as K
 from tiller.engine.config import GROUP_SIZE
 from tiller.engine.quant import quantize_q8_0
-from tiller.engine.simd import HAS_VNNI, exp_sum, make_qtile, scale_max
+from tiller.engine.simd import (
+    HAS_BF16,
+    HAS_VNNI,
+    exp_sum,
+    make_qtile,
+    make_scores,
+    make_weighted_sum,
+    scale_max,
+    to_bf16,
+)
 from tiller.engine.weights import deinterleave, interleave
 
 RNG = np.random.default_rng(1234)
+NO_QB = np.zeros((64, 0), np.uint16)  # the queries' bfloat16 copy: none with float32 keys
+
+
+def bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16): round to nearest even, subnormals to +0 (numpy)."""
+    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where((u & 0x7F800000) == 0, np.uint16(0), r)
+
+
+def from_bf16(b: np.ndarray) -> np.ndarray:
+    return (np.asarray(b, np.uint32) << 16).view(np.float32)
 
 
 def q8_operands(d: int, n: int, T: int):
@@ -152,7 +173,7 @@ def test_rope_rotates_pairs_and_stores_kv_in_the_right_block():
     v_cache = np.zeros((2, 4, K.KV_BLOCK, kv_dim), np.float32)
     freqs = 1.0 / 10000.0 ** (np.arange(0, hd, 2) / hd)
     ang = np.arange(32)[:, None] * freqs[None]
-    K.rope_store_kv(qkv, positions, np.cos(ang).astype(np.float32),
+    K.rope_store_kv(qkv, NO_QB[:3], positions, np.cos(ang).astype(np.float32),
                     np.sin(ang).astype(np.float32), n_heads, n_kv, hd, k_cache, v_cache, 1,
                     seq_index, block_tables)
     assert np.array_equal(qkv[0], before[0])  # position 0 is the identity
@@ -224,8 +245,9 @@ def test_attention_matches_numpy_over_paged_transposed_keys(head_dim, n_heads, n
         k_cache[0, block_tables[s, 2 if s == 0 else 0], :, 9:] = 1e30 if s == 0 else np.nan
     qkv = RNG.standard_normal((5, dim + 2 * kv_dim), dtype=np.float32)
     out = np.zeros((5, dim), np.float32)
-    K.attention(out, qkv, k_cache, v_cache, 0, positions, seq_index, block_tables, n_heads,
-                n_kv, head_dim, np.zeros((2, K.ATT_ROWS, 48), np.float32))
+    scratch = np.zeros((2, K.ATT_ROWS, 64), np.float32)
+    K.attention(out, qkv, NO_QB, k_cache, v_cache, 0, positions, seq_index, block_tables,
+                n_heads, n_kv, head_dim, scratch, scratch)
     for t, (p, s) in enumerate(zip(positions, seq_index, strict=True)):
         for h in range(n_heads):
             kh = (h // (n_heads // n_kv)) * head_dim
@@ -237,28 +259,174 @@ def test_attention_matches_numpy_over_paged_transposed_keys(head_dim, n_heads, n
                                        atol=1e-5)
 
 
+@pytest.mark.parametrize("cache", ["f32", "bf16"])
 @pytest.mark.parametrize("head_dim, n_heads, n_kv", [(64, 2, 2), (128, 2, 1), (32, 8, 2),
                                                      (48, 2, 2)])
-def test_attention_of_a_chunk_is_bitwise_each_token_alone(head_dim, n_heads, n_kv):
+def test_attention_of_a_chunk_is_bitwise_each_token_alone(head_dim, n_heads, n_kv, cache):
     # a chunk's tokens (and the heads sharing a KV head) are computed several rows at a time,
     # sharing key and value loads: each row must still be the bits it gets when computed alone
     T, kv_dim = 37, n_kv * head_dim
     dim = n_heads * head_dim
     block_tables = np.array([[3, 0, 5, 1, 4, 2]], np.int32)
-    k_cache = RNG.standard_normal((1, 6, kv_dim, K.KV_BLOCK), dtype=np.float32)
-    v_cache = RNG.standard_normal((1, 6, K.KV_BLOCK, kv_dim), dtype=np.float32)
     qkv = RNG.standard_normal((T, dim + 2 * kv_dim), dtype=np.float32)
+    scratch = np.zeros((2, K.ATT_ROWS, 96), np.float32)
+    if cache == "f32":
+        k_cache = RNG.standard_normal((1, 6, kv_dim, K.KV_BLOCK), dtype=np.float32)
+        v_cache = RNG.standard_normal((1, 6, K.KV_BLOCK, kv_dim), dtype=np.float32)
+        qb, weights = NO_QB[:T], scratch
+    else:
+        k_cache = bf16(RNG.standard_normal((1, 6, kv_dim // 2, K.KV_BLOCK, 2)).astype("f4"))
+        v_cache = bf16(RNG.standard_normal((1, 6, K.KV_BLOCK // 2, kv_dim, 2)).astype("f4"))
+        qb, weights = bf16(qkv[:, :dim]), np.zeros(scratch.shape, np.uint16)
     positions = np.arange(50, 50 + T, dtype=np.int32)
     seq_index = np.zeros(T, np.int32)
-    scratch = np.zeros((2, K.ATT_ROWS, 96), np.float32)
     chunk = np.zeros((T, dim), np.float32)
-    K.attention(chunk, qkv, k_cache, v_cache, 0, positions, seq_index, block_tables, n_heads,
-                n_kv, head_dim, scratch)
+    K.attention(chunk, qkv, qb, k_cache, v_cache, 0, positions, seq_index, block_tables,
+                n_heads, n_kv, head_dim, scratch, weights)
     for t in range(T):
         alone = np.zeros((1, dim), np.float32)
-        K.attention(alone, qkv[t:t + 1], k_cache, v_cache, 0, positions[t:t + 1],
-                    seq_index[:1], block_tables, n_heads, n_kv, head_dim, scratch)
+        K.attention(alone, qkv[t:t + 1], qb[t:t + 1], k_cache, v_cache, 0, positions[t:t + 1],
+                    seq_index[:1], block_tables, n_heads, n_kv, head_dim, scratch, weights)
         assert np.array_equal(alone[0], chunk[t]), t
+
+
+def test_bf16_rounds_to_nearest_even_and_flushes_subnormals():
+    x = np.array([1.0, 1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-8 + 2**-20, -2.5, 1e-39, -1e-39,
+                  3.4e38, np.inf], np.float32)
+    # ties go to the even mantissa: 1 + 2^-8 -> 1, 1 + 3 * 2^-8 -> 1 + 2^-6; just above a tie
+    # rounds up; subnormals become +0; the largest floats round to inf
+    want = [1.0, 1.0, 1 + 2**-6, 1 + 2**-7, -2.5, 0.0, 0.0, np.inf, np.inf]
+    assert from_bf16(bf16(x)).tolist() == want
+    got = np.array([_to_bf16(v) for v in x], np.uint16)
+    assert np.array_equal(got, bf16(x))
+    assert _to_bf16(np.float32(np.nan)) == 0x7FC0
+
+
+@njit
+def _to_bf16(x):
+    return to_bf16(x)
+
+
+def _bf16_caches(keys: np.ndarray, values: np.ndarray, block_tables: np.ndarray, lengths,
+                 n_blocks: int, stale: float = np.nan) -> tuple[np.ndarray, np.ndarray]:
+    """keys/values (S, P, kv_dim) per sequence and position into bfloat16 caches in the
+    engine's layouts (engine/kvcache.py); every other entry holds `stale`."""
+    kv_dim = keys.shape[2]
+    k_cache = np.full((1, n_blocks, kv_dim // 2, K.KV_BLOCK, 2), bf16(np.float32(stale)))
+    v_cache = np.full((1, n_blocks, K.KV_BLOCK // 2, kv_dim, 2), bf16(np.float32(stale)))
+    for s, n in enumerate(lengths):
+        for p in range(n):
+            blk, i = block_tables[s, p // K.KV_BLOCK], p % K.KV_BLOCK
+            k_cache[0, blk, :, i, :] = bf16(keys[s, p]).reshape(kv_dim // 2, 2)
+            v_cache[0, blk, i // 2, :, i % 2] = bf16(values[s, p])
+    return k_cache, v_cache
+
+
+def test_rope_store_kv_writes_bf16_keys_values_and_queries_in_their_layouts():
+    n_heads, n_kv, hd = 2, 1, 32
+    dim, kv_dim = n_heads * hd, n_kv * hd
+    qkv = RNG.standard_normal((3, dim + 2 * kv_dim), dtype=np.float32)
+    positions = np.array([0, 1, 17], np.int32)
+    seq_index = np.array([0, 0, 1], np.int32)
+    block_tables = np.array([[3, 0], [1, 2]], np.int32)
+    k_cache = np.zeros((2, 4, kv_dim // 2, K.KV_BLOCK, 2), np.uint16)
+    v_cache = np.zeros((2, 4, K.KV_BLOCK // 2, kv_dim, 2), np.uint16)
+    qb = np.zeros((3, dim), np.uint16)
+    ang = np.arange(32)[:, None] * (1.0 / 10000.0 ** (np.arange(0, hd, 2) / hd))[None]
+    K.rope_store_kv(qkv, qb, positions, np.cos(ang).astype(np.float32),
+                    np.sin(ang).astype(np.float32), n_heads, n_kv, hd, k_cache, v_cache, 1,
+                    seq_index, block_tables)
+    assert np.array_equal(qb, bf16(qkv[:, :dim]))  # the rotated queries, rounded
+    for t, (p, s) in enumerate(zip(positions, seq_index, strict=True)):
+        blk, i = block_tables[s, p // K.KV_BLOCK], p % K.KV_BLOCK
+        k, v = qkv[t, dim:dim + kv_dim], qkv[t, dim + kv_dim:]
+        assert np.array_equal(k_cache[1, blk, :, i, :].reshape(-1), bf16(k))  # dims in pairs
+        assert np.array_equal(v_cache[1, blk, i // 2, :, i % 2], bf16(v))  # positions in pairs
+    assert not k_cache[0].any() and not v_cache[0].any()
+
+
+@pytest.mark.parametrize("head_dim,n_heads,n_kv", [(64, 4, 2), (48, 2, 2), (32, 4, 1)])
+def test_bf16_attention_matches_numpy_with_the_same_roundings(head_dim, n_heads, n_kv):
+    # queries, keys, values and the softmax weights rounded to bfloat16, all else float64:
+    # the kernel's float32 sums agree to float32 precision. Every entry it must not read
+    # (stale positions, past a query's own) is NaN: an odd length ends inside a pair of
+    # positions whose other value is NaN, and must still add nothing
+    dim, kv_dim = n_heads * head_dim, n_kv * head_dim
+    positions = np.array([0, 15, 16, 40, 3, 2], np.int32)
+    seq_index = np.array([0, 0, 0, 0, 1, 1], np.int32)
+    block_tables = np.array([[5, 2, 7], [1, 0, 0]], np.int32)
+    keys = RNG.standard_normal((2, 48, kv_dim), dtype=np.float32)
+    values = RNG.standard_normal((2, 48, kv_dim), dtype=np.float32)
+    k_cache, v_cache = _bf16_caches(keys, values, block_tables, (41, 4), 8)
+    qkv = RNG.standard_normal((6, dim + 2 * kv_dim), dtype=np.float32)
+    qb = bf16(qkv[:, :dim])
+    out = np.zeros((6, dim), np.float32)
+    scratch = np.zeros((2, K.ATT_ROWS, 64), np.float32)
+    K.attention(out, qkv, qb, k_cache, v_cache, 0, positions, seq_index, block_tables,
+                n_heads, n_kv, head_dim, scratch, np.zeros(scratch.shape, np.uint16))
+    for t, (p, s) in enumerate(zip(positions, seq_index, strict=True)):
+        for h in range(n_heads):
+            kh = (h // (n_heads // n_kv)) * head_dim
+            q = from_bf16(qb[t, h * head_dim:(h + 1) * head_dim]).astype(np.float64)
+            k = from_bf16(bf16(keys[s, :p + 1, kh:kh + head_dim])).astype(np.float64)
+            v = from_bf16(bf16(values[s, :p + 1, kh:kh + head_dim])).astype(np.float64)
+            sc = k @ q / np.sqrt(head_dim)
+            e = np.exp(sc - sc.max())
+            w = from_bf16(bf16((e / e.sum()).astype(np.float32))).astype(np.float64)
+            np.testing.assert_allclose(out[t, h * head_dim:(h + 1) * head_dim], w @ v,
+                                       rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("blocks,rows", [(1, 1), (4, 4)])
+def test_bf16_scores_are_the_same_bits_on_the_native_and_portable_paths(blocks, rows):
+    if not HAS_BF16:
+        pytest.skip("no AVX512-BF16 here: only the portable path runs")
+    native, portable = make_scores(blocks, True), make_scores(blocks, False)
+
+    @njit
+    def run_native(atts, qs, k_cache, table):
+        native(atts, qs, k_cache, 0, table, 0, 32)
+
+    @njit
+    def run_portable(atts, qs, k_cache, table):
+        portable(atts, qs, k_cache, 0, table, 0, 32)
+
+    k_cache = bf16(RNG.standard_normal((1, 6, 64, K.KV_BLOCK, 2)).astype(np.float32) * 3)
+    table = np.array([4, 1, 0, 5], np.int32)
+    qs = tuple(bf16(RNG.standard_normal(64).astype(np.float32)) for _ in range(rows))
+    a = tuple(np.zeros(64, np.float32) for _ in range(rows))
+    b = tuple(np.zeros(64, np.float32) for _ in range(rows))
+    run_native(a, qs, k_cache, table)
+    run_portable(b, qs, k_cache, table)
+    for x, y in zip(a, b, strict=True):
+        assert np.array_equal(x[:16 * blocks].view(np.uint32), y[:16 * blocks].view(np.uint32))
+
+
+@pytest.mark.parametrize("p0,p1", [(0, 37), (4, 5), (0, 64), (16, 33)])
+def test_bf16_weighted_sums_are_the_same_bits_on_the_native_and_portable_paths(p0, p1):
+    if not HAS_BF16:
+        pytest.skip("no AVX512-BF16 here: only the portable path runs")
+    native, portable = make_weighted_sum(2, True), make_weighted_sum(2, False)
+
+    @njit
+    def run_native(os, ws, v_cache, table, p0, p1):
+        native(os, ws, v_cache, 0, table, p0, p1, 32)
+
+    @njit
+    def run_portable(os, ws, v_cache, table, p0, p1):
+        portable(os, ws, v_cache, 0, table, p0, p1, 32)
+
+    v_cache = bf16(RNG.standard_normal((1, 6, K.KV_BLOCK // 2, 64, 2)).astype(np.float32))
+    table = np.array([4, 1, 0, 5], np.int32)
+    w = RNG.random(64).astype(np.float32)
+    w[p1:] = 0  # past the row's end the weights are 0 (simd.bf16_weights after exp_sum)
+    ws = (bf16(w / w.sum()),)
+    start = RNG.standard_normal(32).astype(np.float32)
+    a, b = (start.copy(),), (start.copy(),)
+    run_native(a, ws, v_cache, table, p0, p1)
+    run_portable(b, ws, v_cache, table, p0, p1)
+    assert np.array_equal(a[0].view(np.uint32), b[0].view(np.uint32))
+    assert not np.array_equal(a[0], start)
 
 
 def test_tiller_simd_chooses_the_path_and_refuses_unknown_names(monkeypatch):

@@ -53,6 +53,8 @@ def test_llama_server_short_flags_parse_as_llama_server_means_them():
             args.alias) == (Path("m.gguf"), 2048, 3, 2, 64, "x")
     assert args.control_vector_scaled == [["a.gguf", "0.5"]]
     assert args.control_vector == [Path("b.gguf")] and args.control_vector_layer_range == [2, 4]
+    args = build_parser().parse_args(["serve", "-ctk", "bf16", "-ctv", "f32"])
+    assert (args.cache_type_k, args.cache_type_v) == ("bf16", "f32")
     # "-n" alone is n_predict, never "-np"'s prefix, whatever the order
     args = build_parser().parse_args(["serve", "-m", "m", "-n", "-1", "-np", "2"])
     assert (args.n_predict, args.parallel) == (-1, 2)

@@ -31,15 +31,24 @@ def prompt_of(seed: int, n: int) -> list[int]:
     return [1, *np.random.default_rng(seed).integers(3, 512, n - 1).tolist()]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(shared_models: Path):
-    return load_checkpoint(shared_models / "stories260K.bin")
+@pytest.fixture(scope="module", params=["f32", "bf16"])
+def checkpoint(request, shared_models: Path):
+    """stories260K (heads of 8: a float32 KV cache), and its weights read as 2 heads of 32
+    with one KV head, a width the default bfloat16 cache takes (row copies then go by pairs of
+    positions: engine/kvcache.py)."""
+    checkpoint = load_checkpoint(shared_models / "stories260K.bin")
+    if request.param == "bf16":
+        checkpoint = replace(checkpoint, config=replace(checkpoint.config, n_heads=2,
+                                                        n_kv_heads=1))
+    return checkpoint
 
 
 @pytest.fixture
 def cached(checkpoint) -> Engine:
     """A fresh cache per test, so that what a lookup can find is what the test ran."""
-    return Engine.from_checkpoint(checkpoint, max_tokens=64, kv_sequences=4)
+    engine = Engine.from_checkpoint(checkpoint, max_tokens=64, kv_sequences=4)
+    assert engine.cache.type_v == ("bf16" if checkpoint.config.head_dim == 32 else "f32")
+    return engine
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +182,21 @@ def test_rows_offered_found_by_longest_agreement_and_dropped_with_their_block():
     assert cache.evictable_blocks == 2 and cache.free_blocks == 3  # z offered nothing: free
     cache.allocate(3)  # evicts x then y: their rows go with them
     assert cache.best_rows(b"anchor", (5, 6)) is None and cache.cached_blocks == 0
+
+
+def test_bf16_row_copies_go_by_pairs_of_positions_and_bad_types_are_refused():
+    cache = KVCache(SimpleNamespace(n_layers=1, kv_dim=32, head_dim=32), 2,  # type: ignore
+                    "bf16", "bf16")
+    cache.k[:, 0], cache.v[:, 0] = 1, 2
+    cache.copy_rows(0, 1, 3)
+    assert (cache.k[:, 1, :, :3] == 1).all() and not cache.k[:, 1, :, 3:].any()
+    # positions 0..2 are the values' pairs 0 and 1: the second pair goes whole
+    assert (cache.v[:, 1, :2] == 2).all() and not cache.v[:, 1, 2:].any()
+    narrow = SimpleNamespace(n_layers=1, kv_dim=16, head_dim=8)
+    with pytest.raises(ValueError, match="multiple of 16; this model's is 8"):
+        KVCache(narrow, 2, "f32", "bf16")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="type_k must be one of"):
+        KVCache(narrow, 2, "f16", "f32")  # type: ignore[arg-type]
 
 
 # bitwise equality with and without the cache ----------------------------------------------------

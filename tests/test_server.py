@@ -395,7 +395,8 @@ async def test_a_gguf_model_brings_its_tokenizer_and_chat_template(aiohttp_clien
 async def test_a_gguf_model_with_a_byte_level_bpe_vocabulary(aiohttp_client, tmp_path):
     """A Llama model whose GGUF vocabulary is byte-level BPE (as Llama 3 and Qwen 2 ship):
     special tokens in the rendered chat prompt are tokens (all of it, as in llama.cpp), in a
-    completion prompt or /tokenize they are plain text."""
+    completion prompt they are plain text; /tokenize cuts them out as llama.cpp's does, unless
+    `parse_special` is false."""
     import gguf
     from tiller.engine.bpe import BYTE_TO_CHAR, BpeTokenizer
     from tiller.engine.config import ModelConfig
@@ -427,6 +428,9 @@ async def test_a_gguf_model_with_a_byte_level_bpe_vocabulary(aiohttp_client, tmp
     prompt = "<|im_start|>user\nab <|im_end|><|im_end|>\n<|im_start|>assistant\n"
     assert body["usage"]["prompt_tokens"] == len(tok.encode(prompt, special=True))
     tokenized = await post(client, "/tokenize", {"content": "ab ab<|im_end|>"})
+    assert tokenized["tokens"] == [256, 257, 260]
+    tokenized = await post(client, "/tokenize", {"content": "ab ab<|im_end|>",
+                                                 "parse_special": False})
     assert tokenized["tokens"] == [256, 257] + [ord(c) for c in "<|im_end|>"]
     assert (await post(client, "/detokenize", {"tokens": [256, 257, 260]}))["content"] == "ab ab"
     body = await post(client, "/v1/completions", {"prompt": "é ab", "max_tokens": 4,

@@ -15,6 +15,7 @@ from typing import Any
 from . import BUILTIN_MODEL
 from .engine.engine import Engine
 from .engine.generate import Timings, generate
+from .engine.kvcache import CACHE_TYPES
 from .engine.llama2c import CheckpointError
 from .engine.loader import load_tokenizer
 from .engine.sampling import SamplingParams
@@ -32,6 +33,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="q8_0",
                    help="q8_0: int8 weights and activations (fast); f32: exact fp32 reference")
     p.add_argument("-t", "--threads", type=int, help="compute threads (default: all cores)")
+    for short, name in (("-ctk", "k"), ("-ctv", "v")):
+        p.add_argument(short, f"--cache-type-{name}", choices=CACHE_TYPES,
+                       help=f"the KV cache's {'keys' if name == 'k' else 'values'}: bf16 (half "
+                            "the memory, faster attention; the default with --dtype q8_0) or "
+                            "f32 (the default with --dtype f32)")
     p.add_argument("--no-weight-cache", dest="weight_cache", action="store_false",
                    help="build the engine's weights from the file every time instead of mapping "
                         "them from <cache root>/weights ($TILLER_WEIGHT_CACHE=0 does the same)")
@@ -192,7 +198,8 @@ LOAD_BAR_DELAY = 1.0
 def _load(args: argparse.Namespace) -> tuple[Engine, Tokenizer]:
     engine = Engine.load(args.model, dtype=args.dtype, threads=args.threads,
                          progress=progress_bar(delay=LOAD_BAR_DELAY, leave=False),
-                         weight_cache=args.weight_cache)
+                         weight_cache=args.weight_cache, cache_type_k=args.cache_type_k,
+                         cache_type_v=args.cache_type_v)
     tokenizer = load_tokenizer(args.model, args.tokenizer, engine.config.vocab_size)
     return engine, tokenizer
 
@@ -395,6 +402,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                           max_feature_values=args.max_feature_values, workers=args.workers,
                           webui=not args.no_webui, prefix_cache=not args.no_prefix_cache,
+                          cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v,
                           **options)
     if config.max_body_bytes < 1024:
         raise ValueError("--max-body-mb must allow at least 1 KiB")
