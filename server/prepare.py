@@ -209,18 +209,20 @@ def check_text_length(model: Model, runner: Runner, text: str, field: str,
 def tokenize_prompt(model: Model, prompt: str | list, field: str = "prompt",
                     runner: Runner | None = None) -> list[int]:
     """A string (BOS + text) or token ids (used as given) -> ids, validated against the vocab.
-    With `runner`, text that cannot fit its context is refused before it is tokenized."""
+    Special tokens written in the text (<|im_start|>, </s>) are cut out as their ids, as
+    llama.cpp's completion routes (and vLLM's) tokenize a prompt. With `runner`, text that
+    cannot fit its context is refused before it is tokenized."""
     tok = model.tokenizer
     if isinstance(prompt, str):
         if runner is not None:
             check_text_length(model, runner, prompt, field)
-        return tok.encode(prompt, bos=True)
+        return tok.encode(prompt, bos=True, special=True)
     ids: list[int] = []
     for i, part in enumerate(prompt):  # llama.cpp allows strings and ids mixed
         if isinstance(part, str):
             if runner is not None:
                 check_text_length(model, runner, part, field, before=len(ids) + (not ids))
-            ids.extend(tok.encode(part, bos=not ids))
+            ids.extend(tok.encode(part, bos=not ids, special=True))
         elif isinstance(part, int) and not isinstance(part, bool):
             if not 0 <= part < tok.vocab_size:
                 raise ApiError(400, f"{field}[{i}]: token id {part} outside "

@@ -394,9 +394,8 @@ async def test_a_gguf_model_brings_its_tokenizer_and_chat_template(aiohttp_clien
 
 async def test_a_gguf_model_with_a_byte_level_bpe_vocabulary(aiohttp_client, tmp_path):
     """A Llama model whose GGUF vocabulary is byte-level BPE (as Llama 3 and Qwen 2 ship):
-    special tokens in the rendered chat prompt are tokens (all of it, as in llama.cpp), in a
-    completion prompt they are plain text; /tokenize cuts them out as llama.cpp's does, unless
-    `parse_special` is false."""
+    special tokens in the rendered chat prompt, a completion prompt and /tokenize's text are
+    tokens (all of it, as in llama.cpp), unless /tokenize's `parse_special` is false."""
     import gguf
     from tiller.engine.bpe import BYTE_TO_CHAR, BpeTokenizer
     from tiller.engine.config import ModelConfig
@@ -433,6 +432,9 @@ async def test_a_gguf_model_with_a_byte_level_bpe_vocabulary(aiohttp_client, tmp
                                                  "parse_special": False})
     assert tokenized["tokens"] == [256, 257] + [ord(c) for c in "<|im_end|>"]
     assert (await post(client, "/detokenize", {"tokens": [256, 257, 260]}))["content"] == "ab ab"
+    body = await post(client, "/v1/completions", {"prompt": "ab<|im_end|>", "max_tokens": 1,
+                                                  "temperature": 0})
+    assert body["usage"]["prompt_tokens"] == 2  # "ab" and <|im_end|> (no BOS in this vocab)
     body = await post(client, "/v1/completions", {"prompt": "é ab", "max_tokens": 4,
                                                   "temperature": 0, "echo": True})
     assert body["choices"][0]["text"].startswith("é ab")
