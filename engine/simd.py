@@ -370,55 +370,14 @@ def make_scores(blocks: int, native_bf16: bool = HAS_BF16):
     def scores(typingctx, atts, qs, k_cache, layer, table, b0, k0):
         sig = types.void(atts, qs, k_cache, layer, table, b0, k0)
         rows = atts.count
-        if k_cache.dtype == types.uint16:
-            return sig, _bf16_scores_codegen(blocks, rows, native_bf16)
-
-        def codegen(context, builder, signature, args):
-            att_as = _tuple_arrays(context, builder, signature.args[0], args[0])
-            q_as = _tuple_arrays(context, builder, signature.args[1], args[1])
-            k_a, table_a = (context.make_array(signature.args[i])(context, builder, args[i])
-                            for i in (2, 4))
-            layer_v, b0_v, k0_v = (context.cast(builder, args[i], signature.args[i], types.intp)
-                                   for i in (3, 5, 6))
-            intp = layer_v.type
-            s0, s1, s2 = (builder.extract_value(k_a.strides, i) for i in range(3))
-            table_t = signature.args[4].dtype
-            base = builder.add(builder.ptrtoint(k_a.data, intp), builder.mul(layer_v, s0))
-            base = builder.add(base, builder.mul(k0_v, s2))
-            block_ptrs = []
-            for j in range(blocks):
-                bj = builder.add(b0_v, ir.Constant(intp, j))
-                blk = builder.load(builder.gep(table_a.data, [bj]))
-                blk = context.cast(builder, blk, table_t, types.intp)
-                block_ptrs.append(builder.add(base, builder.mul(blk, s1)))
-            hd = builder.extract_value(q_as[0].shape, 0)
-            slots = [[cgutils.alloca_once_value(builder, ir.Constant(_v16f, [0.0] * LANES))
-                      for _ in range(rows)] for _ in range(blocks)]
-            with cgutils.for_range(builder, hd) as loop:
-                d = loop.index
-                qds = [_broadcast(builder, builder.load(builder.gep(q.data, [d])), _v16f)
-                       for q in q_as]
-                row = builder.mul(d, s2)
-                for j in range(blocks):
-                    ptr = builder.inttoptr(builder.add(block_ptrs[j], row), _v16f.as_pointer())
-                    kv = builder.load(ptr, align=4)
-                    for r in range(rows):
-                        slot = slots[j][r]
-                        builder.store(_fma(builder, qds[r], kv, builder.load(slot)), slot)
-            for j in range(blocks):
-                at = builder.mul(builder.add(b0_v, ir.Constant(intp, j)), ir.Constant(intp, LANES))
-                for r in range(rows):
-                    ptr = builder.bitcast(builder.gep(att_as[r].data, [at]), _v16f.as_pointer())
-                    builder.store(builder.load(slots[j][r]), ptr, align=4)
-            return context.get_dummy_value()
-
-        return sig, codegen
+        return sig, _scores_codegen(blocks, rows, k_cache.dtype == types.uint16, native_bf16)
 
     return scores
 
 
-def _bf16_scores_codegen(blocks: int, rows: int, native: bool):
-    """make_scores' body for bfloat16 keys and queries."""
+def _scores_codegen(blocks: int, rows: int, bf16: bool, native: bool):
+    """make_scores' body: float32 keys and queries, one fma per dim; or bfloat16 ones, one
+    _dpbf16 per pair of dims."""
 
     def codegen(context, builder, signature, args):
         att_as = _tuple_arrays(context, builder, signature.args[0], args[0])
@@ -428,32 +387,35 @@ def _bf16_scores_codegen(blocks: int, rows: int, native: bool):
         layer_v, b0_v, k0_v = (context.cast(builder, args[i], signature.args[i], types.intp)
                                for i in (3, 5, 6))
         intp = layer_v.type
+        per_step = ir.Constant(intp, 2 if bf16 else 1)  # dims a step of the chain takes
         s0, s1, s2 = (builder.extract_value(k_a.strides, i) for i in range(3))
         table_t = signature.args[4].dtype
         base = builder.add(builder.ptrtoint(k_a.data, intp), builder.mul(layer_v, s0))
-        base = builder.add(base, builder.mul(builder.sdiv(k0_v, ir.Constant(intp, 2)), s2))
+        base = builder.add(base, builder.mul(builder.sdiv(k0_v, per_step), s2))
         block_ptrs = []
         for j in range(blocks):
             bj = builder.add(b0_v, ir.Constant(intp, j))
             blk = builder.load(builder.gep(table_a.data, [bj]))
             blk = context.cast(builder, blk, table_t, types.intp)
             block_ptrs.append(builder.add(base, builder.mul(blk, s1)))
-        pairs = builder.sdiv(builder.extract_value(q_as[0].shape, 0), ir.Constant(intp, 2))
-        q_ptrs = [builder.bitcast(q.data, _i32.as_pointer()) for q in q_as]
+        steps = builder.sdiv(builder.extract_value(q_as[0].shape, 0), per_step)
+        lane_t, q_t = (_v16i32, _i32) if bf16 else (_v16f, _f32)
+        q_ptrs = [builder.bitcast(q.data, q_t.as_pointer()) for q in q_as]
         slots = [[cgutils.alloca_once_value(builder, ir.Constant(_v16f, [0.0] * LANES))
                   for _ in range(rows)] for _ in range(blocks)]
-        with cgutils.for_range(builder, pairs) as loop:
-            d2 = loop.index
-            qds = [_broadcast(builder, builder.load(builder.gep(q, [d2])), _v16i32)
+        with cgutils.for_range(builder, steps) as loop:
+            d = loop.index
+            qds = [_broadcast(builder, builder.load(builder.gep(q, [d])), lane_t)
                    for q in q_ptrs]
-            row = builder.mul(d2, s2)
+            row = builder.mul(d, s2)
             for j in range(blocks):
-                ptr = builder.inttoptr(builder.add(block_ptrs[j], row), _v16i32.as_pointer())
+                ptr = builder.inttoptr(builder.add(block_ptrs[j], row), lane_t.as_pointer())
                 kv = builder.load(ptr, align=4)
                 for r in range(rows):
                     slot = slots[j][r]
-                    builder.store(_dpbf16(builder, builder.load(slot), qds[r], kv, native),
-                                  slot)
+                    acc = builder.load(slot)
+                    builder.store(_dpbf16(builder, acc, qds[r], kv, native) if bf16
+                                  else _fma(builder, qds[r], kv, acc), slot)
         for j in range(blocks):
             at = builder.mul(builder.add(b0_v, ir.Constant(intp, j)), ir.Constant(intp, LANES))
             for r in range(rows):
