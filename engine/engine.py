@@ -609,9 +609,9 @@ class Engine:
         n = len(r.tokens)
         readouts = None
         if si.readouts:
-            readouts = np.zeros((n, len(si.readouts), 2), np.float32)
-            for i, k, row in layout.readouts[s]:
-                readouts[i, k] = layout.iv.ro_out[row]
+            rows = layout.readouts[s]
+            readouts = (np.zeros((n, len(si.readouts), 2), np.float32) if rows is None
+                        else layout.iv.ro_out[rows])
         gates = None
         if any(c.scope == "token" for c in si.conditions):
             gates = np.full((n, len(si.conditions), 2), np.nan, np.float32)

@@ -125,7 +125,8 @@ class StepLayout:
 
     iv: StepInterventions
     gates: list[list[tuple[int, int, int]]]  # per request: (token, cond, gate row)
-    readouts: list[list[tuple[int, int, int]]]  # per request: (token, readout, ro row)
+    # per request: ro rows (n_tokens, n_readouts), or None (no readouts, or no tokens)
+    readouts: list[np.ndarray | None]
     sums: list[list[tuple[int, int]]]  # per request: (cond, sum row)
 
 
@@ -174,7 +175,7 @@ def step_arrays(seqs: list[SeqInterventions | None], positions: np.ndarray, star
     from the chunks with a few numpy calls: no Python loop over tokens (a 512-token prefill
     with an op costs what a decode token does). Only token conditions keep a per-token array,
     as several ops may share one condition's gate rows over different runs."""
-    layout = StepLayout(empty, [[] for _ in seqs], [[] for _ in seqs], [[] for _ in seqs])
+    layout = StepLayout(empty, [[] for _ in seqs], [None] * len(seqs), [[] for _ in seqs])
     if all(s is None for s in seqs):
         return layout
     vecs: list[np.ndarray] = []  # (dim,) directions and (n, dim) blocks, stacked at the end
@@ -196,6 +197,8 @@ def step_arrays(seqs: list[SeqInterventions | None], positions: np.ndarray, star
     sums: list[tuple[int, int, int]] = []  # layer, first token, count
     n_sums = 0
     ros: list[tuple[int, int, int, int]] = []  # slot, first token, count, vec
+    ro_blocks: list[tuple[int, int, int, int]] = []  # request, first ro row, readouts, tokens
+    n_ros = 0
     for s, si in enumerate(seqs):
         if si is None:
             continue
@@ -246,8 +249,10 @@ def step_arrays(seqs: list[SeqInterventions | None], positions: np.ndarray, star
             ops.append((op.layer, op.kind != 0, k, op.kind, op.value, op.norm_match, t0 + i0, m,
                         v, step))
             op_gates.append(gate)
-        for r, ro in enumerate(si.readouts):
-            layout.readouts[s].extend((i, r, -1) for i in range(n))
+        if si.readouts:  # rows n_ros + r * n + i, before sorting: readout r, token i
+            ro_blocks.append((s, n_ros, len(si.readouts), n))
+            n_ros += len(si.readouts) * n
+        for ro in si.readouts:
             ros.append((ro.block * 4 + POINTS.index(ro.point), t0, n, vec(ro.vector)))
     if not (ops or gates or sums or ros):
         return layout
@@ -284,12 +289,8 @@ def step_arrays(seqs: list[SeqInterventions | None], positions: np.ndarray, star
     if ros:
         ro_row = np.empty(rn, np.int64)
         ro_row[r_order] = np.arange(rn)
-        rows = ro_row.tolist()
-        j = 0
-        for s in range(len(seqs)):
-            layout.readouts[s] = [(i, r, rows[j + n]) for n, (i, r, _) in
-                                  enumerate(layout.readouts[s])]
-            j += len(layout.readouts[s])
+        for s, first, n_readouts, n in ro_blocks:
+            layout.readouts[s] = ro_row[first:first + n_readouts * n].reshape(n_readouts, n).T
     V = np.vstack(vecs).astype(np.float32, copy=False) if vecs else empty.vecs
     norms = np.sqrt(np.einsum("ij,ij->i", V, V, dtype=np.float64)).astype(np.float32)
     i32 = np.int32
@@ -332,18 +333,34 @@ def any_readouts(iv) -> bool:
 
 
 @njit(**K._opts)
+def _dot(a, b):
+    """sum of a[j] * b[j] (each product float32, as the operands) in float64, in four
+    interleaved partial sums added pairwise at the end: four independent add chains, where one
+    chain waits out an add's latency per element (these sums run serially inside the step)."""
+    s0 = s1 = s2 = s3 = 0.0
+    n = a.shape[0]
+    j = 0
+    while j + 4 <= n:
+        s0 += a[j] * b[j]
+        s1 += a[j + 1] * b[j + 1]
+        s2 += a[j + 2] * b[j + 2]
+        s3 += a[j + 3] * b[j + 3]
+        j += 4
+    while j < n:
+        s0 += a[j] * b[j]
+        j += 1
+    return (s0 + s1) + (s2 + s3)
+
+
+@njit(**K._opts)
 def observe(x, iv, layer):
     """Before anything at `layer` changes the stream: token conditions (cosine with the
     condition vector, compared with the threshold) and the prompt sums of prompt conditions.
     x: (T, dim)"""
     for g in range(iv.gate_start[layer], iv.gate_start[layer + 1]):
         t = iv.gate_token[g]
-        v = iv.vecs[iv.gate_vec[g]]
-        d = 0.0
-        n = 0.0
-        for j in range(x.shape[1]):
-            d += x[t, j] * v[j]
-            n += x[t, j] * x[t, j]
+        d = _dot(x[t], iv.vecs[iv.gate_vec[g]])
+        n = _dot(x[t], x[t])
         cos = d / (np.sqrt(n) * iv.vec_norm[iv.gate_vec[g]]) if n > 0.0 else 0.0
         iv.gate_cos[g] = cos
         iv.gate_on[g] = cos < iv.gate_thr[g] if iv.gate_less[g] else cos > iv.gate_thr[g]
@@ -364,18 +381,13 @@ def apply_ops(x, iv, layer):
             continue
         t = iv.op_token[k]
         v = iv.vecs[iv.op_vec[k]]
-        n0 = 0.0
-        if iv.op_norm[k]:
-            for j in range(x.shape[1]):
-                n0 += x[t, j] * x[t, j]
+        n0 = _dot(x[t], x[t]) if iv.op_norm[k] else 0.0
         kind = iv.op_kind[k]
         if kind == 0:
             for j in range(x.shape[1]):
                 x[t, j] += v[j]
         else:
-            c = 0.0
-            for j in range(x.shape[1]):
-                c += x[t, j] * v[j]
+            c = _dot(x[t], v)
             target = 0.0 if kind == 1 else iv.op_value[k]
             if kind == 3 and c < target:
                 target = c
@@ -383,9 +395,7 @@ def apply_ops(x, iv, layer):
             for j in range(x.shape[1]):
                 x[t, j] += delta * v[j]
         if iv.op_norm[k]:
-            n1 = 0.0
-            for j in range(x.shape[1]):
-                n1 += x[t, j] * x[t, j]
+            n1 = _dot(x[t], x[t])
             if n1 > 0.0:
                 ratio = np.float32(np.sqrt(n0 / n1))
                 for j in range(x.shape[1]):
@@ -398,12 +408,8 @@ def readout(v_all, iv, slot):
     projection on the unit direction and the cosine."""
     for r in range(iv.ro_start[slot], iv.ro_start[slot + 1]):
         t = iv.ro_token[r]
-        v = iv.vecs[iv.ro_vec[r]]
-        d = 0.0
-        n = 0.0
-        for j in range(v_all.shape[1]):
-            d += v_all[t, j] * v[j]
-            n += v_all[t, j] * v_all[t, j]
+        d = _dot(v_all[t], iv.vecs[iv.ro_vec[r]])
+        n = _dot(v_all[t], v_all[t])
         proj = d / iv.vec_norm[iv.ro_vec[r]]
         iv.ro_out[r, 0] = proj
         iv.ro_out[r, 1] = proj / np.sqrt(n) if n > 0.0 else 0.0

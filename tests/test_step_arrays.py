@@ -93,8 +93,8 @@ def read_tables(layout: StepLayout, starts: np.ndarray) -> tuple[dict, dict, dic
         for c, row in entries:
             sums[s, c].add(row_of_sum[row])
     ros = {}
-    for s, entries in enumerate(layout.readouts):
-        for i, r, row in entries:
+    for s, rows in enumerate(layout.readouts):
+        for (i, r), row in np.ndenumerate(rows if rows is not None else np.zeros((0, 0), int)):
             assert int(iv.ro_token[row]) == starts[s] + i
             ros[s, r, i] = (layer_of(iv.ro_start, row), _key(iv.vecs[iv.ro_vec[row]]))
     # every gate the ops use is listed once per (token, condition) for its request
