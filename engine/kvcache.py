@@ -78,7 +78,6 @@ class KVCache:
         if n_blocks <= 0:
             raise ValueError(f"n_blocks must be positive, got {n_blocks}")
         self.k, self.v = cache_arrays(config, n_blocks, type_k, type_v)
-        self.type_k, self.type_v = type_k, type_v
         self.n_blocks = n_blocks
         # handed out from the end, so low block ids are reused first (better locality)
         self._free = list(range(n_blocks - 1, -1, -1))
@@ -92,6 +91,14 @@ class KVCache:
         self._by_anchor: dict[tuple[bytes, int], dict[int, tuple[int, ...]]] = {}
         self._evictable: OrderedDict[int, None] = OrderedDict()  # refs 0, keyed; oldest first
         self.stats = CacheStats()
+
+    @property
+    def type_k(self) -> str:
+        return "bf16" if self.k.dtype == np.uint16 else "f32"
+
+    @property
+    def type_v(self) -> str:
+        return "bf16" if self.v.dtype == np.uint16 else "f32"
 
     @property
     def free_blocks(self) -> int:

@@ -471,49 +471,15 @@ def make_weighted_sum(chunks: int, native_bf16: bool = HAS_BF16):
     def weighted_sum(typingctx, os, ws, v_cache, layer, table, p0, p1, k0):
         sig = types.void(os, ws, v_cache, layer, table, p0, p1, k0)
         rows = os.count
-        if v_cache.dtype == types.uint16:
-            return sig, _bf16_weighted_sum_codegen(chunks, rows, native_bf16)
-
-        def codegen(context, builder, signature, args):
-            o_as = _tuple_arrays(context, builder, signature.args[0], args[0])
-            w_as = _tuple_arrays(context, builder, signature.args[1], args[1])
-            v_a, table_a = (context.make_array(signature.args[i])(context, builder, args[i])
-                            for i in (2, 4))
-            layer_v, p0_v, p1_v, k0_v = (
-                context.cast(builder, args[i], signature.args[i], types.intp)
-                for i in (3, 5, 6, 7))
-            intp = layer_v.type
-            s0, s1, s2 = (builder.extract_value(v_a.strides, i) for i in range(3))
-            table_t = signature.args[4].dtype
-            base = builder.add(builder.ptrtoint(v_a.data, intp), builder.mul(layer_v, s0))
-            base = builder.add(base, builder.mul(k0_v, ir.Constant(intp, 4)))
-            o_ptrs = [[builder.bitcast(builder.gep(o.data, [ir.Constant(intp, LANES * c)]),
-                                       _v16f.as_pointer()) for c in range(chunks)]
-                      for o in o_as]
-            slots = [[cgutils.alloca_once_value(builder, builder.load(o_ptrs[r][c], align=4))
-                      for c in range(chunks)] for r in range(rows)]
-            walk = (context, builder, table_a, table_t, base, s1, s2)
-            with _rows_by_block(*walk, p0_v, p1_v, LANES) as (p, row):
-                aps = [_broadcast(builder, builder.load(builder.gep(w.data, [p])), _v16f)
-                       for w in w_as]
-                for c in range(chunks):
-                    addr = builder.add(row, ir.Constant(intp, 4 * LANES * c))
-                    vv = builder.load(builder.inttoptr(addr, _v16f.as_pointer()), align=4)
-                    for r in range(rows):
-                        slot = slots[r][c]
-                        builder.store(_fma(builder, aps[r], vv, builder.load(slot)), slot)
-            for r in range(rows):
-                for c in range(chunks):
-                    builder.store(builder.load(slots[r][c]), o_ptrs[r][c], align=4)
-            return context.get_dummy_value()
-
-        return sig, codegen
+        return sig, _weighted_sum_codegen(chunks, rows, v_cache.dtype == types.uint16,
+                                          native_bf16)
 
     return weighted_sum
 
 
-def _bf16_weighted_sum_codegen(chunks: int, rows: int, native: bool):
-    """make_weighted_sum's body for bfloat16 values and weights."""
+def _weighted_sum_codegen(chunks: int, rows: int, bf16: bool, native: bool):
+    """make_weighted_sum's body: float32 values and weights, one fma per position; or
+    bfloat16 ones, one _dpbf16 per pair of positions."""
 
     def codegen(context, builder, signature, args):
         o_as = _tuple_arrays(context, builder, signature.args[0], args[0])
@@ -523,6 +489,7 @@ def _bf16_weighted_sum_codegen(chunks: int, rows: int, native: bool):
         layer_v, p0_v, p1_v, k0_v = (
             context.cast(builder, args[i], signature.args[i], types.intp) for i in (3, 5, 6, 7))
         intp = layer_v.type
+        # strides: layer, block, position (or pair of positions), dim
         s0, s1, s2, s3 = (builder.extract_value(v_a.strides, i) for i in range(4))
         table_t = signature.args[4].dtype
         base = builder.add(builder.ptrtoint(v_a.data, intp), builder.mul(layer_v, s0))
@@ -530,40 +497,44 @@ def _bf16_weighted_sum_codegen(chunks: int, rows: int, native: bool):
         o_ptrs = [[builder.bitcast(builder.gep(o.data, [ir.Constant(intp, LANES * c)]),
                                    _v16f.as_pointer()) for c in range(chunks)]
                   for o in o_as]
-        w_ptrs = [builder.bitcast(w.data, _i32.as_pointer()) for w in w_as]
+        lane_t, w_t = (_v16i32, _i32) if bf16 else (_v16f, _f32)
+        w_ptrs = [builder.bitcast(w.data, w_t.as_pointer()) for w in w_as]
         slots = [[cgutils.alloca_once_value(builder, builder.load(o_ptrs[r][c], align=4))
                   for c in range(chunks)] for r in range(rows)]
-        two = ir.Constant(intp, 2)
-        zero = ir.Constant(intp, 0)
 
-        def pair(q: ir.Value, row: ir.Value, keep: ir.Value | None) -> None:
-            """Pair q of positions (its values at address row) into every row's sums; `keep`
-            masks the values' lanes (the last pair's second position, past p1)."""
-            aps = [_broadcast(builder, builder.load(builder.gep(w, [q])), _v16i32)
+        def add(p: ir.Value, row: ir.Value, keep: ir.Value | None) -> None:
+            """Position p (a pair of them with bfloat16: p indexes pairs), its values at
+            address row, into every row's sums; `keep` masks the values' lanes."""
+            aps = [_broadcast(builder, builder.load(builder.gep(w, [p])), lane_t)
                    for w in w_ptrs]
             for c in range(chunks):
                 addr = builder.add(row, builder.mul(ir.Constant(intp, LANES * c), s3))
-                vv = builder.load(builder.inttoptr(addr, _v16i32.as_pointer()), align=4)
+                vv = builder.load(builder.inttoptr(addr, lane_t.as_pointer()), align=4)
                 if keep is not None:
                     vv = builder.and_(vv, keep)
                 for r in range(rows):
                     slot = slots[r][c]
-                    builder.store(_dpbf16(builder, builder.load(slot), aps[r], vv, native),
-                                  slot)
+                    acc = builder.load(slot)
+                    builder.store(_dpbf16(builder, acc, aps[r], vv, native) if bf16
+                                  else _fma(builder, aps[r], vv, acc), slot)
 
-        # whole pairs below p1
-        q1 = builder.sdiv(p1_v, two)
         walk = (context, builder, table_a, table_t, base, s1, s2)
-        with _rows_by_block(*walk, builder.sdiv(p0_v, two), q1, LANES // 2) as (q, row):
-            pair(q, row, None)
-        # NOTE: an odd p1 ends inside a pair: its second position's weight is 0, but its value
-        # is whatever the block held (another sequence's, even inf): masked to +0, so 0 * it
-        # adds nothing whatever it was
-        odd = builder.icmp_signed("!=", builder.srem(p1_v, two), zero)
-        with builder.if_then(odd):
-            last = builder.add(q1, ir.Constant(intp, 1))
-            with _rows_by_block(*walk, q1, last, LANES // 2) as (q, row):
-                pair(q, row, ir.Constant(_v16i32, [0xFFFF] * LANES))
+        if not bf16:
+            with _rows_by_block(*walk, p0_v, p1_v, LANES) as (p, row):
+                add(p, row, None)
+        else:
+            two = ir.Constant(intp, 2)
+            q1 = builder.sdiv(p1_v, two)  # whole pairs below p1
+            with _rows_by_block(*walk, builder.sdiv(p0_v, two), q1, LANES // 2) as (q, row):
+                add(q, row, None)
+            # NOTE: an odd p1 ends inside a pair: its second position's weight is 0, but its
+            # value is whatever the block held (another sequence's, even inf): masked to +0,
+            # so 0 * it adds nothing whatever it was
+            odd = builder.icmp_signed("!=", builder.srem(p1_v, two), ir.Constant(intp, 0))
+            with builder.if_then(odd):
+                last = builder.add(q1, ir.Constant(intp, 1))
+                with _rows_by_block(*walk, q1, last, LANES // 2) as (q, row):
+                    add(q, row, ir.Constant(_v16i32, [0xFFFF] * LANES))
         for r in range(rows):
             for c in range(chunks):
                 builder.store(builder.load(slots[r][c]), o_ptrs[r][c], align=4)
