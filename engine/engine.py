@@ -26,8 +26,7 @@ from .interventions import (
     Positions,
     Readout,
     SeqInterventions,
-    empty_step,
-    step_arrays,
+    StepLayouts,
 )
 from .kernels import ATT_ROWS
 from .kvcache import KV_BLOCK, CacheFull, KVCache, blocks_for
@@ -184,7 +183,7 @@ class Engine:
         self._no_steer = np.zeros((1, c.dim), np.float32)
         self._no_capture = np.zeros((len(CAPTURE_POINTS), 1, 1, c.dim), np.float32)
         self._no_final = np.zeros((1, c.dim), np.float32)
-        self._no_interventions = empty_step(c.n_layers, c.dim)
+        self._layouts = StepLayouts(c.n_layers, c.dim)
 
     def _make_workspace(self, T: int) -> Workspace:
         c = self.config
@@ -559,8 +558,7 @@ class Engine:
         steer_index, steer_vecs = self._steering_arrays(requests, positions, starts)
         cap_slot, cap_rows, cap_out, layer_slots = self._capture_arrays(requests, starts, T)
         final_rows, final_out = self._final_arrays(requests, starts, T)
-        layout = step_arrays([r.seq.interventions for r in requests], positions, starts,
-                             c.n_layers, c.dim, self._no_interventions)
+        layout = self._layouts([r.seq.interventions for r in requests], positions, starts)
 
         numba.set_num_threads(self.threads)  # thread-local in numba: set on the calling thread
         forward_step(self.weights, self._workspace, self._dims, np.float32(c.norm_eps), tokens,
@@ -569,6 +567,7 @@ class Engine:
                      logits, layout.iv)
 
         results = []
+        readings = layout.readings()
         row = 0
         for s, r in enumerate(requests):
             n_rows = int(want[starts[s]:starts[s + 1]].sum())
@@ -586,8 +585,7 @@ class Engine:
             final = None
             if r.capture_final:
                 final = final_out[final_rows[starts[s]:starts[s + 1]]]
-            results.append(SeqResult(out_logits, captures, final,
-                                     *self._readings(r, s, layout)))
+            results.append(SeqResult(out_logits, captures, final, *readings[s]))
         for r in requests:  # last, so that a step that raised can be run again (docstring)
             r.seq.length += len(r.tokens)
             r.seq.tokens.extend(r.tokens)
@@ -598,26 +596,6 @@ class Engine:
         for s, r in enumerate(requests):
             self._decide(r.seq, layout.iv.sums, layout.sums[s])
         return results
-
-    @staticmethod
-    def _readings(r: SeqRequest, s: int, layout
-                  ) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """A request's readouts (n_tokens, R, 2) and token conditions (n_tokens, C, 2)."""
-        si = r.seq.interventions
-        if si is None:
-            return None, None
-        n = len(r.tokens)
-        readouts = None
-        if si.readouts:
-            rows = layout.readouts[s]
-            readouts = (np.zeros((n, len(si.readouts), 2), np.float32) if rows is None
-                        else layout.iv.ro_out[rows])
-        gates = None
-        if any(c.scope == "token" for c in si.conditions):
-            gates = np.full((n, len(si.conditions), 2), np.nan, np.float32)
-            for i, k, row in layout.gates[s]:
-                gates[i, k] = layout.iv.gate_cos[row], layout.iv.gate_on[row]
-        return readouts, gates
 
     @staticmethod
     def _decide(seq: Sequence, sums: np.ndarray, rows: list[tuple[int, int]]) -> None:

@@ -22,6 +22,7 @@ with norm_match, x is then rescaled to the norm it had before the operator.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
@@ -86,6 +87,17 @@ class SeqInterventions:
     prompt_len: int
     sums: np.ndarray  # (n_conditions, dim) float64: prompt-mode sums of the prompt's stream
     decisions: dict[int, tuple[float, bool]] = field(default_factory=dict)  # cond -> (cos, fired)
+    # the positions where what applies to one token may change: between two of them a decode
+    # token's tables are the same (StepLayouts keeps them); an ActAdd row is each its own
+    breaks: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        breaks = {self.prompt_len}
+        for op in self.ops:
+            breaks.update((op.start, op.end))
+            if op.rows:
+                breaks.update(range(op.start, min(op.end, len(op.vector)) + 1))
+        self.breaks = sorted(breaks)
 
 
 class StepInterventions(NamedTuple):
@@ -118,16 +130,57 @@ class StepInterventions(NamedTuple):
     ro_out: np.ndarray  # (R, 2) f32 out: projection on the unit direction, cosine
 
 
-@dataclass
+@dataclass(eq=False)
 class StepLayout:
     """Where each request's rows of the step's outputs are: per request, gate rows
-    (token offset, condition) and readout rows (token offset, readout), and prompt sums."""
+    (token offset, condition), readout rows (token offset, readout), and prompt sums."""
 
     iv: StepInterventions
-    gates: list[list[tuple[int, int, int]]]  # per request: (token, cond, gate row)
-    # per request: ro rows (n_tokens, n_readouts), or None (no readouts, or no tokens)
-    readouts: list[np.ndarray | None]
+    # per request: gate rows (n_tokens, n_conditions), -1 where none (a prompt condition, or no
+    # op of the condition at that token); None: the request has no token condition
+    gates: list[np.ndarray | None]
+    readouts: list[np.ndarray | None]  # per request: ro rows (n_tokens, n_readouts), or None
     sums: list[list[tuple[int, int]]]  # per request: (cond, sum row)
+    _plan: tuple | None = None  # readings(): the index arrays it takes, made on first use
+
+    def readings(self) -> list[tuple[np.ndarray | None, np.ndarray | None]]:
+        """Per request, its readouts (n_tokens, n_readouts, 2: projection, cosine) and token
+        conditions (n_tokens, n_conditions, 2: cosine, 1/0; NaN where not evaluated), or None.
+        Fresh arrays: every request's rows are taken with one fancy index per table."""
+        if self.iv.ro_start[-1] == 0 and all(g is None for g in self.gates):
+            return [(None, None)] * len(self.gates)  # no readouts, no token conditions
+        if self._plan is None:
+            self._plan = (_concat(self.readouts), _concat(self.gates))
+        (ro_rows, ro_parts), (g_rows, g_parts) = self._plan
+        ro = self.iv.ro_out[ro_rows]
+        gates = np.full((len(g_rows), 2), np.nan, np.float32)
+        hit = g_rows >= 0
+        if hit.any():
+            gates[hit, 0] = self.iv.gate_cos[g_rows[hit]]
+            gates[hit, 1] = self.iv.gate_on[g_rows[hit]]
+        return [(None if r is None else ro[r[0]:r[1]].reshape(r[2], r[3], 2),
+                 None if g is None else gates[g[0]:g[1]].reshape(g[2], g[3], 2))
+                for r, g in zip(ro_parts, g_parts, strict=True)]
+
+    def reset(self) -> None:
+        """Clear the outputs, for the same tables to run another step."""
+        for out in (self.iv.gate_cos, self.iv.gate_on, self.iv.sums, self.iv.ro_out):
+            out.fill(0)
+
+
+def _concat(per_request: list[np.ndarray | None]) -> tuple[np.ndarray, list]:
+    """Index arrays (n, m) of the requests that have one, flattened into one, and each one's
+    (first, end, n, m) in it (None for the others)."""
+    parts: list[tuple[int, int, int, int] | None] = []
+    at = 0
+    for a in per_request:
+        if a is None:
+            parts.append(None)
+        else:
+            parts.append((at, at + a.size, *a.shape))
+            at += a.size
+    arrays = [a.reshape(-1) for a in per_request if a is not None]
+    return (np.concatenate(arrays) if arrays else np.zeros(0, np.int64)), parts
 
 
 def _starts(keys: np.ndarray, n: int) -> np.ndarray:
@@ -175,7 +228,7 @@ def step_arrays(seqs: list[SeqInterventions | None], positions: np.ndarray, star
     from the chunks with a few numpy calls: no Python loop over tokens (a 512-token prefill
     with an op costs what a decode token does). Only token conditions keep a per-token array,
     as several ops may share one condition's gate rows over different runs."""
-    layout = StepLayout(empty, [[] for _ in seqs], [None] * len(seqs), [[] for _ in seqs])
+    layout = StepLayout(empty, [None] * len(seqs), [None] * len(seqs), [[] for _ in seqs])
     if all(s is None for s in seqs):
         return layout
     vecs: list[np.ndarray] = []  # (dim,) directions and (n, dim) blocks, stacked at the end
@@ -208,7 +261,9 @@ def step_arrays(seqs: list[SeqInterventions | None], positions: np.ndarray, star
             continue
         p0 = int(positions[t0])
         cvecs = [vec(c.vector) for c in si.conditions]
-        gate_rows: dict[int, np.ndarray] = {}  # cond -> gate row per token (-1: none yet)
+        gate_rows = np.full((n, len(si.conditions)), -1, np.int64)  # before sorting; -1: none
+        if any(c.scope == "token" for c in si.conditions):
+            layout.gates[s] = gate_rows
         for c, condition in enumerate(si.conditions):
             if condition.scope == "prompt" and c not in si.decisions:
                 m = max(0, min(n, si.prompt_len - p0))
@@ -230,14 +285,10 @@ def step_arrays(seqs: list[SeqInterventions | None], positions: np.ndarray, star
             i0, m = lo - p0, hi - lo
             gate = None
             if cond is not None and cond.scope == "token":
-                if op.cond not in gate_rows:
-                    gate_rows[op.cond] = np.full(n, -1, np.int64)
-                g = gate_rows[op.cond]
+                g = gate_rows[:, op.cond]
                 idx = np.arange(i0, i0 + m)
                 new = idx[g[idx] < 0]  # a (token, condition) is one gate row, however many ops
                 g[new] = np.arange(n_gates, n_gates + len(new))
-                layout.gates[s].extend((i, op.cond, r) for i, r in
-                                       zip(new.tolist(), g[new].tolist(), strict=True))
                 gates.append((cond.layer, cvecs[op.cond], cond.comparison == "less",
                               cond.threshold, t0 + new))
                 n_gates += len(new)
@@ -271,8 +322,9 @@ def step_arrays(seqs: list[SeqInterventions | None], positions: np.ndarray, star
     g_row = np.empty(gn, np.int64)
     g_row[g_order] = np.arange(gn)
     if gates:
-        for s in range(len(seqs)):
-            layout.gates[s] = [(i, c, int(g_row[g])) for i, c, g in layout.gates[s]]
+        for s, rows in enumerate(layout.gates):
+            if rows is not None:
+                layout.gates[s] = np.where(rows >= 0, g_row[rows], -1)
     o_gate = np.full(on, -1, np.int64)
     at = 0
     for rows_of, c in zip(op_gates, oc, strict=True):
@@ -317,6 +369,36 @@ def step_arrays(seqs: list[SeqInterventions | None], positions: np.ndarray, star
         _ranges([r[1] for r in ros], rc, rn)[r_order].astype(i32),
         _column([r[3] for r in ros], rc, rn, i32)[r_order], np.zeros((rn, 2), np.float32))
     return layout
+
+
+class StepLayouts:
+    """step_arrays, keeping the last decode step's tables: a batch of the same sequences, one
+    token each, at positions where what applies to each is the same (the same interval of its
+    `breaks`, the same prompt decisions), runs the same tables again with their outputs cleared.
+    Steady decoding builds none, where a layout costs ~0.1 ms of Python on a cache the forward
+    pass has just flushed (three times what it costs warm)."""
+
+    def __init__(self, n_layers: int, dim: int) -> None:
+        self.n_layers, self.dim = n_layers, dim
+        self.empty = empty_step(n_layers, dim)
+        self._key: tuple | None = None
+        self._layout: StepLayout | None = None
+
+    def __call__(self, seqs: list[SeqInterventions | None], positions: np.ndarray,
+                 starts: np.ndarray) -> StepLayout:
+        key = None
+        if len(positions) == len(seqs):  # every request one token (each has at least one)
+            # the sequences themselves, not their ids: the key keeps them alive, so an id
+            # cannot come back as another sequence's
+            key = tuple(None if si is None else (si, bisect_right(si.breaks, p), len(si.decisions))
+                        for si, p in zip(seqs, positions.tolist(), strict=True))
+            if key == self._key and self._layout is not None:
+                self._layout.reset()
+                return self._layout
+        layout = step_arrays(seqs, positions, starts, self.n_layers, self.dim, self.empty)
+        if layout.iv is not self.empty:  # a batch without entries costs nothing to lay out
+            self._key, self._layout = key, layout
+        return layout
 
 
 # kernels -----------------------------------------------------------------------------------
