@@ -208,6 +208,13 @@ class Engine:
             qb=np.zeros((T, c.q_dim if bf16_k else 0), np.uint16),
         )
 
+    def prefault(self) -> None:
+        """Write every page of the KV cache and the step's workspace now, not in the steps
+        that first use them (KVCache.prefault): for a server's steady latency."""
+        self.cache.prefault()
+        for array in self._workspace:
+            array.fill(0)
+
     @classmethod
     def load(cls, path: str | os.PathLike[str], dtype: str = "q8_0",
              progress: Progress | None = None, weight_cache: bool = True, **kwargs) -> Engine:

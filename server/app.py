@@ -8,6 +8,7 @@ Nothing imports this module but the CLI and the tests.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -64,6 +65,11 @@ def _engine_ctx(on_load_error: Callable[[str], None] | None
                     on_load_error(state.load_error)
                 return
             _start_runner(state, model)
+            # NOTE: what loading left (numba's and llvmlite's compiled objects, the vocabulary:
+            # a few million) is kept for good; frozen, a full collection no longer walks it,
+            # which took ~90 ms here, stalling whichever step or stream it landed in
+            gc.collect()
+            gc.freeze()
             cache = model.engine.cache
             log.info("model %s ready (%s, key %s); KV cache %d tokens, keys %s, values %s, "
                      "%.0f MiB", model.name, model.engine.dtype, model.key[:16],

@@ -121,6 +121,7 @@ def load_model(config: ServerConfig) -> Model:
                                  prefix_cache=config.prefix_cache,
                                  cache_type_k=config.cache_type_k,
                                  cache_type_v=config.cache_type_v)
+    eng.prefault()
     tokenizer = load_tokenizer(config.model_path, config.tokenizer_path, eng.config.vocab_size)
     key = model_key(config.model_path)  # NOTE: cached: a restart does not re-hash the file
     uuid = model_uuid(checkpoint)
