@@ -4,7 +4,7 @@ through the same load generator, llama.cpp's `llama-server` on the same file.
     python bench/bench_server.py [--concurrency 1,4,16] [--duration S | --requests N]
         [--rounds 2] [--max-tokens 64] [--temperature 0.8] [--top-p 0.95] [--threads 2]
         [--parallel 16] [--model PATH [--tokenizer PATH]] [--no-peer] [--no-engine]
-        [--chat-histories 200,400,800] [--chat-rounds 2] [--url URL] [--json [PATH]]
+        [--chat-histories 200,400,800] [--chat-rounds 6] [--url URL] [--json [PATH]]
 
 Both servers get the same model file (default: a stories110M-shaped Q8_0 GGUF of random weights
 with the Llama 2 vocabulary and a ChatML template, written once under --cache-dir), the same
@@ -669,7 +669,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="time tiller's engine alone at each N (--no-engine: skip)")
     p.add_argument("--chat-histories", default="200,400,800",
                    help="history lengths (tokens) of the chat scenario; '' skips it")
-    p.add_argument("--chat-rounds", type=int, default=2)
+    p.add_argument("--chat-rounds", type=int, default=6,
+                   help="rounds of the chat scenario (medians): turn 2 recomputes 16 to 34 tokens"
+                   " as the random model's answer re-tokenizes, so two rounds are noise")
     p.add_argument("--startup-timeout", type=float, default=STARTUP_TIMEOUT)
     p.add_argument("--json", nargs="?", const="bench_server.json", default=None, metavar="PATH",
                    help="also write the results as JSON (default path: bench_server.json)")
