@@ -254,6 +254,8 @@ class EngineResult:
     step_seconds: float  # mean decode step
     step_median: float
     sample_seconds: float  # mean sampling time per token (sample_step, same parameters)
+    prefill_seconds: float = 0.0  # mean step prefilling the batch's prompts (one per wave)
+    max_tokens: int = 0  # tokens per request
     cpu: CpuUse | None = None
 
     @property
@@ -264,6 +266,16 @@ class EngineResult:
     def tok_s_with_sampling(self) -> float:
         """What a server could deliver: a step plus sampling its batch's tokens."""
         return self.batch / (self.step_seconds + self.batch * self.sample_seconds)
+
+    @property
+    def tok_s_served(self) -> float:
+        """What the engine delivers for whole requests, as the server serves them: each
+        wave's prompts prefilled (in one step, at once: the server's staggered arrivals
+        prefill in smaller pieces), then max_tokens tokens each, every one sampled."""
+        n = self.max_tokens
+        wave = (self.prefill_seconds + (n - 1) * self.step_seconds
+                + n * self.batch * self.sample_seconds)
+        return self.batch * n / wave
 
 
 def sample_step(samplers: list[Sampler], results: list[SeqResult], threads: int
@@ -286,8 +298,10 @@ def engine_decode(engine: Engine, prompt: list[int], batch: int, max_tokens: int
     each per step, as many as a request's max_tokens; repeated for ENGINE_MIN_SECONDS.
 
     Step times and sampling times are taken apart: `tok_s` is the forward pass alone,
-    `tok_s_with_sampling` adds sampling, as a server must."""
+    `tok_s_with_sampling` adds sampling, as a server must, and `tok_s_served` the prompts'
+    prefill too."""
     step_times: list[float] = []
+    prefill_times: list[float] = []
     sample_total = 0.0
     samples = 0
     start = time.perf_counter()
@@ -298,7 +312,9 @@ def engine_decode(engine: Engine, prompt: list[int], batch: int, max_tokens: int
         for _ in seqs:
             samplers.append(Sampler(SamplingParams(**{**asdict(params), "seed": seed}), prompt))
             seed += 1
+        t0 = time.perf_counter()
         results = engine.step([SeqRequest(s, prompt) for s in seqs])
+        prefill_times.append(time.perf_counter() - t0)
         for _ in range(max_tokens - 1):  # the last sampled token is never fed back
             t0 = time.perf_counter()
             tokens = sample_step(samplers, results, engine.threads)
@@ -310,7 +326,8 @@ def engine_decode(engine: Engine, prompt: list[int], batch: int, max_tokens: int
         for s in seqs:
             engine.release(s)
     return EngineResult(batch, len(step_times), float(np.mean(step_times)),
-                        float(np.median(step_times)), sample_total / samples)
+                        float(np.median(step_times)), sample_total / samples,
+                        float(np.mean(prefill_times)), max_tokens)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -401,6 +418,7 @@ class Summary:
     llama: dict[str, float | None] | None
     engine_tok_s: float | None  # decode + sampling, batch N (the faster of before/after)
     engine_forward_tok_s: float | None  # decode alone
+    engine_served_tok_s: float | None  # whole requests: prefill + decode + sampling
     sample_ms: float | None  # sampling per token
     noisy: bool
     failed: int = 0
@@ -412,6 +430,11 @@ class Summary:
     @property
     def server_engine(self) -> float | None:
         return self.tiller["agg_tok_s"] / self.engine_tok_s if self.engine_tok_s else None
+
+    @property
+    def server_served(self) -> float | None:
+        return (self.tiller["agg_tok_s"] / self.engine_served_tok_s
+                if self.engine_served_tok_s else None)
 
 
 METRICS = ("agg_tok_s", "ttft_p50", "itl_p50", "ttft_p99", "itl_p99", "loop_ms_per_token")
@@ -435,6 +458,7 @@ def summarise(rows: list[Row], engines: dict[int, list[EngineResult]]) -> list[S
             n, _medians(mine), _medians(peer) if peer else None,
             statistics.median(e.tok_s_with_sampling for e in runs) if runs else None,
             statistics.median(e.tok_s for e in runs) if runs else None,
+            statistics.median(e.tok_s_served for e in runs) if runs else None,
             statistics.median(e.sample_seconds for e in runs) * 1e3 if runs else None,
             any(r.noisy for r in mine + peer), sum(r.failed for r in mine + peer)))
     return out
@@ -451,8 +475,9 @@ def _f(v: float | None) -> str:
 def format_table(summaries: list[Summary]) -> list[str]:
     """The issue's table, plus tiller's engine (decode + sampling) and server / engine."""
     lines = ["| N | tiller tok/s | llama-server tok/s | ratio | TTFT p50 tiller / llama | "
-             "ITL p50 tiller / llama | tiller engine tok/s (+sampling) | server / engine |",
-             "|---|---|---|---|---|---|---|---|"]
+             "ITL p50 tiller / llama | tiller engine tok/s (+sampling) | server / engine | "
+             "engine tok/s, whole requests | server / that |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         t, ll = s.tiller, s.llama
         lines.append(
@@ -460,7 +485,8 @@ def format_table(summaries: list[Summary]) -> list[str]:
             f"{_f(ll['agg_tok_s']) if ll else '-'} | {_x(s.ratio)} | "
             f"{_ms(t['ttft_p50'])} / {_ms(ll['ttft_p50']) if ll else '-'} ms | "
             f"{_ms(t['itl_p50'])} / {_ms(ll['itl_p50']) if ll else '-'} ms | "
-            f"{_f(s.engine_tok_s)} | {_x(s.server_engine)} |")
+            f"{_f(s.engine_tok_s)} | {_x(s.server_engine)} | {_f(s.engine_served_tok_s)} | "
+            f"{_x(s.server_served)} |")
     return lines
 
 
@@ -724,13 +750,15 @@ def main(argv: list[str] | None = None) -> int:
     print("tok/s: completion tokens (usage) / wall time, N clients back to back; TTFT: request "
           "sent to first text chunk; ITL: gaps between a request's text chunks; engine: "
           "tiller's Engine.step at batch N in this process, decode + sampling (same "
-          "temperature and top_p), servers idle; * other processes used more than "
+          "temperature and top_p), servers idle; whole requests: each batch's prompts "
+          "prefilled too, as the server must; * other processes used more than "
           f"{NOISY} of a core during a run: compare with care.")
     for s in summaries:
         parts = []
         if s.engine_forward_tok_s is not None:
             parts.append(f"engine decode alone {s.engine_forward_tok_s:.1f} tok/s, sampling "
-                         f"{s.sample_ms:.2f} ms per token")
+                         f"{s.sample_ms:.2f} ms per token, whole requests "
+                         f"{s.engine_served_tok_s:.1f} tok/s")
         if s.tiller["loop_ms_per_token"] is not None:
             parts.append(f"tiller's event loop {s.tiller['loop_ms_per_token']:.3f} CPU ms per "
                          "token (its main thread's CPU time / tokens)")
@@ -753,7 +781,8 @@ def main(argv: list[str] | None = None) -> int:
             "min_p": args.min_p, "rounds": args.rounds,
             "duration": args.duration, "requests": args.requests,
             "startup_seconds": result["startup_seconds"], "exit_codes": result["exit_codes"],
-            "table": [asdict(s) | {"ratio": s.ratio, "server_engine": s.server_engine}
+            "table": [asdict(s) | {"ratio": s.ratio, "server_engine": s.server_engine,
+                                   "server_served": s.server_served}
                       for s in summaries],
             "runs": [asdict(r) for r in result["rows"]],
             "chat": [asdict(c) | {"ratio": c.ratio} for c in result["chat"]],
