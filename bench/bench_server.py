@@ -767,7 +767,8 @@ def main(argv: list[str] | None = None) -> int:
     if result["chat"]:
         print()
         print(f"chat scenario (one client; TTFT to the first content; {args.chat_rounds} "
-              "rounds, medians; 't2 computed': turn 2's timings.prompt_n)")
+              "rounds, medians; 't2 computed', 'one-line computed': the prompt tokens each "
+              "computed, timings.prompt_n)")
         for line in format_chat(result["chat"]):
             print(line)
     print(f"servers stopped with SIGTERM: exit codes {result['exit_codes']}")
