@@ -8,7 +8,8 @@ For each history length H (tokens of earlier turns) one client, alone on the ser
 TTFT is the time from sending the request to the first chunk whose delta carries content. With
 a prefix cache, turn 2 recomputes only the answer and the new question, so its TTFT is close to
 the baseline's whatever H is; without one it grows with H. Every conversation opens with a
-system line naming the round and H, so no measurement finds another's prefix in a cache.
+system line naming the round and H, and the one-line message with a digest of the same, so no
+measurement finds another's prefix in a cache beyond the chat template's opening.
 """
 
 from __future__ import annotations
