@@ -30,7 +30,7 @@ from ..engine.engine import EngineError, SteeringTerm
 from ..engine.sampling import SamplingParams
 from ..engine.tokenizer import Tokenizer
 from .errors import ApiError, GenerationError
-from .http import SSE
+from .http import SSE, Sent, SocketWriter
 from .prepare import GenerationSpec, max_new_tokens
 from .runner import (
     Captured,
@@ -76,6 +76,9 @@ class Outcome:
     cached_tokens: int = 0  # prompt tokens reused from the prefix cache
 
 
+RESUME = object()  # queued by the engine thread: flush what its socket writer left, go on
+
+
 class Generation:
     """A submitted request. Construction submits it (raising QueueFull or ValueError at once,
     before any response has started); `events()` yields its Pieces (and PromptLogprobs if asked),
@@ -99,6 +102,13 @@ class Generation:
         # NOTE: awaited whenever events() is about to wait for the engine thread (merged() sets
         # it to the response's SSE.flush): what a burst of events queued is written then, once
         self.on_wait: Callable[[], Awaitable[None]] | None = None
+        self.eos = False
+        # the direct path (stream_directly): the response and a piece's frame
+        self._sse: SSE | None = None
+        self._render: Callable[[Piece], bytes | None] | None = None
+        self._writer: SocketWriter | None = None
+        self._taken = 0  # events read from the queue
+        self._flushed = -1  # `_taken` when the response last had everything in its socket
 
     def timings(self) -> dict:
         """llama.cpp's `timings` so far: the prompt until the first token, generation since."""
@@ -116,32 +126,74 @@ class Generation:
             self.done = True
             self.runner.cancel(self.handle.id)
 
+    def stream_directly(self, sse: SSE, render: Callable[[Piece], bytes | None]) -> None:
+        """Write this generation's token chunks from the engine thread, straight into the
+        client's socket (SSE.socket_writer), whenever the event loop has nothing of this
+        response left to write; `render` makes a piece's frame (None: the piece writes
+        nothing). At N = 1 a token then costs no event-loop wake-up, task switch or aiohttp
+        write, which on two cores take time from the engine's own threads.
+
+        For a stream whose every token is one plain frame (no logprobs, readings or timings)
+        and whose route keeps no per-token state of its own: the pieces written there never
+        reach `events()`. Order is kept by counting: the engine thread writes a token only
+        when the loop has read every event posted so far and the response's socket has taken
+        all of it (`_take`); otherwise the token is queued as before."""
+        self._writer = sse.socket_writer()
+        if self._writer is not None:
+            self._sse, self._render = sse, render
+            self.handle.direct = self._take
+
+    def _take(self, event: object) -> object | None:
+        """Handle.direct, on the engine thread: None for a token dealt with here, else what
+        to queue for events() (the event, its Piece if the socket took none of its frame, or
+        RESUME if the socket took part of it)."""
+        writer, render = self._writer, self._render
+        assert writer is not None and render is not None
+        if not isinstance(event, TokenEvent) or self._flushed != self.handle.posted:
+            return event
+        piece = self._piece(event)
+        frame = None if piece is None else render(piece)
+        if frame is None:
+            return None
+        sent = writer.write(frame)
+        return None if sent is Sent.ALL else RESUME if sent is Sent.PART else piece
+
+    def _piece(self, event: TokenEvent) -> Piece | None:
+        """A sampled token's Piece, or None for one that emits nothing (an end-of-generation
+        token, or one sampled before the runner heard about a stop string)."""
+        stream = self.stream
+        if stream.stopped:
+            return None
+        self.n_tokens += 1
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
+        if event.token in self.request.stop_ids:
+            self.eos = True
+            return None
+        delta = stream.push(event.token)
+        if delta.stopped:
+            self.runner.finish(self.handle.id)
+        return Piece(event.token, delta.text, event.logprob, event.top, stream.text_offset[-1],
+                     event.prob, event.top_probs, event)
+
     async def events(self) -> AsyncGenerator[
             Piece | PromptLogprobs | PromptReadings | Captured | Outcome, None]:
-        stream, request, handle = self.stream, self.request, self.handle
-        eos = False
+        stream, handle = self.stream, self.handle
         try:
             while True:
-                if self.on_wait is not None and handle.queue.empty():
-                    await self.on_wait()
+                if handle.queue.empty():
+                    if self.on_wait is not None:
+                        await self.on_wait()
+                    if self._sse is not None and self._sse.idle():
+                        self._flushed = self._taken
                 event = await handle.queue.get()
-                if isinstance(event, PromptLogprobs | PromptReadings | Captured):
-                    yield event
+                self._taken += 1
+                if isinstance(event, PromptLogprobs | PromptReadings | Captured | Piece):
+                    yield event  # a Piece: made on the engine thread (_take)
                 elif isinstance(event, TokenEvent):
-                    if stream.stopped:
-                        continue  # sampled before the runner heard about the stop string
-                    self.n_tokens += 1
-                    if self.t_first is None:
-                        self.t_first = time.perf_counter()
-                    if event.token in request.stop_ids:
-                        eos = True
-                        continue
-                    delta = stream.push(event.token)
-                    offset = stream.text_offset[-1]
-                    yield Piece(event.token, delta.text, event.logprob, event.top, offset,
-                                event.prob, event.top_probs, event)
-                    if delta.stopped:
-                        self.runner.finish(handle.id)
+                    piece = self._piece(event)
+                    if piece is not None:
+                        yield piece
                 elif isinstance(event, Finished):
                     self.done = True
                     if event.error is not None:
@@ -153,7 +205,7 @@ class Generation:
                         yield Piece(None, tail, text_offset=len(stream.text) - len(tail))
                     if stream.stopped:
                         finish, stop_type, word = "stop", "word", stream.stop_string or ""
-                    elif eos:
+                    elif self.eos:
                         finish, stop_type, word = "stop", "eos", ""
                     else:
                         finish, stop_type, word = "length", "limit", ""
@@ -162,6 +214,9 @@ class Generation:
                                   stream.text, event.decisions, event.cached_tokens)
                     return
         finally:
+            self.handle.direct = None
+            if self._sse is not None:
+                self._sse.release()
             self.cancel()
 
 

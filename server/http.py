@@ -5,9 +5,13 @@ and write the access log."""
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import logging
+import os
 import re
+import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -120,6 +124,60 @@ def json_bytes(body: bytes, status: int = 200) -> web.Response:
     return web.Response(body=body, status=status, content_type="application/json")
 
 
+class Sent(enum.Enum):
+    """How much of a frame SocketWriter.write put in the socket."""
+
+    ALL = "all"
+    PART = "part"  # the rest is in SocketWriter.unsent, for the event loop to write first
+    NONE = "none"  # nothing: the socket is full, gone, or the writer closed
+
+
+class SocketWriter:
+    """Writes an SSE stream's frames straight into its client's socket from the engine thread,
+    as HTTP chunks (or raw, for an HTTP/1.0 client), so that a token needs no hop through the
+    event loop: no wake-up, no task switches, no aiohttp write (generation.stream_directly).
+
+    NOTE: the socket is used through a descriptor of its own (a dup), closed only under the lock
+    the writes hold: if the event loop closes the connection meanwhile, a write meets a socket
+    its peer has left (an error), never a descriptor number the loop has since given to another
+    client. The socket is non-blocking (the flag belongs to the socket, shared by the dup): a
+    write never waits; what a full socket did not take is left in `unsent`, and the writer
+    writes nothing more until the event loop has written that (SSE.flush).
+    """
+
+    def __init__(self, fd: int, chunked: bool) -> None:
+        self._fd = os.dup(fd)
+        self._chunked = chunked
+        self._lock = threading.Lock()
+        self.unsent = b""
+
+    def write(self, frame: bytes) -> Sent:
+        data = b"%x\r\n%b\r\n" % (len(frame), frame) if self._chunked else frame
+        with self._lock:
+            if self._fd < 0 or self.unsent:  # the event loop writes what is left first
+                return Sent.NONE
+            try:
+                n = os.write(self._fd, data)
+            except BlockingIOError:
+                return Sent.NONE
+            except OSError:  # the client went away: the event loop's write will say so
+                self._close()
+                return Sent.NONE
+            if n == len(data):
+                return Sent.ALL
+            self.unsent = data[n:]
+            return Sent.PART
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 class SSE:
     """A server-sent events response: `data: <json>` frames.
 
@@ -135,6 +193,7 @@ class SSE:
         self.started = False
         self.failed = False
         self._frames: list[bytes] = []
+        self._writer: SocketWriter | None = None
         self.response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no",  # nginx: pass events through unbuffered
@@ -154,13 +213,54 @@ class SSE:
         self._frames.append(frame)
 
     async def flush(self) -> None:
-        """Write every queued frame, in one write."""
+        """Write every queued frame, in one write (after what the socket writer left)."""
+        if self._writer is not None and self._writer.unsent:
+            transport = self.request.transport
+            if transport is not None and not transport.is_closing():
+                transport.write(self._writer.unsent)  # already framed as the HTTP chunk it was
+            self._writer.unsent = b""
         if self._frames:
             frames, self._frames = self._frames, []
             await self.response.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
+    def socket_writer(self) -> SocketWriter | None:
+        """A writer to the client's socket for another thread, once the headers are out: None
+        when this connection cannot take one (TLS, compression, a transport that is not a
+        plain socket's)."""
+        if self._writer is not None:
+            return self._writer
+        writer = getattr(self.response, "_payload_writer", None)  # NOTE: aiohttp's, private
+        transport = self.request.transport
+        chunked = getattr(writer, "chunked", None)
+        if (not self.started or writer is None or transport is None or transport.is_closing()
+                or not isinstance(chunked, bool) or getattr(writer, "_compress", None) is not None
+                or transport.get_extra_info("sslcontext") is not None):
+            return None
+        sock = transport.get_extra_info("socket")
+        if os.name != "posix" or sock is None or sock.family not in (
+                socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
+            return None  # NOTE: a Windows socket handle is no file descriptor for os.write
+        send_headers = getattr(writer, "send_headers", None)
+        if send_headers is not None:  # aiohttp >= 3.12 holds them back for the first write
+            send_headers()
+        self._writer = SocketWriter(sock.fileno(), chunked)
+        return self._writer
+
+    def idle(self) -> bool:
+        """Everything queued so far is in the socket: another thread may write next."""
+        transport = self.request.transport
+        return (not self._frames and transport is not None and not transport.is_closing()
+                and transport.get_write_buffer_size() == 0
+                and (self._writer is None or not self._writer.unsent))
+
+    def release(self) -> None:
+        """Close the socket writer (the loop's own writes go on)."""
+        if self._writer is not None:
+            self._writer.close()
+
     async def close(self) -> web.StreamResponse:
         await self.flush()
+        self.release()
         await self.response.write_eof()
         return self.response
 

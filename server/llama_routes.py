@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from aiohttp import web
 
 from .. import __version__
 from .errors import ApiError
 from .generation import (
+    Generation,
     Outcome,
     Piece,
     llama_probs,
@@ -34,6 +37,13 @@ from .state import STATE, TOKENS, Model
 from .steering_service import request_steering
 
 
+def _token_frame(frame: FrameTemplate, generation: Generation, piece: Piece) -> bytes | None:
+    """A token's chunk when it carries text only (Generation.stream_directly's `render`)."""
+    if not piece.text or piece.token is None:
+        return None
+    return frame.frame(piece.text, piece.token, generation.n_tokens)
+
+
 @operation("llama.cpp completion", LlamaCompletionRequest, LlamaCompletionResponse,
            stream=True)
 async def completion(request: web.Request) -> web.StreamResponse:
@@ -58,6 +68,8 @@ async def completion(request: web.Request) -> web.StreamResponse:
     plain = not body.n_probs and not body.timings_per_token
     if sse:
         await sse.start()
+        if plain and not readings.spec.active:
+            generation.stream_directly(sse, partial(_token_frame, frame, generation))
     parts: list[str] = []  # the text, joined once at the end
     tokens, probs = [], []
     outcome: Outcome | None = None
@@ -98,9 +110,12 @@ async def completion(request: web.Request) -> web.StreamResponse:
              "id_slot": max(body.id_slot, 0), "stop": True, "model": model.name,
              "tokens_predicted": outcome.completion_tokens, "tokens_evaluated": len(ids),
              "generation_settings": _settings(body, n_new, outcome.seed),
-             "prompt": model.tokenizer.decode(ids), "has_new_line": "\n" in content,
+             "prompt": model.tokenizer.decode(ids), "has_new_line": "\n" in outcome.text,
              "truncated": False, "stop_type": outcome.stop_type,
-             "stopping_word": outcome.stopping_word, "tokens_cached": len(ids) + len(tokens),
+             # NOTE: from the generation, not from the pieces seen here: a stream's pieces may
+             # have been written on the engine thread (stream_directly)
+             "stopping_word": outcome.stopping_word,
+             "tokens_cached": len(ids) + generation.n_tokens - generation.eos,
              "timings": outcome_timings([outcome])}
     if body.n_probs and not sse:
         final["completion_probabilities"] = probs

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -44,6 +45,11 @@ def _usage(prompt: int, completion: int, cached: int) -> dict:
 
 def _token_text(model: Model, token: int) -> str:
     return model.tokenizer.piece_bytes(token).decode("utf-8", errors="replace")
+
+
+def _text_frame(frame: FrameTemplate, piece: Piece) -> bytes | None:
+    """A piece's chunk when it carries text only (Generation.stream_directly's `render`)."""
+    return frame.frame(piece.text) if piece.text else None
 
 
 async def _finish_stream(sse: SSE, finish_chunk: dict | None, options: StreamOptions | None,
@@ -146,6 +152,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
             if c.text and body.logprobs is None:  # echo: the prompt text comes first
                 await sse.send({**head, "choices": [
                     {"index": i, "text": c.text, "logprobs": None, "finish_reason": None}]})
+        if (len(generations) == 1 and body.logprobs is None and not body.timings_per_token
+                and not readings[0].spec.active):
+            generations[0].stream_directly(sse, partial(_text_frame, frames[0]))
     async for i, event in merged(generations, sse):
         choice = choices[i]
         if isinstance(event, PromptLogprobs):
@@ -295,6 +304,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             await sse.send({**chunk_head, "choices": [{
                 "index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                 "finish_reason": None}]})
+        if (len(generations) == 1 and plain and choices[0].parser is None
+                and not readings[0].spec.active):
+            generations[0].stream_directly(sse, partial(_text_frame, frames[0]))
     finish_chunk: dict | None = None  # held back: llama.cpp's timings go on the last chunk
     async for i, event in merged(generations, sse):
         if isinstance(event, PromptReadings):

@@ -4,9 +4,11 @@ The event loop never runs the model. Handlers `submit` a GenerationRequest and r
 from its asyncio queue; this thread plans a step with the Scheduler, runs Engine.step (numba,
 GIL released), samples every sequence of the step in one compiled call (`sample_batch`: each
 row with its own Sampler's parameters and seed), and posts the step's events back with one
-`loop.call_soon_threadsafe`. Text (detokenizing, stop strings) is the handler's business:
-when it sees a stop string it calls `finish`, and a handler whose client went away calls
-`cancel`; either way the sequence's KV blocks are released before the next step.
+`loop.call_soon_threadsafe`, after offering each to its handle's `direct` hook, if it has one
+(a plain stream whose tokens are written to the client's socket on this thread). Text
+(detokenizing, stop strings) is the handler's business, or its hook's: when it sees a stop
+string it calls `finish`, and a handler whose client went away calls `cancel`; either way the
+sequence's KV blocks are released before the next step.
 
 A request can fail only itself: a step that raises is run again in halves to find the request
 at fault, and a sequence whose sampling fails ends alone (`_run_chunks`); its handler gets the
@@ -131,6 +133,11 @@ class Handle:
     # prompt tokens reused from the prefix cache: set on the engine thread before the request's
     # first event is posted, so a handler that has read an event sees it
     cached: int = 0
+    # NOTE: called on the engine thread with each of the request's step events before they are
+    # posted: it returns None for an event it has dealt with there (a token written straight
+    # to its client: generation.Generation.stream_directly), else the event to queue
+    direct: Callable[[object], object | None] | None = None
+    posted: int = 0  # events posted to `queue` so far (counted on the engine thread)
 
 
 @dataclass(eq=False)
@@ -291,16 +298,40 @@ class Runner:
 
     def _post(self, handle: Handle, event: object) -> None:
         assert self._loop is not None
+        handle.posted += 1
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
             self._loop.call_soon_threadsafe(handle.queue.put_nowait, event)
 
     def _post_all(self, events: list[tuple[Handle, object]]) -> None:
         """Post a step's events in one callback: one wake-up of the event loop per step, not
-        one per token."""
+        one per token. (`_direct` has counted them.)"""
         assert self._loop is not None
         if events:
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening
                 self._loop.call_soon_threadsafe(_deliver, events)
+
+    @staticmethod
+    def _direct(outbox: list[tuple[Handle, object]], failed: dict[str, str]
+                ) -> list[tuple[Handle, object]]:
+        """A step's events after the handles that take theirs on this thread (Handle.direct)
+        have had them: what is left to post, counted as posted at once (a hook must see an
+        event of its own it passed on as posted). A hook that raises fails its request alone."""
+        left: list[tuple[Handle, object]] = []
+        for handle, event in outbox:
+            take = handle.direct
+            if take is not None:
+                try:
+                    event = take(event)
+                except Exception as e:
+                    log.exception("streaming %s failed", handle.id)
+                    handle.direct = None
+                    failed[handle.id] = f"streaming this request failed: {e}"
+                    continue
+                if event is None:
+                    continue
+            handle.posted += 1
+            left.append((handle, event))
+        return left
 
     def _run(self) -> None:
         while True:
@@ -353,7 +384,7 @@ class Runner:
         failed: dict[str, str] = {}  # request id -> what went wrong, for its handler
         outbox: list[tuple[Handle, object]] = []
         elapsed = self._run_chunks(plan.chunks, sampled, failed, outbox)
-        self._post_all(outbox)
+        self._post_all(self._direct(outbox, failed))
         s = self.stats
         s.last_step_seconds = elapsed
         s.prompt_tokens += sum(len(c.tokens) for c in plan.chunks
