@@ -122,6 +122,11 @@ class Generation:
         return not self.handle.queue.empty()
 
     def cancel(self) -> None:
+        """End the request (if it runs) and the direct path (if it was on); every way out of
+        a generation calls this."""
+        self.handle.direct = None
+        if self._writer is not None:
+            self._writer.close()
         if not self.done:
             self.done = True
             self.runner.cancel(self.handle.id)
@@ -214,9 +219,6 @@ class Generation:
                                   stream.text, event.decisions, event.cached_tokens)
                     return
         finally:
-            self.handle.direct = None
-            if self._sse is not None:
-                self._sse.release()
             self.cancel()
 
 

@@ -172,6 +172,10 @@ class SocketWriter:
         with self._lock:
             self._close()
 
+    def __del__(self) -> None:  # a way out of a stream that forgot close(): never leak the fd
+        if getattr(self, "_fd", -1) >= 0:
+            os.close(self._fd)
+
     def _close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)

@@ -122,7 +122,7 @@ def short_writes(monkeypatch: pytest.MonkeyPatch, pattern: str) -> list[str]:
         return os.write(fd, data if kind == "a" else data[:len(data) // 2])
 
     monkeypatch.setattr(http_module, "os", SimpleNamespace(write=write, dup=os.dup,
-                                                           close=os.close))
+                                                           close=os.close, name=os.name))
     return used
 
 
@@ -151,6 +151,31 @@ async def test_concurrent_direct_streams_equal_their_solo_runs(client, monkeypat
     solo = [(await streamed(client, "/v1/completions", b))[0] for b in bodies]
     together = await asyncio.gather(*(streamed(client, "/v1/completions", b) for b in bodies))
     assert [t for t, _, _ in together] == solo and len(set(solo)) > 1 and "h" in used
+
+
+async def test_every_writer_is_closed(client, monkeypatch):
+    """A stream that ends, one a stop string ends and one whose client hangs up mid-way each
+    close their writer's descriptor (the hung-up one once its write fails)."""
+    writers: list[SocketWriter] = []
+    init = SocketWriter.__init__
+
+    def record(writer: SocketWriter, fd: int, chunked: bool) -> None:
+        init(writer, fd, chunked)
+        writers.append(writer)
+
+    monkeypatch.setattr(SocketWriter, "__init__", record)
+    await streamed(client, "/v1/completions", PLAIN)
+    await streamed(client, "/v1/completions", {**PLAIN, "temperature": 0, "stop": "Lily."})
+    response = await client.post("/v1/completions", json={**PLAIN, "max_tokens": 400})
+    for _ in range(3):
+        await response.content.readline()
+    response.close()  # hang up mid-stream
+    for _ in range(200):
+        state = await (await client.get("/slots")).json()
+        if not any(s["is_processing"] for s in state) and all(w._fd < 0 for w in writers):
+            break
+        await asyncio.sleep(0.05)
+    assert len(writers) == 3 and [w._fd for w in writers] == [-1, -1, -1]
 
 
 # the writer itself, on a socket pair ---------------------------------------------------------
