@@ -257,14 +257,8 @@ class SSE:
                 and transport.get_write_buffer_size() == 0
                 and (self._writer is None or not self._writer.unsent))
 
-    def release(self) -> None:
-        """Close the socket writer (the loop's own writes go on)."""
-        if self._writer is not None:
-            self._writer.close()
-
     async def close(self) -> web.StreamResponse:
         await self.flush()
-        self.release()
         await self.response.write_eof()
         return self.response
 
