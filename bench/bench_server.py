@@ -11,9 +11,11 @@ with the Llama 2 vocabulary and a ChatML template, written once under --cache-di
 threads and slots (llama-server: -np P -c P x context --cont-batching). For each round and
 each N, each server in turn serves N clients sending streaming /v1/completions requests back to
 back (the same token-id prompt, max_tokens, temperature, top_p, and seed i for request i):
-aggregate tok/s, TTFT and ITL (between text chunks). Between them, with both servers idle,
-this process times tiller's own engine at batch N on the same file (decode step + sampling with
-the same parameters), so tiller's server / engine ratio is taken within one run. The table
+aggregate tok/s, TTFT and ITL (between text chunks). The clients all run on one thread of this
+process (bench/http_stream.py: a lean client, as it shares the cores with the server it
+measures). Right before and right after tiller's run, with both servers idle, this process
+times tiller's own engine at batch N on the same file (decode step + sampling with the same
+parameters), so tiller's server / engine ratio is taken within one run. The table
 shows medians over the rounds. Then the multi-turn chat scenario (bench/chat_turns.py) runs on
 each server. llama-server is bench/peer.py's build (llama.cpp at its pinned commit, under
 $TILLER_PEER_DIR, built there if missing).
@@ -37,6 +39,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 from chat_turns import ChatRow, chat_scenario, format_chat
+from http_stream import Request, run_clients
 from server_procs import Server, llama_server, tiller_server, wait_ready
 from tiller.engine.engine import Engine, SeqRequest, SeqResult
 from tiller.engine.loader import load_tokenizer
@@ -148,41 +151,46 @@ class RequestResult:
     error: str = ""
 
 
-async def stream_completion(session: aiohttp.ClientSession, url: str, body: dict
-                            ) -> RequestResult:
-    """One streaming request; chunk times are taken as each SSE line arrives."""
+def completion(body: dict, results: list[RequestResult]) -> Request:
+    """A streaming /v1/completions request whose RequestResult goes to `results` when it
+    ends; chunk times are taken as each SSE line's bytes arrive (http_stream.py: a lean
+    client, so that the load generator takes little CPU from the servers it measures)."""
     t0 = time.perf_counter()
     last = None
     result = RequestResult(ok=False)
-    async with session.post(f"{url}/v1/completions", json=body) as resp:
-        if resp.status != 200:
-            result.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
-            return result
-        async for line in resp.content:
-            now = time.perf_counter()
-            if not line.startswith(b"data: "):
-                continue
-            data = line[6:].strip()
-            if data == b"[DONE]":
-                result.ok = result.completion_tokens > 0 or body["max_tokens"] == 0
-                break
-            msg = json.loads(data)
-            if msg.get("usage"):
-                result.completion_tokens = msg["usage"]["completion_tokens"]
-                result.prompt_tokens = msg["usage"]["prompt_tokens"]
-            if "error" in msg:
-                result.error = str(msg["error"])[:200]
-            for choice in msg.get("choices", ()):
-                if choice.get("text") and choice.get("finish_reason") is None:
-                    result.chunks += 1
-                    if last is None:
-                        result.ttft = now - t0
-                    else:
-                        result.itl.append(now - last)
-                    last = now
-    if not result.ok and not result.error:
-        result.error = "stream ended without usage and [DONE]"
-    return result
+
+    def on_data(now: float, data: bytes) -> bool:
+        nonlocal last
+        if data == b"[DONE]":
+            result.ok = result.completion_tokens > 0 or body["max_tokens"] == 0
+            return True
+        msg = json.loads(data)
+        if msg.get("usage"):
+            result.completion_tokens = msg["usage"]["completion_tokens"]
+            result.prompt_tokens = msg["usage"]["prompt_tokens"]
+        if "error" in msg:
+            result.error = str(msg["error"])[:200]
+        for choice in msg.get("choices", ()):
+            if choice.get("text") and choice.get("finish_reason") is None:
+                result.chunks += 1
+                if last is None:
+                    result.ttft = now - t0
+                else:
+                    result.itl.append(now - last)
+                last = now
+        return False
+
+    def on_end(status: int, error_body: bytes, error: Exception | None) -> None:
+        if error is not None:
+            result.ok = False
+            result.error = f"{type(error).__name__}: {error}"
+        elif status != 200:
+            result.error = f"HTTP {status}: {error_body[:200].decode(errors='replace')}"
+        elif not result.ok and not result.error:
+            result.error = "stream ended without usage and [DONE]"
+        results.append(result)
+
+    return Request(json.dumps(body).encode(), on_data, on_end)
 
 
 @dataclass
@@ -217,25 +225,22 @@ async def run_load(session: aiohttp.ClientSession, url: str, concurrency: int,
             b["min_p"] = args.min_p
         return b
 
-    async def client(deadline: float) -> None:
-        nonlocal issued
-        while True:
-            if args.requests is not None:
-                if issued >= args.requests:
-                    return
-            elif time.perf_counter() >= deadline:
-                return
-            index = issued
+    def clients(deadline: float) -> None:
+        def next_request() -> Request | None:
+            nonlocal issued
+            if (issued >= args.requests if args.requests is not None
+                    else time.perf_counter() >= deadline):
+                return None
             issued += 1
-            try:
-                results.append(await stream_completion(session, url, body(index)))
-            except (aiohttp.ClientError, TimeoutError) as e:  # counted as failed, reported
-                results.append(RequestResult(ok=False, error=f"{type(e).__name__}: {e}"))
+            return completion(body(issued - 1), results)
+
+        run_clients(f"{url}/v1/completions", concurrency, next_request,
+                    read_timeout=REQUEST_TIMEOUT)
 
     before = await server_metrics(session, url) if tiller_metrics else {}
     meter = CpuMeter(server)
     t0 = time.perf_counter()
-    await asyncio.gather(*(client(t0 + args.duration) for _ in range(concurrency)))
+    await asyncio.to_thread(clients, t0 + args.duration)
     seconds = time.perf_counter() - t0
     cpu = meter.stop()
     after = await server_metrics(session, url) if tiller_metrics else {}
@@ -369,6 +374,13 @@ class Row:
             return None
         return main * 1e3 / self.completion_tokens
 
+    @property
+    def client_ms_per_token(self) -> float | None:
+        """The load generator (this process): CPU ms per generated token."""
+        if not self.completion_tokens:
+            return None
+        return self.cpu.here * self.seconds * 1e3 / self.completion_tokens
+
 
 def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
@@ -406,7 +418,9 @@ def run_line(row: Row) -> str:
             f"  ITL p50/p99 {_ms(row.itl_p50)}/{_ms(row.itl_p99)} ms  {row.requests} requests"
             + (f" +{row.failed} FAILED" if row.failed else "")
             + f"  cores: server {cpu.server if cpu.server is not None else float('nan'):.2f}, "
-              f"others {cpu.others:.2f}" + ("*" if row.noisy else "") + tail)
+              f"others {cpu.others:.2f}" + ("*" if row.noisy else "") + tail
+            + (f"; load generator {row.client_ms_per_token:.3f} CPU ms/token"
+               if row.client_ms_per_token is not None else ""))
 
 
 @dataclass
@@ -527,10 +541,14 @@ def new_session() -> aiohttp.ClientSession:
         limit=0, force_close=True))
 
 
-async def warm_up(session: aiohttp.ClientSession, url: str, prompt: list[int]) -> None:
-    warm = await stream_completion(session, url, {
-        "prompt": prompt, "max_tokens": 4, "stream": True,
-        "stream_options": {"include_usage": True}})
+async def warm_up(url: str, prompt: list[int]) -> None:
+    results: list[RequestResult] = []
+    requests = [completion({"prompt": prompt, "max_tokens": 4, "stream": True,
+                            "stream_options": {"include_usage": True}}, results)]
+    await asyncio.to_thread(run_clients, f"{url}/v1/completions", 1,
+                            lambda: requests.pop() if requests else None,
+                            read_timeout=REQUEST_TIMEOUT)
+    warm = results[0]
     if not warm.ok:
         raise RuntimeError(f"{url}: warm-up request failed: {warm.error}")
 
@@ -583,7 +601,7 @@ async def run(args: argparse.Namespace, model: Path, tokenizer: Tokenizer, tmp: 
                     servers["llama-server"].log_lines("model buffer size")))
                 print("llama-server: " + "; ".join(result["peer_buffers"]), flush=True)
             for url in urls.values():
-                await warm_up(session, url, prompt)
+                await warm_up(url, prompt)
             print(f"prompt: {len(prompt)} tokens; max_tokens {args.max_tokens}, temperature "
                   f"{args.temperature}, top_p {args.top_p}, top_k {args.top_k}, "
                   f"min_p {args.min_p}; "
@@ -595,8 +613,8 @@ async def run(args: argparse.Namespace, model: Path, tokenizer: Tokenizer, tmp: 
             for rnd in range(args.rounds):
                 for n in args.concurrency:
                     # NOTE: other processes' load drifts (the machine is shared): time the
-                    # engine on both sides of the servers' runs and keep the faster, so the
-                    # server / engine ratio errs low
+                    # engine right before and right after tiller's run (the peer's comes
+                    # after) and keep the faster, so the server / engine ratio errs low
                     runs = []
                     if engine is not None:
                         runs.append(await engine_while_idle(engine, thread, prompt, n, args,
@@ -608,10 +626,12 @@ async def run(args: argparse.Namespace, model: Path, tokenizer: Tokenizer, tmp: 
                         row = make_row(name, rnd, load)
                         rows.append(row)
                         print(run_line(row), flush=True)
+                        if name == "tiller" and engine is not None:
+                            runs.append(await engine_while_idle(
+                                engine, thread, prompt, n, args, params,
+                                list(servers.values())))
                     seed_base += 100_000  # the next N and round: new seeds, same on both
                     if engine is not None:
-                        runs.append(await engine_while_idle(engine, thread, prompt, n, args,
-                                                            params, list(servers.values())))
                         best = max(runs, key=lambda r: r.tok_s_with_sampling)
                         engines.setdefault(n, []).append(best)
                         print(f"  round {rnd} N={n:<3} tiller engine: "
