@@ -40,6 +40,9 @@ class _RunnerCollector(Collector):
                                   value=stats.prompt_tokens)
         yield CounterMetricFamily("tiller_generated_tokens", "Tokens sampled.",
                                   value=stats.generated_tokens)
+        yield CounterMetricFamily("tiller_sampling_seconds",
+                                  "Seconds spent sampling tokens from logits (each step's "
+                                  "sequences in one call).", value=stats.sampling_seconds)
         yield GaugeMetricFamily("tiller_queue_depth", "Requests waiting for a slot.",
                                 value=snap["waiting"])
         yield GaugeMetricFamily("tiller_running_sequences", "Sequences in the running batch.",

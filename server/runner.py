@@ -201,6 +201,7 @@ class StepStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     last_step_seconds: float = 0.0
+    sampling_seconds: float = 0.0  # in sample_batch, all steps
 
 
 class Runner:
@@ -457,10 +458,12 @@ class Runner:
         """Sample every row of the step in one compiled call, then finish each row's events.
         A row that fails (NaN or +inf logits, nothing allowed, a grammar refusing the token)
         fails its request alone, and none of its events are posted."""
+        start = time.perf_counter()
         logits = _batch([row.masked for row in rows])  # type: ignore[misc]
         # NOTE: a parallel launch costs more than it saves for a single row
         tokens, errors = sample_batch([row.chunk.request.payload.sampler for row in rows],
                                       logits, threads=min(self.engine.threads, len(rows)))
+        self.stats.sampling_seconds += time.perf_counter() - start
         for row, token, error in zip(rows, tokens.tolist(), errors, strict=True):
             request_id = row.chunk.request.id
             try:

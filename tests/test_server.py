@@ -165,6 +165,9 @@ async def test_metrics_and_openapi(client):
                  "tiller_generated_tokens_total", "tiller_queue_depth", "tiller_running_sequences",
                  "tiller_kv_cache_usage_ratio", "tiller_batch_size_bucket", "tiller_step_seconds"):
         assert name in text, name
+    sampling = [line for line in text.splitlines()
+                if line.startswith("tiller_sampling_seconds_total ")]
+    assert len(sampling) == 1 and float(sampling[0].split()[1]) > 0  # two tokens were sampled
     spec = await (await client.get("/openapi.json")).json()
     assert spec["openapi"].startswith("3.")
     schema = spec["paths"]["/v1/completions"]["post"]["requestBody"]["content"][
