@@ -52,7 +52,7 @@ PROMPT_TEXT = ("Once upon a time, there was a little girl named Lily. She loved 
 DEFAULT_SHAPE = "stories110M"
 STARTUP_TIMEOUT = 300.0  # the first start of a checkout compiles the kernels (numba)
 REQUEST_TIMEOUT = 120.0  # no byte of a stream for this long: the request fails
-ENGINE_MIN_SECONDS = 2.0  # repeat the engine's decode until it has run this long
+ENGINE_MIN_SECONDS = 4.0  # repeat the engine's decode until it has run this long
 IDLE_PAUSE = 1.0  # seconds between phases, so neither process measures the other's tail
 NOISY = 0.25  # cores used by other processes during a measurement that mark its row
 
@@ -359,6 +359,7 @@ class Row:
     cpu: CpuUse
     server_steps: float  # tiller's /metrics (0 for llama-server)
     server_step_seconds: float  # engine.step time inside tiller, summed
+    server_sample_seconds: float  # sampling time inside tiller, summed
     errors: list[str]
 
     @property
@@ -373,6 +374,16 @@ class Row:
         if main is None or self.server != "tiller" or not self.completion_tokens:
             return None
         return main * 1e3 / self.completion_tokens
+
+    @property
+    def engine_busy(self) -> float | None:
+        """The share of tiller's run its engine thread spent in steps and sampling: what the
+        server delivers of what its engine computed in the same seconds, free of the drift
+        between the run and the engine's separate timings (but not of anything that slowed
+        the steps themselves)."""
+        if not self.server_steps:
+            return None
+        return (self.server_step_seconds + self.server_sample_seconds) / self.seconds
 
     @property
     def client_ms_per_token(self) -> float | None:
@@ -399,6 +410,7 @@ def make_row(server: str, rnd: int, load: LoadResult) -> Row:
         itl_p50=_pct(itl, 50), itl_p99=_pct(itl, 99), chunks=sum(r.chunks for r in ok),
         cpu=load.cpu, server_steps=d.get("tiller_step_seconds_count", 0.0),
         server_step_seconds=d.get("tiller_step_seconds_sum", 0.0),
+        server_sample_seconds=d.get("tiller_sampling_seconds_total", 0.0),
         errors=sorted({r.error for r in load.requests if not r.ok})[:3])
 
 
@@ -409,7 +421,8 @@ def _ms(seconds: float | None) -> str:
 def run_line(row: Row) -> str:
     """One run as it is measured."""
     cpu = row.cpu
-    tail = (f"; tiller engine.step {row.server_step_seconds / row.seconds:.0%} of the run, "
+    tail = (f"; tiller engine.step {row.server_step_seconds / row.seconds:.0%} + sampling "
+            f"{row.server_sample_seconds / row.seconds:.0%} of the run, "
             f"{row.server_steps:.0f} steps" if row.server_steps else "")
     if row.loop_ms_per_token is not None:
         tail += f"; event loop {row.loop_ms_per_token:.3f} CPU ms/token"
@@ -451,7 +464,8 @@ class Summary:
                 if self.engine_served_tok_s else None)
 
 
-METRICS = ("agg_tok_s", "ttft_p50", "itl_p50", "ttft_p99", "itl_p99", "loop_ms_per_token")
+METRICS = ("agg_tok_s", "ttft_p50", "itl_p50", "ttft_p99", "itl_p99", "loop_ms_per_token",
+           "engine_busy")
 
 
 def _medians(rows: list[Row]) -> dict[str, float | None]:
@@ -779,6 +793,9 @@ def main(argv: list[str] | None = None) -> int:
             parts.append(f"engine decode alone {s.engine_forward_tok_s:.1f} tok/s, sampling "
                          f"{s.sample_ms:.2f} ms per token, whole requests "
                          f"{s.engine_served_tok_s:.1f} tok/s")
+        if s.tiller["engine_busy"] is not None:
+            parts.append(f"in tiller's runs its engine thread spent {s.tiller['engine_busy']:.0%}"
+                         " of the time in steps and sampling")
         if s.tiller["loop_ms_per_token"] is not None:
             parts.append(f"tiller's event loop {s.tiller['loop_ms_per_token']:.3f} CPU ms per "
                          "token (its main thread's CPU time / tokens)")
