@@ -10,10 +10,12 @@ import asyncio
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from tiller.engine.engine import Engine
 from tiller.server import http as http_module
 from tiller.server.app import ServerConfig
 from tiller.server.http import Sent, SocketWriter
@@ -66,6 +68,16 @@ async def streamed(client, path: str, body: dict) -> tuple[str, dict | None, lis
 
 async def test_plain_streams_are_written_by_the_engine_thread(client, monkeypatch):
     spy = Spy(monkeypatch)
+    # NOTE: this model's steps take microseconds; at a real model's pace (milliseconds) the
+    # event loop has caught up with the stream's first events before the next token, however
+    # busy the machine running the tests is
+    step = Engine.step
+
+    def slow_step(engine: Engine, *args, **kwargs):
+        time.sleep(0.003)
+        return step(engine, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "step", slow_step)
     text, usage, events = await streamed(client, "/v1/completions", PLAIN)
     whole = await post(client, "/v1/completions", {**PLAIN, "stream": False})
     whole["usage"].pop("prompt_tokens_details")
