@@ -335,6 +335,19 @@ def engine_decode(engine: Engine, prompt: list[int], batch: int, max_tokens: int
                         float(np.mean(prefill_times)), max_tokens)
 
 
+def bracketed(runs: list[EngineResult]) -> EngineResult:
+    """The engine's timings right before and right after a server run, as one: step, sampling
+    and prefill times averaged (so throughputs combine harmonically), which takes the
+    machine's drift between the two as even across the run."""
+    first = runs[0]
+    return EngineResult(
+        first.batch, sum(r.steps for r in runs),
+        statistics.fmean(r.step_seconds for r in runs),
+        statistics.fmean(r.step_median for r in runs),
+        statistics.fmean(r.sample_seconds for r in runs),
+        statistics.fmean(r.prefill_seconds for r in runs), first.max_tokens)
+
+
 # -----------------------------------------------------------------------------------------------
 # report
 
@@ -443,12 +456,18 @@ class Summary:
     concurrency: int
     tiller: dict[str, float | None]
     llama: dict[str, float | None] | None
-    engine_tok_s: float | None  # decode + sampling, batch N (the faster of before/after)
+    engine_tok_s: float | None  # decode + sampling, batch N (before and after together)
     engine_forward_tok_s: float | None  # decode alone
     engine_served_tok_s: float | None  # whole requests: prefill + decode + sampling
     sample_ms: float | None  # sampling per token
     noisy: bool
     failed: int = 0
+    engine_fastest_tok_s: float | None = None  # decode + sampling, the faster timing
+
+    @property
+    def server_fastest(self) -> float | None:
+        return (self.tiller["agg_tok_s"] / self.engine_fastest_tok_s
+                if self.engine_fastest_tok_s else None)
 
     @property
     def ratio(self) -> float | None:
@@ -476,7 +495,8 @@ def _medians(rows: list[Row]) -> dict[str, float | None]:
     return out
 
 
-def summarise(rows: list[Row], engines: dict[int, list[EngineResult]]) -> list[Summary]:
+def summarise(rows: list[Row], engines: dict[int, list[EngineResult]],
+              fastest: dict[int, list[EngineResult]] | None = None) -> list[Summary]:
     out = []
     for n in sorted({r.concurrency for r in rows}, key=[r.concurrency for r in rows].index):
         mine = [r for r in rows if r.concurrency == n and r.server == "tiller"]
@@ -488,7 +508,9 @@ def summarise(rows: list[Row], engines: dict[int, list[EngineResult]]) -> list[S
             statistics.median(e.tok_s for e in runs) if runs else None,
             statistics.median(e.tok_s_served for e in runs) if runs else None,
             statistics.median(e.sample_seconds for e in runs) * 1e3 if runs else None,
-            any(r.noisy for r in mine + peer), sum(r.failed for r in mine + peer)))
+            any(r.noisy for r in mine + peer), sum(r.failed for r in mine + peer),
+            statistics.median(e.tok_s_with_sampling for e in fast) if (
+                fast := (fastest or {}).get(n)) else None))
     return out
 
 
@@ -622,7 +644,8 @@ async def run(args: argparse.Namespace, model: Path, tokenizer: Tokenizer, tmp: 
                   + (f"{args.requests} requests" if args.requests else f"{args.duration:g}s")
                   + f" per N and server; {args.rounds} rounds", flush=True)
             rows: list[Row] = []
-            engines: dict[int, list[EngineResult]] = {}
+            engines: dict[int, list[EngineResult]] = {}  # each round's two timings as one
+            fastest: dict[int, list[EngineResult]] = {}  # each round's faster timing
             seed_base = args.seed
             for rnd in range(args.rounds):
                 for n in args.concurrency:
@@ -646,14 +669,18 @@ async def run(args: argparse.Namespace, model: Path, tokenizer: Tokenizer, tmp: 
                                 list(servers.values())))
                     seed_base += 100_000  # the next N and round: new seeds, same on both
                     if engine is not None:
-                        best = max(runs, key=lambda r: r.tok_s_with_sampling)
-                        engines.setdefault(n, []).append(best)
+                        both = bracketed(runs)
+                        engines.setdefault(n, []).append(both)
+                        fastest.setdefault(n, []).append(
+                            max(runs, key=lambda r: r.tok_s_with_sampling))
                         print(f"  round {rnd} N={n:<3} tiller engine: "
                               + " / ".join(f"{r.tok_s_with_sampling:.1f}" for r in runs)
-                              + f" tok/s before / after (decode {best.tok_s:.1f} tok/s, "
-                              f"sampling {best.sample_seconds * 1e3:.2f} ms/token)", flush=True)
+                              + f" tok/s before / after, {both.tok_s_with_sampling:.1f} together "
+                              f"(decode {both.tok_s:.1f} tok/s, sampling "
+                              f"{both.sample_seconds * 1e3:.2f} ms/token)", flush=True)
             result["rows"] = rows
             result["engines"] = engines
+            result["fastest"] = fastest
             chat: list[ChatRow] = []
             if args.chat_histories:
                 print(f"chat scenario: histories {args.chat_histories}, {args.chat_rounds} "
@@ -775,7 +802,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"peer: llama.cpp {peer_commit} ({args.peer_binary})")
     with tempfile.TemporaryDirectory(prefix="bench_server-") as tmp_name:
         result = asyncio.run(run(args, model, tokenizer, Path(tmp_name)))
-    summaries = summarise(result["rows"], result["engines"])
+    summaries = summarise(result["rows"], result["engines"], result.get("fastest"))
     print()
     print(f"medians of {args.rounds} rounds; llama-server = llama.cpp {peer_commit}"
           if peer_commit else f"medians of {args.rounds} rounds; tiller only")
@@ -784,7 +811,8 @@ def main(argv: list[str] | None = None) -> int:
     print("tok/s: completion tokens (usage) / wall time, N clients back to back; TTFT: request "
           "sent to first text chunk; ITL: gaps between a request's text chunks; engine: "
           "tiller's Engine.step at batch N in this process, decode + sampling (same "
-          "temperature and top_p), servers idle; whole requests: each batch's prompts "
+          "temperature and top_p), servers idle, timed right before and right after tiller's "
+          "run and the two averaged per token; whole requests: each batch's prompts "
           "prefilled too, as the server must; * other processes used more than "
           f"{NOISY} of a core during a run: compare with care.")
     for s in summaries:
@@ -793,6 +821,9 @@ def main(argv: list[str] | None = None) -> int:
             parts.append(f"engine decode alone {s.engine_forward_tok_s:.1f} tok/s, sampling "
                          f"{s.sample_ms:.2f} ms per token, whole requests "
                          f"{s.engine_served_tok_s:.1f} tok/s")
+        if s.server_fastest is not None:
+            parts.append(f"against the faster of the two timings {s.engine_fastest_tok_s:.1f} "
+                         f"tok/s, server / engine {s.server_fastest:.2f}x")
         if s.tiller["engine_busy"] is not None:
             parts.append(f"in tiller's runs its engine thread spent {s.tiller['engine_busy']:.0%}"
                          " of the time in steps and sampling")
@@ -820,7 +851,8 @@ def main(argv: list[str] | None = None) -> int:
             "duration": args.duration, "requests": args.requests,
             "startup_seconds": result["startup_seconds"], "exit_codes": result["exit_codes"],
             "table": [asdict(s) | {"ratio": s.ratio, "server_engine": s.server_engine,
-                                   "server_served": s.server_served}
+                                   "server_served": s.server_served,
+                                   "server_fastest": s.server_fastest}
                       for s in summaries],
             "runs": [asdict(r) for r in result["rows"]],
             "chat": [asdict(c) | {"ratio": c.ratio} for c in result["chat"]],
