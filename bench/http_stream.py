@@ -4,7 +4,7 @@ time their bytes arrived.
 
 Why not aiohttp's client: on this 2-core machine the load generator shares the cores with the
 server it measures, and every CPU millisecond it spends is taken from the server's threads.
-aiohttp's streaming read cost 0.17-0.23 CPU ms per token at one stream: an event loop turn,
+aiohttp's streaming read cost 0.2-0.3 CPU ms per token at one stream: an event loop turn,
 a task switch and an async iteration per line, and asyncio's 256 KiB receive buffer, which
 glibc serves with a fresh mmap on every read. One thread waiting on the sockets with a
 selector, reading into 64 KiB and parsing in place, costs about half of that (bench/README.md,
