@@ -257,7 +257,6 @@ class EngineResult:
     batch: int
     steps: int
     step_seconds: float  # mean decode step
-    step_median: float
     sample_seconds: float  # mean sampling time per token (sample_step, same parameters)
     prefill_seconds: float = 0.0  # mean step prefilling the batch's prompts (one per wave)
     max_tokens: int = 0  # tokens per request
@@ -331,8 +330,7 @@ def engine_decode(engine: Engine, prompt: list[int], batch: int, max_tokens: int
         for s in seqs:
             engine.release(s)
     return EngineResult(batch, len(step_times), float(np.mean(step_times)),
-                        float(np.median(step_times)), sample_total / samples,
-                        float(np.mean(prefill_times)), max_tokens)
+                        sample_total / samples, float(np.mean(prefill_times)), max_tokens)
 
 
 def bracketed(runs: list[EngineResult]) -> EngineResult:
@@ -343,7 +341,6 @@ def bracketed(runs: list[EngineResult]) -> EngineResult:
     return EngineResult(
         first.batch, sum(r.steps for r in runs),
         statistics.fmean(r.step_seconds for r in runs),
-        statistics.fmean(r.step_median for r in runs),
         statistics.fmean(r.sample_seconds for r in runs),
         statistics.fmean(r.prefill_seconds for r in runs), first.max_tokens)
 
@@ -496,7 +493,7 @@ def _medians(rows: list[Row]) -> dict[str, float | None]:
 
 
 def summarise(rows: list[Row], engines: dict[int, list[EngineResult]],
-              fastest: dict[int, list[EngineResult]] | None = None) -> list[Summary]:
+              fastest: dict[int, list[EngineResult]]) -> list[Summary]:
     out = []
     for n in sorted({r.concurrency for r in rows}, key=[r.concurrency for r in rows].index):
         mine = [r for r in rows if r.concurrency == n and r.server == "tiller"]
@@ -510,7 +507,7 @@ def summarise(rows: list[Row], engines: dict[int, list[EngineResult]],
             statistics.median(e.sample_seconds for e in runs) * 1e3 if runs else None,
             any(r.noisy for r in mine + peer), sum(r.failed for r in mine + peer),
             statistics.median(e.tok_s_with_sampling for e in fast) if (
-                fast := (fastest or {}).get(n)) else None))
+                fast := fastest.get(n)) else None))
     return out
 
 
@@ -556,8 +553,8 @@ def load_engine(model: Path, args: argparse.Namespace, prompt_len: int, token: i
 
 
 async def engine_while_idle(engine: Engine, thread: ThreadPoolExecutor, prompt: list[int],
-                            batch: int, args: argparse.Namespace, params: SamplingParams,
-                            servers: list[Server]) -> EngineResult:
+                            batch: int, args: argparse.Namespace, params: SamplingParams
+                            ) -> EngineResult:
     await asyncio.sleep(IDLE_PAUSE)  # let the servers' last steps and our clients settle
     meter = CpuMeter(None)
     result = await asyncio.get_running_loop().run_in_executor(
@@ -649,13 +646,13 @@ async def run(args: argparse.Namespace, model: Path, tokenizer: Tokenizer, tmp: 
             seed_base = args.seed
             for rnd in range(args.rounds):
                 for n in args.concurrency:
-                    # NOTE: other processes' load drifts (the machine is shared): time the
-                    # engine right before and right after tiller's run (the peer's comes
-                    # after) and keep the faster, so the server / engine ratio errs low
+                    # NOTE: the machine's speed drifts (it is shared): time the engine right
+                    # before and right after tiller's run (the peer's comes after) and average
+                    # the two (`bracketed`); the faster is kept too, for comparison
                     runs = []
                     if engine is not None:
                         runs.append(await engine_while_idle(engine, thread, prompt, n, args,
-                                                            params, list(servers.values())))
+                                                            params))
                     for name, url in urls.items():
                         async with new_session() as phase:
                             load = await run_load(phase, url, n, prompt, args, seed_base,
@@ -664,9 +661,8 @@ async def run(args: argparse.Namespace, model: Path, tokenizer: Tokenizer, tmp: 
                         rows.append(row)
                         print(run_line(row), flush=True)
                         if name == "tiller" and engine is not None:
-                            runs.append(await engine_while_idle(
-                                engine, thread, prompt, n, args, params,
-                                list(servers.values())))
+                            runs.append(await engine_while_idle(engine, thread, prompt, n,
+                                                                args, params))
                     seed_base += 100_000  # the next N and round: new seeds, same on both
                     if engine is not None:
                         both = bracketed(runs)
@@ -802,7 +798,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"peer: llama.cpp {peer_commit} ({args.peer_binary})")
     with tempfile.TemporaryDirectory(prefix="bench_server-") as tmp_name:
         result = asyncio.run(run(args, model, tokenizer, Path(tmp_name)))
-    summaries = summarise(result["rows"], result["engines"], result.get("fastest"))
+    summaries = summarise(result["rows"], result["engines"], result["fastest"])
     print()
     print(f"medians of {args.rounds} rounds; llama-server = llama.cpp {peer_commit}"
           if peer_commit else f"medians of {args.rounds} rounds; tiller only")

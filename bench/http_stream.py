@@ -152,10 +152,10 @@ class ResponseParser:
             eol = lines.find(b"\n", start)
             if eol < 0:
                 break
-            line = lines[start:eol]
-            start = eol + 1
-            if line.startswith(b"data:") and self.on_data(now, bytes(line[5:]).strip()):
+            if lines.startswith(b"data:", start) \
+                    and self.on_data(now, bytes(lines[start + 5:eol]).strip()):
                 self.complete = True
+            start = eol + 1
         del lines[:start]
         if final and not self.complete and lines.startswith(b"data:"):  # no last newline
             self.on_data(now, bytes(lines[5:]).strip())

@@ -44,11 +44,17 @@ async def _error(request: web.Request) -> web.Response:
     return web.json_response({"error": {"message": "bad field", "param": "x"}}, status=400)
 
 
+STALLED: set[asyncio.Task] = set()  # handlers that never finish, cancelled at teardown
+
+
 async def _stall(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await resp.prepare(request)
     await resp.write(f"data: {PAYLOADS[0]}\n\n".encode())
-    await asyncio.sleep(30)
+    task = asyncio.current_task()
+    assert task is not None
+    STALLED.add(task)
+    await asyncio.sleep(3600)
     return resp
 
 
@@ -78,6 +84,13 @@ def server() -> Iterator[str]:
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{port}"
+
+    async def stop() -> None:
+        for task in STALLED:
+            task.cancel()
+        await runner.cleanup()
+
+    asyncio.run_coroutine_threadsafe(stop(), loop).result(30)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(5)
 
